@@ -1,0 +1,102 @@
+"""The ``fleet`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from fleet.errors import FleetError
+
+console = Console()
+
+
+@click.group()
+@click.version_option(package_name="fleet")
+def main() -> None:
+    """fleet: a Celery + Redis worker fleet for distributed PyTorch training."""
+
+
+@main.group()
+def pack() -> None:
+    """Inspect, verify and convert parameter packs (format v1)."""
+
+
+def _fail(exc: FleetError) -> None:
+    console.print(f"[red]error[/red] {type(exc).__name__}: {exc}", soft_wrap=True, highlight=False)
+    sys.exit(1)
+
+
+@pack.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--top", default=10, show_default=True, help="Largest tensors to list.")
+def pack_inspect(path: Path, top: int) -> None:
+    """Show a pack's format, counts, layout hash and largest tensors."""
+    from fleet.codec import read_manifest
+
+    try:
+        manifest = read_manifest(path)
+    except FleetError as exc:
+        _fail(exc)
+    rows = {
+        "pack": str(path),
+        "format": manifest.format,
+        "model_schema_hash": manifest.model_schema_hash,
+        "layout_hash": manifest.layout_hash,
+        "parameter_count": f"{manifest.parameter_count:,} ({manifest.values_nbytes:,} bytes)",
+        "values_digest": manifest.values_digest or "-",
+    }
+    for name in ("included_keys", "excluded_float_keys", "ignored_non_float_keys"):
+        keys = getattr(manifest, name)
+        rows[name] = "-" if keys is None else str(len(keys))
+    for key, value in rows.items():  # soft_wrap: never cut a hash or a path
+        console.print(f"{key:<24}{value}", soft_wrap=True, highlight=False)
+    entries = manifest.layout_entries()
+    table = Table("tensor", "shape", "dtype", "numel", title=f"top {top} tensors by size")
+    if entries is not None:
+        for e in sorted(entries, key=lambda e: -e.numel)[:top]:
+            table.add_row(e.name, str(list(e.shape)), e.dtype, f"{e.numel:,}")
+    else:
+        for key in (manifest.included_keys or [])[:top]:
+            table.add_row(key, "?", "?", "?")
+    console.print(table)
+
+
+@pack.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+def pack_verify(path: Path) -> None:
+    """Check a pack: manifest, byte length, content digest, finite values. Exit 1 if bad."""
+    from fleet.codec import read_pack
+
+    try:
+        manifest, _ = read_pack(path, verify=True, check_finite=True)
+    except FleetError as exc:
+        _fail(exc)
+    digest = "digest ok" if manifest.values_digest else "no digest recorded"
+    console.print(
+        f"[green]ok[/green] {path}: {manifest.parameter_count:,} values, {digest}, all finite",
+        soft_wrap=True,
+    )
+
+
+@pack.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--model-schema-hash", default=None, help="Schema id for a new pack.")
+def pack_convert(src: Path, dst: Path, model_schema_hash: str | None) -> None:
+    """Convert a pack to a .safetensors file, or a .safetensors file to a pack."""
+    from fleet.codec import from_safetensors, to_safetensors
+
+    try:
+        if src.is_dir():
+            manifest = to_safetensors(src, dst)
+        else:
+            manifest = from_safetensors(src, dst, model_schema_hash)
+    except FleetError as exc:
+        _fail(exc)
+    console.print(
+        f"[green]wrote[/green] {dst} ({manifest.parameter_count:,} values)", soft_wrap=True
+    )
