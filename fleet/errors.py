@@ -20,6 +20,26 @@ Tree::
         MissingLayoutError       shapes needed but the pack does not record them
       StorageError               shared-root paths
         PathOutsideRootError     a path escapes the shared root
+      ProtocolError              a request or result that breaks PROTOCOL.md
+        RequestValidationError   a malformed request body (missing field, wrong type)
+        UnknownMethodError       no such protocol method
+        MetricValueError         a metric value that is not bool/int/float/str
+        StepBudgetError          require_exact_steps and another step count
+      WorkloadError              workload factories and hooks
+        BadFactorySpecError      spec is not exactly ``module:attr``
+        NotAllowlistedError      spec does not match the worker's allowlist
+        FactoryLoadError         import or factory call failed
+        HookMissingError         a required hook is not defined
+        HookFailedError          a hook raised (original type and traceback kept)
+      RegistryError              the Redis registry of workers and handles
+        HandleNotFound           model_id not held (here / anywhere)
+        OwnerLostError           the handle's owner stopped heartbeating
+        WorkerNotFound           no live worker by that name
+      TrainingStopped            a long task stopped between steps
+        TaskAborted              asked to abort
+        DeadlineExceeded         past its deadline with require_exact_steps
+      RemoteTaskError            a task failed on a worker (client side)
+      FleetTimeout               a call's result did not arrive in time (client side)
 """
 
 from __future__ import annotations
@@ -39,6 +59,14 @@ class FleetError(Exception):
         super().__init__(message)
         self.message = message
 
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take their data as named arguments, so the default (cls(*args))
+        # cannot rebuild them; Celery's pool pickles errors from child to parent.
+        return (_restore, (type(self), self.args, dict(self.__dict__)))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form: ``{"type": class name, "message": str, "data": {field: value}}``."""
         return {
@@ -46,6 +74,13 @@ class FleetError(Exception):
             "message": self.message,
             "data": {name: getattr(self, name) for name in self.fields},
         }
+
+
+def _restore(cls: type[FleetError], args: tuple[Any, ...], state: dict[str, Any]) -> FleetError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
 
 
 # --------------------------------------------------------------------------- codec
@@ -195,3 +230,264 @@ class PathOutsideRootError(StorageError):
         super().__init__(f"path {path!r} escapes the shared root {root!r}")
         self.path = path
         self.root = root
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+class ProtocolError(FleetError):
+    """A request or result does not follow PROTOCOL.md."""
+
+
+class RequestValidationError(ProtocolError):
+    """A request body is malformed. ``errors`` lists ``{loc, msg, type}`` per problem."""
+
+    fields = ("method", "errors")
+
+    def __init__(self, method: str, errors: list[dict[str, Any]]) -> None:
+        summary = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<body>'}: {e['msg']}" for e in errors
+        )
+        super().__init__(f"invalid {method} request: {summary}")
+        self.method = method
+        self.errors = errors
+
+
+class UnknownMethodError(ProtocolError):
+    """No protocol method of that name."""
+
+    fields = ("method",)
+
+    def __init__(self, method: str) -> None:
+        super().__init__(f"unknown protocol method {method!r}")
+        self.method = method
+
+
+class MetricValueError(ProtocolError):
+    """A hook returned a metric value that is not bool, int, float or str."""
+
+    fields = ("hook", "key", "value_type")
+
+    def __init__(self, hook: str, key: str, value_type: str) -> None:
+        super().__init__(
+            f"{hook} returned metric {key!r} of type {value_type}; metric values are "
+            "bool, int, float or str"
+        )
+        self.hook = hook
+        self.key = key
+        self.value_type = value_type
+
+
+class StepBudgetError(ProtocolError):
+    """``require_exact_steps`` was set and a different number of steps ran."""
+
+    fields = ("steps_completed", "num_inner_steps")
+
+    def __init__(self, steps_completed: int, num_inner_steps: int) -> None:
+        super().__init__(
+            f"require_exact_steps: {steps_completed} steps completed, {num_inner_steps} required"
+        )
+        self.steps_completed = steps_completed
+        self.num_inner_steps = num_inner_steps
+
+
+# --------------------------------------------------------------------------- workload
+
+
+class WorkloadError(FleetError):
+    """A workload factory or hook could not be used."""
+
+    fields: ClassVar[tuple[str, ...]] = ("spec",)
+
+    def __init__(self, message: str, *, spec: str | None = None) -> None:
+        super().__init__(message)
+        self.spec = spec
+
+
+class BadFactorySpecError(WorkloadError):
+    """The factory spec is not exactly ``module:attr`` (one colon, both parts non-empty)."""
+
+    def __init__(self, spec: str) -> None:
+        super().__init__(f"bad workload factory spec {spec!r}: expected 'module:attr'", spec=spec)
+
+
+class NotAllowlistedError(WorkloadError):
+    """The spec matches none of the worker's allowlist globs."""
+
+    fields = ("spec", "allowlist")
+
+    def __init__(self, spec: str, allowlist: list[str]) -> None:
+        super().__init__(
+            f"workload {spec!r} is not on this worker's allowlist {allowlist}", spec=spec
+        )
+        self.allowlist = allowlist
+
+
+class FactoryLoadError(WorkloadError):
+    """Importing the module, finding the attribute, or calling the factory failed."""
+
+    fields = ("spec", "detail")
+
+    def __init__(self, spec: str, detail: str) -> None:
+        super().__init__(f"cannot build workload {spec!r}: {detail}", spec=spec)
+        self.detail = detail
+
+
+class NoWorkloadError(WorkloadError):
+    """The call names no workload and the worker has no default one."""
+
+    def __init__(self) -> None:
+        super().__init__("no workload given and this worker has no default workload")
+
+
+class HookMissingError(WorkloadError):
+    """The workload does not define a hook the call needs."""
+
+    fields = ("spec", "hook")
+
+    def __init__(self, spec: str, hook: str) -> None:
+        super().__init__(f"workload {spec!r} has no {hook}() hook", spec=spec)
+        self.hook = hook
+
+
+class HookFailedError(WorkloadError):
+    """A workload hook raised. Keeps the original exception's type, text and traceback."""
+
+    fields = ("spec", "hook", "error_type", "error", "hook_traceback")
+
+    def __init__(
+        self, spec: str, hook: str, error_type: str, error: str, hook_traceback: str
+    ) -> None:
+        super().__init__(f"{hook}() of {spec!r} raised {error_type}: {error}", spec=spec)
+        self.hook = hook
+        self.error_type = error_type
+        self.error = error
+        self.hook_traceback = hook_traceback
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class RegistryError(FleetError):
+    """The registry of workers and model handles cannot answer as asked."""
+
+
+class HandleNotFound(RegistryError):
+    """No model handle with this id here. ``record`` is its registry record, if any
+    (e.g. held by another worker, or released)."""
+
+    fields = ("model_id", "worker", "record")
+
+    def __init__(
+        self, model_id: str, *, worker: str | None = None, record: dict[str, Any] | None = None
+    ) -> None:
+        where = f" on worker {worker}" if worker else ""
+        owner = (
+            f" (registry: owned by {record.get('owner')})" if record else " (not in the registry)"
+        )
+        super().__init__(f"model handle {model_id!r} not found{where}{owner}")
+        self.model_id = model_id
+        self.worker = worker
+        self.record = record
+
+
+class OwnerLostError(RegistryError):
+    """The worker owning a handle stopped heartbeating; ``last_pack`` is the PackRef the
+    handle can be restored from (None if it never published one)."""
+
+    fields = ("model_id", "owner", "last_pack")
+
+    def __init__(self, model_id: str, owner: str, last_pack: dict[str, Any] | None) -> None:
+        restore = (
+            f"; restore it from its last pack {last_pack['path']!r}"
+            if last_pack
+            else "; it never published a pack"
+        )
+        super().__init__(f"owner {owner!r} of model handle {model_id!r} is lost{restore}")
+        self.model_id = model_id
+        self.owner = owner
+        self.last_pack = last_pack
+
+
+class WorkerNotFound(RegistryError):
+    """No live worker with this name."""
+
+    fields = ("worker",)
+
+    def __init__(self, worker: str) -> None:
+        super().__init__(f"no live worker named {worker!r}")
+        self.worker = worker
+
+
+# --------------------------------------------------------------------------- long tasks
+
+
+class TrainingStopped(FleetError):
+    """A long task stopped between steps. ``steps_completed`` steps were done."""
+
+    fields: ClassVar[tuple[str, ...]] = ("task_id", "steps_completed", "reason")
+
+    def __init__(self, task_id: str | None, steps_completed: int, reason: str) -> None:
+        super().__init__(f"task {task_id} stopped after {steps_completed} steps: {reason}")
+        self.task_id = task_id
+        self.steps_completed = steps_completed
+        self.reason = reason
+
+
+class TaskAborted(TrainingStopped):
+    """The task was asked to abort (``Fleet.cancel`` / a job cancel)."""
+
+    def __init__(self, task_id: str | None, steps_completed: int) -> None:
+        super().__init__(task_id, steps_completed, "aborted")
+
+
+class DeadlineExceeded(TrainingStopped):
+    """The deadline passed before ``num_inner_steps`` with ``require_exact_steps``."""
+
+    def __init__(self, task_id: str | None, steps_completed: int) -> None:
+        super().__init__(task_id, steps_completed, "deadline passed")
+
+
+# --------------------------------------------------------------------------- client side
+
+
+class RemoteTaskError(FleetError):
+    """A fleet task failed on a worker.
+
+    ``error_type`` is the remote exception's class name (e.g. ``"HandleNotFound"``),
+    ``data`` its fields when it was a FleetError, ``remote_traceback`` the worker's
+    traceback text.
+    """
+
+    fields = ("method", "worker", "task_id", "error_type", "error", "data", "remote_traceback")
+
+    def __init__(
+        self,
+        method: str,
+        worker: str | None,
+        task_id: str,
+        error_type: str,
+        error: str,
+        data: dict[str, Any] | None,
+        remote_traceback: str | None,
+    ) -> None:
+        super().__init__(f"{method} failed on {worker or '?'}: {error_type}: {error}")
+        self.method = method
+        self.worker = worker
+        self.task_id = task_id
+        self.error_type = error_type
+        self.error = error
+        self.data = data or {}
+        self.remote_traceback = remote_traceback
+
+
+class FleetTimeout(FleetError):
+    """A call's result did not arrive within ``timeout_s`` seconds."""
+
+    fields = ("method", "task_id", "timeout_s")
+
+    def __init__(self, method: str, task_id: str, timeout_s: float) -> None:
+        super().__init__(f"{method} (task {task_id}) gave no result within {timeout_s:g} s")
+        self.method = method
+        self.task_id = task_id
+        self.timeout_s = timeout_s

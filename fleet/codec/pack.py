@@ -207,8 +207,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    """Rename the finished ``tmp`` pack to ``dest``, replacing an existing pack there."""
+def publish_dir(tmp: Path, dest: Path) -> None:
+    """Rename the finished pack directory ``tmp`` to ``dest`` (same parent), replacing
+    an existing pack there, and fsync the parent.
+
+    Raises:
+        CodecError: ``dest`` exists and is not a pack.
+    """
     if dest.exists() or dest.is_symlink():
         if not (dest.is_dir() and not dest.is_symlink() and (dest / MANIFEST_FILE).is_file()):
             raise CodecError(
@@ -277,7 +282,7 @@ def write_pack(
             mf.flush()
             os.fsync(mf.fileno())
         _fsync_dir(tmp)
-        _publish(tmp, dest)
+        publish_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -510,6 +515,7 @@ __all__ = [
     "VALUES_FILE",
     "PackManifest",
     "load_pack_into",
+    "publish_dir",
     "read_manifest",
     "read_pack",
     "write_pack",

@@ -1,0 +1,91 @@
+"""FleetSettings: every knob of fleet, read from ``FLEET_*`` environment variables.
+
+Construct in code (``FleetSettings(redis_url=...)``) or from the environment
+(``FleetSettings.from_env()``). Redis URLs may carry a password and an ACL user
+(``redis://user:password@host:6379/0``) and may use TLS (``rediss://``).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class FleetSettings(BaseSettings):
+    """Configuration of a fleet client, worker or orchestrator (env prefix ``FLEET_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Broker, result backend and registry. ``redis://[user:password@]host:port/db`` or
+    ``rediss://`` for TLS."""
+
+    result_backend_url: str | None = None
+    """Result backend, if not ``redis_url``."""
+
+    redis_tls_cert_reqs: Literal["required", "optional", "none"] = "required"
+    """For ``rediss://``: how the server certificate is checked."""
+
+    redis_tls_ca_certs: Path | None = None
+    """For ``rediss://``: CA bundle to verify the server with (system CAs if unset)."""
+
+    shared_root: Path = Path(".fleet/shared")
+    """Directory every worker mounts at the same path: packs, optimizer states,
+    artifacts, reports. PackRefs are relative to it."""
+
+    workload_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["examples.*", "fleet.examples.*"]
+    )
+    """fnmatch globs on the factory spec ``module:attr`` (or its module) a worker may
+    instantiate. Env: comma-separated."""
+
+    node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
+    """This machine's name in queue and worker names (``fleet.<node>.gpu<N>``)."""
+
+    pool_queue: str = "fleet.gpu"
+    """Queue every worker also consumes: calls not bound to a handle go here."""
+
+    heartbeat_interval_s: float = 2.0
+    """Seconds between a worker's registry heartbeats."""
+
+    heartbeat_ttl_s: float = 10.0
+    """Seconds after the last heartbeat at which a worker counts as lost."""
+
+    visibility_timeout_s: int = 12 * 3600
+    """Redis broker visibility timeout. A message not acked within it is redelivered
+    to another worker. Tasks ack late (after they finish), so this must exceed the
+    longest task: 12 h covers a 2-hour inner loop many times over. Work lost to a dead
+    worker is re-driven by the orchestrator from heartbeats, not by redelivery."""
+
+    task_time_limit_s: int = 6 * 3600
+    """Hard limit per task (the child process is killed). Below the visibility timeout."""
+
+    task_soft_time_limit_s: int = 6 * 3600 - 300
+    """Soft limit per task (raises in the task so it can clean up)."""
+
+    call_timeout_s: float = 3600.0
+    """Default seconds a blocking client call waits for its result."""
+
+    result_expires_s: int = 7 * 24 * 3600
+    """Seconds task results are kept in Redis."""
+
+    @field_validator("workload_allowlist", mode="before")
+    @classmethod
+    def _split_allowlist(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @classmethod
+    def from_env(cls) -> FleetSettings:
+        """Settings from ``FLEET_*`` environment variables (defaults for the rest)."""
+        return cls()
+
+    @property
+    def backend_url(self) -> str:
+        """URL of the Celery result backend."""
+        return self.result_backend_url or self.redis_url
