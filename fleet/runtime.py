@@ -1,0 +1,178 @@
+"""The state of one worker process: identity, model store, workloads, registry.
+
+One :class:`WorkerRuntime` per worker process (the Celery pool child that runs the
+tasks). It holds every model handle's state in memory, builds workloads through the
+allowlisted cache, keeps the registry current (heartbeats from a daemon thread) and
+resolves shared-root paths. Protocol methods (``fleet.tasks``) are plain functions of
+a runtime and a request.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fleet.errors import HandleNotFound, NoWorkloadError
+from fleet.protocol import WorkloadRef
+from fleet.registry import HandleRecord, Registry, WorkerInfo
+from fleet.settings import FleetSettings
+from fleet.storage import SharedRoot
+from fleet.workload import Workload, WorkloadCache
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who this worker is: Celery node ``name``, its own ``queue``, GPU index (None on
+    CPU), and the default workload it was started with (if any)."""
+
+    name: str
+    queue: str
+    gpu_index: int | None = None
+    default_workload: str | None = None
+    default_config: dict[str, Any] | None = None
+
+
+@dataclass
+class HeldModel:
+    """A model handle's state in this process."""
+
+    state: Any
+    workload: Workload
+    device: str
+
+
+def new_model_id() -> str:
+    """A fresh global model id: ``"m-"`` + 32 hex digits."""
+    return "m-" + uuid.uuid4().hex
+
+
+class WorkerRuntime:
+    """Everything one worker process needs to serve protocol methods."""
+
+    def __init__(
+        self, settings: FleetSettings, identity: WorkerIdentity, registry: Registry
+    ) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.registry = registry
+        self.shared = SharedRoot(settings.shared_root)
+        self.workloads = WorkloadCache(settings.workload_allowlist)
+        self.models: dict[str, HeldModel] = {}
+        self._noted_workloads: set[str] = set()
+        self.pid = os.getpid()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, device_name: str = "cpu") -> None:
+        """Register this worker and start heartbeating."""
+        self.shared.root.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        self.registry.register_worker(
+            WorkerInfo(
+                name=self.identity.name,
+                queue=self.identity.queue,
+                node=self.settings.node,
+                gpu_index=self.identity.gpu_index,
+                device_name=device_name,
+                default_workload=self.identity.default_workload,
+                pid=self.pid,
+                started_at=now,
+                heartbeat_at=now,
+            )
+        )
+        self._heartbeat = threading.Thread(target=self._beat, name="fleet-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                self.registry.heartbeat(self.identity.name, self.pid)
+            except Exception:  # Redis briefly away: the next beat retries
+                continue
+
+    def stop(self) -> list[str]:
+        """Stop heartbeating, drop every model and deregister; return released ids."""
+        self._stop.set()
+        self.models.clear()
+        return self.registry.deregister_worker(self.identity.name)
+
+    # ------------------------------------------------------------------ workloads
+
+    def workload(self, ref: WorkloadRef | None) -> Workload:
+        """The workload named by ``ref``, or this worker's default.
+
+        Raises:
+            NoWorkloadError: no ref and no default.
+            WorkloadError: see :meth:`fleet.workload.WorkloadCache.get`.
+        """
+        if ref is None:
+            if self.identity.default_workload is None:
+                raise NoWorkloadError()
+            spec, config = self.identity.default_workload, self.identity.default_config or {}
+        else:
+            spec, config = ref.spec, ref.config
+        workload = self.workloads.get(spec, config)
+        if spec not in self._noted_workloads:
+            self.registry.add_worker_workload(self.identity.name, spec)
+            self._noted_workloads.add(spec)
+        return workload
+
+    # ------------------------------------------------------------------ model store
+
+    def held(self, model_id: str) -> HeldModel:
+        """The state behind ``model_id`` in this process.
+
+        Raises:
+            HandleNotFound: not held here; carries the registry record if any.
+        """
+        held = self.models.get(model_id)
+        if held is None:
+            record = self.registry.handle(model_id)
+            raise HandleNotFound(
+                model_id,
+                worker=self.identity.name,
+                record=record.model_dump(mode="json") if record else None,
+            )
+        return held
+
+    def add_model(self, state: Any, workload: Workload, device: str) -> str:
+        """Hold ``state`` under a new global model id and register the handle."""
+        model_id = new_model_id()
+        self.models[model_id] = HeldModel(state, workload, device)
+        now = time.time()
+        self.registry.create_handle(
+            HandleRecord(
+                model_id=model_id,
+                owner=self.identity.name,
+                queue=self.identity.queue,
+                owner_pid=self.pid,
+                workload=workload.spec,
+                config=workload.config,
+                device=device,
+                generation=0,
+                created_at=now,
+                used_at=now,
+            )
+        )
+        return model_id
+
+    def replace_state(self, model_id: str, state: Any) -> None:
+        """Swap the state behind a held handle and bump its generation."""
+        self.held(model_id).state = state
+        self.registry.touch(model_id, bump_generation=True)
+
+    def release(self, model_id: str) -> None:
+        """Drop a held model and its registry record.
+
+        Raises:
+            HandleNotFound: not held here.
+        """
+        self.held(model_id)
+        del self.models[model_id]
+        self.registry.release_handle(model_id)

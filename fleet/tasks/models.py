@@ -1,0 +1,184 @@
+"""Protocol methods that create, move and drop models: init_model, release_model,
+import/export_parameter_pack, parameter_pack_plan, load/materialize_model_artifact."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fleet.codec import load_pack_into, pack_plan, write_pack
+from fleet.codec.layout import StateDictFilter
+from fleet.codec.pack import publish_dir
+from fleet.errors import HookMissingError
+from fleet.protocol import (
+    EmptyResult,
+    ExportParameterPackRequest,
+    ExportResult,
+    ImportParameterPackRequest,
+    InitModelRequest,
+    LoadModelArtifactRequest,
+    MaterializeModelArtifactRequest,
+    ModelIdResult,
+    ParameterPackPlanRequest,
+    ParameterPackPlanResult,
+    ReleaseModelRequest,
+    WorkloadRef,
+)
+from fleet.runtime import WorkerRuntime
+from fleet.storage import atomic_write_bytes, temp_sibling
+from fleet.tasks.base import protocol_task
+from fleet.workload import Workload
+
+CUSTOM_PACK_HOOKS = ("export_parameter_pack_path", "import_parameter_pack_path")
+
+
+def state_from_pack(
+    workload: Workload, device: str, path: Path, state_dict_filter: StateDictFilter | None
+) -> Any:
+    """A new model state on ``device`` holding the pack at ``path``: the workload's
+    ``import_parameter_pack_path`` hook if it has one, else ``init_model`` + the codec.
+
+    Raises:
+        CodecError: not a pack, truncated, layout mismatch, ...
+        WorkloadError: a hook failed.
+    """
+    if workload.has("import_parameter_pack_path"):
+        return workload.call("import_parameter_pack_path", device, str(path))
+    state = workload.call("init_model", device)
+    load_pack_into(path, state, state_dict_filter=state_dict_filter)
+    return state
+
+
+def publish_state_pack(
+    workload: Workload,
+    state: Any,
+    dest: Path,
+    model_schema_hash: str,
+    state_dict_filter: StateDictFilter | None,
+) -> None:
+    """Write ``state`` as a pack at ``dest``: the workload's ``export_parameter_pack_path``
+    hook (into a temp dir, then published atomically) if it has one, else the codec."""
+    if workload.has("export_parameter_pack_path"):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(dest)
+        try:
+            workload.call("export_parameter_pack_path", state, str(tmp), model_schema_hash)
+            publish_dir(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        write_pack(dest, state, model_schema_hash, state_dict_filter=state_dict_filter)
+
+
+@protocol_task("init_model", InitModelRequest)
+def init_model(rt: WorkerRuntime, req: InitModelRequest, ref: WorkloadRef | None) -> ModelIdResult:
+    """Build a model with the workload's ``init_model(device)`` and hold it under a new
+    global model id."""
+    workload = rt.workload(ref)
+    state = workload.call("init_model", req.device)
+    return ModelIdResult(model_id=rt.add_model(state, workload, req.device))
+
+
+@protocol_task("release_model", ReleaseModelRequest)
+def release_model(
+    rt: WorkerRuntime, req: ReleaseModelRequest, ref: WorkloadRef | None
+) -> EmptyResult:
+    """Drop a held model and its registry record. Raises HandleNotFound if not held here."""
+    rt.release(req.model_id)
+    return EmptyResult()
+
+
+@protocol_task("export_parameter_pack", ExportParameterPackRequest)
+def export_parameter_pack(
+    rt: WorkerRuntime, req: ExportParameterPackRequest, ref: WorkloadRef | None
+) -> ExportResult:
+    """Publish a held model as a pack at ``parameter_pack_path`` (shared-root relative)
+    and record it as the handle's last pack. The result carries the PackRef."""
+    held = rt.held(req.model_id)
+    dest = rt.shared.resolve(req.parameter_pack_path)
+    publish_state_pack(
+        held.workload, held.state, dest, req.model_schema_hash, req.state_dict_filter
+    )
+    pack = rt.shared.pack_ref(dest)
+    rt.registry.publish_pack(req.model_id, pack)
+    return ExportResult(pack=pack)
+
+
+@protocol_task("import_parameter_pack", ImportParameterPackRequest)
+def import_parameter_pack(
+    rt: WorkerRuntime, req: ImportParameterPackRequest, ref: WorkloadRef | None
+) -> ModelIdResult:
+    """Hold a new model on ``device`` loaded from the pack at ``parameter_pack_path``."""
+    workload = rt.workload(ref)
+    path = rt.shared.resolve(req.parameter_pack_path)
+    state = state_from_pack(workload, req.device, path, req.state_dict_filter)
+    model_id = rt.add_model(state, workload, req.device)
+    rt.registry.publish_pack(model_id, rt.shared.pack_ref(path))
+    return ModelIdResult(model_id=model_id)
+
+
+@protocol_task("parameter_pack_plan", ParameterPackPlanRequest)
+def parameter_pack_plan(
+    rt: WorkerRuntime, req: ParameterPackPlanRequest, ref: WorkloadRef | None
+) -> ParameterPackPlanResult:
+    """The generic codec's plan for a fresh model of the workload on ``device``. With
+    custom pack hooks ``uses_custom_parameter_pack_hooks`` is true; a generic plan that
+    cannot be made is reported in ``generic_plan_error``."""
+    workload = rt.workload(ref)
+    custom = any(workload.has(h) for h in CUSTOM_PACK_HOOKS)
+    try:
+        plan = pack_plan(workload.call("init_model", req.device), req.state_dict_filter)
+    except Exception as exc:
+        if not custom:
+            raise
+        return ParameterPackPlanResult(
+            uses_custom_parameter_pack_hooks=True, generic_plan_error=f"{type(exc).__name__}: {exc}"
+        )
+    plan["uses_custom_parameter_pack_hooks"] = custom
+    return ParameterPackPlanResult.model_validate(plan)
+
+
+@protocol_task("load_model_artifact", LoadModelArtifactRequest)
+def load_model_artifact(
+    rt: WorkerRuntime, req: LoadModelArtifactRequest, ref: WorkloadRef | None
+) -> EmptyResult:
+    """Load an artifact into a held model: ``load_model_artifact_path(state, path)`` if
+    defined, else ``load_model_artifact(state, bytes)``; a returned state replaces it."""
+    held = rt.held(req.model_id)
+    path = rt.shared.resolve(req.artifact_path)
+    if held.workload.has("load_model_artifact_path"):
+        new_state = held.workload.call("load_model_artifact_path", held.state, str(path))
+    elif held.workload.has("load_model_artifact"):
+        new_state = held.workload.call("load_model_artifact", held.state, path.read_bytes())
+    else:
+        raise HookMissingError(held.workload.spec, "load_model_artifact_path")
+    rt.replace_state(req.model_id, held.state if new_state is None else new_state)
+    return EmptyResult()
+
+
+@protocol_task("materialize_model_artifact", MaterializeModelArtifactRequest)
+def materialize_model_artifact(
+    rt: WorkerRuntime, req: MaterializeModelArtifactRequest, ref: WorkloadRef | None
+) -> EmptyResult:
+    """Write a held model as an artifact at ``artifact_path``, atomically:
+    ``materialize_model_artifact_path(state, path)`` if defined (written to a temp path,
+    then renamed), else the bytes of ``materialize_model_artifact(state)``."""
+    held = rt.held(req.model_id)
+    path = rt.shared.resolve(req.artifact_path)
+    if held.workload.has("materialize_model_artifact_path"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(path)
+        try:
+            held.workload.call("materialize_model_artifact_path", held.state, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    elif held.workload.has("materialize_model_artifact"):
+        data = held.workload.call("materialize_model_artifact", held.state)
+        atomic_write_bytes(path, bytes(data))
+    else:
+        raise HookMissingError(held.workload.spec, "materialize_model_artifact_path")
+    rt.registry.touch(req.model_id)
+    return EmptyResult()
