@@ -11,7 +11,8 @@ from rich.table import Table
 
 from fleet.errors import FleetError
 
-console = Console()
+# Piped output (no terminal) gets a wide console, so names and hashes are never cut.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 @click.group()
@@ -100,3 +101,87 @@ def pack_convert(src: Path, dst: Path, model_schema_hash: str | None) -> None:
     console.print(
         f"[green]wrote[/green] {dst} ({manifest.parameter_count:,} values)", soft_wrap=True
     )
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@main.command("worker")
+@click.option("--gpu", type=int, default=None, help="Pin to this GPU (CUDA_VISIBLE_DEVICES).")
+@click.option("--cpu", "cpu", is_flag=True, help="A CPU worker (no GPU).")
+@click.option("--all-gpus", is_flag=True, help="One worker process per visible GPU.")
+@click.option(
+    "--slot", type=int, default=0, show_default=True, help="CPU worker index on this node."
+)
+@click.option("--workload", default=None, help="Default workload factory, module:attr.")
+@click.option("--config-json", default=None, help="JSON config for the default workload.")
+@click.option(
+    "--torch-threads", type=int, default=None, help="torch.set_num_threads in the worker."
+)
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker_cmd(
+    gpu: int | None,
+    cpu: bool,
+    all_gpus: bool,
+    slot: int,
+    workload: str | None,
+    config_json: str | None,
+    torch_threads: int | None,
+    loglevel: str,
+) -> None:
+    """Run one fleet worker (a Celery worker, concurrency 1) on one GPU or the CPU."""
+    from fleet.settings import FleetSettings
+    from fleet.worker import parse_config, run_all_gpus, run_worker
+
+    if sum([gpu is not None, cpu, all_gpus]) != 1:
+        raise click.UsageError("give exactly one of --gpu N, --cpu, --all-gpus")
+    try:
+        config = parse_config(config_json)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--config-json") from exc
+    if workload is not None:
+        from fleet.workload import parse_spec
+
+        try:
+            parse_spec(workload)
+        except FleetError as exc:
+            raise click.BadParameter(str(exc), param_hint="--workload") from exc
+    if all_gpus:
+        tail = ["--loglevel", loglevel]
+        if workload:
+            tail += ["--workload", workload]
+        if config_json:
+            tail += ["--config-json", config_json]
+        if torch_threads:
+            tail += ["--torch-threads", str(torch_threads)]
+        sys.exit(run_all_gpus(tail))
+    run_worker(
+        FleetSettings.from_env(),
+        gpu=gpu,
+        slot=slot,
+        workload=workload,
+        config=config,
+        torch_threads=torch_threads,
+        loglevel=loglevel,
+    )
+
+
+@main.command("workers")
+@click.option("--all", "include_lost", is_flag=True, help="Include lost workers.")
+def workers_cmd(include_lost: bool) -> None:
+    """List the fleet's workers from the registry."""
+    import time
+
+    from fleet.registry import Registry
+    from fleet.settings import FleetSettings
+
+    registry = Registry.from_settings(FleetSettings.from_env())
+    table = Table("worker", "status", "queue", "device", "pid", "handles", "heartbeat")
+    now = time.time()
+    for info in registry.workers(include_lost=include_lost):
+        beat = f"{now - info.heartbeat_at:.1f}s ago" if info.heartbeat_at else "-"
+        handles = len(registry.handles(owner=info.name))
+        table.add_row(
+            info.name, info.status, info.queue, info.device_name, str(info.pid), str(handles), beat
+        )
+    console.print(table)

@@ -1,0 +1,183 @@
+"""A local cluster on one machine: a private ``redis-server`` and fleet worker
+subprocesses. Used by the tests, the benchmarks and ``fleet up``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+from fleet.registry import Registry
+from fleet.settings import FleetSettings
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port, no persistence.
+
+    Raises:
+        RuntimeError: no ``redis-server`` on PATH, or it did not answer within 10 s.
+    """
+
+    def __init__(self, workdir: Path, *, extra_args: list[str] | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found on PATH (apt-get install redis-server)")
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir), *(extra_args or [])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or self.proc.poll() is not None:
+                        self.stop()
+                        raise RuntimeError("redis-server did not start") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        """Terminate the server and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def worker_env(settings: FleetSettings, pythonpath: list[str] | None = None) -> dict[str, str]:
+    """The environment of a worker subprocess: this one plus ``FLEET_*`` from ``settings``."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLEET_REDIS_URL": settings.redis_url,
+            "FLEET_SHARED_ROOT": str(settings.shared_root),
+            "FLEET_WORKLOAD_ALLOWLIST": ",".join(settings.workload_allowlist),
+            "FLEET_NODE": settings.node,
+            "FLEET_POOL_QUEUE": settings.pool_queue,
+            "FLEET_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
+            "FLEET_HEARTBEAT_TTL_S": str(settings.heartbeat_ttl_s),
+        }
+    )
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")])
+    return env
+
+
+class WorkerProcess:
+    """``python -m fleet worker --cpu --slot N`` in its own session, so the whole worker
+    (Celery parent and pool child) can be signalled at once."""
+
+    def __init__(
+        self,
+        settings: FleetSettings,
+        slot: int,
+        log_dir: Path,
+        *,
+        workload: str | None = None,
+        config_json: str | None = None,
+        torch_threads: int = 1,
+        pythonpath: list[str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.slot = slot
+        self.name = f"fleet-cpu{slot}@{settings.node}"
+        self.queue = f"fleet.{settings.node}.cpu{slot}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"worker-{slot}.log"
+        args = [sys.executable, "-m", "fleet", "worker", "--cpu", "--slot", str(slot),
+                "--torch-threads", str(torch_threads)]  # fmt: skip
+        if workload:
+            args += ["--workload", workload]
+        if config_json:
+            args += ["--config-json", config_json]
+        env = worker_env(settings, pythonpath)
+        env["OMP_NUM_THREADS"] = str(torch_threads)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115  closed in stop()
+        self.proc = subprocess.Popen(
+            args,
+            env=env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_alive(self, registry: Registry, timeout_s: float = 60.0) -> None:
+        """Block until the worker heartbeats in the registry.
+
+        Raises:
+            RuntimeError: it exited or did not come up in time (with its log tail).
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = registry.worker(self.name)
+            if info is not None and info.status == "alive":
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"worker {self.name} did not come up:\n{self.log_path.read_text()[-3000:]}"
+        )
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker, as a machine crash would."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (warm shutdown), then SIGKILL after ``timeout_s``."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@contextmanager
+def running_workers(
+    settings: FleetSettings, slots: list[int], log_dir: Path, **kwargs: object
+) -> Iterator[list[WorkerProcess]]:
+    """Start CPU workers on ``slots``, wait until all heartbeat, stop them on exit."""
+    registry = Registry.from_settings(settings)
+    workers = [WorkerProcess(settings, slot, log_dir, **kwargs) for slot in slots]  # type: ignore[arg-type]
+    try:
+        for w in workers:
+            w.wait_alive(registry)
+        yield workers
+    finally:
+        for w in workers:
+            w.stop()
+        registry.redis.close()
