@@ -17,3 +17,46 @@ def conformance_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"conformance vectors not found at {path} (set FLEET_SHARED_DOCS)")
     return path
+
+
+# --------------------------------------------------------------------------- real servers
+
+from collections.abc import Iterator  # noqa: E402
+
+from tests.harness import RedisServer, WorkerProcess, running_workers, settings_for  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    """A private redis-server for the whole session (CI fails if it cannot start)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fleet_settings(redis_server, tmp_path_factory):
+    return settings_for(redis_server.url, tmp_path_factory.mktemp("shared"))
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    path = REPO / "test-artifacts"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_workers(fleet_settings, artifacts_dir) -> Iterator[list[WorkerProcess]]:
+    """Two real CPU workers (Celery prefork, concurrency 1) with the digits workload."""
+    with running_workers(fleet_settings, [0, 1], artifacts_dir / "logs") as workers:
+        yield workers
+
+
+@pytest.fixture
+def fleet(fleet_settings, two_workers):
+    from fleet.client import Fleet
+
+    client = Fleet(fleet_settings)
+    yield client
+    client.close()

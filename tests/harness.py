@@ -1,0 +1,52 @@
+"""Test settings and worker helpers over :mod:`fleet.local`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fleet import local
+from fleet.local import RedisServer, WorkerProcess
+from fleet.settings import FleetSettings
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = "tests.workloads.digits:make_workload"
+
+__all__ = ["DIGITS", "REPO", "RedisServer", "WorkerProcess", "running_workers", "settings_for"]
+
+
+def settings_for(redis_url: str, shared_root: Path, **overrides: object) -> FleetSettings:
+    values: dict[str, object] = {
+        "redis_url": redis_url,
+        "shared_root": shared_root,
+        "workload_allowlist": ["tests.workloads.*"],
+        "node": "testnode",
+        "heartbeat_interval_s": 0.5,
+        "heartbeat_ttl_s": 3.0,
+        "call_timeout_s": 120.0,
+    }
+    values.update(overrides)
+    return FleetSettings(**values)  # type: ignore[arg-type]
+
+
+@contextmanager
+def running_workers(
+    settings: FleetSettings,
+    slots: list[int],
+    log_dir: Path,
+    *,
+    workload: str | None = DIGITS,
+    config_json: str | None = None,
+) -> Iterator[list[WorkerProcess]]:
+    """Test workers: the digits workload by default, the repo on PYTHONPATH."""
+    with local.running_workers(
+        settings,
+        slots,
+        log_dir,
+        workload=workload,
+        config_json=config_json,
+        pythonpath=[str(REPO)],
+        cwd=REPO,
+    ) as workers:
+        yield workers

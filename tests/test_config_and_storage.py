@@ -1,0 +1,97 @@
+"""Settings from env, Celery config, the shared-root jail, spec parsing, protocol encodings."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from pydantic import ValidationError
+
+from fleet.app import celery_config
+from fleet.errors import BadFactorySpecError, NotAllowlistedError, PathOutsideRootError
+from fleet.protocol import RuntimePatch, candidate_weight
+from fleet.settings import FleetSettings
+from fleet.storage import SharedRoot
+from fleet.workload import check_allowed, parse_spec
+
+
+def test_settings_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLEET_REDIS_URL", "redis://alice:s3cret@cache:6380/2")
+    monkeypatch.setenv("FLEET_SHARED_ROOT", str(tmp_path))
+    monkeypatch.setenv("FLEET_WORKLOAD_ALLOWLIST", "examples.*, mylab.workloads:*")
+    monkeypatch.setenv("FLEET_VISIBILITY_TIMEOUT_S", "90000")
+    s = FleetSettings.from_env()
+    assert s.redis_url == "redis://alice:s3cret@cache:6380/2"
+    assert s.shared_root == tmp_path
+    assert s.workload_allowlist == ["examples.*", "mylab.workloads:*"]
+    config = celery_config(s)
+    assert config["broker_url"] == config["result_backend"] == s.redis_url
+    assert config["broker_transport_options"]["visibility_timeout"] == 90000
+
+
+def test_celery_config_is_json_only_and_fit_for_long_tasks():
+    config = celery_config(FleetSettings())
+    for key in ("task_serializer", "result_serializer"):
+        assert config[key] == "json"
+    assert config["accept_content"] == config["result_accept_content"] == ["json"]
+    assert config["task_acks_late"] and config["worker_prefetch_multiplier"] == 1
+    visibility = config["broker_transport_options"]["visibility_timeout"]
+    assert visibility > config["task_time_limit"] >= 2 * 3600 * 2, (
+        "a 2 h inner loop must not be redelivered"
+    )
+
+
+def test_tls_urls_configure_ssl():
+    s = FleetSettings(redis_url="rediss://user:pw@redis.example:6380/0", redis_tls_cert_reqs="none")
+    config = celery_config(s)
+    assert config["broker_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_NONE
+    assert config["redis_backend_use_ssl"]["ssl_cert_reqs"] == ssl.CERT_NONE
+
+
+def test_shared_root_jail(tmp_path):
+    root = SharedRoot(tmp_path / "root")
+    root.root.mkdir()
+    assert root.resolve("packs/a") == root.root / "packs/a"
+    assert root.resolve(str(root.root / "packs/a")) == root.root / "packs/a"
+    assert root.relative(root.root / "x/y") == "x/y"
+    for bad in ["../x", "/etc/passwd", "a/../../x", "", "a\x00b"]:
+        with pytest.raises(PathOutsideRootError):
+            root.resolve(bad)
+    (tmp_path / "elsewhere").mkdir()
+    (root.root / "out").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PathOutsideRootError):
+        root.resolve("out/pack")
+
+
+def test_factory_specs_and_allowlist():
+    assert parse_spec("pkg.mod:make") == ("pkg.mod", "make")
+    for bad in ["pkg.mod", "a:b:c", ":make", "pkg:", " pkg:make"]:
+        with pytest.raises(BadFactorySpecError):
+            parse_spec(bad)
+    check_allowed("examples.charlm:make", ["examples.*"])
+    check_allowed("mylab.w:make", ["mylab.w:make"])
+    with pytest.raises(NotAllowlistedError) as info:
+        check_allowed("os:system", ["examples.*"])
+    assert info.value.allowlist == ["examples.*"]
+
+
+def test_protocol_encodings():
+    patch = RuntimePatch.model_validate(
+        {
+            "patch_id": "p",
+            "class": "Warm",
+            "summary": "",
+            "values": {"a": True, "b": 2, "c": ["x"]},
+            "required_client_capabilities": [],
+        }
+    )
+    assert patch.model_dump(by_alias=True)["class"] == "Warm"
+    assert patch.values == {"a": True, "b": 2, "c": ["x"]}
+    with pytest.raises(ValidationError):
+        RuntimePatch.model_validate(
+            {"patch_id": "p", "class": "Lukewarm", "summary": "", "values": {}}
+        )
+    assert candidate_weight("WeightedMean", 2.0, 0.1) == 2.0
+    assert candidate_weight("NormClippedWeightedMean", 2.0, 3.0) == 2.0
+    assert candidate_weight("NormClippedWeightedMean", 2.0, -1.0) == 0.0
+    assert candidate_weight({"Custom": "x"}, 2.0, 0.5) == 1.0

@@ -1,0 +1,388 @@
+"""Every protocol method end to end: client -> Redis broker -> real Celery workers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from celery import group
+
+from fleet.codec import read_pack, write_pack
+from fleet.errors import HandleNotFound, RemoteTaskError, UnknownMethodError
+from tests.harness import DIGITS
+
+SCHEMA = "digits-mlp-v1"
+HOOKED = "tests.workloads.digits:make_inner_loop_workload"
+
+
+def _flat(fleet, handle, name):
+    ref = fleet.export_parameter_pack(handle, f"check/{name}", SCHEMA)
+    return read_pack(fleet.shared.resolve(ref.path))[1]
+
+
+def test_hello_on_each_worker_and_the_pool(fleet, two_workers):
+    for w in two_workers:
+        hello = fleet.hello(worker=w.name)
+        assert hello.protocol_version == 2
+        assert hello.workload_name == "digits-mlp"
+        assert hello.worker == w.name
+        assert {"parameter_pack_export", "parameter_pack_import", "exact_step_budget"} <= set(
+            hello.capabilities
+        )
+    assert fleet.hello().worker in {w.name for w in two_workers}
+
+
+def test_workers_are_listed_with_queue_and_pid(fleet, two_workers):
+    infos = {i.name: i for i in fleet.workers()}
+    for w in two_workers:
+        assert infos[w.name].queue == w.queue
+        assert infos[w.name].status == "alive"
+        assert infos[w.name].device_name == "cpu"
+        assert infos[w.name].gpu_index is None
+
+
+def test_capability_probe_is_measured_and_recorded(fleet, two_workers):
+    w = two_workers[0]
+    probe = fleet.capability_probe(worker=w.name)
+    assert probe.runtime_device == "python-torch-cpu"
+    assert probe.capability.work_units_per_second > 0
+    assert (
+        fleet.registry.worker(w.name).capability["work_units_per_second"]
+        == probe.capability.work_units_per_second
+    )
+
+
+def test_train_evaluate_and_inner_loop_lower_the_loss(fleet, two_workers):
+    handle = fleet.init_model("cpu", worker=two_workers[0].name)
+    before = fleet.evaluate(handle, "Validation")
+    metrics = fleet.train_window(handle, [])
+    assert isinstance(metrics["loss"], float) and metrics["examples"] == 64
+    result = fleet.run_inner_loop(
+        handle, [], 60, "packs/inner-a", SCHEMA, inner_optimizer_state_path="opt/inner-a.pt"
+    )
+    assert result.steps_completed == 60
+    assert result.pack is not None and result.pack.path == "packs/inner-a"
+    assert result.inner_optimizer_state_path == "opt/inner-a.pt"
+    assert result.inner_optimizer_state_encoding == "torch-optimizer-state-dict-v1"
+    assert fleet.shared.resolve("opt/inner-a.pt").is_file()
+    after = fleet.evaluate(handle, "Validation")
+    assert after["loss"] < before["loss"] - 0.5
+    assert after["accuracy"] > 0.8
+    record = fleet.handle_record(handle)
+    assert record.generation >= 2 and record.last_pack == result.pack
+    fleet.release_model(handle)
+
+
+def test_inner_loop_hook_of_the_workload_is_used(fleet, two_workers):
+    handle = fleet.init_model("cpu", worker=two_workers[1].name, workload=HOOKED)
+    result = fleet.run_inner_loop(handle, [], 5, "packs/hooked", SCHEMA, require_exact_steps=True)
+    assert result.metrics["hook"] is True and result.steps_completed == 5
+    manifest, values = read_pack(fleet.shared.resolve("packs/hooked"), verify=True)
+    assert manifest.model_schema_hash == SCHEMA and values.numel() == 4810
+
+
+def test_routing_lands_on_the_owner(fleet, two_workers):
+    for w in two_workers:
+        handle = fleet.init_model("cpu", worker=w.name)
+        assert handle.worker == w.name and handle.queue == w.queue
+        futures = [fleet.train_window(handle, [], wait=False) for _ in range(4)]
+        for f in futures:
+            f.result()
+            assert f.worker == w.name
+        fleet.release_model(handle)
+
+
+def test_export_on_one_worker_import_on_the_other(fleet, two_workers):
+    a = fleet.init_model("cpu", worker=two_workers[0].name)
+    fleet.run_inner_loop(a, [], 10, "packs/xfer-src", SCHEMA)
+    ref = fleet.export_parameter_pack(a, "packs/xfer", SCHEMA)
+    assert ref.layout_hash.startswith("torch-layout-") and ref.values_digest.startswith("xxh3_64:")
+    b = fleet.import_parameter_pack(ref, worker=two_workers[1].name)
+    assert b.worker == two_workers[1].name
+    assert fleet.evaluate(a, "Test") == fleet.evaluate(b, "Test")
+    assert fleet.handle_record(b).last_pack == ref
+
+
+def test_parameter_pack_plan(fleet, two_workers):
+    plan = fleet.parameter_pack_plan("cpu")
+    assert plan.uses_custom_parameter_pack_hooks is False
+    assert plan.included_keys == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert plan.parameter_count == 64 * 64 + 64 + 64 * 10 + 10
+    filtered = fleet.parameter_pack_plan("cpu", state_dict_filter={"include_globs": ["*.weight"]})
+    assert filtered.included_keys == ["0.weight", "2.weight"]
+    assert filtered.excluded_float_keys == ["0.bias", "2.bias"]
+
+
+def test_merge_across_workers_via_packs(fleet, two_workers):
+    w0, w1 = two_workers
+    a = fleet.init_model("cpu", worker=w0.name, workload=DIGITS, config={"seed": 1})
+    b = fleet.init_model("cpu", worker=w1.name, workload=DIGITS, config={"seed": 2})
+    fleet.train_window(b, [])
+    flat_a, flat_b = _flat(fleet, a, "merge-a"), _flat(fleet, b, "merge-b")
+    assert not torch.equal(flat_a, flat_b)
+    merged = fleet.merge_candidate_models(
+        a,
+        [
+            {
+                "peer_id": "p0",
+                "head_id": "h0",
+                "artifact_id": "x0",
+                "model_id": a.model_id,
+                "sample_weight": 3.0,
+                "quality_weight": 1.0,
+            },
+            b,  # on the other worker: exported and passed as a PackRef
+        ],
+        "WeightedMean",
+    )
+    assert merged is not None and merged.worker == w0.name
+    expected = (3.0 * flat_a + 1.0 * flat_b) / 4.0
+    assert torch.allclose(_flat(fleet, merged, "merged"), expected, atol=1e-6)
+    assert fleet.merge_candidate_models(a, [], "WeightedMean") is None
+
+
+def test_ema_and_reconcile_across_workers(fleet, two_workers):
+    w0, w1 = two_workers
+    base = fleet.init_model("cpu", worker=w1.name, workload=DIGITS, config={"seed": 3})
+    merged = fleet.init_model("cpu", worker=w0.name, workload=DIGITS, config={"seed": 4})
+    flat_base, flat_merged = _flat(fleet, base, "ema-base"), _flat(fleet, merged, "ema-merged")
+    out = fleet.apply_single_root_ema(base, merged, "Ema")
+    assert out.model_id == merged.model_id
+    assert torch.allclose(
+        _flat(fleet, merged, "ema-out"), 0.5 * flat_base + 0.5 * flat_merged, atol=1e-6
+    )
+    generation = fleet.handle_record(merged).generation
+
+    local = fleet.init_model("cpu", worker=w1.name, workload=DIGITS, config={"seed": 5})
+    flat_local = _flat(fleet, local, "rec-local")
+    flat_canonical = _flat(fleet, merged, "rec-canonical")
+    fleet.reconcile_canonical_model(local, merged, {"RootEma": {"canonical_weight": 0.25}})
+    assert torch.allclose(
+        _flat(fleet, merged, "rec-out"), 0.75 * flat_local + 0.25 * flat_canonical, atol=1e-6
+    )
+    assert fleet.handle_record(merged).generation > generation
+    fleet.reconcile_canonical_model(local, merged, "Replace")
+    assert torch.equal(_flat(fleet, merged, "rec-replaced"), flat_local)
+
+
+def test_artifacts_round_trip(fleet, two_workers):
+    a = fleet.init_model("cpu", worker=two_workers[0].name)
+    fleet.run_inner_loop(a, [], 5, "packs/art-src", SCHEMA)
+    fleet.materialize_model_artifact(a, "artifacts/a.safetensors")
+    assert fleet.shared.resolve("artifacts/a.safetensors").stat().st_size > 4 * 4810
+    b = fleet.init_model("cpu", worker=two_workers[1].name)
+    fleet.load_model_artifact(b, "artifacts/a.safetensors")
+    assert fleet.evaluate(a, "Test") == fleet.evaluate(b, "Test")
+
+
+def test_apply_patch_reaches_every_worker(fleet, two_workers):
+    patch = {
+        "patch_id": "p1",
+        "class": "Hot",
+        "summary": "lower lr",
+        "values": {"lr": 0.001},
+        "required_client_capabilities": [],
+    }
+    outcomes = fleet.apply_patch(patch)
+    assert outcomes == {w.name: "Applied" for w in two_workers}
+    rejected = fleet.apply_patch({**patch, "values": {"momentum": 0.9}})
+    assert all(o == {"Rejected": "only 'lr' can be patched"} for o in rejected.values())
+    assert set(rejected) == {w.name for w in two_workers}
+
+
+def test_release_then_calls_fail_with_handle_not_found(fleet, two_workers):
+    handle = fleet.init_model("cpu", worker=two_workers[0].name)
+    fleet.release_model(handle)
+    assert fleet.handle_record(handle) is None
+    with pytest.raises(HandleNotFound):
+        fleet.evaluate(handle, "Test")
+
+
+def test_worker_answers_handle_not_found_with_its_record(fleet, two_workers):
+    w0, w1 = two_workers
+    held_by_w1 = fleet.init_model("cpu", worker=w1.name)
+    with pytest.raises(RemoteTaskError) as info:  # sent to the wrong worker on purpose
+        fleet.call("evaluate", {"model_id": held_by_w1.model_id, "split": "Test"}, worker=w0.name)
+    err = info.value
+    assert err.error_type == "HandleNotFound" and err.worker == w0.name
+    assert err.data["model_id"] == held_by_w1.model_id
+    assert err.data["record"]["owner"] == w1.name
+    with pytest.raises(RemoteTaskError) as unknown:
+        fleet.call("evaluate", {"model_id": "m-unknown", "split": "Test"}, worker=w0.name)
+    assert unknown.value.data["record"] is None
+
+
+def test_malformed_requests_are_refused_and_the_worker_keeps_serving(fleet, two_workers):
+    w = two_workers[0]
+    with pytest.raises(RemoteTaskError) as info:
+        fleet.call("train_window", {"model_id": 5}, worker=w.name)
+    err = info.value
+    assert err.error_type == "RequestValidationError" and err.data["method"] == "train_window"
+    locs = {tuple(e["loc"]) for e in err.data["errors"]}
+    assert ("model_id",) in locs and ("batches",) in locs
+    with pytest.raises(RemoteTaskError, match="expected a JSON object"):
+        fleet.call("init_model", ["not", "an", "object"], worker=w.name)  # type: ignore[arg-type]
+    with pytest.raises(RemoteTaskError, match="Extra inputs are not permitted"):
+        fleet.call("init_model", {"device": "cpu", "devcie": "cuda"}, worker=w.name)
+    with pytest.raises(RemoteTaskError) as policy:
+        fleet.call(
+            "merge_candidate_models",
+            {"base_model_id": "m", "candidates": [], "policy": "Average"},
+            worker=w.name,
+        )
+    assert policy.value.error_type == "RequestValidationError"
+    assert fleet.hello(worker=w.name).worker == w.name
+
+
+def test_unknown_method_is_a_typed_error(fleet):
+    with pytest.raises(UnknownMethodError):
+        fleet.call("train_everything")
+    with pytest.raises(UnknownMethodError):
+        fleet.s.train_everything()
+
+
+def test_a_pickle_message_is_refused(fleet, two_workers):
+    w = two_workers[0]
+    log_size = w.log_path.stat().st_size
+    result = fleet.app.send_task(
+        "fleet.hello", kwargs={"params": {}}, queue=w.queue, serializer="pickle"
+    )
+    time.sleep(2.0)
+    assert result.state == "PENDING", "a pickled message must never run"
+    log = w.log_path.read_bytes()[log_size:].decode(errors="replace")
+    assert "ContentDisallowed" in log or "Refusing to deserialize" in log
+    assert fleet.hello(worker=w.name).worker == w.name
+
+
+@pytest.mark.parametrize(
+    ("spec", "error_type"),
+    [
+        ("os:system", "NotAllowlistedError"),
+        ("tests.workloads.digits", "BadFactorySpecError"),
+        ("tests.workloads.digits:make:workload", "BadFactorySpecError"),
+        ("tests.workloads.digits:broken_factory", "FactoryLoadError"),
+        ("tests.workloads.nope:make", "FactoryLoadError"),
+        ("tests.workloads.digits:no_such_attr", "FactoryLoadError"),
+    ],
+)
+def test_bad_workloads_are_refused(fleet, spec, error_type):
+    with pytest.raises(RemoteTaskError) as info:
+        fleet.init_model("cpu", workload=spec)
+    assert info.value.error_type == error_type
+    assert info.value.data["spec"] == spec
+
+
+def test_a_hook_that_raises_gives_its_traceback(fleet, two_workers):
+    handle = fleet.init_model(
+        "cpu", worker=two_workers[1].name, workload=DIGITS, config={"fail_in": "evaluate"}
+    )
+    with pytest.raises(RemoteTaskError) as info:
+        fleet.evaluate(handle, "Test")
+    err = info.value
+    assert err.error_type == "HookFailedError" and err.method == "evaluate"
+    assert err.worker == two_workers[1].name
+    assert err.data["hook"] == "evaluate" and err.data["error_type"] == "ValueError"
+    assert "injected failure in evaluate" in err.data["hook_traceback"]
+    assert "Traceback" in err.remote_traceback
+    assert fleet.train_window(handle, [])["examples"] == 64  # still serving, handle intact
+
+
+def test_paths_outside_the_shared_root_are_refused(fleet, two_workers):
+    handle = fleet.init_model("cpu", worker=two_workers[0].name)
+    for path in ["../escape", "/etc/fleet-escape", "packs/../../escape"]:
+        with pytest.raises(RemoteTaskError) as info:
+            fleet.export_parameter_pack(handle, path, SCHEMA)
+        assert info.value.error_type == "PathOutsideRootError"
+    outside = fleet.shared.root.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    (fleet.shared.root / "link-out").symlink_to(outside)
+    with pytest.raises(RemoteTaskError) as link:
+        fleet.export_parameter_pack(handle, "link-out/pack", SCHEMA)
+    assert link.value.error_type == "PathOutsideRootError"
+    assert list(outside.iterdir()) == []
+
+
+def test_importing_a_bad_pack_is_a_typed_error(fleet, two_workers):
+    root = fleet.shared.root
+    write_pack(root / "packs/wrong-layout", {"w": torch.zeros(3)}, SCHEMA)
+    with pytest.raises(RemoteTaskError) as mismatch:
+        fleet.import_parameter_pack("packs/wrong-layout")
+    assert mismatch.value.error_type == "LayoutMismatchError"
+    assert mismatch.value.data["pack_layout_hash"] != mismatch.value.data["model_layout_hash"]
+    handle = fleet.init_model("cpu")
+    ref = fleet.export_parameter_pack(handle, "packs/truncated", SCHEMA)
+    values = fleet.shared.resolve(ref.path) / "values.f32le"
+    values.write_bytes(values.read_bytes()[:-8])
+    with pytest.raises(RemoteTaskError) as truncated:
+        fleet.import_parameter_pack(ref)
+    assert truncated.value.error_type == "ValuesLengthError"
+    with pytest.raises(RemoteTaskError) as missing:
+        fleet.import_parameter_pack("packs/does-not-exist")
+    assert missing.value.error_type == "NotAPackError"
+
+
+def test_signatures_compose_into_a_group(fleet, two_workers):
+    job = group(fleet.s.hello(worker=w.name) for w in two_workers)
+    results = job.apply_async().get(timeout=60)
+    assert sorted(r["worker"] for r in results) == sorted(w.name for w in two_workers)
+
+
+def test_progress_abort_and_ping_while_training(fleet, two_workers):
+    w = two_workers[1]
+    handle = fleet.init_model("cpu", worker=w.name, workload=DIGITS, config={"step_sleep_s": 0.05})
+    future = fleet.run_inner_loop(handle, [], 10_000, "packs/aborted", SCHEMA, wait=False)
+    deadline = time.monotonic() + 30
+    seen = None
+    while time.monotonic() < deadline and seen is None:
+        seen = future.progress()
+        time.sleep(0.1)
+    assert seen is not None and seen["step"] >= 1 and seen["total_steps"] == 10_000
+    assert seen["examples_per_s"] > 0 and isinstance(seen["loss"], float)
+    replies = fleet.app.control.ping(destination=[w.name], timeout=2.0)
+    assert replies and w.name in replies[0], "a training worker must answer inspect ping"
+    started = time.monotonic()
+    future.cancel()
+    with pytest.raises(RemoteTaskError) as info:
+        future.result(timeout_s=30)
+    assert time.monotonic() - started < 5, "abort must land within a step or two"
+    assert info.value.error_type == "TaskAborted"
+    assert 1 <= info.value.data["steps_completed"] < 10_000
+    assert fleet.evaluate(handle, "Test")["examples"] > 0  # worker and handle still fine
+
+
+def test_deadline_stops_between_steps(fleet, two_workers):
+    handle = fleet.init_model("cpu", workload=DIGITS, config={"step_sleep_s": 0.05})
+    result = fleet.run_inner_loop(
+        handle, [], 10_000, "packs/deadline", SCHEMA, deadline_unix_s=time.time() + 1.0
+    )
+    assert 1 <= result.steps_completed < 10_000
+    assert fleet.shared.resolve("packs/deadline/manifest.json").is_file()
+    with pytest.raises(RemoteTaskError) as info:
+        fleet.run_inner_loop(
+            handle,
+            [],
+            10_000,
+            "packs/deadline-exact",
+            SCHEMA,
+            require_exact_steps=True,
+            deadline_unix_s=time.time() + 0.5,
+        )
+    assert info.value.error_type == "DeadlineExceeded"
+
+
+def test_batches_are_json_batch_refs(fleet, two_workers):
+    handle = fleet.init_model("cpu")
+    batch = {
+        "kind": "micro_epoch",
+        "lease_id": "l1",
+        "microshard_ids": ["s0"],
+        "ordinals": [3],
+        "bytes_len": 0,
+        "pipeline_kind": "digits",
+        "payload": {"note": "any JSON"},
+    }
+    assert fleet.train_window(handle, [batch, batch])["examples"] == 128
+    with pytest.raises(RemoteTaskError) as info:
+        fleet.train_window(handle, [{"kind": "mystery"}])
+    assert info.value.error_type == "RequestValidationError"
