@@ -30,22 +30,33 @@ def free_port() -> int:
 class RedisServer:
     """A private ``redis-server`` on a free loopback port, no persistence.
 
+    ``extra_args`` go to the server (e.g. ``--requirepass``); ``port_flag`` may be
+    ``--tls-port`` (pass ``--port 0`` and the TLS files in ``extra_args``); ``ping``
+    holds the ``redis.Redis`` arguments the readiness check needs (password, ssl...).
+
     Raises:
         RuntimeError: no ``redis-server`` on PATH, or it did not answer within 10 s.
     """
 
-    def __init__(self, workdir: Path, *, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        extra_args: list[str] | None = None,
+        port_flag: str = "--port",
+        ping: dict[str, object] | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found on PATH (apt-get install redis-server)")
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [binary, port_flag, str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(workdir), *(extra_args or [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(host="127.0.0.1", port=self.port, **(ping or {}))  # type: ignore[arg-type]
         deadline = time.monotonic() + 10
         try:
             while True:
@@ -84,16 +95,20 @@ def worker_env(settings: FleetSettings, pythonpath: list[str] | None = None) -> 
             "FLEET_POOL_QUEUE": settings.pool_queue,
             "FLEET_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
             "FLEET_HEARTBEAT_TTL_S": str(settings.heartbeat_ttl_s),
+            "FLEET_REDIS_TLS_CERT_REQS": settings.redis_tls_cert_reqs,
         }
     )
+    if settings.redis_tls_ca_certs is not None:
+        env["FLEET_REDIS_TLS_CA_CERTS"] = str(settings.redis_tls_ca_certs)
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")])
     return env
 
 
 class WorkerProcess:
-    """``python -m fleet worker --cpu --slot N`` in its own session, so the whole worker
-    (Celery parent and pool child) can be signalled at once."""
+    """``python -m fleet worker --cpu --slot N`` (or ``--gpu N`` with ``gpu=True``) in its
+    own session, so the whole worker (Celery parent and pool child) can be signalled at
+    once."""
 
     def __init__(
         self,
@@ -106,15 +121,25 @@ class WorkerProcess:
         torch_threads: int = 1,
         pythonpath: list[str] | None = None,
         cwd: Path | None = None,
+        gpu: bool = False,
     ) -> None:
+        from fleet.worker import worker_names
+
         self.settings = settings
         self.slot = slot
-        self.name = f"fleet-cpu{slot}@{settings.node}"
-        self.queue = f"fleet.{settings.node}.cpu{slot}"
+        self.name, self.queue = worker_names(settings, slot if gpu else None, slot)
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"worker-{slot}.log"
-        args = [sys.executable, "-m", "fleet", "worker", "--cpu", "--slot", str(slot),
-                "--torch-threads", str(torch_threads)]  # fmt: skip
+        where = ["--gpu", str(slot)] if gpu else ["--cpu", "--slot", str(slot)]
+        args = [
+            sys.executable,
+            "-m",
+            "fleet",
+            "worker",
+            *where,
+            "--torch-threads",
+            str(torch_threads),
+        ]
         if workload:
             args += ["--workload", workload]
         if config_json:

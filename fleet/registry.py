@@ -50,6 +50,7 @@ class WorkerInfo(BaseModel):
     queue: str
     node: str
     gpu_index: int | None = None
+    cuda_visible_devices: str | None = None
     device_name: str = "cpu"
     capability: dict[str, Any] | None = None
     default_workload: str | None = None
@@ -252,6 +253,7 @@ def _worker_from_hash(raw: dict[str, str], *, alive: bool) -> WorkerInfo:
         queue=raw["queue"],
         node=raw["node"],
         gpu_index=int(raw["gpu_index"]) if raw.get("gpu_index") not in (None, "None") else None,
+        cuda_visible_devices=raw.get("cuda_visible_devices"),
         device_name=raw.get("device_name", "cpu"),
         capability=json.loads(raw["capability"]) if raw.get("capability") else None,
         default_workload=raw.get("default_workload") or None,

@@ -79,6 +79,7 @@ class WorkerRuntime:
                 queue=self.identity.queue,
                 node=self.settings.node,
                 gpu_index=self.identity.gpu_index,
+                cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                 device_name=device_name,
                 default_workload=self.identity.default_workload,
                 pid=self.pid,

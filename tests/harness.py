@@ -38,6 +38,7 @@ def running_workers(
     *,
     workload: str | None = DIGITS,
     config_json: str | None = None,
+    gpu: bool = False,
 ) -> Iterator[list[WorkerProcess]]:
     """Test workers: the digits workload by default, the repo on PYTHONPATH."""
     with local.running_workers(
@@ -48,5 +49,6 @@ def running_workers(
         config_json=config_json,
         pythonpath=[str(REPO)],
         cwd=REPO,
+        gpu=gpu,
     ) as workers:
         yield workers

@@ -1,0 +1,107 @@
+"""Redis with an ACL user and password, Redis over TLS, and GPU pinning: real servers,
+real workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleet.client import Fleet
+from tests.harness import REPO, RedisServer, running_workers, settings_for
+
+
+def _hello_through_a_worker(settings, log_dir: Path, slot: int) -> None:
+    with running_workers(settings, [slot], log_dir) as (worker,):
+        fleet = Fleet(settings)
+        assert fleet.hello(worker=worker.name).worker == worker.name
+        handle = fleet.init_model("cpu", worker=worker.name)
+        assert fleet.evaluate(handle, "Test")["examples"] > 0
+        fleet.close()
+
+
+def test_acl_user_and_password_url(tmp_path, artifacts_dir):
+    server = RedisServer(
+        tmp_path / "redis",
+        extra_args=[
+            "--requirepass",
+            "default-pw",
+            "--user",
+            "alice",
+            "on",
+            ">alice-pw",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+        ping={"password": "default-pw"},
+    )
+    try:
+        url = f"redis://alice:alice-pw@127.0.0.1:{server.port}/0"
+        _hello_through_a_worker(settings_for(url, tmp_path / "shared"), artifacts_dir / "logs", 30)
+        bad = settings_for(f"redis://alice:wrong@127.0.0.1:{server.port}/0", tmp_path / "shared")
+        import redis
+
+        with pytest.raises(redis.AuthenticationError):
+            Fleet(bad).workers()
+    finally:
+        server.stop()
+
+
+def test_rediss_tls_url(tmp_path, artifacts_dir):
+    certs = tmp_path / "tls"
+    certs.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(certs / "key.pem"),
+         "-out", str(certs / "cert.pem"), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    cert, key = str(certs / "cert.pem"), str(certs / "key.pem")
+    server = RedisServer(
+        tmp_path / "redis",
+        port_flag="--tls-port",
+        extra_args=["--port", "0", "--tls-cert-file", cert, "--tls-key-file", key,
+                    "--tls-ca-cert-file", cert, "--tls-auth-clients", "no"],
+        ping={"ssl": True, "ssl_ca_certs": cert},
+    )  # fmt: skip
+    try:
+        settings = settings_for(
+            f"rediss://127.0.0.1:{server.port}/0",
+            tmp_path / "shared",
+            redis_tls_ca_certs=Path(cert),
+        )
+        _hello_through_a_worker(settings, artifacts_dir / "logs", 31)
+    finally:
+        server.stop()
+
+
+def test_gpu_worker_pins_cuda_visible_devices_before_torch(fleet_settings, artifacts_dir):
+    with running_workers(fleet_settings, [3], artifacts_dir / "logs", gpu=True) as (worker,):
+        fleet = Fleet(fleet_settings)
+        info = fleet.registry.worker(worker.name)
+        assert worker.name == "fleet-gpu3@testnode" and info.queue == "fleet.testnode.gpu3"
+        assert info.gpu_index == 3
+        assert info.cuda_visible_devices == "3"  # as seen by the process that runs torch
+        assert fleet.hello(worker=worker.name).worker == worker.name
+        fleet.close()
+
+
+def test_cpu_workers_do_not_pin(fleet, two_workers):
+    assert fleet.registry.worker(two_workers[0].name).cuda_visible_devices is None
+
+
+def test_importing_fleet_loads_neither_torch_nor_celery():
+    code = "import sys, fleet, fleet.cli; print('torch' in sys.modules, 'celery' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_all_gpus_without_gpus_is_a_clear_error():
+    out = subprocess.run([sys.executable, "-m", "fleet", "worker", "--all-gpus"], capture_output=True,
+                         text=True, cwd=REPO, check=False, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert out.returncode == 2 and "no GPUs visible" in out.stderr
