@@ -54,19 +54,45 @@ def test_rediss_tls_url(tmp_path, artifacts_dir):
     certs = tmp_path / "tls"
     certs.mkdir()
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(certs / "key.pem"),
-         "-out", str(certs / "cert.pem"), "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(certs / "key.pem"),
+            "-out",
+            str(certs / "cert.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     cert, key = str(certs / "cert.pem"), str(certs / "key.pem")
     server = RedisServer(
         tmp_path / "redis",
         port_flag="--tls-port",
-        extra_args=["--port", "0", "--tls-cert-file", cert, "--tls-key-file", key,
-                    "--tls-ca-cert-file", cert, "--tls-auth-clients", "no"],
+        extra_args=[
+            "--port",
+            "0",
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            cert,
+            "--tls-auth-clients",
+            "no",
+        ],
         ping={"ssl": True, "ssl_ca_certs": cert},
-    )  # fmt: skip
+    )
     try:
         settings = settings_for(
             f"rediss://127.0.0.1:{server.port}/0",
@@ -102,6 +128,12 @@ def test_importing_fleet_loads_neither_torch_nor_celery():
 
 
 def test_all_gpus_without_gpus_is_a_clear_error():
-    out = subprocess.run([sys.executable, "-m", "fleet", "worker", "--all-gpus"], capture_output=True,
-                         text=True, cwd=REPO, check=False, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "fleet", "worker", "--all-gpus"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 2 and "no GPUs visible" in out.stderr
