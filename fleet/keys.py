@@ -38,3 +38,37 @@ def handle(model_id: str) -> str:
 def abort(task_id: str) -> str:
     """String with a TTL: set to ask a running task to stop between steps."""
     return f"{PREFIX}abort:{task_id}"
+
+
+#: Sorted set of job ids by creation time.
+JOBS = PREFIX + "jobs"
+
+
+def job(job_id: str) -> str:
+    """Hash: a job's record (kind, spec, status, per-status timestamps, artifacts)."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def job_logs(job_id: str) -> str:
+    """Stream: log lines of a job's tasks (worker, task_id, level, logger, line), in order."""
+    return f"{PREFIX}job:{job_id}:logs"
+
+
+def job_metrics(job_id: str) -> str:
+    """List: one JSON object of metrics per round (or step) of a job."""
+    return f"{PREFIX}job:{job_id}:metrics"
+
+
+def job_tasks(job_id: str) -> str:
+    """Set: Celery task ids a job has running, aborted on cancel."""
+    return f"{PREFIX}job:{job_id}:tasks"
+
+
+def job_state(job_id: str) -> str:
+    """Hash: a driver's resumable state (DiLoCo: last completed round, packs, replicas)."""
+    return f"{PREFIX}job:{job_id}:state"
+
+
+def replica_logs(task_id: str) -> str:
+    """List: captured output lines of an executor replica."""
+    return f"{PREFIX}replica:{task_id}:logs"

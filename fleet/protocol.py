@@ -196,6 +196,17 @@ class RunInnerLoopRequest(_Model):
     state_dict_filter: StateDictFilter | None = None
     deadline_unix_s: float | None = None
     """fleet: stop between steps once this wall-clock time passes."""
+    input_parameter_pack_path: str | None = None
+    """fleet: load this pack into the model before the first step (DiLoCo: the round's
+    global model), so a warm handle starts from it without another call."""
+
+
+class LoadParameterPackRequest(_Model):
+    """fleet extension: load a pack into a held model in place."""
+
+    model_id: str
+    parameter_pack_path: str
+    state_dict_filter: StateDictFilter | None = None
 
 
 class MergeCandidate(_Model):
@@ -290,6 +301,12 @@ class RunInnerLoopResult(_Model):
     inner_optimizer_state_encoding: str | None = None
     pack: PackRef | None = None
     """fleet: the output pack."""
+    load_s: float = 0.0
+    """fleet: seconds spent loading ``input_parameter_pack_path``."""
+    compute_s: float = 0.0
+    """fleet: seconds spent in the inner steps."""
+    publish_s: float = 0.0
+    """fleet: seconds spent writing the output pack."""
 
 
 class PatchOutcomeResult(RootModel[PatchOutcome]):

@@ -26,6 +26,7 @@ from fleet.codec.pack import (
     read_manifest,
     read_pack,
     write_pack,
+    write_values_pack,
 )
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "read_pack",
     "to_safetensors",
     "write_pack",
+    "write_values_pack",
 ]

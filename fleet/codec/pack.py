@@ -314,6 +314,65 @@ def _manifest_for(
     )
 
 
+def write_values_pack(
+    path: PathLike,
+    values: torch.Tensor,
+    like: PackManifest,
+    *,
+    model_schema_hash: str | None = None,
+) -> PackManifest:
+    """Publish flat ``values`` (float32 ``[parameter_count]``) as a pack with the layout
+    of ``like`` (same layout hash, keys and entries), atomically, with a digest.
+
+    Used for packs computed on flat values (e.g. DiLoCo's outer step).
+
+    Raises:
+        ValueError: ``values`` is not a contiguous float32 CPU tensor of
+            ``like.parameter_count`` elements.
+    """
+    if not (
+        values.dtype == torch.float32
+        and values.device.type == "cpu"
+        and values.is_contiguous()
+        and values.numel() == like.parameter_count
+    ):
+        raise ValueError(
+            f"values must be contiguous float32 CPU [{like.parameter_count}], got "
+            f"{values.dtype} {tuple(values.shape)} on {values.device}"
+        )
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        hasher = xxhash.xxh3_64()
+        with open(tmp / VALUES_FILE, "wb", buffering=0) as f:
+            if values.numel():
+                data = _bytes_of(
+                    values if _LITTLE_ENDIAN else torch.from_numpy(values.numpy().byteswap())
+                )
+                _write_all(f, data)
+                hasher.update(data)
+            os.fsync(f.fileno())
+        fields = like.model_dump()
+        fields.update(
+            values_f32_le=VALUES_FILE,
+            values_digest=f"{DIGEST_ALGORITHM}:{hasher.hexdigest()}",
+            model_schema_hash=model_schema_hash or like.model_schema_hash,
+        )
+        manifest = PackManifest.model_validate(fields)
+        with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as mf:
+            json.dump(manifest.to_json(), mf, indent=2)
+            mf.flush()
+            os.fsync(mf.fileno())
+        _fsync_dir(tmp)
+        publish_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
 # --------------------------------------------------------------------------- read
 
 
@@ -519,4 +578,5 @@ __all__ = [
     "read_manifest",
     "read_pack",
     "write_pack",
+    "write_values_pack",
 ]

@@ -3,22 +3,28 @@ on the wire, and progress monitoring for long tasks.
 
 A protocol method is a plain function ``fn(runtime, request, workload_ref) -> result``
 (unit tests call it directly). :func:`protocol_task` registers it as the Celery task
-``fleet.<method>`` taking JSON ``params`` (the protocol's request body) and an
-optional ``workload`` (``{"spec": "module:attr", "config": {...}}``).
+``fleet.<method>`` taking JSON ``params`` (the protocol's request body), an optional
+``workload`` (``{"spec": "module:attr", "config": {...}}``) and an optional ``job_id``
+(the task's log lines then stream to that job's log, and a job cancel aborts it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from celery import Task, shared_task
 from pydantic import BaseModel, RootModel, ValidationError
 
 from fleet.errors import FleetError, RequestValidationError
+from fleet.jobs import JobLogHandler, JobStore
 from fleet.progress import StepMonitor, monitoring
 from fleet.protocol import WorkloadRef
 from fleet.runtime import WorkerRuntime
+
+log = logging.getLogger("fleet.task")
 
 Req = TypeVar("Req", bound=BaseModel)
 Res = TypeVar("Res", bound=BaseModel)
@@ -78,6 +84,33 @@ def validate(method: str, model: type[Req], body: object) -> Req:
         ) from None
 
 
+@contextmanager
+def _job_scope(
+    runtime: WorkerRuntime, task: Task, method: str, job_id: str | None
+) -> Iterator[None]:
+    """While a job's task runs: its log records go to the job's log stream, and the task
+    is tracked so a job cancel can abort it."""
+    task_id = task.request.id
+    if job_id is None or task_id is None:
+        yield
+        return
+    store = JobStore(runtime.registry.redis)
+    handler = JobLogHandler(store, job_id, runtime.identity.name, task_id)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    store.track_task(job_id, task_id)
+    log.info("%s started on %s", method, runtime.identity.name)
+    try:
+        yield
+        log.info("%s finished", method)
+    except Exception as exc:
+        log.error("%s failed: %s: %s", method, type(exc).__name__, exc)
+        raise
+    finally:
+        store.untrack_task(job_id, task_id)
+        root.removeHandler(handler)
+
+
 def _execute(
     task: Task,
     method: str,
@@ -86,8 +119,23 @@ def _execute(
     long: bool,
     params: object,
     workload: object,
+    job_id: str | None = None,
 ) -> dict[str, Any]:
     runtime = get_runtime()
+    with _job_scope(runtime, task, method, job_id):
+        return _run(task, runtime, method, request_model, fn, long, params, workload)
+
+
+def _run(
+    task: Task,
+    runtime: WorkerRuntime,
+    method: str,
+    request_model: type[BaseModel],
+    fn: MethodFn,
+    long: bool,
+    params: object,
+    workload: object,
+) -> dict[str, Any]:
     try:
         request = validate(method, request_model, params)
         ref = validate(method, WorkloadRef, workload) if workload is not None else None
@@ -132,8 +180,10 @@ def protocol_task(
 
     def decorate(fn: MethodFn) -> MethodFn:
         @shared_task(bind=True, name=f"fleet.{method}")  # type: ignore[untyped-decorator]
-        def task(self: Task, params: object = None, workload: object = None) -> dict[str, Any]:
-            return _execute(self, method, request_model, fn, long, params, workload)
+        def task(
+            self: Task, params: object = None, workload: object = None, job_id: str | None = None
+        ) -> dict[str, Any]:
+            return _execute(self, method, request_model, fn, long, params, workload, job_id)
 
         METHODS[method] = fn
         TASKS[method] = task

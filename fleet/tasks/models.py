@@ -19,6 +19,7 @@ from fleet.protocol import (
     ImportParameterPackRequest,
     InitModelRequest,
     LoadModelArtifactRequest,
+    LoadParameterPackRequest,
     MaterializeModelArtifactRequest,
     ModelIdResult,
     ParameterPackPlanRequest,
@@ -26,7 +27,7 @@ from fleet.protocol import (
     ReleaseModelRequest,
     WorkloadRef,
 )
-from fleet.runtime import WorkerRuntime
+from fleet.runtime import HeldModel, WorkerRuntime
 from fleet.storage import atomic_write_bytes, temp_sibling
 from fleet.tasks.base import protocol_task
 from fleet.workload import Workload
@@ -70,6 +71,35 @@ def publish_state_pack(
             shutil.rmtree(tmp, ignore_errors=True)
     else:
         write_pack(dest, state, model_schema_hash, state_dict_filter=state_dict_filter)
+
+
+def load_pack_into_held(
+    held: HeldModel, path: Path, state_dict_filter: StateDictFilter | None
+) -> None:
+    """Load the pack at ``path`` into a held model: in place with the codec, or through
+    the workload's ``import_parameter_pack_path`` hook (which gives a new state).
+
+    Raises:
+        CodecError: not a pack, truncated, layout mismatch, ...
+    """
+    if held.workload.has("import_parameter_pack_path"):
+        held.state = held.workload.call("import_parameter_pack_path", held.device, str(path))
+    else:
+        load_pack_into(path, held.state, state_dict_filter=state_dict_filter)
+
+
+@protocol_task("load_parameter_pack", LoadParameterPackRequest)
+def load_parameter_pack(
+    rt: WorkerRuntime, req: LoadParameterPackRequest, ref: WorkloadRef | None
+) -> EmptyResult:
+    """fleet extension: load a pack into a held model in place (its optimizer and other
+    state stay); the pack becomes the handle's last pack."""
+    held = rt.held(req.model_id)
+    path = rt.shared.resolve(req.parameter_pack_path)
+    load_pack_into_held(held, path, req.state_dict_filter)
+    rt.registry.touch(req.model_id, bump_generation=True)
+    rt.registry.publish_pack(req.model_id, rt.shared.pack_ref(path))
+    return EmptyResult()
 
 
 @protocol_task("init_model", InitModelRequest)

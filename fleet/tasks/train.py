@@ -6,8 +6,10 @@ between steps when aborted or past their deadline (:mod:`fleet.progress`).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,12 @@ from fleet.protocol import (
 from fleet.runtime import HeldModel, WorkerRuntime
 from fleet.storage import temp_sibling
 from fleet.tasks.base import protocol_task
-from fleet.tasks.models import publish_state_pack
+from fleet.tasks.models import load_pack_into_held, publish_state_pack
+
+log = logging.getLogger("fleet.train")
+
+#: fleet's inner loop logs a progress line every this many steps.
+LOG_EVERY_STEPS = 10
 
 #: ``inner_optimizer_state_encoding`` of the optimizer state fleet's own loop writes.
 TORCH_OPTIMIZER_STATE = "torch-optimizer-state-dict-v1"
@@ -122,6 +129,8 @@ def _fleet_inner_loop(
             if loss is not None and math.isfinite(loss):
                 losses.append(loss)
             steps = step + 1
+            if steps % LOG_EVERY_STEPS == 0 or steps == req.num_inner_steps:
+                log.info("step %d/%d loss %s", steps, req.num_inner_steps, loss)
             progress.report(steps, loss=loss, examples=_examples(metrics))
     except DeadlineExceeded:
         if req.require_exact_steps:
@@ -149,7 +158,8 @@ def run_inner_loop(
     The workload's ``run_inner_loop(state, params)`` hook runs if defined (paths in
     ``params`` resolved to absolute paths on this worker); otherwise fleet's own loop
     of ``train_window`` steps. If the hook did not write the output pack, the worker
-    writes it from the (possibly replaced) state.
+    writes it from the (possibly replaced) state. fleet: with ``input_parameter_pack_path``
+    the pack is loaded into the model first.
 
     Raises:
         StepBudgetError: ``require_exact_steps`` and another step count.
@@ -157,6 +167,12 @@ def run_inner_loop(
         TaskAborted: asked to abort.
     """
     held = rt.held(req.model_id)
+    started = time.perf_counter()
+    if req.input_parameter_pack_path is not None:
+        load_pack_into_held(
+            held, rt.shared.resolve(req.input_parameter_pack_path), req.state_dict_filter
+        )
+    loaded = time.perf_counter()
     out_path = rt.shared.resolve(req.output_parameter_pack_path)
     opt_path = (
         rt.shared.resolve(req.inner_optimizer_state_path)
@@ -173,6 +189,7 @@ def run_inner_loop(
             held.state = result["state"]
     else:
         result = _fleet_inner_loop(held, req, opt_path)
+    computed = time.perf_counter()
     steps = int(result.get("steps_completed", req.num_inner_steps))
     if req.require_exact_steps and steps != req.num_inner_steps:
         raise StepBudgetError(steps, req.num_inner_steps)
@@ -181,6 +198,7 @@ def run_inner_loop(
             held.workload, held.state, out_path, req.model_schema_hash, req.state_dict_filter
         )
     pack = rt.shared.pack_ref(out_path)
+    published = time.perf_counter()
     rt.registry.touch(req.model_id, bump_generation=True)
     rt.registry.publish_pack(req.model_id, pack)
     opt_out = result.get("inner_optimizer_state_path")
@@ -190,4 +208,7 @@ def run_inner_loop(
         inner_optimizer_state_path=rt.shared.relative(opt_out) if opt_out else None,
         inner_optimizer_state_encoding=result.get("inner_optimizer_state_encoding"),
         pack=pack,
+        load_s=loaded - started,
+        compute_s=computed - loaded,
+        publish_s=published - computed,
     )
