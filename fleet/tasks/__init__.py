@@ -5,7 +5,7 @@ functions ``fn(runtime, request, workload_ref) -> result`` wrapped by
 :func:`fleet.tasks.base.protocol_task`.
 """
 
-from fleet.tasks import control, merge, models, train
+from fleet.tasks import control, merge, models, replica, train
 from fleet.tasks.base import METHODS, TASKS
 
-__all__ = ["METHODS", "TASKS", "control", "merge", "models", "train"]
+__all__ = ["METHODS", "TASKS", "control", "merge", "models", "replica", "train"]
