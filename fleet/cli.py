@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from fleet.errors import FleetError
+
+if TYPE_CHECKING:
+    from fleet.jobs import JobStore
 
 # Piped output (no terminal) gets a wide console, so names and hashes are never cut.
 console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -185,3 +189,163 @@ def workers_cmd(include_lost: bool) -> None:
             info.name, info.status, info.queue, info.device_name, str(info.pid), str(handles), beat
         )
     console.print(table)
+
+
+# --------------------------------------------------------------------------- DiLoCo and jobs
+
+
+@main.command("diloco")
+@click.option("--workload", default=None, help="Workload factory, module:attr.")
+@click.option(
+    "--config-json", default="{}", show_default=True, help="JSON config for the workload."
+)
+@click.option("--replicas", type=int, default=2, show_default=True)
+@click.option("--rounds", type=int, default=3, show_default=True)
+@click.option("--inner-steps", type=int, default=50, show_default=True, help="H per round.")
+@click.option("--outer-lr", type=float, default=0.7, show_default=True)
+@click.option("--outer-momentum", type=float, default=0.9, show_default=True)
+@click.option("--no-nesterov", is_flag=True, help="Heavy-ball instead of Nesterov momentum.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--eval-every", type=int, default=1, show_default=True)
+@click.option(
+    "--min-replicas", type=int, default=None, help="Close a round once this many published."
+)
+@click.option("--round-deadline-s", type=float, default=None, help="Close a round after this long.")
+@click.option("--job-id", default=None, help="Id for the new job.")
+@click.option("--resume", "resume_id", default=None, help="Continue this job from its last round.")
+def diloco_cmd(
+    workload: str | None,
+    config_json: str,
+    replicas: int,
+    rounds: int,
+    inner_steps: int,
+    outer_lr: float,
+    outer_momentum: float,
+    no_nesterov: bool,
+    device: str,
+    eval_every: int,
+    min_replicas: int | None,
+    round_deadline_s: float | None,
+    job_id: str | None,
+    resume_id: str | None,
+) -> None:
+    """Run DiLoCo with any workload on the fleet (FLEET_* settings), as a job."""
+    import json
+
+    from pydantic import ValidationError
+
+    from fleet.client import Fleet
+    from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig, QuorumConfig
+
+    fleet = Fleet.from_env()
+
+    def show(metrics: dict[str, object]) -> None:
+        evaluation = metrics.get("eval") or {}
+        loss = evaluation.get("loss") if isinstance(evaluation, dict) else None
+        console.print(
+            f"round {metrics['round']}: wall {metrics['wall_s']:.2f}s, eval loss {loss}",
+            highlight=False,
+        )
+
+    try:
+        if resume_id is not None:
+            run = DiLoCoRun.resume(fleet, resume_id, on_round=show)
+        else:
+            if workload is None:
+                raise click.UsageError("give --workload (or --resume JOB)")
+            config = DiLoCoConfig(
+                workload=workload,
+                config=json.loads(config_json),
+                replicas=replicas,
+                rounds=rounds,
+                inner_steps=inner_steps,
+                outer=OuterOptimizerConfig(
+                    lr=outer_lr, momentum=outer_momentum, nesterov=not no_nesterov
+                ),
+                device=device,
+                eval_every=eval_every,
+                quorum=QuorumConfig(min_replicas=min_replicas, round_deadline_s=round_deadline_s),
+            )
+            run = DiLoCoRun.start(fleet, config, job_id=job_id, on_round=show)
+        console.print(f"job {run.job_id}", highlight=False)
+        job = run.run()
+    except (ValidationError, json.JSONDecodeError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    except FleetError as exc:
+        _fail(exc)
+    console.print(f"job {job.job_id} {job.status}; final pack {job.artifacts.get('final_pack')}")
+
+
+@main.group()
+def jobs() -> None:
+    """List, inspect, follow and cancel jobs."""
+
+
+def _job_store() -> JobStore:
+    from fleet.jobs import JobStore
+    from fleet.registry import redis_client
+    from fleet.settings import FleetSettings
+
+    return JobStore(redis_client(FleetSettings.from_env()))
+
+
+@jobs.command("list")
+@click.option("--limit", type=int, default=20, show_default=True)
+def jobs_list(limit: int) -> None:
+    """The newest jobs."""
+    import time
+
+    store = _job_store()
+    table = Table("job", "kind", "status", "created", "rounds")
+    for job in store.list_jobs(limit=limit):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+        table.add_row(
+            job.job_id, job.kind, job.status, created, str(len(store.metrics(job.job_id)))
+        )
+    console.print(table)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+def jobs_show(job_id: str) -> None:
+    """A job's record, status history, artifacts and per-round metrics."""
+    import json
+
+    store = _job_store()
+    try:
+        job = store.get(job_id)
+    except FleetError as exc:
+        _fail(exc)
+    out = job.model_dump()
+    out["metrics"] = store.metrics(job_id)
+    console.print_json(json.dumps(out))
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
+def jobs_logs(job_id: str, follow: bool) -> None:
+    """The log lines of a job's tasks, in order, with worker and task id."""
+    import time
+
+    store = _job_store()
+    try:
+        store.get(job_id)
+        lines = store.follow(job_id) if follow else iter(store.logs(job_id))
+        for line in lines:
+            stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
+            click.echo(f"{stamp} {line.worker} {line.task_id[:8]} {line.level:<7} {line.line}")
+    except FleetError as exc:
+        _fail(exc)
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+def jobs_cancel(job_id: str) -> None:
+    """Cancel a job: its running tasks stop at their next step boundary."""
+    store = _job_store()
+    try:
+        job = store.cancel(job_id)
+    except FleetError as exc:
+        _fail(exc)
+    console.print(f"job {job.job_id} {job.status}", highlight=False)

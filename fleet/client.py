@@ -16,6 +16,7 @@ time raises :class:`~fleet.errors.FleetTimeout`.
 from __future__ import annotations
 
 import contextvars
+import copy
 import json
 import time
 import uuid
@@ -45,12 +46,27 @@ T = TypeVar("T")
 
 #: Every protocol method fleet serves (PROTOCOL.md section 2).
 PROTOCOL_METHODS = (
-    "hello", "capability_probe", "init_model", "train_window", "evaluate", "apply_patch",
-    "load_model_artifact", "materialize_model_artifact", "export_parameter_pack",
-    "import_parameter_pack", "parameter_pack_plan", "run_inner_loop",
-    "merge_candidate_models", "apply_single_root_ema", "reconcile_canonical_model",
-    "release_model", "shutdown",
-)  # fmt: skip
+    "hello",
+    "capability_probe",
+    "init_model",
+    "train_window",
+    "evaluate",
+    "apply_patch",
+    "load_model_artifact",
+    "materialize_model_artifact",
+    "export_parameter_pack",
+    "import_parameter_pack",
+    "parameter_pack_plan",
+    "run_inner_loop",
+    "merge_candidate_models",
+    "apply_single_root_ema",
+    "reconcile_canonical_model",
+    "release_model",
+    "shutdown",
+)
+#: fleet's own methods beyond the protocol.
+FLEET_METHODS = ("load_parameter_pack",)
+ALL_METHODS = PROTOCOL_METHODS + FLEET_METHODS
 
 
 @dataclass(frozen=True)
@@ -138,7 +154,7 @@ class _Signatures:
         self._fleet = fleet
 
     def __getattr__(self, method: str) -> Callable[..., Signature]:
-        if method not in PROTOCOL_METHODS:
+        if method not in ALL_METHODS:
             raise UnknownMethodError(method)
         bound = getattr(self._fleet, method)
 
@@ -161,6 +177,15 @@ class Fleet:
         self.registry = Registry.from_settings(self.settings)
         self.shared = SharedRoot(self.settings.shared_root)
         self.s = _Signatures(self)
+        self.job_id: str | None = None
+
+    def for_job(self, job_id: str | None) -> Fleet:
+        """A view of this client whose calls belong to job ``job_id``: their workers'
+        log lines stream to the job's log and a job cancel aborts them."""
+        view = copy.copy(self)
+        view.s = _Signatures(view)
+        view.job_id = job_id
+        return view
 
     @classmethod
     def from_env(cls) -> Fleet:
@@ -208,6 +233,8 @@ class Fleet:
         kwargs: dict[str, Any] = {"params": call.params}
         if call.workload is not None:
             kwargs["workload"] = call.workload
+        if self.job_id is not None:
+            kwargs["job_id"] = self.job_id
         return self.app.signature(f"fleet.{call.method}", kwargs=kwargs, queue=call.queue)
 
     def _dispatch(
@@ -267,7 +294,7 @@ class Fleet:
         Raises:
             UnknownMethodError: not a protocol method.
         """
-        if method not in PROTOCOL_METHODS:
+        if method not in ALL_METHODS:
             raise UnknownMethodError(method)
         call = _Call(
             method,
@@ -436,6 +463,7 @@ class Fleet:
         require_exact_steps: bool = False,
         state_dict_filter: FilterLike = None,
         deadline_unix_s: float | None = None,
+        input_parameter_pack_path: str | None = None,
         wait: bool = True,
         timeout_s: float | None = None,
     ) -> RunInnerLoopResult:
@@ -454,6 +482,8 @@ class Fleet:
         }
         if deadline_unix_s is not None:
             params["deadline_unix_s"] = deadline_unix_s
+        if input_parameter_pack_path is not None:
+            params["input_parameter_pack_path"] = input_parameter_pack_path
         return self._dispatch(  # type: ignore[no-any-return]
             _Call("run_inner_loop", params, record.queue, None),
             RunInnerLoopResult.model_validate,
@@ -482,6 +512,31 @@ class Fleet:
             _Call("export_parameter_pack", params, record.queue, None),
             lambda r: PackRef.model_validate(r["pack"]),
             True,
+            timeout_s,
+        )
+
+    def load_parameter_pack(
+        self,
+        handle: HandleLike,
+        ref_or_path: PackRef | str,
+        *,
+        state_dict_filter: FilterLike = None,
+        wait: bool = True,
+        timeout_s: float | None = None,
+    ) -> None:
+        """fleet extension: load a pack into an existing model in place (its optimizer
+        and other state stay)."""
+        record = self._owner(handle)
+        path = ref_or_path.path if isinstance(ref_or_path, PackRef) else ref_or_path
+        params = {
+            "model_id": record.model_id,
+            "parameter_pack_path": path,
+            "state_dict_filter": as_filter(state_dict_filter).to_json(),
+        }
+        return self._dispatch(  # type: ignore[no-any-return]
+            _Call("load_parameter_pack", params, record.queue, None),
+            lambda r: None,
+            wait,
             timeout_s,
         )
 
