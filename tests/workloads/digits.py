@@ -3,7 +3,7 @@
 State is ``{"model": nn.Module, "optimizer": AdamW}``, as many real workloads hold.
 Config: ``hidden`` (64), ``lr`` (1e-2), ``batch_size`` (64), ``seed`` (0),
 ``fail_in`` (hook name that raises, for error tests), ``step_sleep_s`` (slow steps,
-for abort/deadline tests), ``inner_loop_hook`` (define run_inner_loop).
+for abort/deadline tests), ``slow_replica`` (only that DiLoCo replica is slow).
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ class DigitsWorkload:
 
     def _batch(self, batch: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.data["Train"]
+        payload = (batch or {}).get("payload")
+        if isinstance(payload, dict) and "num_replicas" in payload:  # DiLoCo: own shard
+            x = x[payload["replica"] :: payload["num_replicas"]]
+            y = y[payload["replica"] :: payload["num_replicas"]]
         if batch and batch.get("ordinals"):
             start = (batch["ordinals"][0] * self.batch_size) % len(x)
         else:
@@ -91,14 +95,16 @@ class DigitsWorkload:
         model.train()
         losses = []
         for batch in batches or [None]:
-            if self.step_sleep_s:
+            payload = (batch or {}).get("payload") or {}
+            slow = self.config.get("slow_replica")
+            if self.step_sleep_s and (slow is None or payload.get("replica") == slow):
                 time.sleep(self.step_sleep_s)
             x, y = self._batch(batch)
             loss = torch.nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         return {"loss": sum(losses) / len(losses), "examples": self.batch_size * len(losses)}
 
     def evaluate(self, state: dict[str, Any], split: Any) -> dict[str, Any]:

@@ -1,0 +1,339 @@
+"""DiLoCo: the outer step against hand-computed Nesterov, real runs on real workers,
+quorum, a worker killed mid-round, an orchestrator killed and resumed, cancel."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from fleet.codec import read_pack
+from fleet.diloco import (
+    DiLoCoConfig,
+    DiLoCoRun,
+    OuterOptimizerConfig,
+    QuorumConfig,
+    average,
+    outer_step,
+)
+from fleet.jobs import JobStore
+from fleet.local import worker_env
+from tests.harness import DIGITS, REPO, running_workers
+
+
+def _wait(predicate, timeout_s: float = 60.0, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval_s)
+
+
+# --------------------------------------------------------------------------- outer step
+
+
+def test_outer_step_is_a_hand_computed_nesterov_step():
+    theta = torch.tensor([1.0, -2.0, 0.5, 4.0])
+    replicas = [torch.tensor([0.8, -1.0, 0.5, 3.0]), torch.tensor([0.6, -1.6, 1.5, 3.0])]
+    weights = [3.0, 1.0]
+    cfg = OuterOptimizerConfig(lr=0.7, momentum=0.9, nesterov=True)
+    avg = average(replicas, weights)
+    assert torch.allclose(avg, torch.tensor([0.75, -1.15, 0.75, 3.0]))
+    # round 1: buffer starts as delta
+    delta = theta - avg  # [0.25, -0.85, -0.25, 1.0]
+    theta1, m1 = outer_step(theta, avg, None, cfg)
+    assert torch.allclose(m1, delta)
+    assert torch.allclose(theta1, theta - 0.7 * (delta + 0.9 * delta))
+    # round 2 with the momentum kept
+    avg2 = torch.tensor([0.7, -1.0, 1.0, 2.5])
+    delta2 = theta1 - avg2
+    theta2, m2 = outer_step(theta1, avg2, m1, cfg)
+    assert torch.allclose(m2, 0.9 * m1 + delta2)
+    assert torch.allclose(theta2, theta1 - 0.7 * (delta2 + 0.9 * (0.9 * m1 + delta2)), atol=1e-6)
+    # and it is exactly torch's SGD(nesterov) on the pseudo-gradient
+    p = torch.nn.Parameter(theta.clone())
+    sgd = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
+    for target in (avg, avg2):
+        p.grad = p.detach() - target
+        sgd.step()
+    assert torch.allclose(p.detach(), theta2, atol=1e-6)
+
+
+def test_heavy_ball_and_plain_averaging():
+    theta, avg = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
+    new, m = outer_step(
+        theta,
+        avg,
+        torch.tensor([1.0, 1.0]),
+        OuterOptimizerConfig(lr=0.5, momentum=0.5, nesterov=False),
+    )
+    assert torch.allclose(m, torch.tensor([1.5, 1.5])) and torch.allclose(
+        new, torch.tensor([0.25, 1.25])
+    )
+    exact, _ = outer_step(theta, avg, None, OuterOptimizerConfig(lr=1.0, momentum=0.0))
+    assert torch.equal(exact, avg)
+    trimmed = average(
+        [torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([100.0])], [1, 1, 1], "TrimmedMean"
+    )
+    assert torch.equal(trimmed, torch.tensor([1.0]))
+    with pytest.raises(ValueError):
+        average([torch.zeros(2)], [0.0])
+
+
+def test_config_rejects_what_diloco_cannot_do():
+    with pytest.raises(ValueError, match="merge_policy"):
+        DiLoCoConfig(workload=DIGITS, merge_policy="Ema")
+    with pytest.raises(ValueError, match="min_replicas"):
+        DiLoCoConfig(workload=DIGITS, replicas=2, quorum=QuorumConfig(min_replicas=3))
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def test_three_rounds_eval_loss_falls_and_the_merge_is_exact(fleet, two_workers):
+    cfg = DiLoCoConfig(workload=DIGITS, replicas=2, rounds=3, inner_steps=15)
+    run = DiLoCoRun.start(fleet, cfg)
+    job = run.run()
+    assert job.status == "completed"
+    assert list(job.status_times) == ["new", "running", "completed"]
+    metrics = run.metrics()
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    losses = [m["eval"]["loss"] for m in metrics]
+    assert losses[0] > losses[1] > losses[2], losses
+    assert metrics[-1]["eval"]["accuracy"] > 0.85
+    for m in metrics:
+        merged = [r for r in m["replicas"] if r["status"] == "merged"]
+        assert sorted(r["replica"] for r in merged) == [0, 1]
+        assert {r["worker"] for r in merged} == {w.name for w in two_workers}  # spread over both
+        assert all(r["steps_completed"] == 15 and r["compute_s"] > 0 for r in merged)
+    assert job.artifacts["final_pack"] == f"runs/{job.job_id}/round-0003/global"
+    # round 1's merge, recomputed by hand from the packs on disk
+    root = fleet.shared
+    theta = read_pack(root.resolve(f"runs/{job.job_id}/round-0001/global"))[1]
+    m0 = read_pack(root.resolve(f"runs/{job.job_id}/round-0001/momentum"))[1]
+    packs = [r["pack"] for r in metrics[1]["replicas"] if r["status"] == "merged"]
+    avg = sum(read_pack(root.resolve(p))[1] for p in packs) / 2
+    delta = theta - avg
+    m1 = 0.9 * m0 + delta
+    expected = theta - 0.7 * (delta + 0.9 * m1)
+    got = read_pack(root.resolve(f"runs/{job.job_id}/round-0002/global"))[1]
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(
+        read_pack(root.resolve(f"runs/{job.job_id}/round-0002/momentum"))[1], m1, atol=1e-6
+    )
+    # logs: orchestrator and both workers, in order, with task ids
+    logs = JobStore(fleet.registry.redis).logs(job.job_id)
+    assert {line.worker for line in logs} >= {"orchestrator", *(w.name for w in two_workers)}
+    assert any("step 15/15" in line.line for line in logs)
+    ids = [tuple(map(int, line.id.split("-"))) for line in logs]
+    assert ids == sorted(ids)
+    # the workers hold no leftover replica handles
+    assert all(
+        h.workload != DIGITS or h.model_id not in str(job.artifacts)
+        for h in fleet.registry.handles()
+    )
+
+
+def test_one_replica_with_lr_1_and_no_momentum_is_plain_local_training(fleet, two_workers):
+    from tests.workloads.digits import DigitsWorkload
+
+    rounds, h = 2, 10
+    cfg = DiLoCoConfig(
+        workload=DIGITS,
+        replicas=1,
+        rounds=rounds,
+        inner_steps=h,
+        eval_every=0,
+        outer=OuterOptimizerConfig(lr=1.0, momentum=0.0),
+    )
+    job = DiLoCoRun.start(fleet, cfg).run()
+    final = read_pack(fleet.shared.resolve(job.artifacts["final_pack"]))[1]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        workload = DigitsWorkload({})
+        state = workload.init_model("cpu")
+        run = DiLoCoRun.__new__(DiLoCoRun)
+        run.config, run.job_id = cfg, job.job_id
+        for r in range(rounds):
+            for batch in DiLoCoRun._batches(run, 0, r):
+                workload.train_window(state, [batch])
+    finally:
+        torch.set_num_threads(threads)
+    local = torch.cat(
+        [state["model"].state_dict()[k].reshape(-1) for k in sorted(state["model"].state_dict())]
+    )
+    assert torch.equal(final, local)
+
+
+def test_quorum_closes_a_round_without_the_straggler(fleet, two_workers):
+    cfg = DiLoCoConfig(
+        workload=DIGITS,
+        config={"step_sleep_s": 0.5, "slow_replica": 1},
+        replicas=2,
+        rounds=2,
+        inner_steps=10,
+        eval_every=0,
+        quorum=QuorumConfig(round_deadline_s=2.0),
+    )
+    started = time.monotonic()
+    run = DiLoCoRun.start(fleet, cfg)
+    job = run.run()
+    assert job.status == "completed"
+    assert time.monotonic() - started < 15, "the slow replica (5 s per round) must not hold rounds"
+    for m in run.metrics():
+        status = {r["replica"]: r["status"] for r in m["replicas"]}
+        assert status == {0: "merged", 1: "aborted"}
+        assert m["wall_s"] < 4.0
+    # the straggler stopped at a step boundary and its worker serves again at once
+    assert fleet.hello(worker=two_workers[1].name, timeout_s=5)
+
+
+def test_min_replicas_quorum(fleet, two_workers):
+    cfg = DiLoCoConfig(
+        workload=DIGITS,
+        config={"step_sleep_s": 0.3, "slow_replica": 0},
+        replicas=2,
+        rounds=1,
+        inner_steps=10,
+        eval_every=0,
+        quorum=QuorumConfig(min_replicas=1),
+    )
+    run = DiLoCoRun.start(fleet, cfg)
+    assert run.run().status == "completed"
+    status = {r["replica"]: r["status"] for r in run.metrics()[0]["replicas"]}
+    assert status == {0: "aborted", 1: "merged"}
+
+
+def test_a_worker_killed_mid_round_is_replaced(fleet_settings, artifacts_dir, fleet, two_workers):
+    with running_workers(fleet_settings, [8], artifacts_dir / "logs") as (victim,):
+        cfg = DiLoCoConfig(
+            workload=DIGITS,
+            config={"step_sleep_s": 0.05},
+            replicas=2,
+            rounds=3,
+            inner_steps=20,
+            eval_every=0,
+            workers=[victim.name, two_workers[0].name],
+        )
+        run = DiLoCoRun.start(fleet, cfg)
+        outcome: dict[str, object] = {}
+        thread = threading.Thread(target=lambda: outcome.setdefault("job", run.run()))
+        thread.start()
+        # wait until a replica of round 0 is training on the victim, then kill it
+        _wait(
+            lambda: (
+                any(h.owner == victim.name for h in fleet.registry.handles())
+                and any(
+                    line.worker == victim.name and "run_inner_loop started" in line.line
+                    for line in run.jobs.logs(run.job_id)
+                )
+            ),
+            timeout_s=60,
+        )
+        victim.kill()
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+        job = outcome["job"]
+        assert job.status == "completed"
+        metrics = run.metrics()
+        assert [m["round"] for m in metrics] == [0, 1, 2]
+        first = metrics[0]["replicas"]
+        assert any(r["status"] == "lost" and r["worker"] == victim.name for r in first)
+        merged = [r for r in first if r["status"] == "merged"]
+        assert sorted(r["replica"] for r in merged) == [0, 1]
+        assert all(r["worker"] != victim.name for r in merged)
+        assert all(
+            r["steps_completed"] == 20
+            for m in metrics
+            for r in m["replicas"]
+            if r["status"] == "merged"
+        )
+
+
+def test_orchestrator_killed_and_resumed(fleet_settings, fleet, two_workers):
+    job_id = f"resume-{time.time_ns()}"
+    env = worker_env(fleet_settings, [str(REPO)])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleet",
+            "diloco",
+            "--workload",
+            DIGITS,
+            "--config-json",
+            '{"step_sleep_s": 0.02}',
+            "--replicas",
+            "2",
+            "--rounds",
+            "4",
+            "--inner-steps",
+            "20",
+            "--eval-every",
+            "0",
+            "--job-id",
+            job_id,
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    store = JobStore(fleet.registry.redis)
+    _wait(
+        lambda: store.redis.exists(f"fleet:job:{job_id}") and len(store.metrics(job_id)) >= 1,
+        timeout_s=90,
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    before = store.metrics(job_id)
+    assert store.get(job_id).status == "running"  # the dead orchestrator left it running
+    assert 1 <= len(before) < 4
+
+    job = DiLoCoRun.resume(fleet, job_id).run()
+    assert job.status == "completed"
+    after = store.metrics(job_id)
+    assert [m["round"] for m in after] == [0, 1, 2, 3], "each round exactly once"
+    assert after[: len(before)] == before, "completed rounds are not redone"
+    assert any("resuming at round" in line.line for line in store.logs(job_id))
+    assert job.artifacts["final_pack"].endswith("round-0004/global")
+
+
+def test_cancel_stops_the_run_within_a_step(fleet, two_workers):
+    cfg = DiLoCoConfig(
+        workload=DIGITS,
+        config={"step_sleep_s": 0.2},
+        replicas=2,
+        rounds=5,
+        inner_steps=200,
+        eval_every=0,
+    )
+    run = DiLoCoRun.start(fleet, cfg)
+    outcome: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("job", run.run()))
+    thread.start()
+    _wait(
+        lambda: (
+            sum("run_inner_loop started" in line.line for line in run.jobs.logs(run.job_id)) >= 2
+        )
+    )
+    time.sleep(0.5)
+    cancelled_at = time.monotonic()
+    assert run.jobs.cancel(run.job_id).status == "cancelled"
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert outcome["job"].status == "cancelled"
+    # both workers stopped their replica between two steps and answer at once
+    for w in two_workers:
+        fleet.hello(worker=w.name, timeout_s=5)
+    assert time.monotonic() - cancelled_at < 5
+    logs = run.jobs.logs(run.job_id)
+    assert sum("run_inner_loop failed: TaskAborted" in line.line for line in logs) == 2
+    assert run.metrics() == []
