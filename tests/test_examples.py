@@ -1,0 +1,125 @@
+"""The example workloads: deterministic corpus, and every protocol hook through a real worker."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from examples.charlm import corpus_files, load_corpus, split_of
+from fleet.client import Fleet
+from fleet.codec import read_pack
+from tests.harness import running_workers, settings_for
+
+SMALL_CHARLM = {
+    "d_model": 32,
+    "n_layers": 1,
+    "n_heads": 2,
+    "context": 32,
+    "batch_size": 8,
+    "max_corpus_mb": 1,
+    "eval_windows": 16,
+}
+
+
+def test_charlm_corpus_is_real_deterministic_and_split_by_file():
+    files = corpus_files()
+    assert len(files) > 500 and files == corpus_files()
+    full = load_corpus(None)
+    assert len(full["Train"]) > 10_000_000, "tens of MB of real Python source"
+    assert len(full["Validation"]) > 100_000 and len(full["Test"]) > 100_000
+    assert (
+        hashlib.sha256(full["Validation"].numpy().tobytes()).hexdigest()
+        == hashlib.sha256(load_corpus.__wrapped__(None)["Validation"].numpy().tobytes()).hexdigest()
+    )
+    assert split_of("json/decoder.py") == split_of("json/decoder.py")
+    assert b"def " in full["Train"][:200_000].numpy().tobytes()
+    small = load_corpus(1_000_000)
+    assert len(small["Train"]) == 1_000_000 and torch.equal(small["Validation"], full["Validation"])
+
+
+def test_charlm_replicas_get_disjoint_shards():
+    from examples.charlm import CharLMWorkload
+
+    w = CharLMWorkload(SMALL_CHARLM)
+    data = w.corpus["Train"]
+    half = len(data) // 2
+    for replica in (0, 1):
+        batch = {"ordinals": [3], "payload": {"replica": replica, "num_replicas": 2}}
+        x, _ = w._train_batch(batch)
+        row = bytes(x[0].to(torch.uint8).tolist())
+        shard = bytes(data[replica * half : (replica + 1) * half].tolist())
+        assert row in shard
+    assert torch.equal(w._train_batch({"ordinals": [7]})[0], w._train_batch({"ordinals": [7]})[0])
+
+
+@pytest.fixture(scope="module")
+def example_worker(redis_server, tmp_path_factory, artifacts_dir):
+    settings = settings_for(
+        redis_server.url,
+        tmp_path_factory.mktemp("examples-shared"),
+        workload_allowlist=["examples.*"],
+        pool_queue="fleet.examples-test",
+    )
+    with running_workers(settings, [40], artifacts_dir / "logs", workload=None) as (worker,):
+        yield settings, worker
+
+
+@pytest.mark.parametrize(
+    ("spec", "config"), [("examples.charlm:make", SMALL_CHARLM), ("examples.digits:make", {})]
+)
+def test_protocol_conformance_through_a_real_worker(example_worker, spec, config):
+    settings, worker = example_worker
+    fleet = Fleet(settings)
+    kw = {"workload": spec, "config": config}
+    hello = fleet.hello(worker=worker.name, **kw)
+    assert hello.protocol_version == 2 and hello.workload_name in ("charlm", "digits-mlp")
+    probe = fleet.capability_probe(worker=worker.name, **kw)
+    assert probe.runtime_device == "python-torch-cpu" and probe.capability.work_units_per_second > 0
+    plan = fleet.parameter_pack_plan("cpu", **kw)
+    assert plan.parameter_count > 0 and not plan.uses_custom_parameter_pack_hooks
+    a = fleet.init_model("cpu", worker=worker.name, **kw)
+    before = fleet.evaluate(a, "Validation")
+    for key in ("loss", "examples"):
+        assert key in before
+    for _ in range(3):
+        metrics = fleet.train_window(a, [])
+    assert metrics["loss"] > 0
+    result = fleet.run_inner_loop(
+        a,
+        [],
+        20,
+        f"conf/{hello.workload_name}/a",
+        "conf",
+        inner_optimizer_state_path=f"conf/{hello.workload_name}/opt.pt",
+    )
+    assert result.steps_completed == 20
+    after = fleet.evaluate(a, "Validation")
+    assert after["loss"] < before["loss"]
+    ref = fleet.export_parameter_pack(a, f"conf/{hello.workload_name}/export", "conf")
+    assert ref.parameter_count == plan.parameter_count
+    b = fleet.import_parameter_pack(ref, worker=worker.name, **kw)
+    assert fleet.evaluate(b, "Test") == fleet.evaluate(a, "Test")
+    merged = fleet.merge_candidate_models(a, [a, b], "WeightedMean")
+    flat_a = read_pack(fleet.shared.resolve(ref.path))[1]
+    merged_ref = fleet.export_parameter_pack(merged, f"conf/{hello.workload_name}/merged", "conf")
+    assert torch.allclose(read_pack(fleet.shared.resolve(merged_ref.path))[1], flat_a, atol=1e-6)
+    assert fleet.apply_single_root_ema(a, merged, "Ema").model_id == merged.model_id
+    assert (
+        fleet.reconcile_canonical_model(a, b, {"RootEma": {"canonical_weight": 0.5}}).model_id
+        == b.model_id
+    )
+    assert fleet.apply_patch(
+        {
+            "patch_id": "p",
+            "class": "Hot",
+            "summary": "",
+            "values": {"x": 1},
+            "required_client_capabilities": [],
+        },
+        **kw,
+    )[worker.name] == {"Rejected": f"workload {hello.workload_name} has no apply_patch hook"}
+    for h in (a, b, merged):
+        fleet.release_model(h)
+    fleet.close()
