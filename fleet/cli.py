@@ -349,3 +349,129 @@ def jobs_cancel(job_id: str) -> None:
     except FleetError as exc:
         _fail(exc)
     console.print(f"job {job.job_id} {job.status}", highlight=False)
+
+
+# --------------------------------------------------------------------------- local cluster
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM handler: unwind like Ctrl-C, so the local cluster is stopped in order."""
+    raise KeyboardInterrupt
+
+
+@main.command("up")
+@click.option("--workers", type=int, default=None, help="Workers (default: one per GPU, else 2).")
+@click.option("--flower/--no-flower", default=True, show_default=True)
+@click.option("--flower-port", type=int, default=5555, show_default=True)
+@click.option("--root", type=click.Path(path_type=Path), default=Path(".fleet"), show_default=True)
+def up_cmd(workers: int | None, flower: bool, flower_port: int, root: Path) -> None:
+    """Start a local fleet (Redis, workers, Flower) and show its status until Ctrl-C."""
+    import signal
+    import time
+
+    from rich.live import Live
+
+    from fleet.cluster import LocalCluster
+    from fleet.registry import Registry
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    cluster = LocalCluster(root, workers=workers, flower=flower, flower_port=flower_port)
+    with cluster:
+        info = cluster.describe()
+        console.print(f"redis        {info['redis_url']} ({info['redis']})", highlight=False)
+        console.print(f"flower       {info['flower_url'] or '-'}", highlight=False)
+        console.print(f"shared root  {info['shared_root']}", highlight=False)
+        console.print(f"logs         {info['logs']}", highlight=False)
+        console.print(
+            f"export FLEET_REDIS_URL={info['redis_url']} FLEET_SHARED_ROOT={info['shared_root']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        registry = Registry.from_settings(cluster.settings)
+
+        def table() -> Table:
+            t = Table("worker", "status", "queue", "pid", "handles", title="fleet (Ctrl-C to stop)")
+            for w in registry.workers():
+                t.add_row(
+                    w.name, w.status, w.queue, str(w.pid), str(len(registry.handles(owner=w.name)))
+                )
+            return t
+
+        try:
+            with Live(table(), console=console, refresh_per_second=1) as live:
+                while True:
+                    time.sleep(1)
+                    live.update(table())
+        except KeyboardInterrupt:
+            console.print("stopping ...")
+    console.print("stopped: no process left running")
+
+
+@main.command("demo")
+@click.option("--rounds", type=int, default=20, show_default=True)
+@click.option("--inner-steps", type=int, default=100, show_default=True)
+@click.option("--replicas", type=int, default=2, show_default=True)
+@click.option("--config-json", default="{}", show_default=True, help="charlm config overrides.")
+@click.option(
+    "--cluster",
+    type=click.Choice(["local", "external"]),
+    default="local",
+    show_default=True,
+    help="local: start Redis, workers and Flower here; external: use FLEET_* settings.",
+)
+@click.option("--flower/--no-flower", default=True, show_default=True)
+@click.option("--root", type=click.Path(path_type=Path), default=Path(".fleet"), show_default=True)
+def demo_cmd(
+    rounds: int,
+    inner_steps: int,
+    replicas: int,
+    config_json: str,
+    cluster: str,
+    flower: bool,
+    root: Path,
+) -> None:
+    """DiLoCo on the charlm example vs a single worker on the same wall clock, with a report."""
+    import json
+
+    from fleet.client import Fleet
+    from fleet.cluster import LocalCluster
+    from fleet.demo import run_demo
+
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    config = json.loads(config_json)
+    try:
+        if cluster == "external":
+            fleet = Fleet.from_env()
+            json_path, png_path, comparison = run_demo(
+                fleet,
+                rounds=rounds,
+                inner_steps=inner_steps,
+                replicas=replicas,
+                config=config,
+                console=console,
+            )
+        else:
+            console.print("starting a local fleet ...")
+            with LocalCluster(root, workers=replicas, flower=flower) as local:
+                fleet = Fleet(local.settings)
+                json_path, png_path, comparison = run_demo(
+                    fleet,
+                    rounds=rounds,
+                    inner_steps=inner_steps,
+                    replicas=replicas,
+                    config=config,
+                    console=console,
+                    flower_url=local.flower_url,
+                )
+                fleet.close()
+    except FleetError as exc:
+        _fail(exc)
+    t = comparison["at_wall_s"]
+    console.print(
+        f"at {t:.0f} s wall clock: DiLoCo eval loss {comparison['diloco_eval_loss']:.4f}, "
+        f"single worker {comparison['baseline_eval_loss']:.4f}",
+        highlight=False,
+    )
+    console.print(f"report: {json_path}\n        {png_path}", highlight=False, soft_wrap=True)

@@ -550,6 +550,7 @@ class Fleet:
         state_dict_filter: FilterLike = None,
         queue: str | None = None,
         worker: str | None = None,
+        wait: bool = True,
         timeout_s: float | None = None,
     ) -> ModelHandle:
         """Hold a new model loaded from a pack (PackRef or shared-root-relative path)."""
@@ -565,7 +566,7 @@ class Fleet:
             self._target(worker=worker, queue=queue),
             self._workload(workload, config),
         )
-        return self._dispatch(call, self._new_handle, True, timeout_s)  # type: ignore[no-any-return]
+        return self._dispatch(call, self._new_handle, wait, timeout_s)  # type: ignore[no-any-return]
 
     def parameter_pack_plan(
         self,

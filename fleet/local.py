@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,8 +45,10 @@ class RedisServer:
         extra_args: list[str] | None = None,
         port_flag: str = "--port",
         ping: dict[str, object] | None = None,
+        binary: str | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
-        binary = shutil.which("redis-server")
+        binary = binary or shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found on PATH (apt-get install redis-server)")
         self.port = free_port()
@@ -68,6 +70,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=preexec_fn,
         )
         client = redis.Redis(host="127.0.0.1", port=self.port, **(ping or {}))  # type: ignore[arg-type]
         deadline = time.monotonic() + 10
@@ -135,6 +138,7 @@ class WorkerProcess:
         pythonpath: list[str] | None = None,
         cwd: Path | None = None,
         gpu: bool = False,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         from fleet.worker import worker_names
 
@@ -167,6 +171,7 @@ class WorkerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=preexec_fn,
         )
 
     def wait_alive(self, registry: Registry, timeout_s: float = 60.0) -> None:

@@ -307,6 +307,10 @@ class RunInnerLoopResult(_Model):
     """fleet: seconds spent in the inner steps."""
     publish_s: float = 0.0
     """fleet: seconds spent writing the output pack."""
+    started_at: float = 0.0
+    """fleet: the worker's clock (unix s) when the task began."""
+    finished_at: float = 0.0
+    """fleet: the worker's clock (unix s) when the output pack was published."""
 
 
 class PatchOutcomeResult(RootModel[PatchOutcome]):

@@ -78,6 +78,9 @@ class DiLoCoConfig(BaseModel):
     """Tries per replica per round before the round goes on without it."""
     replica_call_timeout_s: float = Field(default=300.0, gt=0.0)
     """Timeout of the short calls (import, load, evaluate)."""
+    max_wall_s: float | None = Field(default=None, gt=0.0)
+    """Stop after the round during which the run's wall-clock time reached this many
+    seconds (e.g. a baseline on the same time budget). None: run every round."""
 
     @field_validator("merge_policy")
     @classmethod

@@ -20,6 +20,7 @@ a crash between the two only repeats the round.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import time
@@ -89,8 +90,6 @@ class DriverState:
     replica_handles: list[dict[str, str] | None]
 
     def to_redis(self) -> dict[str, str]:
-        import json
-
         return {
             "next_round": str(self.next_round),
             "global_pack": self.global_pack,
@@ -101,8 +100,6 @@ class DriverState:
 
     @classmethod
     def from_redis(cls, raw: dict[str, str]) -> DriverState:
-        import json
-
         return cls(
             next_round=int(raw["next_round"]),
             global_pack=raw["global_pack"],
@@ -185,6 +182,7 @@ class DiLoCoRun:
         return DriverState.from_redis(raw) if raw else None
 
     def _initial_state(self) -> DriverState:
+        started = time.time()
         worker = self._pick_worker(0, set())
         handle = self.fleet.init_model(
             self.config.device,
@@ -200,7 +198,14 @@ class DiLoCoRun:
             0, path, None, [None] * self.config.replicas, [None] * self.config.replicas
         )
         state.replica_handles[0] = {"model_id": handle.model_id, "worker": handle.worker}
-        self.fleet.registry.redis.hset(keys.job_state(self.job_id), mapping=state.to_redis())
+        fields = state.to_redis()
+        if self.config.eval_every:
+            evaluation = self.fleet.evaluate(
+                handle, self.config.eval_split, timeout_s=self.config.replica_call_timeout_s
+            )
+            fields["initial_eval"] = json.dumps({"at": time.time(), "metrics": evaluation})
+        fields["started_at"] = str(started)
+        self.fleet.registry.redis.hset(keys.job_state(self.job_id), mapping=fields)
         self._log("initial global model %s from %s", path, worker)
         return state
 
@@ -318,6 +323,44 @@ class DiLoCoRun:
                 tried.add(failed)
                 self.handles[replica] = None
 
+    def _warm_handles(self, state: DriverState) -> None:
+        """Import the global pack for every replica without a live handle, in parallel
+        (a cold import builds the workload on its worker). Failures are left to
+        :meth:`_launch`, which retries on other workers."""
+        cfg = self.config
+        futures: dict[int, FleetFuture[ModelHandle]] = {}
+        busy: dict[str, int] = {}
+        for i, handle in enumerate(self.handles):
+            if handle is not None:
+                record = self.fleet.handle_record(handle.model_id)
+                if record is not None and record.status == "live":
+                    busy[handle.worker] = busy.get(handle.worker, 0) + 1
+                    continue
+                self.handles[i] = None
+        for i, handle in enumerate(self.handles):
+            if handle is not None:
+                continue
+            try:
+                worker = self._pick_worker(i, set(), busy)
+                busy[worker] = busy.get(worker, 0) + 1
+                futures[i] = self.fleet.import_parameter_pack(  # type: ignore[assignment]
+                    state.global_pack,
+                    cfg.device,
+                    workload=cfg.workload,
+                    config=cfg.config,
+                    worker=worker,
+                    wait=False,
+                )
+            except (RegistryError, FleetTimeout):
+                continue
+        for i, future in futures.items():
+            try:
+                self.handles[i] = future.result(timeout_s=cfg.replica_call_timeout_s)
+            except (RegistryError, RemoteTaskError, FleetTimeout) as exc:
+                self._log(
+                    "replica %d: import failed (%s); will retry", i, exc, level=logging.WARNING
+                )
+
     # ------------------------------------------------------------------ one round
 
     def run_round(self, state: DriverState, round_index: int) -> DriverState:
@@ -333,6 +376,7 @@ class DiLoCoRun:
         busy: dict[str, int] = {}
         pending: dict[int, _Attempt] = {}
         tries = dict.fromkeys(range(cfg.replicas), 1)
+        self._warm_handles(state)
         for i in range(cfg.replicas):
             pending[i] = self._launch(state, i, round_index, 0, set(), busy)
             busy[pending[i].worker] = busy.get(pending[i].worker, 0) + 1
@@ -441,6 +485,11 @@ class DiLoCoRun:
         }
         if result is not None:
             loss = result.metrics.get("mean_loss", result.metrics.get("loss"))
+            if result.started_at:
+                outcome["started_at"], outcome["finished_at"] = (
+                    result.started_at,
+                    result.finished_at,
+                )
             outcome.update(
                 steps_completed=result.steps_completed,
                 loss=loss,
@@ -448,6 +497,7 @@ class DiLoCoRun:
                 load_s=result.load_s,
                 publish_s=result.publish_s,
                 pack=attempt.out_path,
+                metrics=result.metrics,
             )
         if error is not None:
             outcome["error"] = error
@@ -529,8 +579,6 @@ class DiLoCoRun:
             self.fleet.release_model(handle)
 
     def _commit(self, state: DriverState, metrics: dict[str, Any]) -> None:
-        import json
-
         redis = self.fleet.registry.redis
         with redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.job_state(self.job_id), mapping=state.to_redis())
@@ -569,8 +617,18 @@ class DiLoCoRun:
             else:
                 self._restore_handles(state)
                 self._log("resuming at round %d (global %s)", state.next_round, state.global_pack)
+            started = float(
+                self.fleet.registry.redis.hget(keys.job_state(self.job_id), "started_at")
+                or time.time()
+            )
             for round_index in range(state.next_round, self.config.rounds):
                 state = self.run_round(state, round_index)
+                budget = self.config.max_wall_s
+                if budget is not None and time.time() - started >= budget:
+                    self._log(
+                        "wall-clock budget of %.1fs reached after round %d", budget, round_index
+                    )
+                    break
             self.jobs.add_artifact(self.job_id, "final_pack", state.global_pack)
             self.jobs.add_artifact(self.job_id, "run_dir", self.run_dir)
             self._release_handles()
@@ -596,6 +654,16 @@ class DiLoCoRun:
     def metrics(self) -> list[dict[str, Any]]:
         """The metrics record of every completed round."""
         return self.jobs.metrics(self.job_id)
+
+    def initial_eval(self) -> dict[str, Any] | None:
+        """``{"at": unix s, "metrics": {...}}`` of the initial model, if it was evaluated."""
+        raw = self.fleet.registry.redis.hget(keys.job_state(self.job_id), "initial_eval")
+        return json.loads(raw) if raw else None
+
+    def started_at(self) -> float | None:
+        """Unix time the run started (before the initial model was built)."""
+        raw = self.fleet.registry.redis.hget(keys.job_state(self.job_id), "started_at")
+        return float(raw) if raw else None
 
 
 def flat_pack(fleet: Fleet, path: str) -> torch.Tensor:

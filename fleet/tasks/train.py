@@ -167,6 +167,7 @@ def run_inner_loop(
         TaskAborted: asked to abort.
     """
     held = rt.held(req.model_id)
+    started_at = time.time()
     started = time.perf_counter()
     if req.input_parameter_pack_path is not None:
         load_pack_into_held(
@@ -211,4 +212,6 @@ def run_inner_loop(
         load_s=loaded - started,
         compute_s=computed - loaded,
         publish_s=published - computed,
+        started_at=started_at,
+        finished_at=started_at + (published - started),
     )

@@ -1,0 +1,144 @@
+"""The run report of ``fleet demo``: ``report.json`` and ``report.png``.
+
+``report.png`` shows (1) the evaluation loss against wall-clock seconds for the DiLoCo
+run and the single-worker baseline, and (2) a timeline of the DiLoCo rounds: each
+replica's inner loop (coloured by outcome), the merge (outer step) and the evaluation,
+so stragglers and overhead are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+STATUS_COLOURS = {
+    "merged": "tab:green",
+    "aborted": "tab:orange",
+    "lost": "tab:red",
+    "failed": "tab:gray",
+}
+
+
+def loss_curve(run: dict[str, Any]) -> list[tuple[float, float]]:
+    """``[(seconds since the run started, eval loss)]``: the initial model, then each
+    round whose global model was evaluated (at the end of its evaluation)."""
+    start = run["started_at"]
+    points = []
+    if run.get("initial_eval"):
+        points.append((run["initial_eval"]["at"] - start, run["initial_eval"]["metrics"]["loss"]))
+    for m in run["rounds"]:
+        if m.get("eval"):
+            points.append((m["started_at"] + m["wall_s"] - start, m["eval"]["loss"]))
+    return points
+
+
+def loss_at(curve: list[tuple[float, float]], t: float) -> float | None:
+    """The last evaluated loss at or before ``t`` seconds."""
+    known = [loss for at, loss in curve if at <= t]
+    return known[-1] if known else None
+
+
+def tokens_per_s(m: dict[str, Any]) -> float:
+    """Training tokens per second of a round (all merged replicas, over the round's wall time)."""
+    tokens = sum(
+        r.get("metrics", {}).get("tokens", 0) * r.get("steps_completed", 0)
+        for r in m["replicas"]
+        if r["status"] == "merged"
+    )
+    return tokens / m["wall_s"] if m["wall_s"] else 0.0
+
+
+def summarize(diloco: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Both runs compared at the same wall-clock time (the shorter run's end)."""
+    d_curve, b_curve = loss_curve(diloco), loss_curve(baseline)
+    t = min(d_curve[-1][0], b_curve[-1][0]) if d_curve and b_curve else 0.0
+    d_loss, b_loss = loss_at(d_curve, t), loss_at(b_curve, t)
+    return {
+        "at_wall_s": t,
+        "diloco_eval_loss": d_loss,
+        "baseline_eval_loss": b_loss,
+        "diloco_final_eval_loss": d_curve[-1][1] if d_curve else None,
+        "baseline_final_eval_loss": b_curve[-1][1] if b_curve else None,
+        "diloco_better": d_loss is not None and b_loss is not None and d_loss < b_loss,
+    }
+
+
+def plot(diloco: dict[str, Any], baseline: dict[str, Any], out_file: Path) -> None:
+    """Write the two panels described in the module docstring to ``out_file``."""
+    fig, (ax_loss, ax_time) = plt.subplots(2, 1, figsize=(11, 8.5), height_ratios=[3, 2])
+    for run, label, style in (
+        (diloco, diloco["label"], "o-"),
+        (baseline, baseline["label"], "s--"),
+    ):
+        curve = loss_curve(run)
+        if curve:
+            ax_loss.plot(
+                [p[0] for p in curve], [p[1] for p in curve], style, label=label, markersize=4
+            )
+    ax_loss.set_xlabel("wall-clock seconds")
+    ax_loss.set_ylabel(f"eval loss ({diloco.get('eval_split', 'Validation')}, nats/byte)")
+    ax_loss.set_title("Evaluation loss against wall-clock time")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+
+    start = diloco["started_at"]
+    n = diloco["replicas"]
+    rows = [f"replica {i}" for i in range(n)] + ["merge", "eval"]
+    for m in diloco["rounds"]:
+        for r in m["replicas"]:
+            ax_time.broken_barh(
+                [(r["started_at"] - start, r["finished_at"] - r["started_at"])],
+                (r["replica"] - 0.4, 0.8),
+                facecolors=STATUS_COLOURS.get(r["status"], "tab:blue"),
+                edgecolor="black",
+                linewidth=0.3,
+            )
+        closed = m["closed_at"] - start
+        ax_time.broken_barh(
+            [(closed, max(m["merge_s"], 1e-3))], (n - 0.4, 0.8), facecolors="tab:purple"
+        )
+        if m.get("eval_s"):
+            ax_time.broken_barh(
+                [(closed + m["merge_s"], m["eval_s"])], (n + 0.6, 0.8), facecolors="tab:cyan"
+            )
+    ax_time.set_yticks(range(len(rows)), rows)
+    ax_time.invert_yaxis()
+    ax_time.set_xlabel("wall-clock seconds (DiLoCo run)")
+    ax_time.set_title(
+        "DiLoCo rounds: inner loops (green merged, orange aborted, red lost), merge, eval"
+    )
+    ax_time.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    out_dir: Path, diloco: dict[str, Any], baseline: dict[str, Any], extra: dict[str, Any]
+) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.png`` to ``out_dir``; return their paths.
+
+    ``diloco`` / ``baseline``: ``{label, job_id, config, replicas, started_at,
+    initial_eval, rounds: [round metrics], ...}`` as built by :mod:`fleet.demo`.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "created_at": time.time(),
+        "host": {"platform": platform.platform(), "python": platform.python_version()},
+        **extra,
+        "diloco": diloco,
+        "baseline": baseline,
+        "comparison": summarize(diloco, baseline),
+    }
+    json_path, png_path = out_dir / "report.json", out_dir / "report.png"
+    json_path.write_text(json.dumps(report, indent=2))
+    plot(diloco, baseline, png_path)
+    return json_path, png_path

@@ -1,0 +1,135 @@
+"""`fleet demo` end to end (short mode) and `fleet up` leaving no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fleet.registry import Registry
+from fleet.settings import FleetSettings
+
+
+def _clean_env() -> dict[str, str]:
+    """No FLEET_* settings: the commands start their own embedded Redis."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not running
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(predicate, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def test_fleet_demo_short_mode_writes_the_report(tmp_path, artifacts_dir):
+    root = tmp_path / ".fleet"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleet",
+            "demo",
+            "--rounds",
+            "2",
+            "--inner-steps",
+            "5",
+            "--no-flower",
+            "--root",
+            str(root),
+        ],
+        env=_clean_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "DiLoCo eval loss" in out.stdout and "report:" in out.stdout
+    [report_dir] = list((root / "shared" / "reports").iterdir())
+    report = json.loads((report_dir / "report.json").read_text())
+    png = (report_dir / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    (artifacts_dir / "demo-report.png").write_bytes(png)
+    diloco, baseline = report["diloco"], report["baseline"]
+    assert diloco["config"]["workload"] == "examples.charlm:make"
+    assert diloco["config"]["replicas"] == 2 and diloco["config"]["inner_steps"] == 5
+    assert [m["round"] for m in diloco["rounds"]] == [0, 1]
+    for m in diloco["rounds"]:
+        assert m["wall_s"] > 0 and m["merge_s"] > 0
+        assert sorted(r["replica"] for r in m["replicas"] if r["status"] == "merged") == [0, 1]
+        assert all(r["compute_s"] > 0 and r["metrics"]["tokens"] > 0 for r in m["replicas"])
+    losses = [diloco["initial_eval"]["metrics"]["loss"]] + [
+        m["eval"]["loss"] for m in diloco["rounds"]
+    ]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 1.0, losses
+    assert baseline["config"]["replicas"] == 1 and len(baseline["rounds"]) >= 1
+    assert baseline["rounds"][-1]["eval"]["loss"] < baseline["initial_eval"]["metrics"]["loss"]
+    comparison = report["comparison"]
+    assert comparison["at_wall_s"] > 0
+    assert {"diloco_eval_loss", "baseline_eval_loss", "diloco_better"} <= set(comparison)
+    assert not (root / "cluster.json").exists(), "the cluster was stopped"
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_fleet_up_leaves_no_process_behind(tmp_path, how):
+    root = tmp_path / ".fleet"
+    args = [sys.executable, "-m", "fleet", "up", "--workers", "2", "--root", str(root)]
+    if how == "sigkill":
+        args.append("--no-flower")
+    else:
+        args += ["--flower-port", "0"]
+    proc = subprocess.Popen(
+        args,
+        env=_clean_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: (root / "cluster.json").exists(), 120)
+        state = json.loads((root / "cluster.json").read_text())
+        pids = list(state["pids"].values())
+        assert len(pids) == (3 if how == "sigkill" else 4)  # 2 workers, redis (, flower)
+        assert all(_alive(p) for p in pids)
+        registry = Registry.from_settings(FleetSettings(redis_url=state["redis_url"]))
+        assert sorted(w.name for w in registry.workers()) == sorted(
+            w["name"] for w in state["workers"]
+        )
+        registry.redis.close()
+        # the workers' pool children too
+        children = [
+            int(c) for p in pids for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        ]
+        if how == "sigint":
+            proc.send_signal(signal.SIGINT)
+            output, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, output
+            assert "stopped: no process left running" in output
+        else:
+            proc.kill()
+            proc.wait(10)
+        _wait_for(lambda: not any(_alive(p) for p in pids + children), 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
