@@ -432,12 +432,11 @@ def demo_cmd(
 ) -> None:
     """DiLoCo on the charlm example vs a single worker on the same wall clock, with a report."""
     import json
+    import signal
 
     from fleet.client import Fleet
     from fleet.cluster import LocalCluster
     from fleet.demo import run_demo
-
-    import signal
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     config = json.loads(config_json)
