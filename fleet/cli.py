@@ -111,7 +111,19 @@ def pack_convert(src: Path, dst: Path, model_schema_hash: str | None) -> None:
 
 
 @main.command("worker")
-@click.option("--gpu", type=int, default=None, help="Pin to this GPU (CUDA_VISIBLE_DEVICES).")
+@click.option(
+    "--gpu",
+    type=int,
+    default=None,
+    envvar="FLEET_GPU",
+    help="Pin to this GPU (CUDA_VISIBLE_DEVICES); names the queue. Env: FLEET_GPU.",
+)
+@click.option(
+    "--visible-device",
+    default=None,
+    envvar="FLEET_VISIBLE_DEVICE",
+    help="CUDA_VISIBLE_DEVICES value if not --gpu (e.g. 0 in a container given one GPU).",
+)
 @click.option("--cpu", "cpu", is_flag=True, help="A CPU worker (no GPU).")
 @click.option("--all-gpus", is_flag=True, help="One worker process per visible GPU.")
 @click.option(
@@ -125,6 +137,7 @@ def pack_convert(src: Path, dst: Path, model_schema_hash: str | None) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker_cmd(
     gpu: int | None,
+    visible_device: str | None,
     cpu: bool,
     all_gpus: bool,
     slot: int,
@@ -162,6 +175,7 @@ def worker_cmd(
     run_worker(
         FleetSettings.from_env(),
         gpu=gpu,
+        visible_device=visible_device,
         slot=slot,
         workload=workload,
         config=config,
@@ -474,3 +488,23 @@ def demo_cmd(
         highlight=False,
     )
     console.print(f"report: {json_path}\n        {png_path}", highlight=False, soft_wrap=True)
+
+
+@main.command("exporter")
+@click.option("--port", type=int, default=9808, show_default=True)
+@click.option("--address", default="0.0.0.0", show_default=True)
+def exporter_cmd(port: int, address: str) -> None:
+    """Serve fleet's Prometheus gauges (queue lengths, workers, handles, jobs) on /metrics."""
+    import time
+
+    from prometheus_client import start_http_server
+    from prometheus_client.core import REGISTRY
+
+    from fleet.metrics import FleetCollector
+    from fleet.settings import FleetSettings
+
+    REGISTRY.register(FleetCollector(FleetSettings.from_env()))
+    start_http_server(port, addr=address)
+    console.print(f"serving fleet metrics on http://{address}:{port}/metrics", highlight=False)
+    while True:
+        time.sleep(3600)

