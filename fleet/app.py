@@ -22,7 +22,6 @@ Why these settings:
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 from celery import Celery
@@ -30,21 +29,6 @@ from celery import Celery
 from fleet.settings import FleetSettings
 
 TASK_MODULES = ["fleet.tasks"]
-
-
-def _tls_options(settings: FleetSettings) -> dict[str, Any] | None:
-    if not settings.redis_url.startswith("rediss://"):
-        return None
-    options: dict[str, Any] = {
-        "ssl_cert_reqs": {
-            "required": ssl.CERT_REQUIRED,
-            "optional": ssl.CERT_OPTIONAL,
-            "none": ssl.CERT_NONE,
-        }[settings.redis_tls_cert_reqs]
-    }
-    if settings.redis_tls_ca_certs:
-        options["ssl_ca_certs"] = str(settings.redis_tls_ca_certs)
-    return options
 
 
 def celery_config(settings: FleetSettings) -> dict[str, Any]:
@@ -74,7 +58,7 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "enable_utc": True,
     }
-    tls = _tls_options(settings)
+    tls = settings.redis_tls()
     if tls is not None:
         config["broker_use_ssl"] = tls
         if settings.backend_url.startswith("rediss://"):

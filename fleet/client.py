@@ -702,13 +702,30 @@ class Fleet:
             timeout_s,
         )
 
-    def _local_or_pack(
-        self, other: HandleLike, target: HandleRecord
-    ) -> tuple[str, dict[str, Any] | None]:
-        record = self._owner(other)
-        if record.owner == target.owner:
-            return record.model_id, None
-        return record.model_id, self._pack_for(record).model_dump()
+    def _update_in_place(
+        self,
+        method: str,
+        other: HandleLike,
+        target: HandleLike,
+        fields: tuple[str, str, str],
+        extra: dict[str, Any],
+        timeout_s: float | None,
+    ) -> ModelHandle:
+        """Call ``method`` on ``target``'s owner to update it from ``other``, which goes by
+        id when both are on one worker, else as a pack its owner exports first.
+        ``fields``: the request's names for (other id, target id, other's pack)."""
+        target_record = self._owner(target)
+        other_record = self._owner(other)
+        other_id, target_id, pack_field = fields
+        params: dict[str, Any] = {
+            other_id: other_record.model_id,
+            target_id: target_record.model_id,
+            **extra,
+        }
+        if other_record.owner != target_record.owner:
+            params[pack_field] = self._pack_for(other_record).model_dump()
+        call = _Call(method, params, target_record.queue, None)
+        return self._dispatch(call, self._new_handle, True, timeout_s)  # type: ignore[no-any-return]
 
     def apply_single_root_ema(
         self,
@@ -719,20 +736,9 @@ class Fleet:
         timeout_s: float | None = None,
     ) -> ModelHandle:
         """EMA of ``merged`` towards ``base``, in place on ``merged``'s owner."""
-        merged_record = self._owner(merged)
-        base_id, base_pack = self._local_or_pack(base, merged_record)
-        params: dict[str, Any] = {
-            "base_model_id": base_id,
-            "merged_model_id": merged_record.model_id,
-            "policy": policy,
-        }
-        if base_pack is not None:
-            params["base_pack"] = base_pack
-        return self._dispatch(  # type: ignore[no-any-return]
-            _Call("apply_single_root_ema", params, merged_record.queue, None),
-            self._new_handle,
-            True,
-            timeout_s,
+        fields = ("base_model_id", "merged_model_id", "base_pack")
+        return self._update_in_place(
+            "apply_single_root_ema", base, merged, fields, {"policy": policy}, timeout_s
         )
 
     def reconcile_canonical_model(
@@ -744,20 +750,9 @@ class Fleet:
         timeout_s: float | None = None,
     ) -> ModelHandle:
         """Reconcile ``local`` into ``canonical``, in place on ``canonical``'s owner."""
-        canonical_record = self._owner(canonical)
-        local_id, local_pack = self._local_or_pack(local, canonical_record)
-        params: dict[str, Any] = {
-            "local_model_id": local_id,
-            "canonical_model_id": canonical_record.model_id,
-            "strategy": strategy,
-        }
-        if local_pack is not None:
-            params["local_pack"] = local_pack
-        return self._dispatch(  # type: ignore[no-any-return]
-            _Call("reconcile_canonical_model", params, canonical_record.queue, None),
-            self._new_handle,
-            True,
-            timeout_s,
+        fields = ("local_model_id", "canonical_model_id", "local_pack")
+        return self._update_in_place(
+            "reconcile_canonical_model", local, canonical, fields, {"strategy": strategy}, timeout_s
         )
 
     # ------------------------------------------------------------------ waiting

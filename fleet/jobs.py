@@ -84,6 +84,19 @@ class LogLine(BaseModel):
     logger: str
     line: str
 
+    @classmethod
+    def from_entry(cls, entry_id: str, fields: dict[str, str]) -> LogLine:
+        """A line from a stream entry (``XRANGE`` / ``XREAD`` reply)."""
+        return cls(
+            id=entry_id,
+            ts=float(fields["ts"]),
+            worker=fields["worker"],
+            task_id=fields["task_id"],
+            level=fields["level"],
+            logger=fields["logger"],
+            line=fields["line"],
+        )
+
 
 class JobStore:
     """Jobs in Redis. ``redis`` is a client with ``decode_responses=True``."""
@@ -229,18 +242,7 @@ class JobStore:
         """Log lines after stream id ``after`` (exclusive; ``"-"``: from the start)."""
         start = "-" if after == "-" else f"({after}"
         entries = self.redis.xrange(keys.job_logs(job_id), min=start, count=count)
-        return [
-            LogLine(
-                id=i,
-                ts=float(f["ts"]),
-                worker=f["worker"],
-                task_id=f["task_id"],
-                level=f["level"],
-                logger=f["logger"],
-                line=f["line"],
-            )
-            for i, f in entries
-        ]
+        return [LogLine.from_entry(i, f) for i, f in entries]
 
     def follow(self, job_id: str, *, block_ms: int = 1000) -> Iterator[LogLine]:
         """Every log line, then new ones as they arrive, until the job is finished and
@@ -251,15 +253,7 @@ class JobStore:
             lines = reply[0][1] if reply else []
             for entry_id, f in lines:
                 last = entry_id
-                yield LogLine(
-                    id=entry_id,
-                    ts=float(f["ts"]),
-                    worker=f["worker"],
-                    task_id=f["task_id"],
-                    level=f["level"],
-                    logger=f["logger"],
-                    line=f["line"],
-                )
+                yield LogLine.from_entry(entry_id, f)
             if not lines and self.get(job_id).status in TERMINAL:
                 return
 

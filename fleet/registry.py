@@ -12,7 +12,6 @@ run as Lua scripts shipped in ``fleet/lua`` (DESIGN.md decision 3).
 from __future__ import annotations
 
 import json
-import ssl
 import time
 from importlib import resources
 from typing import Any, Literal
@@ -30,14 +29,7 @@ def redis_client(settings: FleetSettings) -> redis.Redis:
     """A Redis client for ``settings.redis_url`` (password, ACL user and ``rediss://``
     TLS taken from the URL and the TLS settings), decoding responses to str."""
     kwargs: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
-    if settings.redis_url.startswith("rediss://"):
-        kwargs["ssl_cert_reqs"] = {
-            "required": ssl.CERT_REQUIRED,
-            "optional": ssl.CERT_OPTIONAL,
-            "none": ssl.CERT_NONE,
-        }[settings.redis_tls_cert_reqs]
-        if settings.redis_tls_ca_certs:
-            kwargs["ssl_ca_certs"] = str(settings.redis_tls_ca_certs)
+    kwargs.update(settings.redis_tls() or {})
     return redis.Redis.from_url(settings.redis_url, **kwargs)
 
 

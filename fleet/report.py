@@ -74,15 +74,32 @@ def summarize(diloco: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any
 def plot(diloco: dict[str, Any], baseline: dict[str, Any], out_file: Path) -> None:
     """Write the two panels described in the module docstring to ``out_file``."""
     fig, (ax_loss, ax_time) = plt.subplots(2, 1, figsize=(11, 8.5), height_ratios=[3, 2])
-    for run, label, style in (
-        (diloco, diloco["label"], "o-"),
-        (baseline, baseline["label"], "s--"),
-    ):
-        curve = loss_curve(run)
+    curves = [loss_curve(diloco), loss_curve(baseline)]
+    labels = (diloco["label"], baseline["label"])
+    for curve, label, style in zip(curves, labels, ("o-", "s--"), strict=True):
         if curve:
-            ax_loss.plot(
-                [p[0] for p in curve], [p[1] for p in curve], style, label=label, markersize=4
+            xs, ys = [p[0] for p in curve], [p[1] for p in curve]
+            ax_loss.plot(xs, ys, style, label=label, markersize=4)
+    trained = [loss for curve in curves for _, loss in curve[1:]]
+    if trained:  # zoom on training; the untrained model's loss is noted instead
+        low, high = min(trained), max(trained)
+        pad = 0.05 * (high - low or 1.0)
+        ax_loss.set_ylim(low - pad, high + pad)
+        if curves[0] and curves[0][0][1] > high + pad:
+            note = f"untrained model: {curves[0][0][1]:.2f} at 0 s (off scale)"
+            ax_loss.annotate(
+                note, xy=(0.01, 0.97), xycoords="axes fraction", va="top", fontsize=8, color="gray"
             )
+    summary = summarize(diloco, baseline)
+    if summary["diloco_eval_loss"] is not None and summary["baseline_eval_loss"] is not None:
+        text = (
+            f"at {summary['at_wall_s']:.0f} s: DiLoCo {summary['diloco_eval_loss']:.4f}, "
+            f"single worker {summary['baseline_eval_loss']:.4f}"
+        )
+        box = {"boxstyle": "round", "facecolor": "white", "alpha": 0.8}
+        ax_loss.annotate(
+            text, xy=(0.99, 0.03), xycoords="axes fraction", ha="right", fontsize=9, bbox=box
+        )
     ax_loss.set_xlabel("wall-clock seconds")
     ax_loss.set_ylabel(f"eval loss ({diloco.get('eval_split', 'Validation')}, nats/byte)")
     ax_loss.set_title("Evaluation loss against wall-clock time")
@@ -91,6 +108,9 @@ def plot(diloco: dict[str, Any], baseline: dict[str, Any], out_file: Path) -> No
 
     start = diloco["started_at"]
     n = diloco["replicas"]
+    last = diloco["rounds"][-1] if diloco["rounds"] else None
+    span = (last["started_at"] + last["wall_s"] - start) if last else 1.0
+    min_width = span / 300  # keep sub-second merges and evaluations visible
     rows = [f"replica {i}" for i in range(n)] + ["merge", "eval"]
     for m in diloco["rounds"]:
         for r in m["replicas"]:
@@ -102,13 +122,11 @@ def plot(diloco: dict[str, Any], baseline: dict[str, Any], out_file: Path) -> No
                 linewidth=0.3,
             )
         closed = m["closed_at"] - start
-        ax_time.broken_barh(
-            [(closed, max(m["merge_s"], 1e-3))], (n - 0.4, 0.8), facecolors="tab:purple"
-        )
+        merge = (closed, max(m["merge_s"], min_width))
+        ax_time.broken_barh([merge], (n - 0.4, 0.8), facecolors="tab:purple")
         if m.get("eval_s"):
-            ax_time.broken_barh(
-                [(closed + m["merge_s"], m["eval_s"])], (n + 0.6, 0.8), facecolors="tab:cyan"
-            )
+            evaluation = (closed + m["merge_s"], max(m["eval_s"], min_width))
+            ax_time.broken_barh([evaluation], (n + 0.6, 0.8), facecolors="tab:cyan")
     ax_time.set_yticks(range(len(rows)), rows)
     ax_time.invert_yaxis()
     ax_time.set_xlabel("wall-clock seconds (DiLoCo run)")

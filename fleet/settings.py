@@ -8,8 +8,9 @@ Construct in code (``FleetSettings(redis_url=...)``) or from the environment
 from __future__ import annotations
 
 import socket
+import ssl
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -84,6 +85,16 @@ class FleetSettings(BaseSettings):
     def from_env(cls) -> FleetSettings:
         """Settings from ``FLEET_*`` environment variables (defaults for the rest)."""
         return cls()
+
+    def redis_tls(self) -> dict[str, Any] | None:
+        """TLS options for ``rediss://`` (redis-py / kombu names), or None for ``redis://``."""
+        if not self.redis_url.startswith("rediss://"):
+            return None
+        reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+        options: dict[str, Any] = {"ssl_cert_reqs": reqs[self.redis_tls_cert_reqs]}
+        if self.redis_tls_ca_certs:
+            options["ssl_ca_certs"] = str(self.redis_tls_ca_certs)
+        return options
 
     @property
     def backend_url(self) -> str:

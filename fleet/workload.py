@@ -121,7 +121,13 @@ class WorkloadCache:
             return list(self._cache.values())
 
 
-def _build(spec: str, config: dict[str, Any]) -> Any:
+def import_object(spec: str) -> Any:
+    """The callable named by ``"module:attr"`` (no allowlist check here).
+
+    Raises:
+        BadFactorySpecError: malformed spec.
+        FactoryLoadError: the import failed or ``attr`` is not a callable of the module.
+    """
     module_name, attr = parse_spec(spec)
     try:
         module = importlib.import_module(module_name)
@@ -129,9 +135,14 @@ def _build(spec: str, config: dict[str, Any]) -> Any:
         raise FactoryLoadError(
             spec, f"import {module_name!r} failed: {type(exc).__name__}: {exc}"
         ) from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
+    obj = getattr(module, attr, None)
+    if not callable(obj):
         raise FactoryLoadError(spec, f"{module_name!r} has no callable {attr!r}")
+    return obj
+
+
+def _build(spec: str, config: dict[str, Any]) -> Any:
+    factory = import_object(spec)
     try:
         return factory(config)
     except Exception as exc:

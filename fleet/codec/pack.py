@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from io import FileIO
 from pathlib import Path
 from typing import Any, cast
@@ -258,25 +258,40 @@ def write_pack(
         CodecError: ``path`` exists and is not a pack.
         OSError: the file system failed (nothing is published then).
     """
-    dest = Path(path)
     layout, tensors = layout_and_tensors(state, state_dict_filter)
+    staging = torch.empty(
+        min(CONVERT_CHUNK_NUMEL, max((t.numel() for t in tensors), default=0)),
+        dtype=torch.float32,
+    )
+    chunks = (chunk for tensor in tensors for chunk in _float32_chunks(tensor, staging))
+    return _publish_pack(
+        Path(path), chunks, lambda d: _manifest_for(layout, model_schema_hash, d), digest=digest
+    )
+
+
+def _publish_pack(
+    dest: Path,
+    chunks: Iterable[memoryview],
+    manifest_for: Callable[[str | None], PackManifest],
+    *,
+    digest: bool = True,
+) -> PackManifest:
+    """Write ``chunks`` as ``values.f32le`` and ``manifest_for(values_digest)`` as
+    ``manifest.json`` into a temp dir next to ``dest``, fsync both, and publish the
+    directory atomically. On any exception the temp dir is removed and nothing is
+    published."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
         hasher = xxhash.xxh3_64() if digest else None
-        staging = torch.empty(
-            min(CONVERT_CHUNK_NUMEL, max((t.numel() for t in tensors), default=0)),
-            dtype=torch.float32,
-        )
         with open(tmp / VALUES_FILE, "wb", buffering=0) as f:
-            for tensor in tensors:
-                for chunk in _float32_chunks(tensor, staging):
-                    _write_all(f, chunk)
-                    if hasher is not None:
-                        hasher.update(chunk)
+            for chunk in chunks:
+                _write_all(f, chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
             os.fsync(f.fileno())
-        manifest = _manifest_for(layout, model_schema_hash, hasher)
+        manifest = manifest_for(f"{DIGEST_ALGORITHM}:{hasher.hexdigest()}" if hasher else None)
         with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as mf:
             json.dump(manifest.to_json(), mf, indent=2)
             mf.flush()
@@ -297,7 +312,7 @@ def _write_all(f: FileIO, data: memoryview) -> None:
 
 
 def _manifest_for(
-    layout: Layout, model_schema_hash: str, hasher: xxhash.xxh3_64 | None
+    layout: Layout, model_schema_hash: str, values_digest: str | None
 ) -> PackManifest:
     return PackManifest(
         format=PACK_FORMAT_V1,
@@ -309,7 +324,7 @@ def _manifest_for(
         included_keys=list(layout.included_keys),
         excluded_float_keys=list(layout.excluded_float_keys),
         ignored_non_float_keys=list(layout.ignored_non_float_keys),
-        values_digest=f"{DIGEST_ALGORITHM}:{hasher.hexdigest()}" if hasher is not None else None,
+        values_digest=values_digest,
         layout=[e.to_json() for e in layout.entries],
     )
 
@@ -340,37 +355,20 @@ def write_values_pack(
             f"values must be contiguous float32 CPU [{like.parameter_count}], got "
             f"{values.dtype} {tuple(values.shape)} on {values.device}"
         )
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        hasher = xxhash.xxh3_64()
-        with open(tmp / VALUES_FILE, "wb", buffering=0) as f:
-            if values.numel():
-                data = _bytes_of(
-                    values if _LITTLE_ENDIAN else torch.from_numpy(values.numpy().byteswap())
-                )
-                _write_all(f, data)
-                hasher.update(data)
-            os.fsync(f.fileno())
-        fields = like.model_dump()
-        fields.update(
-            values_f32_le=VALUES_FILE,
-            values_digest=f"{DIGEST_ALGORITHM}:{hasher.hexdigest()}",
-            model_schema_hash=model_schema_hash or like.model_schema_hash,
+    if not _LITTLE_ENDIAN:
+        values = torch.from_numpy(values.numpy().byteswap())
+    chunks = [_bytes_of(values)] if values.numel() else []
+
+    def manifest_for(values_digest: str | None) -> PackManifest:
+        return like.model_copy(
+            update={
+                "values_f32_le": VALUES_FILE,
+                "values_digest": values_digest,
+                "model_schema_hash": model_schema_hash or like.model_schema_hash,
+            }
         )
-        manifest = PackManifest.model_validate(fields)
-        with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as mf:
-            json.dump(manifest.to_json(), mf, indent=2)
-            mf.flush()
-            os.fsync(mf.fileno())
-        _fsync_dir(tmp)
-        publish_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+
+    return _publish_pack(Path(path), chunks, manifest_for)
 
 
 # --------------------------------------------------------------------------- read

@@ -121,25 +121,14 @@ def _execute(
     workload: object,
     job_id: str | None = None,
 ) -> dict[str, Any]:
+    """Validate, run ``fn`` (under a StepMonitor when ``long``), dump the result."""
     runtime = get_runtime()
-    with _job_scope(runtime, task, method, job_id):
-        return _run(task, runtime, method, request_model, fn, long, params, workload)
-
-
-def _run(
-    task: Task,
-    runtime: WorkerRuntime,
-    method: str,
-    request_model: type[BaseModel],
-    fn: MethodFn,
-    long: bool,
-    params: object,
-    workload: object,
-) -> dict[str, Any]:
     try:
-        request = validate(method, request_model, params)
-        ref = validate(method, WorkloadRef, workload) if workload is not None else None
-        if long:
+        with _job_scope(runtime, task, method, job_id):
+            request = validate(method, request_model, params)
+            ref = validate(method, WorkloadRef, workload) if workload is not None else None
+            if not long:
+                return fn(runtime, request, ref).model_dump(mode="json", by_alias=True)
             task_id = task.request.id
             monitor = StepMonitor(
                 task_id,
@@ -152,10 +141,7 @@ def _run(
             )
             monitor.check()
             with monitoring(monitor):
-                result = fn(runtime, request, ref)
-        else:
-            result = fn(runtime, request, ref)
-        return result.model_dump(mode="json", by_alias=True)
+                return fn(runtime, request, ref).model_dump(mode="json", by_alias=True)
     except FleetError as exc:
         # Celery stores exc.args on the wire: carry the typed data with the message.
         exc.args = (exc.message, exc.to_dict()["data"])

@@ -11,7 +11,6 @@ which leaves the worker process and the models it holds alive).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import logging
 import os
@@ -25,9 +24,9 @@ from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from fleet import keys
-from fleet.errors import FactoryLoadError, TaskAborted
+from fleet.errors import TaskAborted
 from fleet.tasks.base import get_runtime
-from fleet.workload import check_allowed
+from fleet.workload import check_allowed, import_object
 
 #: Captured lines kept per replica.
 MAX_REPLICA_LOG_LINES = 10_000
@@ -42,17 +41,7 @@ def resolve_entrypoint(entrypoint: str, allowlist: list[str]) -> Any:
     """
     spec = entrypoint if ":" in entrypoint else ":".join(entrypoint.rsplit(".", 1))
     check_allowed(spec, allowlist)
-    module_name, attr = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise FactoryLoadError(
-            spec, f"import {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise FactoryLoadError(spec, f"{module_name!r} has no callable {attr!r}")
-    return fn
+    return import_object(spec)
 
 
 class _LineSink(io.TextIOBase):
