@@ -188,7 +188,18 @@ class _Signatures:
 
 
 class Fleet:
-    """Typed, routed access to a fleet of workers."""
+    """Typed, routed access to a fleet of workers.
+
+    Every call can raise:
+        HandleNotFound: a handle the registry does not know (checked before sending).
+        OwnerLostError: the handle's owner stopped heartbeating; names its last pack.
+        WorkerNotFound: a named worker is not alive.
+        RemoteTaskError: the task failed on the worker (``error_type`` is the remote
+            error's class, e.g. ``RequestValidationError``, ``HookFailedError``,
+            ``LayoutMismatchError``, ``PathOutsideRootError``, ``TaskAborted``).
+        FleetTimeout: no result within ``timeout_s`` (default ``FLEET_CALL_TIMEOUT_S``).
+    Paths are relative to the shared root; timeouts are in seconds.
+    """
 
     def __init__(self, settings: FleetSettings | None = None, *, app: Celery | None = None) -> None:
         self.settings = settings or FleetSettings.from_env()

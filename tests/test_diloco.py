@@ -112,6 +112,7 @@ def test_three_rounds_eval_loss_falls_and_the_merge_is_exact(fleet, two_workers)
         assert {r["worker"] for r in merged} == {w.name for w in two_workers}  # spread over both
         assert all(r["steps_completed"] == 15 and r["compute_s"] > 0 for r in merged)
     assert job.artifacts["final_pack"] == f"runs/{job.job_id}/round-0003/global"
+    assert job.artifacts["checkpoint"] == job.artifacts["final_pack"]
     # round 1's merge, recomputed by hand from the packs on disk
     root = fleet.shared
     theta = read_pack(root.resolve(f"runs/{job.job_id}/round-0001/global"))[1]

@@ -584,6 +584,8 @@ class DiLoCoRun:
             pipe.hset(keys.job_state(self.job_id), mapping=state.to_redis())
             pipe.rpush(keys.job_metrics(self.job_id), json.dumps(metrics))
             pipe.execute()
+        # the round's checkpoint: global pack, with its momentum and optimizer states beside
+        self.jobs.add_artifact(self.job_id, "checkpoint", state.global_pack)
         loss = metrics["eval"].get("loss") if metrics["eval"] else None
         merged = sum(1 for r in metrics["replicas"] if r["status"] == "merged")
         self._log(
