@@ -11,7 +11,7 @@ import json
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fleet.errors import (
@@ -58,7 +58,6 @@ class Workload:
     spec: str
     config: dict[str, Any]
     obj: Any
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def name(self) -> str:

@@ -29,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from fleet import keys
 from fleet.client import Fleet, FleetFuture, ModelHandle
 from fleet.codec import read_pack, write_values_pack
@@ -668,9 +666,4 @@ class DiLoCoRun:
         return float(raw) if raw else None
 
 
-def flat_pack(fleet: Fleet, path: str) -> torch.Tensor:
-    """The flat float32 values of the pack at shared-root ``path`` (for reports and tests)."""
-    return read_pack(fleet.shared.resolve(path))[1]
-
-
-__all__ = ["DiLoCoRun", "DriverState", "JobCancelled", "RoundFailed", "flat_pack"]
+__all__ = ["DiLoCoRun", "DriverState", "JobCancelled", "RoundFailed"]

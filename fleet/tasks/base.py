@@ -27,7 +27,6 @@ from fleet.runtime import WorkerRuntime
 log = logging.getLogger("fleet.task")
 
 Req = TypeVar("Req", bound=BaseModel)
-Res = TypeVar("Res", bound=BaseModel)
 MethodFn = Callable[[WorkerRuntime, Any, WorkloadRef | None], BaseModel]
 
 #: protocol method name -> its plain function
