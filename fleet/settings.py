@@ -39,7 +39,7 @@ class FleetSettings(BaseSettings):
     artifacts, reports. PackRefs are relative to it."""
 
     workload_allowlist: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["examples.*", "fleet.examples.*"]
+        default_factory=lambda: ["examples.*"]
     )
     """fnmatch globs on the factory spec ``module:attr`` (or its module) a worker may
     instantiate. Env: comma-separated."""
