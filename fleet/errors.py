@@ -38,6 +38,11 @@ Tree::
       TrainingStopped            a long task stopped between steps
         TaskAborted              asked to abort
         DeadlineExceeded         past its deadline with require_exact_steps
+      JobError                   jobs and the DiLoCo driver
+        JobNotFound              no job with this id
+        JobStateError            a status change the job's status does not allow
+        JobCancelled             the job was cancelled while the driver ran
+        RoundFailed              no replica of a DiLoCo round published a pack
       RemoteTaskError            a task failed on a worker (client side)
       FleetTimeout               a call's result did not arrive in time (client side)
 """
@@ -446,6 +451,56 @@ class DeadlineExceeded(TrainingStopped):
 
     def __init__(self, task_id: str | None, steps_completed: int) -> None:
         super().__init__(task_id, steps_completed, "deadline passed")
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class JobError(FleetError):
+    """A job or the driver running it cannot go on as asked."""
+
+
+class JobNotFound(JobError):
+    """No job with this id."""
+
+    fields = ("job_id",)
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r}")
+        self.job_id = job_id
+
+
+class JobStateError(JobError):
+    """A status change that the job's current status does not allow."""
+
+    fields = ("job_id", "status", "requested")
+
+    def __init__(self, job_id: str, status: str, requested: str) -> None:
+        super().__init__(f"job {job_id} is {status}; cannot become {requested}")
+        self.job_id = job_id
+        self.status = status
+        self.requested = requested
+
+
+class RoundFailed(JobError):
+    """No replica of a round could publish a pack."""
+
+    fields = ("round", "errors")
+
+    def __init__(self, round_index: int, errors: list[str]) -> None:
+        super().__init__(f"round {round_index}: no replica published a pack ({'; '.join(errors)})")
+        self.round = round_index
+        self.errors = errors
+
+
+class JobCancelled(JobError):
+    """The job was cancelled while the driver ran."""
+
+    fields = ("job_id",)
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was cancelled")
+        self.job_id = job_id
 
 
 # --------------------------------------------------------------------------- client side

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from fleet import keys
-from fleet.errors import FleetError
+from fleet.errors import JobNotFound, JobStateError
 
 JobStatus = Literal["new", "scheduled", "running", "completed", "failed", "cancelled"]
 TERMINAL: tuple[JobStatus, ...] = ("completed", "failed", "cancelled")
@@ -32,28 +32,6 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 #: Lines kept per job log stream (older ones are trimmed).
 MAX_LOG_LINES = 100_000
-
-
-class JobNotFound(FleetError):
-    """No job with this id."""
-
-    fields = ("job_id",)
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job {job_id!r}")
-        self.job_id = job_id
-
-
-class JobStateError(FleetError):
-    """A status change that the job's current status does not allow."""
-
-    fields = ("job_id", "status", "requested")
-
-    def __init__(self, job_id: str, status: str, requested: str) -> None:
-        super().__init__(f"job {job_id} is {status}; cannot become {requested}")
-        self.job_id = job_id
-        self.status = status
-        self.requested = requested
 
 
 class Job(BaseModel):

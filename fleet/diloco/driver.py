@@ -34,7 +34,14 @@ from fleet.client import Fleet, FleetFuture, ModelHandle
 from fleet.codec import read_pack, write_values_pack
 from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.outer import average, outer_step
-from fleet.errors import FleetError, FleetTimeout, RegistryError, RemoteTaskError
+from fleet.errors import (
+    FleetError,
+    FleetTimeout,
+    JobCancelled,
+    RegistryError,
+    RemoteTaskError,
+    RoundFailed,
+)
 from fleet.jobs import TERMINAL, Job, JobStore
 from fleet.protocol import RunInnerLoopResult, candidate_weight
 
@@ -42,27 +49,9 @@ log = logging.getLogger("fleet.diloco")
 
 #: Seconds between two looks at the round's tasks and workers.
 POLL_INTERVAL_S = 0.05
-
-
-class RoundFailed(FleetError):
-    """No replica of a round could publish a pack."""
-
-    fields = ("round", "errors")
-
-    def __init__(self, round_index: int, errors: list[str]) -> None:
-        super().__init__(f"round {round_index}: no replica published a pack ({'; '.join(errors)})")
-        self.round = round_index
-        self.errors = errors
-
-
-class JobCancelled(FleetError):
-    """The job was cancelled while the driver ran."""
-
-    fields = ("job_id",)
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id} was cancelled")
-        self.job_id = job_id
+#: Seconds between two liveness reads of the round's workers (2N+1 Redis calls each);
+#: well under the heartbeat TTL, so a dead worker is still noticed within a second.
+LIVENESS_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -381,11 +370,14 @@ class DiLoCoRun:
         done: dict[int, tuple[_Attempt, RunInnerLoopResult, float]] = {}
         errors: list[str] = []
         outcomes: list[dict[str, Any]] = []
+        alive: set[str] = set()
+        alive_read = float("-inf")
         while pending:
             if self.jobs.is_cancelled(self.job_id):
                 self._abort(pending.values())
                 raise JobCancelled(self.job_id)
-            alive = set(self._alive_workers())
+            if time.monotonic() - alive_read >= LIVENESS_INTERVAL_S:
+                alive, alive_read = set(self._alive_workers()), time.monotonic()
             for i, attempt in list(pending.items()):
                 lost = attempt.worker not in alive
                 if attempt.future.ready():
@@ -424,6 +416,7 @@ class DiLoCoRun:
                     del pending[i]
                     continue
                 pending[i] = self._launch(state, i, round_index, tries[i], {attempt.worker}, busy)
+                alive_read = float("-inf")  # the new attempt's worker may postdate the last read
                 busy[pending[i].worker] = busy.get(pending[i].worker, 0) + 1
                 tries[i] += 1
             past_deadline = deadline is not None and time.monotonic() >= deadline
