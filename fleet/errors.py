@@ -8,7 +8,7 @@ turns any error into JSON for the wire.
 Tree::
 
     FleetError
-      CodecError                 parameter packs (PROTOCOL.md section 4)
+      CodecError                 parameter packs (docs/protocol.md section 4)
         NotAPackError            path is not a pack directory (no manifest.json)
         UnknownPackFormatError   manifest "format" is not v1
         ManifestError            manifest missing a key, wrong type, or not JSON
@@ -18,13 +18,23 @@ Tree::
         NonFiniteValuesError     NaN/Inf found when asked to check
         UnsupportedStateError    a model state the codec cannot walk
         MissingLayoutError       shapes needed but the pack does not record them
-      StorageError               shared-root paths
+        ArtifactError            a model artifact that does not fit the model
+      StorageError               shared-root paths and the files under them
         PathOutsideRootError     a path escapes the shared root
-      ProtocolError              a request or result that breaks PROTOCOL.md
+        StorageFullError         no space left on the shared root (ENOSPC, EDQUOT)
+        StorageIOError           any other OS error, with its errno name and text
+      DatasetError               microshard datasets (fleet.data)
+        DatasetFormatError       not a dataset: no shards, or a bad fetch-manifest.json
+        ShardMissingError        a listed shard file does not exist
+        ShardSizeMismatchError   a shard's byte length differs from the manifest
+        ShardHashMismatchError   a shard's content hash differs from the manifest
+        DatasetPathError         a dataset or shard path that escapes the shared root
+      ProtocolError              a request or result that breaks the protocol
         RequestValidationError   a malformed request body (missing field, wrong type)
         UnknownMethodError       no such protocol method
         MetricValueError         a metric value that is not bool/int/float/str
         StepBudgetError          require_exact_steps and another step count
+        RejectedMessageError     a queued message a worker refused (not JSON, pickle, ...)
       WorkloadError              workload factories and hooks
         BadFactorySpecError      spec is not exactly ``module:attr``
         NotAllowlistedError      spec does not match the worker's allowlist
@@ -35,6 +45,8 @@ Tree::
         HandleNotFound           model_id not held (here / anywhere)
         OwnerLostError           the handle's owner stopped heartbeating
         WorkerNotFound           no live worker by that name
+        NoWorkersError           fewer live workers than a run needs
+        WorkerSlotTakenError     a worker name (GPU or CPU slot) held by a live worker
       TrainingStopped            a long task stopped between steps
         TaskAborted              asked to abort
         DeadlineExceeded         past its deadline with require_exact_steps
@@ -42,13 +54,20 @@ Tree::
         JobNotFound              no job with this id
         JobStateError            a status change the job's status does not allow
         JobCancelled             the job was cancelled while the driver ran
+        JobOwnedError            another live orchestrator owns the job
+        FencedOutError           this orchestrator lost the job to a newer owner
         RoundFailed              no replica of a DiLoCo round published a pack
-      RemoteTaskError            a task failed on a worker (client side)
+        CorruptCheckpointError   a committed pack is corrupt and cannot be recomputed
+      BrokerUnavailableError     Redis (broker, results, registry) cannot be reached
+      RemoteTaskError            a task failed on a worker (client side); a remote
+                                 FleetError comes back as its own class, which
+                                 also derives from RemoteTaskError
       FleetTimeout               a call's result did not arrive in time (client side)
 """
 
 from __future__ import annotations
 
+import errno as errno_module
 from typing import Any, ClassVar
 
 
@@ -217,11 +236,42 @@ class MissingLayoutError(CodecError):
         )
 
 
+class ArtifactError(CodecError):
+    """A model artifact (fleet's default: the model's state dict as safetensors) does
+    not match the model it is loaded into: ``missing`` / ``unexpected`` tensor names,
+    or ``mismatched`` ``{name: "artifact shape vs model shape"}``."""
+
+    fields = ("path", "missing", "unexpected", "mismatched")
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        missing: list[str] | None = None,
+        unexpected: list[str] | None = None,
+        mismatched: dict[str, str] | None = None,
+        detail: str | None = None,
+    ) -> None:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}")
+        if mismatched:
+            parts.append(f"shape/dtype differs for {dict(list(mismatched.items())[:5])}")
+        if detail:
+            parts.append(detail)
+        super().__init__(f"artifact {path} does not fit the model: {'; '.join(parts)}", path=path)
+        self.missing = list(missing or [])
+        self.unexpected = list(unexpected or [])
+        self.mismatched = dict(mismatched or {})
+
+
 # --------------------------------------------------------------------------- storage
 
 
 class StorageError(FleetError):
-    """A shared-root path could not be used."""
+    """A shared-root path or a file under it could not be used."""
 
     fields: ClassVar[tuple[str, ...]] = ()
 
@@ -237,11 +287,137 @@ class PathOutsideRootError(StorageError):
         self.root = root
 
 
+class StorageFullError(StorageError, OSError):
+    """No space left where ``path`` was being written (``ENOSPC`` or ``EDQUOT``).
+    Nothing partial is left behind: temp files are removed. Also an :class:`OSError`
+    with that errno."""
+
+    fields = ("path", "errno_name")
+
+    def __init__(self, path: str, errno_name: str = "ENOSPC") -> None:
+        super().__init__(f"no space left on the shared root writing {path} ({errno_name})")
+        self.path = path
+        self.errno_name = errno_name
+        self.errno = getattr(errno_module, errno_name, None)
+        self.filename = path
+
+
+class StorageIOError(StorageError, OSError):
+    """An OS error on the shared root other than a full disk, with its ``errno_name``
+    (e.g. ``"EACCES"``) and ``strerror`` text. Also an :class:`OSError` with that errno."""
+
+    fields = ("path", "errno_name", "strerror")
+
+    def __init__(self, path: str | None, errno_name: str, strerror: str) -> None:
+        where = f" on {path}" if path else ""
+        super().__init__(f"{errno_name}: {strerror}{where}")
+        self.path = path
+        self.errno_name = errno_name
+        self.strerror = strerror
+        self.errno = getattr(errno_module, errno_name, None)
+        self.filename = path
+
+
+def storage_error(exc: OSError, path: str | None = None) -> StorageError:
+    """The typed error for an OS error: :class:`StorageFullError` for ``ENOSPC`` /
+    ``EDQUOT``, :class:`StorageIOError` (errno name and text) otherwise."""
+    if isinstance(exc, StorageError):
+        return exc
+    name = errno_module.errorcode.get(exc.errno or 0, "EIO" if exc.errno else "OSError")
+    where = path or (str(exc.filename) if exc.filename is not None else None)
+    if exc.errno in (errno_module.ENOSPC, errno_module.EDQUOT):
+        return StorageFullError(where or "?", name)
+    return StorageIOError(where, name, exc.strerror or str(exc))
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class DatasetError(FleetError):
+    """A microshard dataset cannot be used as it is (``path``: the dataset directory)."""
+
+    fields: ClassVar[tuple[str, ...]] = ("path",)
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class DatasetFormatError(DatasetError):
+    """Not a dataset: no shard files, or a ``fetch-manifest.json`` that is not valid."""
+
+    fields = ("path", "detail")
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"dataset {path}: {detail}", path=path)
+        self.detail = detail
+
+
+class ShardMissingError(DatasetError):
+    """A microshard listed by the dataset has no file."""
+
+    fields = ("path", "microshard_id", "shard_path")
+
+    def __init__(self, path: str, microshard_id: str, shard_path: str) -> None:
+        super().__init__(
+            f"dataset {path}: microshard {microshard_id!r} has no file {shard_path}", path=path
+        )
+        self.microshard_id = microshard_id
+        self.shard_path = shard_path
+
+
+class ShardSizeMismatchError(DatasetError):
+    """A microshard's file is not ``expected_bytes`` long."""
+
+    fields = ("path", "microshard_id", "expected_bytes", "actual_bytes")
+
+    def __init__(
+        self, path: str, microshard_id: str, expected_bytes: int, actual_bytes: int
+    ) -> None:
+        super().__init__(
+            f"dataset {path}: microshard {microshard_id!r} has {actual_bytes} bytes, "
+            f"the manifest says {expected_bytes}",
+            path=path,
+        )
+        self.microshard_id = microshard_id
+        self.expected_bytes = expected_bytes
+        self.actual_bytes = actual_bytes
+
+
+class ShardHashMismatchError(DatasetError):
+    """A microshard's content hash (sha2-256 multihash, hex) differs from the manifest's."""
+
+    fields = ("path", "microshard_id", "expected", "actual")
+
+    def __init__(self, path: str, microshard_id: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"dataset {path}: microshard {microshard_id!r} hashes to {actual}, "
+            f"the manifest says {expected}",
+            path=path,
+        )
+        self.microshard_id = microshard_id
+        self.expected = expected
+        self.actual = actual
+
+
+class DatasetPathError(DatasetError):
+    """The dataset directory, or a shard's locator, escapes the shared root."""
+
+    fields = ("path", "shard_path")
+
+    def __init__(self, path: str, shard_path: str | None = None) -> None:
+        what = (
+            f"microshard path {shard_path!r} of dataset {path}" if shard_path else f"dataset {path}"
+        )
+        super().__init__(f"{what} escapes the shared root", path=path)
+        self.shard_path = shard_path
+
+
 # --------------------------------------------------------------------------- protocol
 
 
 class ProtocolError(FleetError):
-    """A request or result does not follow PROTOCOL.md."""
+    """A request or result does not follow docs/protocol.md."""
 
 
 class RequestValidationError(ProtocolError):
@@ -294,6 +470,25 @@ class StepBudgetError(ProtocolError):
         )
         self.steps_completed = steps_completed
         self.num_inner_steps = num_inner_steps
+
+
+class RejectedMessageError(ProtocolError):
+    """A worker refused a queued message instead of running it: not JSON, not a Celery
+    message, or a refused content type (pickle, YAML). The message is kept in the
+    dead-letter list ``fleet:deadletter`` with this ``reason``."""
+
+    fields = ("reason", "content_type", "queue", "task_id")
+
+    def __init__(
+        self, reason: str, *, content_type: str | None, queue: str | None, task_id: str | None
+    ) -> None:
+        super().__init__(
+            f"message {task_id or '(no task id)'} on queue {queue or '?'} refused: {reason}"
+        )
+        self.reason = reason
+        self.content_type = content_type
+        self.queue = queue
+        self.task_id = task_id
 
 
 # --------------------------------------------------------------------------- workload
@@ -424,6 +619,40 @@ class WorkerNotFound(RegistryError):
         self.worker = worker
 
 
+class NoWorkersError(RegistryError):
+    """Fewer than ``wanted`` live workers (``alive`` of them) after ``waited_s`` seconds."""
+
+    fields = ("wanted", "alive", "waited_s")
+
+    def __init__(self, wanted: int, alive: int, waited_s: float) -> None:
+        waited = f" after waiting {waited_s:g} s" if waited_s else ""
+        super().__init__(
+            f"{alive} live worker(s), {wanted} needed{waited}: start workers with "
+            "`fleet worker --cpu` / `fleet worker --gpu N`, or a local fleet with `fleet up`"
+        )
+        self.wanted = wanted
+        self.alive = alive
+        self.waited_s = waited_s
+
+
+class WorkerSlotTakenError(RegistryError):
+    """The worker name (its GPU or CPU slot on this node) is held by a live worker."""
+
+    fields = ("worker", "holder_pid", "holder_host", "heartbeat_age_s")
+
+    def __init__(
+        self, worker: str, holder_pid: int, holder_host: str, heartbeat_age_s: float
+    ) -> None:
+        super().__init__(
+            f"{worker} is already running as pid {holder_pid} on {holder_host} "
+            f"(heartbeat {heartbeat_age_s:.1f} s ago); pick another --slot / --gpu"
+        )
+        self.worker = worker
+        self.holder_pid = holder_pid
+        self.holder_host = holder_host
+        self.heartbeat_age_s = heartbeat_age_s
+
+
 # --------------------------------------------------------------------------- long tasks
 
 
@@ -493,6 +722,23 @@ class RoundFailed(JobError):
         self.errors = errors
 
 
+class CorruptCheckpointError(JobError):
+    """A committed checkpoint pack of round ``round`` (``path``) is corrupt, and the
+    inputs it was computed from are not intact either, so it cannot be recomputed."""
+
+    fields = ("job_id", "round", "path", "cause")
+
+    def __init__(self, job_id: str, round_index: int, path: str, cause: str) -> None:
+        super().__init__(
+            f"job {job_id}: the pack {path} entering round {round_index} is corrupt and "
+            f"cannot be recomputed ({cause})"
+        )
+        self.job_id = job_id
+        self.round = round_index
+        self.path = path
+        self.cause = cause
+
+
 class JobCancelled(JobError):
     """The job was cancelled while the driver ran."""
 
@@ -503,7 +749,56 @@ class JobCancelled(JobError):
         self.job_id = job_id
 
 
+class JobOwnedError(JobError):
+    """Another orchestrator holds the job's owner lease (and heartbeats)."""
+
+    fields = ("job_id", "owner_host", "owner_pid", "heartbeat_age_s")
+
+    def __init__(
+        self, job_id: str, owner_host: str, owner_pid: int, heartbeat_age_s: float
+    ) -> None:
+        super().__init__(
+            f"job {job_id} is run by pid {owner_pid} on {owner_host} (heartbeat "
+            f"{heartbeat_age_s:.1f} s ago); stop it first, or wait until its lease expires"
+        )
+        self.job_id = job_id
+        self.owner_host = owner_host
+        self.owner_pid = owner_pid
+        self.heartbeat_age_s = heartbeat_age_s
+
+
+class FencedOutError(JobError):
+    """This orchestrator's fencing ``token`` is no longer the job's ``current`` one: a
+    newer owner took the job over, so nothing this one writes is accepted."""
+
+    fields = ("job_id", "token", "current")
+
+    def __init__(self, job_id: str, token: int, current: int | None) -> None:
+        super().__init__(
+            f"job {job_id}: fencing token {token} is stale (current {current}); "
+            "another orchestrator took the job over"
+        )
+        self.job_id = job_id
+        self.token = token
+        self.current = current
+
+
 # --------------------------------------------------------------------------- client side
+
+
+class BrokerUnavailableError(FleetError):
+    """Redis (the broker, result backend and registry) cannot be reached, or refuses
+    the credentials or the TLS handshake. ``url`` has no password."""
+
+    fields = ("url", "cause")
+
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(
+            f"Redis at {url} is unavailable ({cause}); start a local fleet with `fleet up`, "
+            "or set FLEET_REDIS_URL to a reachable Redis"
+        )
+        self.url = url
+        self.cause = cause
 
 
 class RemoteTaskError(FleetError):
@@ -511,7 +806,9 @@ class RemoteTaskError(FleetError):
 
     ``error_type`` is the remote exception's class name (e.g. ``"HandleNotFound"``),
     ``data`` its fields when it was a FleetError, ``remote_traceback`` the worker's
-    traceback text.
+    traceback text. A remote :class:`FleetError` is raised as its own class (see
+    :func:`remote_error`), which derives from both that class and this one, so
+    ``except LayoutMismatchError`` and ``except RemoteTaskError`` both catch it.
     """
 
     fields = ("method", "worker", "task_id", "error_type", "error", "data", "remote_traceback")
@@ -546,3 +843,88 @@ class FleetTimeout(FleetError):
         self.method = method
         self.task_id = task_id
         self.timeout_s = timeout_s
+
+
+# --------------------------------------------------------------------------- remote errors
+
+_REMOTE_CLASSES: dict[type[FleetError], type[RemoteTaskError]] = {}
+_REMOTE_FIELDS = RemoteTaskError.fields
+
+
+def _fleet_error_classes() -> dict[str, type[FleetError]]:
+    """Every FleetError subclass by name (the wire carries only the name)."""
+    out: dict[str, type[FleetError]] = {}
+    pending: list[type[FleetError]] = [FleetError]
+    while pending:
+        cls = pending.pop()
+        if cls not in _REMOTE_CLASSES.values():
+            out.setdefault(cls.__name__, cls)
+        pending.extend(cls.__subclasses__())
+    return out
+
+
+def remote_class(cls: type[FleetError]) -> type[RemoteTaskError]:
+    """The class a remote ``cls`` is raised as on the caller's side: named like ``cls``
+    and deriving from both ``cls`` and :class:`RemoteTaskError`."""
+    if issubclass(cls, RemoteTaskError):
+        return cls
+    klass = _REMOTE_CLASSES.get(cls)
+    if klass is None:
+        namespace = {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": f"{cls.__name__} raised on a worker (see RemoteTaskError).",
+            "fields": tuple(dict.fromkeys(cls.fields + _REMOTE_FIELDS)),
+            "__reduce__": _remote_reduce,
+        }
+        klass = type(cls.__name__, (cls, RemoteTaskError), namespace)
+        _REMOTE_CLASSES[cls] = klass
+    return klass
+
+
+def _remote_reduce(self: FleetError) -> tuple[Any, ...]:
+    base = next(c for c in type(self).__mro__[1:] if c in _REMOTE_CLASSES)
+    return (_restore_remote, (base, self.args, dict(self.__dict__)))
+
+
+def _restore_remote(base: type[FleetError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    return _restore(remote_class(base), args, state)
+
+
+def remote_error(
+    *,
+    method: str,
+    worker: str | None,
+    task_id: str,
+    error_type: str,
+    error: str,
+    data: dict[str, Any] | None,
+    remote_traceback: str | None,
+) -> RemoteTaskError:
+    """The caller-side error for a task that failed on a worker.
+
+    A :class:`FleetError` named ``error_type`` is rebuilt as :func:`remote_class` of it
+    with its ``data`` as attributes (where a data field shares a name with one of
+    :class:`RemoteTaskError`'s, e.g. :class:`HookFailedError`'s ``error_type``, the
+    attribute is the remote one and ``data`` keeps the original). Any other error
+    type gives a plain :class:`RemoteTaskError`.
+    """
+    remote: dict[str, Any] = {
+        "method": method,
+        "worker": worker,
+        "task_id": task_id,
+        "error_type": error_type,
+        "error": error,
+        "data": dict(data or {}),
+        "remote_traceback": remote_traceback,
+    }
+    base = _fleet_error_classes().get(error_type)
+    if base is None or base is RemoteTaskError:
+        return RemoteTaskError(method, worker, task_id, error_type, error, data, remote_traceback)
+    klass = remote_class(base)
+    message = f"{method} failed on {worker or '?'}: {error_type}: {error}"
+    exc = klass.__new__(klass)
+    Exception.__init__(exc, message)
+    exc.__dict__.update({k: v for k, v in (data or {}).items() if k not in remote})
+    exc.__dict__.update(remote, message=message)
+    return exc

@@ -115,7 +115,7 @@ class CeleryExecutor:
         if state == "SUCCESS":
             return "succeeded" if (result.result or {}).get("exit_code") == 0 else "failed"
         if state == "FAILURE":
-            error = self.fleet._remote_error("run_entrypoint", result)
+            error = self.fleet.remote_error_of("run_entrypoint", result)
             return (
                 "cancelled"
                 if error.error_type in ("TaskAborted", "SoftTimeLimitExceeded")
@@ -131,10 +131,9 @@ class CeleryExecutor:
     def stream_logs(self, handle: ReplicaHandle, n_lines: int = 200) -> str:
         """The last ``n_lines`` lines the replica printed or logged (stderr lines are
         prefixed ``[stderr]``)."""
-        from fleet import keys
+        from fleet.jobs import JobStore
 
-        lines = self.fleet.registry.redis.lrange(keys.replica_logs(handle.task_id), -n_lines, -1)
-        return "\n".join(lines)
+        return "\n".join(JobStore(self.fleet.registry).replica_lines(handle.task_id, n_lines))
 
     def cancel(self, handle: ReplicaHandle) -> None:
         """Stop a replica: a pending one never starts; a running one gets
@@ -175,7 +174,7 @@ class CeleryExecutor:
                     result=result.result.get("result"),
                 )
             elif result.state == "FAILURE":
-                error = self.fleet._remote_error("run_entrypoint", result)
+                error = self.fleet.remote_error_of("run_entrypoint", result)
                 record.update(exit_code=1, error=f"{error.error_type}: {error.error}")
             out.append(record)
         return out

@@ -1,4 +1,5 @@
-"""Requests, results and enums of the worker protocol (PROTOCOL.md sections 2-3).
+"""Requests, results and enums of the worker protocol (docs/protocol.md), and the one
+table of methods (:data:`METHODS`) that both the worker's tasks and the client read.
 
 Field names and enum encodings are the protocol's exactly (serde external tagging:
 unit variants are bare strings, others one-key objects). fleet adds a few optional
@@ -8,7 +9,8 @@ Requests forbid unknown fields, so a typo is an error, not a silent default.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -19,10 +21,15 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationError,
 )
 
-from fleet.codec import StateDictFilter
+from fleet.codec.filter import StateDictFilter
+from fleet.data.dataset import DatasetIndex
+from fleet.errors import RequestValidationError, UnknownMethodError
 from fleet.storage import PackRef
+
+Req = TypeVar("Req", bound=BaseModel)
 
 PROTOCOL_VERSION = 2
 
@@ -76,7 +83,7 @@ Metrics = dict[str, MetricValue]
 
 
 def candidate_weight(policy: Any, sample_weight: float, quality_weight: float) -> float:
-    """Merge weight of one candidate (PROTOCOL.md section 3): ``sample_weight * q`` with
+    """Merge weight of one candidate (docs/protocol.md section 3): ``sample_weight * q`` with
     q = 1 for WeightedMean, ``clamp(quality_weight, 0, 1)`` for NormClippedWeightedMean,
     ``quality_weight`` otherwise."""
     if policy == "WeightedMean":
@@ -145,11 +152,29 @@ class InitModelRequest(_Model):
     device: str
 
 
+class ShardExpectation(_Model):
+    """fleet: one shard of a batch and the content hash it must have."""
+
+    path: str
+    microshard_id: str
+    content_hash: str
+
+
+class ShardChecks(_Model):
+    """fleet: content hashes of the shards a call's batches read (sha2-256 multihash,
+    hex), checked before the first step, once per worker process and shard."""
+
+    dataset: str
+    shards: list[ShardExpectation]
+
+
 class TrainWindowRequest(_Model):
     model_id: str
     batches: list[BatchRef]
     deadline_unix_s: float | None = None
     """fleet: stop between steps once this wall-clock time (seconds since the epoch) passes."""
+    shard_checks: ShardChecks | None = None
+    """fleet: content hashes of the batches' shards, checked before the first step."""
 
 
 class EvaluateRequest(_Model):
@@ -178,6 +203,8 @@ class ImportParameterPackRequest(_Model):
     device: str
     parameter_pack_path: str
     state_dict_filter: StateDictFilter | None = None
+    pack: PackRef | None = None
+    """fleet: the pack as a PackRef; the worker checks its layout hash and digest."""
 
 
 class ParameterPackPlanRequest(_Model):
@@ -196,9 +223,16 @@ class RunInnerLoopRequest(_Model):
     state_dict_filter: StateDictFilter | None = None
     deadline_unix_s: float | None = None
     """fleet: stop between steps once this wall-clock time passes."""
-    input_parameter_pack_path: str | None = None
+    input_parameter_pack: PackRef | None = None
     """fleet: load this pack into the model before the first step (DiLoCo: the round's
-    global model), so a warm handle starts from it without another call."""
+    global model), so a warm handle starts from it without another call; its layout
+    hash, digest and finiteness are checked."""
+    inner_optimizer_state_source_path: str | None = None
+    """fleet: copy this optimizer state file to ``inner_optimizer_state_path`` before the
+    first step (DiLoCo: the replica's last committed state), so the committed file is
+    never modified and a re-run starts from the same state."""
+    shard_checks: ShardChecks | None = None
+    """fleet: content hashes of the batches' shards, checked before the first step."""
 
 
 class LoadParameterPackRequest(_Model):
@@ -207,6 +241,8 @@ class LoadParameterPackRequest(_Model):
     model_id: str
     parameter_pack_path: str
     state_dict_filter: StateDictFilter | None = None
+    pack: PackRef | None = None
+    """fleet: the pack as a PackRef; the worker checks its layout hash and digest."""
 
 
 class MergeCandidate(_Model):
@@ -245,6 +281,67 @@ class ReconcileCanonicalModelRequest(_Model):
 
 class ReleaseModelRequest(_Model):
     model_id: str
+
+
+class OuterOptimizer(_Model):
+    """DiLoCo's outer optimizer: SGD with (Nesterov) momentum on the pseudo-gradient.
+    Defaults from the paper (Douillard et al. 2023): lr 0.7, momentum 0.9, Nesterov."""
+
+    lr: float = Field(default=0.7, gt=0.0)
+    """Outer learning rate."""
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """Momentum coefficient (0: plain SGD on the pseudo-gradient)."""
+    nesterov: bool = True
+    """Nesterov momentum (as ``torch.optim.SGD(nesterov=True)``)."""
+
+
+class WeightedPack(_Model):
+    """A replica's pack and its weight in the average (e.g. its completed steps)."""
+
+    pack: PackRef
+    weight: float = Field(gt=0.0)
+
+
+class OuterStepRequest(_Model):
+    """fleet: DiLoCo's outer step over packs, streamed (docs/protocol.md section 5.3)."""
+
+    global_pack: PackRef
+    """The global model entering the round."""
+    replicas: list[WeightedPack] = Field(min_length=1)
+    momentum: PackRef | None = None
+    """The outer momentum after the last round (None in the first round)."""
+    outer: OuterOptimizer = Field(default_factory=OuterOptimizer)
+    merge_policy: Literal["WeightedMean", "NormClippedWeightedMean", "TrimmedMean"] = "WeightedMean"
+    output_global_path: str
+    output_momentum_path: str
+    chunk_bytes: int = Field(default=1 << 20, ge=4096)
+    """Bytes of each pack held in memory at once."""
+
+
+class VerifyPackRequest(_Model):
+    """fleet: check a pack against its PackRef: manifest, length, digest, finite values."""
+
+    pack: PackRef
+    check_finite: bool = True
+
+
+class VerifyPackResult(_Model):
+    pack: PackRef
+    seconds: float
+
+
+class DatasetIndexRequest(_Model):
+    """fleet: read a microshard dataset on the shared root (fleet.data.dataset)."""
+
+    path: str
+    glob: str | None = None
+
+
+class CollectGarbageRequest(_Model):
+    """fleet: delete these files or directories under the shared root (superseded packs
+    and optimizer states of a run); empty directories left behind go too."""
+
+    paths: list[str]
 
 
 # --------------------------------------------------------------------------- results
@@ -313,6 +410,23 @@ class RunInnerLoopResult(_Model):
     """fleet: the worker's clock (unix s) when the output pack was published."""
 
 
+class OuterStepResult(_Model):
+    """fleet: the published global and momentum packs of an outer step."""
+
+    global_pack: PackRef
+    momentum: PackRef
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    reused: bool = False
+    """True if both packs were already published from the same inputs (a re-run)."""
+
+
+class CollectGarbageResult(_Model):
+    deleted: list[str]
+    freed_bytes: int
+
+
 class PatchOutcomeResult(RootModel[PatchOutcome]):
     """A bare PatchOutcome as a result: ``"Applied"``, ``"RequiresRestart"`` or
     ``{"Rejected": reason}``."""
@@ -320,3 +434,123 @@ class PatchOutcomeResult(RootModel[PatchOutcome]):
 
 class ShutdownResult(_Model):
     ok: bool
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method of the protocol as fleet serves it.
+
+    ``request`` / ``result``: the models of its params and result. ``handle``: the
+    request field holding the model handle the call is routed by (to the owner's own
+    queue), or None for calls any worker can serve. ``long``: runs under a step monitor
+    (progress events, abort and deadline checks between steps). ``extension``: fleet's
+    own method, not part of the burn_p2p protocol.
+    """
+
+    name: str
+    request: type[BaseModel]
+    result: type[BaseModel]
+    handle: str | None = None
+    long: bool = False
+    extension: bool = False
+
+    @property
+    def task_name(self) -> str:
+        """The Celery task name: ``fleet.<method>``."""
+        return f"fleet.{self.name}"
+
+
+#: Every method fleet serves, by name (docs/protocol.md section 2, then fleet's own).
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("hello", Empty, HelloResult),
+        MethodSpec("capability_probe", Empty, CapabilityProbeResult),
+        MethodSpec("init_model", InitModelRequest, ModelIdResult),
+        MethodSpec("train_window", TrainWindowRequest, MetricsResult, "model_id", long=True),
+        MethodSpec("evaluate", EvaluateRequest, MetricsResult, "model_id"),
+        MethodSpec("apply_patch", RuntimePatch, PatchOutcomeResult),
+        MethodSpec("load_model_artifact", LoadModelArtifactRequest, EmptyResult, "model_id"),
+        MethodSpec(
+            "materialize_model_artifact", MaterializeModelArtifactRequest, EmptyResult, "model_id"
+        ),
+        MethodSpec("export_parameter_pack", ExportParameterPackRequest, ExportResult, "model_id"),
+        MethodSpec("import_parameter_pack", ImportParameterPackRequest, ModelIdResult),
+        MethodSpec("parameter_pack_plan", ParameterPackPlanRequest, ParameterPackPlanResult),
+        MethodSpec(
+            "run_inner_loop", RunInnerLoopRequest, RunInnerLoopResult, "model_id", long=True
+        ),
+        MethodSpec(
+            "merge_candidate_models",
+            MergeCandidateModelsRequest,
+            OptionalModelIdResult,
+            "base_model_id",
+        ),
+        MethodSpec(
+            "apply_single_root_ema", ApplySingleRootEmaRequest, ModelIdResult, "merged_model_id"
+        ),
+        MethodSpec(
+            "reconcile_canonical_model",
+            ReconcileCanonicalModelRequest,
+            ModelIdResult,
+            "canonical_model_id",
+        ),
+        MethodSpec("release_model", ReleaseModelRequest, EmptyResult, "model_id"),
+        MethodSpec("shutdown", Empty, ShutdownResult),
+        MethodSpec(
+            "load_parameter_pack",
+            LoadParameterPackRequest,
+            EmptyResult,
+            "model_id",
+            extension=True,
+        ),
+        MethodSpec("outer_step", OuterStepRequest, OuterStepResult, extension=True),
+        MethodSpec("collect_garbage", CollectGarbageRequest, CollectGarbageResult, extension=True),
+        MethodSpec("dataset_index", DatasetIndexRequest, DatasetIndex, extension=True),
+        MethodSpec("verify_pack", VerifyPackRequest, VerifyPackResult, extension=True),
+    )
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The table entry of method ``name``.
+
+    Raises:
+        UnknownMethodError: no such method.
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(name) from None
+
+
+def validate(method: str, model: type[Req], body: object) -> Req:
+    """Parse a request (or result) body of ``method`` with ``model``.
+
+    Raises:
+        RequestValidationError: not an object, a missing field, a wrong type, an
+            unknown field (each problem listed with its location).
+    """
+    if body is None:
+        body = {}
+    if not isinstance(body, dict) and not issubclass(model, RootModel):
+        raise RequestValidationError(
+            method,
+            [
+                {
+                    "loc": [],
+                    "msg": f"expected a JSON object, got {type(body).__name__}",
+                    "type": "dict_type",
+                }
+            ],
+        )
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError(
+            method, [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+        ) from None

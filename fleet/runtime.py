@@ -9,6 +9,7 @@ a runtime and a request.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -16,12 +17,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from fleet.errors import HandleNotFound, NoWorkloadError
+from fleet.connection import redis_client
+from fleet.data.dataset import ShardChecker
+from fleet.errors import FleetError, HandleNotFound, NoWorkloadError
 from fleet.protocol import WorkloadRef
 from fleet.registry import HandleRecord, Registry, WorkerInfo
 from fleet.settings import FleetSettings
 from fleet.storage import SharedRoot
 from fleet.workload import Workload, WorkloadCache
+
+log = logging.getLogger("fleet.runtime")
 
 
 @dataclass(frozen=True)
@@ -59,20 +64,35 @@ class WorkerRuntime:
         self.settings = settings
         self.identity = identity
         self.registry = registry
+        #: The same registry without retries, for checks that must never wait (abort).
+        self.quick_registry = Registry(
+            redis_client(settings, retry_s=0), heartbeat_ttl_s=settings.heartbeat_ttl_s
+        )
         self.shared = SharedRoot(settings.shared_root)
         self.workloads = WorkloadCache(settings.workload_allowlist)
+        self.shards = ShardChecker()
         self.models: dict[str, HeldModel] = {}
         self._noted_workloads: set[str] = set()
         self.pid = os.getpid()
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self.device_name = "cpu"
+        self.started_at = time.time()
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, device_name: str = "cpu") -> None:
         """Register this worker and start heartbeating."""
         self.shared.root.mkdir(parents=True, exist_ok=True)
-        now = time.time()
+        self.device_name = device_name
+        self.started_at = time.time()
+        self._register()
+        self._heartbeat = threading.Thread(target=self._beat, name="fleet-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _register(self) -> None:
+        """Write this worker's record and the records of the models it holds (again, after
+        Redis lost them)."""
         self.registry.register_worker(
             WorkerInfo(
                 name=self.identity.name,
@@ -80,28 +100,43 @@ class WorkerRuntime:
                 node=self.settings.node,
                 gpu_index=self.identity.gpu_index,
                 cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                device_name=device_name,
+                device_name=self.device_name,
                 default_workload=self.identity.default_workload,
                 pid=self.pid,
-                started_at=now,
-                heartbeat_at=now,
+                started_at=self.started_at,
+                heartbeat_at=time.time(),
             )
         )
-        self._heartbeat = threading.Thread(target=self._beat, name="fleet-heartbeat", daemon=True)
-        self._heartbeat.start()
+        for model_id, held in self.models.items():
+            if self.registry.handle(model_id) is None:
+                self._create_record(model_id, held)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
-                self.registry.heartbeat(self.identity.name, self.pid)
-            except Exception:  # Redis briefly away: the next beat retries
+                if not self.registry.heartbeat(self.identity.name, self.pid):
+                    log.warning(
+                        "registry record of %s is gone; registering again", self.identity.name
+                    )
+                    self._register()
+            except FleetError:  # Redis away: the client logs the outage once; beat again
                 continue
 
     def stop(self) -> list[str]:
-        """Stop heartbeating, drop every model and deregister; return released ids."""
+        """Stop heartbeating, drop every model and deregister; return released ids (none
+        if Redis cannot be reached within a few seconds: the records turn "lost")."""
+        from fleet.worker import SHUTDOWN_REDIS_RETRY_S
+
         self._stop.set()
         self.models.clear()
-        return self.registry.deregister_worker(self.identity.name)
+        registry = Registry.from_settings(self.settings, retry_s=SHUTDOWN_REDIS_RETRY_S)
+        try:
+            return registry.deregister_worker(self.identity.name)
+        except FleetError as exc:
+            log.warning("could not deregister %s: %s", self.identity.name, exc)
+            return []
+        finally:
+            registry.redis.close()
 
     # ------------------------------------------------------------------ workloads
 
@@ -145,7 +180,11 @@ class WorkerRuntime:
     def add_model(self, state: Any, workload: Workload, device: str) -> str:
         """Hold ``state`` under a new global model id and register the handle."""
         model_id = new_model_id()
-        self.models[model_id] = HeldModel(state, workload, device)
+        self.models[model_id] = held = HeldModel(state, workload, device)
+        self._create_record(model_id, held)
+        return model_id
+
+    def _create_record(self, model_id: str, held: HeldModel) -> None:
         now = time.time()
         self.registry.create_handle(
             HandleRecord(
@@ -153,15 +192,14 @@ class WorkerRuntime:
                 owner=self.identity.name,
                 queue=self.identity.queue,
                 owner_pid=self.pid,
-                workload=workload.spec,
-                config=workload.config,
-                device=device,
+                workload=held.workload.spec,
+                config=held.workload.config,
+                device=held.device,
                 generation=0,
                 created_at=now,
                 used_at=now,
             )
         )
-        return model_id
 
     def replace_state(self, model_id: str, state: Any) -> None:
         """Swap the state behind a held handle and bump its generation."""

@@ -1,6 +1,6 @@
 """Workload factories: ``module:attr`` specs, the allowlist, a per-process cache, and
-calling hooks with failures turned into typed errors (PROTOCOL.md section 1,
-DESIGN.md decision 8).
+calling hooks with failures turned into typed errors (docs/protocol.md section 1,
+docs/design.md decision 8).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The golden pack vectors of ../shared/conformance/pack-v1, used as they are."""
+"""The golden pack vectors of tests/data/pack-v1 (vendored, used as they are)."""
 
 from __future__ import annotations
 

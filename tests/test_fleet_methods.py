@@ -9,7 +9,12 @@ import torch
 from celery import group
 
 from fleet.codec import read_pack, write_pack
-from fleet.errors import HandleNotFound, RemoteTaskError, UnknownMethodError
+from fleet.errors import (
+    HandleNotFound,
+    RemoteTaskError,
+    RequestValidationError,
+    UnknownMethodError,
+)
 from tests.harness import DIGITS
 
 SCHEMA = "digits-mlp-v1"
@@ -243,13 +248,16 @@ def test_unknown_method_is_a_typed_error(fleet):
 
 
 def test_a_pickle_message_is_refused(fleet, two_workers):
+    """Refused before it runs: the caller gets a typed error (tests/test_poison_messages.py
+    covers every kind of poison message)."""
     w = two_workers[0]
     log_size = w.log_path.stat().st_size
     result = fleet.app.send_task(
         "fleet.hello", kwargs={"params": {}}, queue=w.queue, serializer="pickle"
     )
-    time.sleep(2.0)
-    assert result.state == "PENDING", "a pickled message must never run"
+    result.get(timeout=20, propagate=False)
+    assert result.state == "FAILURE", "a pickled message must never run"
+    assert fleet.remote_error_of("hello", result).error_type == "RejectedMessageError"
     log = w.log_path.read_bytes()[log_size:].decode(errors="replace")
     assert "ContentDisallowed" in log or "Refusing to deserialize" in log
     assert fleet.hello(worker=w.name).worker == w.name
@@ -383,6 +391,71 @@ def test_batches_are_json_batch_refs(fleet, two_workers):
         "payload": {"note": "any JSON"},
     }
     assert fleet.train_window(handle, [batch, batch])["examples"] == 128
-    with pytest.raises(RemoteTaskError) as info:
+    # the typed client refuses a bad BatchRef before sending anything ...
+    with pytest.raises(RequestValidationError) as local:
         fleet.train_window(handle, [{"kind": "mystery"}])
+    assert not isinstance(local.value, RemoteTaskError)
+    assert local.value.method == "train_window" and local.value.errors[0]["loc"][0] == "batches"
+    # ... and the worker refuses it too when it is sent raw
+    with pytest.raises(RemoteTaskError) as info:
+        fleet.call(
+            "train_window",
+            {"model_id": handle.model_id, "batches": [{"kind": "mystery"}]},
+            worker=handle.worker,
+        )
     assert info.value.error_type == "RequestValidationError"
+
+
+SHARDS = "tests.workloads.shards:make"
+
+
+def test_a_remote_fleet_error_comes_back_as_its_own_class(fleet, two_workers):
+    from fleet.errors import CodecError, LayoutMismatchError
+
+    write_pack(fleet.shared.root / "packs/other-layout", {"w": torch.zeros(7)}, SCHEMA)
+    try:
+        fleet.import_parameter_pack("packs/other-layout", worker=two_workers[1].name)
+    except LayoutMismatchError as exc:  # the worker's own class, on the caller's side
+        assert isinstance(exc, CodecError) and isinstance(exc, RemoteTaskError)
+        assert exc.worker == two_workers[1].name and exc.method == "import_parameter_pack"
+        assert exc.pack_layout_hash != exc.model_layout_hash
+        assert exc.path.endswith("packs/other-layout")
+        assert "Traceback" in exc.remote_traceback and exc.task_id
+    else:
+        raise AssertionError("LayoutMismatchError expected")
+
+
+def test_default_artifacts_for_a_workload_without_artifact_hooks(fleet, two_workers):
+    from safetensors import safe_open
+
+    from fleet.errors import ArtifactError
+
+    a = fleet.init_model("cpu", worker=two_workers[0].name, workload=SHARDS)
+    b = fleet.init_model("cpu", worker=two_workers[1].name, workload=SHARDS, config={"hidden": 32})
+    fleet.train_window(a, [])  # no batches: nothing happens, but the call is served
+    ref = fleet.export_parameter_pack(a, "packs/shards-a", "shards-v1")
+    fleet.materialize_model_artifact(a, "artifacts/shards-a.safetensors")
+    with safe_open(fleet.shared.resolve("artifacts/shards-a.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    fleet.load_model_artifact(b, "artifacts/shards-a.safetensors")
+    got = fleet.export_parameter_pack(b, "packs/shards-b", "shards-v1")
+    assert got.values_digest == ref.values_digest  # the same weights, bit for bit
+    wide = fleet.init_model(
+        "cpu", worker=two_workers[1].name, workload=SHARDS, config={"hidden": 8}
+    )
+    before = fleet.export_parameter_pack(wide, "packs/shards-wide", "shards-v1").values_digest
+    with pytest.raises(ArtifactError) as info:
+        fleet.load_model_artifact(wide, "artifacts/shards-a.safetensors")
+    assert "0.weight" in info.value.mismatched
+    after = fleet.export_parameter_pack(wide, "packs/shards-wide", "shards-v1").values_digest
+    assert after == before, "a refused artifact leaves the model unchanged"
+
+
+def test_shutdown_takes_a_worker_info(fleet_settings, artifacts_dir, fleet):
+    from tests.harness import running_workers
+
+    with running_workers(fleet_settings, [9], artifacts_dir / "logs") as (worker,):
+        [info] = [w for w in fleet.workers() if w.name == worker.name]
+        assert fleet.shutdown(info) is True
+        worker.proc.wait(30)
+        assert worker.proc.returncode == 0 and fleet.registry.worker(worker.name) is None

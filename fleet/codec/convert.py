@@ -1,15 +1,19 @@
-"""Interchange between v1 packs and safetensors files.
+"""Interchange between v1 packs and safetensors files, and fleet's default model
+artifacts.
 
 A ``.safetensors`` file is the format other tools read; a pack is what fleet workers
 exchange. Converting a pack needs each tensor's shape and dtype: fleet's packs record
 them in the manifest's ``layout`` key; for packs from other writers pass a template
 state whose layout hashes to the pack's ``layout_hash``.
+
+For workloads without artifact hooks, :func:`save_state_artifact` and
+:func:`load_state_artifact` write and read the model part of a state (the modules
+the codec walks, with every state-dict tensor under its full layout name, in its own
+dtype) as a safetensors file (docs/protocol.md section 5.6).
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fleet.codec.layout import FilterLike, layout_hash_of, layout_of
-from fleet.codec.pack import PackManifest, PathLike, read_pack, write_pack
-from fleet.errors import CodecError, LayoutMismatchError, MissingLayoutError
+from fleet.codec.layout import FilterLike, layout_hash_of, layout_of, named_tensors
+from fleet.codec.manifest import PackManifest, PathLike
+from fleet.codec.pack import read_pack, write_pack
+from fleet.errors import ArtifactError, CodecError, LayoutMismatchError, MissingLayoutError
+from fleet.storage import publishing
 
 
 def to_safetensors(
@@ -55,23 +61,13 @@ def to_safetensors(
         block = values[offset : offset + entry.numel].view(entry.shape)
         tensors[entry.name] = block.to(entry.torch_dtype).contiguous()
         offset += entry.numel
-    out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        save_file(
-            tensors,
-            str(tmp),
-            metadata={
-                "format": manifest.format,
-                "model_schema_hash": manifest.model_schema_hash,
-                "layout_hash": manifest.layout_hash,
-            },
-        )
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    metadata = {
+        "format": manifest.format,
+        "model_schema_hash": manifest.model_schema_hash,
+        "layout_hash": manifest.layout_hash,
+    }
+    with publishing(Path(out_file)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return manifest
 
 
@@ -107,3 +103,65 @@ def from_safetensors(
             f"no model_schema_hash given and none in the metadata of {file}", path=str(file)
         )
     return write_pack(out_pack, state, schema, state_dict_filter=state_dict_filter)
+
+
+def save_state_artifact(state: Any, path: PathLike) -> int:
+    """Write the model part of ``state`` as a safetensors file at ``path``, atomically:
+    every state-dict tensor (floating or not) under its full layout name, in its own
+    dtype and shape, copied to the CPU. Returns the number of tensors.
+
+    Raises:
+        UnsupportedStateError: ``state`` cannot be walked.
+        StorageError: the file system failed (nothing is published then).
+    """
+    tensors = {name: t.detach().to("cpu", copy=True) for name, t in named_tensors(state)}
+    with publishing(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "fleet-state-artifact-v1"})
+    return len(tensors)
+
+
+def load_state_artifact(path: PathLike, state: Any) -> int:
+    """Load a file written by :func:`save_state_artifact` into ``state`` in place (each
+    tensor copied onto its target's device). Every name, shape and dtype is checked
+    before the first tensor is touched, so a refused file leaves ``state`` unchanged.
+    Returns the number of tensors.
+
+    Raises:
+        ArtifactError: missing or unexpected names, or a shape or dtype that differs.
+        CodecError: not a safetensors file.
+    """
+    targets = dict(named_tensors(state))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            mismatched = {}
+            for name in sorted(names & set(targets)):
+                part = f.get_slice(name)
+                shape, dtype = tuple(part.get_shape()), part.get_dtype()
+                target = targets[name]
+                want = str(target.dtype).removeprefix("torch.")
+                if shape != tuple(target.shape) or _st_dtype(dtype) != want:
+                    mismatched[name] = f"{list(shape)} {dtype} vs {list(target.shape)} {want}"
+            missing, unexpected = sorted(set(targets) - names), sorted(names - set(targets))
+            if missing or unexpected or mismatched:
+                raise ArtifactError(
+                    str(path), missing=missing, unexpected=unexpected, mismatched=mismatched
+                )
+            with torch.no_grad():
+                for name, target in targets.items():
+                    target.copy_(f.get_tensor(name))
+    except ArtifactError:
+        raise
+    except Exception as exc:  # OSError, or safetensors' own SafetensorError
+        raise CodecError(f"cannot read artifact {path}: {exc}", path=str(path)) from exc
+    return len(targets)
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool"}  # fmt: skip
+
+
+def _st_dtype(name: str) -> str:
+    """A safetensors dtype name (``"F32"``) as torch names it (``"float32"``)."""
+    return _ST_DTYPES.get(name, name.lower())

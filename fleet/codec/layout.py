@@ -1,6 +1,6 @@
 """Layout of a model state: which tensors a parameter pack holds, in which order.
 
-Source: PROTOCOL.md section 4 ("Layout"). Modules are walked in sorted name order (a
+Source: docs/protocol.md section 4 ("Layout"). Modules are walked in sorted name order (a
 plain module, ``{"model": m}`` or a ``{name: Tensor}`` mapping is the single module
 ``""``), each module's state dict in sorted key order. The full name is
 ``f"{module}.{key}"``, or ``key`` for module ``""``. Non-floating tensors are ignored;
@@ -10,93 +10,30 @@ the layout. ``layout_hash = "torch-layout-" + sha256(json(entries, sorted keys, 
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from fleet.codec.filter import FilterLike, StateDictFilter, as_filter
+from fleet.codec.manifest import LAYOUT_HASH_PREFIX, LayoutEntry, layout_hash_of
 from fleet.errors import UnsupportedStateError
 
-LAYOUT_HASH_PREFIX = "torch-layout-"
-
-
-class StateDictFilter(BaseModel):
-    """Which floating-point state-dict keys a pack includes (PROTOCOL.md section 3).
-
-    Globs are ``fnmatch`` patterns, case-sensitive, matched against the full key. An
-    empty ``include_globs`` includes every key; ``exclude_globs`` wins over includes.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    include_globs: tuple[str, ...] = Field(default=())
-    exclude_globs: tuple[str, ...] = Field(default=())
-
-    def accepts(self, key: str) -> bool:
-        """True if ``key`` is included by this filter."""
-        if self.include_globs and not any(fnmatch.fnmatchcase(key, g) for g in self.include_globs):
-            return False
-        return not any(fnmatch.fnmatchcase(key, g) for g in self.exclude_globs)
-
-    def to_json(self) -> dict[str, list[str]]:
-        """The protocol's JSON form: ``{"include_globs": [...], "exclude_globs": [...]}``."""
-        return {
-            "include_globs": list(self.include_globs),
-            "exclude_globs": list(self.exclude_globs),
-        }
-
-
-FilterLike = StateDictFilter | Mapping[str, Any] | None
-
-
-def as_filter(state_dict_filter: FilterLike) -> StateDictFilter:
-    """Coerce ``None`` / a JSON mapping / a :class:`StateDictFilter` to a filter.
-
-    Raises:
-        pydantic.ValidationError: the mapping has unknown keys or non-string globs.
-    """
-    if state_dict_filter is None:
-        return StateDictFilter()
-    if isinstance(state_dict_filter, StateDictFilter):
-        return state_dict_filter
-    return StateDictFilter.model_validate(dict(state_dict_filter))
-
-
-@dataclass(frozen=True, slots=True)
-class LayoutEntry:
-    """One tensor of a layout: full ``name``, ``shape``, original ``dtype`` string (e.g.
-    ``"torch.float32"``) and ``numel`` (number of elements, = product of shape)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    numel: int
-
-    def to_json(self) -> dict[str, Any]:
-        """The entry as hashed by the protocol: ``{name, shape, dtype, numel}``."""
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "numel": self.numel,
-        }
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The entry's dtype as a ``torch.dtype``.
-
-        Raises:
-            ValueError: the dtype string does not name a torch dtype.
-        """
-        value = getattr(torch, self.dtype.removeprefix("torch."), None)
-        if not isinstance(value, torch.dtype):
-            raise ValueError(f"not a torch dtype: {self.dtype!r}")
-        return value
+__all__ = [
+    "LAYOUT_HASH_PREFIX",
+    "FilterLike",
+    "Layout",
+    "LayoutEntry",
+    "StateDictFilter",
+    "as_filter",
+    "layout_and_tensors",
+    "layout_hash_of",
+    "layout_of",
+    "modules_of",
+    "named_tensors",
+    "pack_plan",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,14 +53,8 @@ class Layout:
     state_dict_filter: StateDictFilter
 
 
-def layout_hash_of(entries: tuple[LayoutEntry, ...] | list[LayoutEntry]) -> str:
-    """``"torch-layout-" + sha256_hex`` of the compact, key-sorted JSON of ``entries``."""
-    payload = json.dumps([e.to_json() for e in entries], sort_keys=True, separators=(",", ":"))
-    return LAYOUT_HASH_PREFIX + hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
 def modules_of(state: Any) -> dict[str, Mapping[str, torch.Tensor] | torch.nn.Module]:
-    """Split a model state into its named modules (PROTOCOL.md section 1).
+    """Split a model state into its named modules (docs/protocol.md section 1).
 
     Accepts an ``nn.Module`` (module ``""``), ``{"model": module, ...}`` (module ``""``;
     other keys such as an optimizer are not part of the pack), ``{"modules": {name:
@@ -214,7 +145,7 @@ def layout_and_tensors(
 
 
 def layout_of(state: Any, state_dict_filter: FilterLike = None) -> Layout:
-    """The :class:`Layout` a pack of ``state`` would have (PROTOCOL.md section 4).
+    """The :class:`Layout` a pack of ``state`` would have (docs/protocol.md section 4).
 
     Args:
         state: ``nn.Module``, ``{"model": module, ...}``, ``{"modules": {name: module}}``
@@ -228,7 +159,7 @@ def layout_of(state: Any, state_dict_filter: FilterLike = None) -> Layout:
 
 
 def pack_plan(state: Any, state_dict_filter: FilterLike = None) -> dict[str, Any]:
-    """The protocol's ``parameter_pack_plan`` result for the generic codec (PROTOCOL.md
+    """The protocol's ``parameter_pack_plan`` result for the generic codec (docs/protocol.md
     section 2): ``uses_custom_parameter_pack_hooks`` (always False here), ``layout_hash``,
     ``included_keys``, ``excluded_float_keys``, ``ignored_non_float_keys``,
     ``parameter_count``.

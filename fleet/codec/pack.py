@@ -1,4 +1,4 @@
-"""Parameter packs, format v1: write, read, load (PROTOCOL.md section 4).
+"""Parameter packs, format v1: write, read, load (docs/protocol.md section 4).
 
 A pack is a directory with ``values.f32le`` (every included floating tensor as
 float32, little-endian, C order, concatenated in layout order, no header) and
@@ -17,26 +17,28 @@ through one reusable float32 staging buffer.
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import math
 import sys
-import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from io import FileIO
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fleet.codec.layout import (
-    FilterLike,
-    Layout,
-    LayoutEntry,
-    StateDictFilter,
-    as_filter,
-    layout_and_tensors,
+from fleet.codec.filter import FilterLike, as_filter
+from fleet.codec.layout import Layout, layout_and_tensors
+from fleet.codec.manifest import (
+    DIGEST_ALGORITHM,
+    MANIFEST_FILE,
+    PACK_FORMAT_V1,
+    VALUES_FILE,
+    PackManifest,
+    PathLike,
+    _values_file,
+    read_manifest,
 )
 from fleet.errors import (
     CodecError,
@@ -44,128 +46,20 @@ from fleet.errors import (
     LayoutMismatchError,
     ManifestError,
     NonFiniteValuesError,
-    NotAPackError,
-    UnknownPackFormatError,
     ValuesLengthError,
 )
-
-PACK_FORMAT_V1 = "burn-p2p-python-flattened-parameter-pack-v1"
-MANIFEST_FILE = "manifest.json"
-VALUES_FILE = "values.f32le"
-DIGEST_ALGORITHM = "xxh3_64"
+from fleet.storage import publishing
 
 #: Elements converted per chunk when a tensor is not already float32 on the CPU
 #: (4 MiB of float32). Bounds the writer's extra memory.
 CONVERT_CHUNK_NUMEL = 1 << 20
-#: Bytes per read when scanning values for the digest or non-finite check (16 MiB).
-SCAN_CHUNK_BYTES = 16 << 20
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
-PathLike = str | os.PathLike[str]
-
-
-class PackManifest(BaseModel):
-    """``manifest.json`` of a v1 pack. Unknown keys are kept (``extra="allow"``) and
-    ignored; the last four protocol keys and fleet's own keys are optional."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    format: str
-    model_schema_hash: str
-    layout_hash: str
-    parameter_count: int = Field(ge=0, strict=True)
-    values_f32_le: str
-    state_dict_filter: StateDictFilter | None = None
-    included_keys: list[str] | None = None
-    excluded_float_keys: list[str] | None = None
-    ignored_non_float_keys: list[str] | None = None
-    values_digest: str | None = None
-    layout: list[dict[str, Any]] | None = None
-
-    @property
-    def values_nbytes(self) -> int:
-        """Expected byte length of ``values.f32le``: ``4 * parameter_count``."""
-        return 4 * self.parameter_count
-
-    def layout_entries(self) -> tuple[LayoutEntry, ...] | None:
-        """The recorded layout entries, or None when the writer did not record them."""
-        if self.layout is None:
-            return None
-        return tuple(
-            LayoutEntry(e["name"], tuple(e["shape"]), e["dtype"], e["numel"]) for e in self.layout
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        """The manifest as written: protocol keys first, then fleet's, None values dropped."""
-        data = self.model_dump(mode="json", exclude_none=True)
-        if self.state_dict_filter is not None:
-            data["state_dict_filter"] = self.state_dict_filter.to_json()
-        return data
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, sharing its memory (no copy)."""
     return memoryview(cast(Any, tensor.numpy())).cast("B")
-
-
-# --------------------------------------------------------------------------- manifest
-
-
-def _manifest_from_json(path: Path, raw: object) -> PackManifest:
-    if not isinstance(raw, dict):
-        raise ManifestError(str(path), None, f"expected a JSON object, got {type(raw).__name__}")
-    if "format" not in raw:
-        raise ManifestError(str(path), "format", "missing")
-    if raw["format"] != PACK_FORMAT_V1:
-        raise UnknownPackFormatError(str(path), raw["format"], PACK_FORMAT_V1)
-    try:
-        manifest = PackManifest.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or None
-        detail = "missing" if first["type"] == "missing" else first["msg"]
-        raise ManifestError(str(path), key, detail) from exc
-    name = manifest.values_f32_le
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ManifestError(str(path), "values_f32_le", f"{name!r} is not a plain file name")
-    return manifest
-
-
-def read_manifest(path: PathLike) -> PackManifest:
-    """Read and validate ``manifest.json`` of the pack directory ``path``.
-
-    Raises:
-        NotAPackError: ``path`` is not a directory or has no ``manifest.json``.
-        ManifestError: not JSON, not an object, a required key missing or mistyped.
-        UnknownPackFormatError: ``format`` is not v1.
-    """
-    pack = Path(path)
-    if not pack.is_dir():
-        raise NotAPackError(
-            str(pack), "no such directory" if not pack.exists() else "not a directory"
-        )
-    manifest_file = pack / MANIFEST_FILE
-    try:
-        text = manifest_file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NotAPackError(str(pack), f"no {MANIFEST_FILE}") from None
-    try:
-        raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(str(manifest_file), None, f"not valid JSON: {exc}") from exc
-    return _manifest_from_json(manifest_file, raw)
-
-
-def _values_file(pack: Path, manifest: PackManifest) -> Path:
-    """Path of the values file, after checking its byte length against the manifest."""
-    values = pack / manifest.values_f32_le
-    try:
-        size = values.stat().st_size
-    except FileNotFoundError:
-        raise ValuesLengthError(str(values), manifest.values_nbytes, 0) from None
-    if size != manifest.values_nbytes:
-        raise ValuesLengthError(str(values), manifest.values_nbytes, size)
-    return values
 
 
 # --------------------------------------------------------------------------- write
@@ -199,33 +93,13 @@ def _float32_chunks(tensor: torch.Tensor, staging: torch.Tensor) -> Iterator[mem
         yield memoryview(cast(Any, array)).cast("B")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def is_pack(path: Path) -> bool:
+    """True if ``path`` is a pack directory (it has a ``manifest.json``)."""
+    return _is_pack(path)
 
 
-def publish_dir(tmp: Path, dest: Path) -> None:
-    """Rename the finished pack directory ``tmp`` to ``dest`` (same parent), replacing
-    an existing pack there, and fsync the parent.
-
-    Raises:
-        CodecError: ``dest`` exists and is not a pack.
-    """
-    if dest.exists() or dest.is_symlink():
-        if not (dest.is_dir() and not dest.is_symlink() and (dest / MANIFEST_FILE).is_file()):
-            raise CodecError(
-                f"refusing to replace {dest}: it exists and is not a pack", path=str(dest)
-            )
-        aside = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
-        os.rename(dest, aside)
-        os.rename(tmp, dest)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
-    _fsync_dir(dest.parent)
+def _is_pack(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and (path / MANIFEST_FILE).is_file()
 
 
 def write_pack(
@@ -256,7 +130,8 @@ def write_pack(
     Raises:
         UnsupportedStateError: ``state`` cannot be walked.
         CodecError: ``path`` exists and is not a pack.
-        OSError: the file system failed (nothing is published then).
+        StorageError: the file system failed (``StorageFullError`` when it is full; both
+            are also ``OSError``); nothing is published then.
     """
     layout, tensors = layout_and_tensors(state, state_dict_filter)
     staging = torch.empty(
@@ -277,30 +152,24 @@ def _publish_pack(
     digest: bool = True,
 ) -> PackManifest:
     """Write ``chunks`` as ``values.f32le`` and ``manifest_for(values_digest)`` as
-    ``manifest.json`` into a temp dir next to ``dest``, fsync both, and publish the
-    directory atomically. On any exception the temp dir is removed and nothing is
-    published."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    ``manifest.json`` and publish the pack at ``dest`` atomically
+    (:func:`fleet.storage.publishing`); an existing pack there is replaced.
+
+    Raises:
+        CodecError: ``dest`` exists and is not a pack.
+        StorageError: the file system failed; nothing is published then.
+    """
+    if (dest.exists() or dest.is_symlink()) and not _is_pack(dest):
+        raise CodecError(f"refusing to replace {dest}: it exists and is not a pack", path=str(dest))
+    with publishing(dest, mkdir=True, replace_dir=_is_pack) as tmp:
         hasher = xxhash.xxh3_64() if digest else None
         with open(tmp / VALUES_FILE, "wb", buffering=0) as f:
             for chunk in chunks:
                 _write_all(f, chunk)
                 if hasher is not None:
                     hasher.update(chunk)
-            os.fsync(f.fileno())
         manifest = manifest_for(f"{DIGEST_ALGORITHM}:{hasher.hexdigest()}" if hasher else None)
-        with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as mf:
-            json.dump(manifest.to_json(), mf, indent=2)
-            mf.flush()
-            os.fsync(mf.fileno())
-        _fsync_dir(tmp)
-        publish_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2), "utf-8")
     return manifest
 
 
@@ -329,6 +198,82 @@ def _manifest_for(
     )
 
 
+class ValuesSink:
+    """Where :func:`writing_pack` takes blocks of values: :meth:`write` each in order."""
+
+    def __init__(self, f: FileIO, parameter_count: int) -> None:
+        self._f = f
+        self._hasher = xxhash.xxh3_64()
+        self.expected = parameter_count
+        self.written = 0
+        self.manifest: PackManifest | None = None
+
+    def write(self, block: torch.Tensor) -> None:
+        """Append ``block`` (a contiguous float32 CPU tensor) to the values.
+
+        Raises:
+            ValueError: not contiguous float32 on the CPU, or more values than the layout has.
+        """
+        if not (block.dtype == torch.float32 and block.device.type == "cpu"):
+            raise ValueError(
+                f"blocks must be float32 on the CPU, got {block.dtype} on {block.device}"
+            )
+        if self.written + block.numel() > self.expected:
+            raise ValueError(f"more than the layout's {self.expected} values")
+        if not _LITTLE_ENDIAN:
+            block = torch.from_numpy(block.numpy().byteswap())
+        data = _bytes_of(block.contiguous())
+        _write_all(self._f, data)
+        self._hasher.update(data)
+        self.written += block.numel()
+
+    @property
+    def digest(self) -> str:
+        return f"{DIGEST_ALGORITHM}:{self._hasher.hexdigest()}"
+
+
+@contextmanager
+def writing_pack(
+    path: PathLike,
+    like: PackManifest,
+    *,
+    model_schema_hash: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Iterator[ValuesSink]:
+    """Write a pack with the layout of ``like`` block by block: the block yields a
+    :class:`ValuesSink`; write ``like.parameter_count`` float32 values to it, in order.
+    The values are hashed as they are written (no second pass); when the block ends
+    the pack is published atomically and ``sink.manifest`` holds its manifest. Extra
+    manifest keys go in ``extra``. An exception publishes nothing.
+
+    Raises:
+        ValueError: fewer or more values than the layout has, or a block that is not
+            float32 on the CPU.
+        CodecError: ``path`` exists and is not a pack.
+        StorageError: the file system failed.
+    """
+    dest = Path(path)
+    if (dest.exists() or dest.is_symlink()) and not _is_pack(dest):
+        raise CodecError(f"refusing to replace {dest}: it exists and is not a pack", path=str(dest))
+    with publishing(dest, mkdir=True, replace_dir=_is_pack) as tmp:
+        with open(tmp / VALUES_FILE, "wb", buffering=0) as f:
+            sink = ValuesSink(f, like.parameter_count)
+            yield sink
+        if sink.written != like.parameter_count:
+            raise ValueError(
+                f"{sink.written} values written, the layout has {like.parameter_count}"
+            )
+        update: dict[str, Any] = {
+            "values_f32_le": VALUES_FILE,
+            "values_digest": sink.digest,
+            "model_schema_hash": model_schema_hash or like.model_schema_hash,
+            **(extra or {}),
+        }
+        manifest = like.model_copy(update=update)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_json(), indent=2), "utf-8")
+    sink.manifest = manifest
+
+
 def write_values_pack(
     path: PathLike,
     values: torch.Tensor,
@@ -338,8 +283,6 @@ def write_values_pack(
 ) -> PackManifest:
     """Publish flat ``values`` (float32 ``[parameter_count]``) as a pack with the layout
     of ``like`` (same layout hash, keys and entries), atomically, with a digest.
-
-    Used for packs computed on flat values (e.g. DiLoCo's outer step).
 
     Raises:
         ValueError: ``values`` is not a contiguous float32 CPU tensor of
@@ -355,20 +298,10 @@ def write_values_pack(
             f"values must be contiguous float32 CPU [{like.parameter_count}], got "
             f"{values.dtype} {tuple(values.shape)} on {values.device}"
         )
-    if not _LITTLE_ENDIAN:
-        values = torch.from_numpy(values.numpy().byteswap())
-    chunks = [_bytes_of(values)] if values.numel() else []
-
-    def manifest_for(values_digest: str | None) -> PackManifest:
-        return like.model_copy(
-            update={
-                "values_f32_le": VALUES_FILE,
-                "values_digest": values_digest,
-                "model_schema_hash": model_schema_hash or like.model_schema_hash,
-            }
-        )
-
-    return _publish_pack(Path(path), chunks, manifest_for)
+    with writing_pack(path, like, model_schema_hash=model_schema_hash) as sink:
+        sink.write(values)
+    assert sink.manifest is not None
+    return sink.manifest
 
 
 # --------------------------------------------------------------------------- read
@@ -383,56 +316,126 @@ def _readinto_exact(f: FileIO, buffer: memoryview, path: Path, expected_bytes: i
         got += n
 
 
-def _check_values(
-    values: torch.Tensor | Path,
+def check_expected(
     manifest: PackManifest,
+    path: PathLike,
     *,
-    verify: bool,
-    check_finite: bool,
+    layout_hash: str | None = None,
+    values_digest: str | None = None,
 ) -> None:
-    """Digest and non-finite checks over a flat float32 tensor or a values file."""
-    want_digest = verify and manifest.values_digest is not None
-    if not (want_digest or check_finite):
-        return
-    hasher = xxhash.xxh3_64()
-    bad_count, first_bad = 0, -1
+    """Check a manifest against what a reference to it recorded (a PackRef's layout hash
+    and digest): a replaced or mislabelled pack is refused before its values are read.
 
-    def scan(block: torch.Tensor, offset: int) -> None:
-        nonlocal bad_count, first_bad
-        if want_digest:
-            hasher.update(_bytes_of(block))
-        if check_finite:
+    Raises:
+        LayoutMismatchError: the layout hash differs (pack's, then the expected one).
+        DigestMismatchError: the recorded digest differs (expected, then the manifest's).
+    """
+    if layout_hash is not None and manifest.layout_hash != layout_hash:
+        raise LayoutMismatchError(str(path), manifest.layout_hash, layout_hash)
+    if values_digest is not None and manifest.values_digest != values_digest:
+        raise DigestMismatchError(str(path), values_digest, str(manifest.values_digest))
+
+
+class PackReader:
+    """Reads a pack's values in order, block by block, and checks them while reading: the
+    content digest (against the manifest's ``values_digest``) and, if asked, that every
+    value is finite. Nothing is read twice.
+
+    Use as a context manager; :meth:`read_into` fills blocks; :meth:`finish` (called on
+    a clean exit once every value was read) raises if a check failed.
+
+    Args:
+        path: the pack directory.
+        verify: check the content digest (when the manifest records one).
+        check_finite: refuse NaN and infinite values.
+        layout_hash / values_digest: what a reference to the pack recorded, checked
+            against the manifest first (see :func:`check_expected`).
+
+    Raises:
+        NotAPackError, ManifestError, UnknownPackFormatError: see :func:`read_manifest`.
+        ValuesLengthError: ``values.f32le`` is not ``4 * parameter_count`` bytes.
+        LayoutMismatchError, DigestMismatchError: see :func:`check_expected`.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        verify: bool = True,
+        check_finite: bool = False,
+        layout_hash: str | None = None,
+        values_digest: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        check_expected(
+            self.manifest, self.path, layout_hash=layout_hash, values_digest=values_digest
+        )
+        self.values_path = _values_file(self.path, self.manifest)
+        self.remaining = self.manifest.parameter_count
+        self._verify = verify and self.manifest.values_digest is not None
+        self._check_finite = check_finite
+        self._hasher = xxhash.xxh3_64()
+        self._bad_count, self._first_bad, self._offset = 0, -1, 0
+        self._file: FileIO = open(self.values_path, "rb", buffering=0)  # noqa: SIM115
+
+    def read_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Read the next ``min(out.numel(), remaining)`` values into ``out`` (a contiguous
+        float32 CPU tensor); return the filled part."""
+        n = min(out.numel(), self.remaining)
+        block = out.view(-1)[:n]
+        _readinto_exact(self._file, _bytes_of(block), self.values_path, self.manifest.values_nbytes)
+        if not _LITTLE_ENDIAN:
+            block.copy_(torch.from_numpy(block.numpy().byteswap()))
+        self._scan(block)
+        self.remaining -= n
+        return block
+
+    def _scan(self, block: torch.Tensor) -> None:
+        if self._verify:
+            self._hasher.update(_bytes_of(block))
+        # a finite sum means no NaN or Inf (both propagate); only a block whose sum is
+        # not finite (or overflowed) is scanned element by element
+        if self._check_finite and not math.isfinite(float(block.sum())):
             finite = torch.isfinite(block)
             if not bool(finite.all()):
                 bad = (~finite).nonzero()
-                if first_bad < 0:
-                    first_bad = offset + int(bad[0, 0])
-                bad_count += bad.shape[0]
+                if self._first_bad < 0:
+                    self._first_bad = self._offset + int(bad[0, 0])
+                self._bad_count += bad.shape[0]
+        self._offset += block.numel()
 
-    path_str = str(values) if isinstance(values, Path) else "<values>"
-    if isinstance(values, torch.Tensor):
-        scan(values, 0)
-    else:
-        buf = torch.empty(min(SCAN_CHUNK_BYTES, manifest.values_nbytes) // 4, dtype=torch.float32)
-        view = _bytes_of(buf)
-        offset = 0
-        with open(values, "rb", buffering=0) as f:
-            while offset < manifest.parameter_count:
-                n = min(buf.numel(), manifest.parameter_count - offset)
-                _readinto_exact(f, view[: 4 * n], values, manifest.values_nbytes)
-                scan(buf[:n], offset)
-                offset += n
-    if want_digest:
-        actual = f"{DIGEST_ALGORITHM}:{hasher.hexdigest()}"
-        expected = manifest.values_digest or ""
-        if expected.split(":", 1)[0] != DIGEST_ALGORITHM:
-            raise ManifestError(
-                path_str, "values_digest", f"unknown digest algorithm in {expected!r}"
-            )
-        if actual != expected:
-            raise DigestMismatchError(path_str, expected, actual)
-    if bad_count:
-        raise NonFiniteValuesError(path_str, bad_count, first_bad)
+    def finish(self) -> None:
+        """Check what was read.
+
+        Raises:
+            DigestMismatchError: the values do not hash to the manifest's digest.
+            NonFiniteValuesError: ``check_finite`` and a value is NaN or infinite.
+            ManifestError: the manifest names an unknown digest algorithm.
+        """
+        path = str(self.values_path)
+        if self._verify:
+            expected = self.manifest.values_digest or ""
+            if expected.split(":", 1)[0] != DIGEST_ALGORITHM:
+                raise ManifestError(
+                    path, "values_digest", f"unknown digest algorithm in {expected!r}"
+                )
+            actual = f"{DIGEST_ALGORITHM}:{self._hasher.hexdigest()}"
+            if actual != expected:
+                raise DigestMismatchError(path, expected, actual)
+        if self._bad_count:
+            raise NonFiniteValuesError(path, self._bad_count, self._first_bad)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> PackReader:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.close()
+        if exc_type is None and self.remaining == 0:
+            self.finish()
 
 
 def read_pack(
@@ -442,12 +445,15 @@ def read_pack(
     check_finite: bool = False,
     mmap: bool = False,
     out: torch.Tensor | None = None,
+    layout_hash: str | None = None,
+    values_digest: str | None = None,
 ) -> tuple[PackManifest, torch.Tensor]:
     """Read a pack as its manifest and flat values.
 
     Returns:
         ``(manifest, values)``; ``values`` is float32, shape ``[parameter_count]``,
-        read with one ``readinto`` (or memory-mapped copy-on-write when ``mmap``).
+        read with one ``readinto`` (or memory-mapped copy-on-write when ``mmap``), the
+        digest and finiteness checked on the bytes as they were read.
 
     Args:
         verify: check the ``values_digest`` when the manifest has one.
@@ -456,42 +462,47 @@ def read_pack(
         out: a preallocated contiguous float32 CPU tensor of ``parameter_count``
             elements to read into (saves the allocation and its page faults when
             packs of one layout are read repeatedly); returned as ``values``.
+        layout_hash / values_digest: what a PackRef recorded, checked against the
+            manifest before any value is read.
 
     Raises:
         NotAPackError, ManifestError, UnknownPackFormatError: see :func:`read_manifest`.
         ValuesLengthError: ``values.f32le`` is not ``4 * parameter_count`` bytes.
+        LayoutMismatchError, DigestMismatchError: see :func:`check_expected`.
         ValueError: ``out`` has the wrong size, dtype, device or is not contiguous.
         DigestMismatchError: ``verify`` and the content digest differs.
         NonFiniteValuesError: ``check_finite`` and a value is NaN or infinite.
     """
-    pack = Path(path)
-    manifest = read_manifest(pack)
-    values_path = _values_file(pack, manifest)
-    n = manifest.parameter_count
-    if out is not None and not (
-        out.numel() == n
-        and out.dtype == torch.float32
-        and out.device.type == "cpu"
-        and out.is_contiguous()
-    ):
-        raise ValueError(
-            f"out must be a contiguous float32 CPU tensor of {n} elements, got "
-            f"{out.dtype} {tuple(out.shape)} on {out.device}"
-        )
-    if mmap and n and out is None:
-        values = torch.from_file(str(values_path), shared=False, size=n, dtype=torch.float32)
-    else:
-        values = torch.empty(n, dtype=torch.float32) if out is None else out.view(-1)
-        with open(values_path, "rb", buffering=0) as f:
-            _readinto_exact(f, _bytes_of(values), values_path, manifest.values_nbytes)
-    if not _LITTLE_ENDIAN:
-        values = torch.from_numpy(values.numpy().byteswap())
-    try:
-        _check_values(values, manifest, verify=verify, check_finite=check_finite)
-    except CodecError as exc:
-        exc.path = str(values_path)
-        raise
-    return manifest, values
+    with PackReader(
+        path,
+        verify=verify,
+        check_finite=check_finite,
+        layout_hash=layout_hash,
+        values_digest=values_digest,
+    ) as reader:
+        n = reader.manifest.parameter_count
+        if out is not None and not (
+            out.numel() == n
+            and out.dtype == torch.float32
+            and out.device.type == "cpu"
+            and out.is_contiguous()
+        ):
+            raise ValueError(
+                f"out must be a contiguous float32 CPU tensor of {n} elements, got "
+                f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+        if mmap and n and out is None:
+            values = torch.from_file(
+                str(reader.values_path), shared=False, size=n, dtype=torch.float32
+            )
+            if not _LITTLE_ENDIAN:
+                values = torch.from_numpy(values.numpy().byteswap())
+            reader._scan(values)
+            reader.remaining = 0
+        else:
+            values = torch.empty(n, dtype=torch.float32) if out is None else out.view(-1)
+            reader.read_into(values)
+    return reader.manifest, values
 
 
 def _direct(tensor: torch.Tensor) -> bool:
@@ -511,13 +522,17 @@ def load_pack_into(
     state_dict_filter: FilterLike = None,
     verify: bool = False,
     check_finite: bool = False,
+    layout_hash: str | None = None,
+    values_digest: str | None = None,
 ) -> PackManifest:
     """Load the pack at ``path`` into ``state`` in place; return its manifest.
 
-    Each included tensor gets its values cast back to its own dtype and device. A
-    contiguous float32 CPU tensor is filled by ``readinto`` straight into its memory;
-    others go through one float32 staging buffer the size of the largest such tensor.
-    All checks run before the first tensor is touched, so a failed load leaves
+    Each included tensor gets its values cast back to its own dtype and device. Without
+    checks, a contiguous float32 CPU tensor is filled by ``readinto`` straight into its
+    memory and others go through one float32 staging buffer the size of the largest
+    such tensor. With ``verify`` or ``check_finite`` the values are read once into a
+    float32 staging buffer ``[parameter_count]``, checked while reading, and copied
+    into the tensors only when every check passed. Either way a failed load leaves
     ``state`` unchanged.
 
     Args:
@@ -525,8 +540,9 @@ def load_pack_into(
             ``{name: Tensor}``; its layout must hash to the pack's ``layout_hash``.
         state_dict_filter: filter that selects the target tensors; None uses the
             filter recorded in the manifest (or all keys if none is recorded).
-        verify: check the content digest first (reads the values twice).
+        verify: check the content digest.
         check_finite: refuse a pack with NaN or infinite values.
+        layout_hash / values_digest: what a PackRef recorded (see :func:`check_expected`).
 
     Raises:
         NotAPackError, ManifestError, UnknownPackFormatError: see :func:`read_manifest`.
@@ -536,14 +552,23 @@ def load_pack_into(
     """
     pack = Path(path)
     manifest = read_manifest(pack)
+    check_expected(manifest, pack, layout_hash=layout_hash, values_digest=values_digest)
     sdf = as_filter(
         state_dict_filter if state_dict_filter is not None else manifest.state_dict_filter
     )
     layout, tensors = layout_and_tensors(state, sdf)
     if layout.layout_hash != manifest.layout_hash:
         raise LayoutMismatchError(str(pack), manifest.layout_hash, layout.layout_hash)
+    if verify or check_finite:
+        _, flat = read_pack(pack, verify=verify, check_finite=check_finite)
+        offset = 0
+        with torch.no_grad():
+            for tensor in tensors:
+                n = tensor.numel()
+                tensor.detach().copy_(flat[offset : offset + n].view(tensor.shape))
+                offset += n
+        return manifest
     values_path = _values_file(pack, manifest)
-    _check_values(values_path, manifest, verify=verify, check_finite=check_finite)
     staged = [t.numel() for t in tensors if not _direct(t)]
     staging = torch.empty(max(staged, default=0), dtype=torch.float32)
     staging_bytes = _bytes_of(staging)
@@ -571,10 +596,14 @@ __all__ = [
     "PACK_FORMAT_V1",
     "VALUES_FILE",
     "PackManifest",
+    "PackReader",
+    "ValuesSink",
+    "check_expected",
+    "is_pack",
     "load_pack_into",
-    "publish_dir",
     "read_manifest",
     "read_pack",
     "write_pack",
     "write_values_pack",
+    "writing_pack",
 ]

@@ -13,24 +13,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from celery import Task, shared_task
-from pydantic import BaseModel, RootModel, ValidationError
+from pydantic import BaseModel
 
-from fleet.errors import FleetError, RequestValidationError
-from fleet.jobs import JobLogHandler, JobStore
-from fleet.progress import StepMonitor, monitoring
-from fleet.protocol import WorkloadRef
+from fleet.errors import FencedOutError, FleetError, RequestValidationError, storage_error
+from fleet.jobs import JobStore, job_log
+from fleet.progress import StepMonitor, TaskWatch, monitoring
+from fleet.protocol import METHODS, MethodSpec, WorkloadRef, validate
 from fleet.runtime import WorkerRuntime
 
 log = logging.getLogger("fleet.task")
 
-Req = TypeVar("Req", bound=BaseModel)
 MethodFn = Callable[[WorkerRuntime, Any, WorkloadRef | None], BaseModel]
 
 #: protocol method name -> its plain function
-METHODS: dict[str, MethodFn] = {}
+METHODS_FNS: dict[str, MethodFn] = {}
 #: protocol method name -> the Celery task
 TASKS: dict[str, Task] = {}
 
@@ -54,123 +53,141 @@ def get_runtime() -> WorkerRuntime:
     return _runtime
 
 
-def validate(method: str, model: type[Req], body: object) -> Req:
-    """Parse a request body.
-
-    Raises:
-        RequestValidationError: not an object, a missing field, a wrong type, an
-            unknown field (each problem listed with its location).
-    """
-    if body is None:
-        body = {}
-    if not isinstance(body, dict) and not issubclass(model, RootModel):
-        raise RequestValidationError(
-            method,
-            [
-                {
-                    "loc": [],
-                    "msg": f"expected a JSON object, got {type(body).__name__}",
-                    "type": "dict_type",
-                }
-            ],
-        )
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        raise RequestValidationError(
-            method, [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
-        ) from None
-
-
 @contextmanager
 def _job_scope(
-    runtime: WorkerRuntime, task: Task, method: str, job_id: str | None
+    runtime: WorkerRuntime, task: Task, method: str, job_id: str | None, fence: int | None
 ) -> Iterator[None]:
     """While a job's task runs: its log records go to the job's log stream, and the task
-    is tracked so a job cancel can abort it."""
+    is tracked so a job cancel can abort it. A task carrying a stale fencing token (its
+    orchestrator lost the job to a newer one) is refused before it runs.
+
+    Raises:
+        FencedOutError: ``fence`` is not the job's current token.
+    """
     task_id = task.request.id
     if job_id is None or task_id is None:
         yield
         return
-    store = JobStore(runtime.registry.redis)
-    handler = JobLogHandler(store, job_id, runtime.identity.name, task_id)
-    root = logging.getLogger()
-    root.addHandler(handler)
+    store = JobStore(runtime.registry)
+    if fence is not None:
+        current = store.fence(job_id)
+        if current != fence:
+            raise FencedOutError(job_id, fence, current)
     store.track_task(job_id, task_id)
-    log.info("%s started on %s", method, runtime.identity.name)
-    try:
-        yield
-        log.info("%s finished", method)
-    except Exception as exc:
-        log.error("%s failed: %s: %s", method, type(exc).__name__, exc)
-        raise
-    finally:
-        store.untrack_task(job_id, task_id)
-        root.removeHandler(handler)
+    with job_log(store, job_id, runtime.identity.name, task_id):
+        log.info("%s started on %s", method, runtime.identity.name)
+        try:
+            yield
+            log.info("%s finished", method)
+        except Exception as exc:
+            log.error("%s failed: %s: %s", method, type(exc).__name__, exc)
+            raise
+        finally:
+            store.untrack_task(job_id, task_id)
 
 
 def _execute(
     task: Task,
-    method: str,
-    request_model: type[BaseModel],
+    spec: MethodSpec,
     fn: MethodFn,
-    long: bool,
     params: object,
     workload: object,
-    job_id: str | None = None,
+    job_id: str | None,
+    fence: int | None,
+    unknown: dict[str, Any],
 ) -> dict[str, Any]:
-    """Validate, run ``fn`` (under a StepMonitor when ``long``), dump the result."""
+    """Validate, run ``fn`` (under a StepMonitor when the method is long), dump the result.
+    An OS error leaves as its typed :class:`~fleet.errors.StorageError`."""
     runtime = get_runtime()
+    method = spec.name
     try:
-        with _job_scope(runtime, task, method, job_id):
-            request = validate(method, request_model, params)
+        with _job_scope(runtime, task, method, job_id, fence):
+            if unknown:
+                raise RequestValidationError(
+                    method,
+                    [
+                        {"loc": [name], "msg": "unknown task keyword", "type": "extra_forbidden"}
+                        for name in sorted(unknown)
+                    ],
+                )
+            request = validate(method, spec.request, params)
             ref = validate(method, WorkloadRef, workload) if workload is not None else None
-            if not long:
-                return fn(runtime, request, ref).model_dump(mode="json", by_alias=True)
+            if not spec.long:
+                return _run(fn, runtime, request, ref)
             task_id = task.request.id
+            watch = TaskWatch(
+                abort_requested=lambda: (
+                    task_id is not None and runtime.quick_registry.abort_requested(task_id)
+                ),
+                publish=_progress_publisher(task),
+            )
             monitor = StepMonitor(
                 task_id,
-                publish=lambda meta: _publish_progress(task, meta),
-                abort_requested=lambda: (
-                    task_id is not None and runtime.registry.abort_requested(task_id)
-                ),
+                publish=watch.offer,
+                abort_requested=watch.aborted.is_set,
                 deadline_unix_s=getattr(request, "deadline_unix_s", None),
                 total_steps=getattr(request, "num_inner_steps", None),
             )
-            monitor.check()
-            with monitoring(monitor):
-                return fn(runtime, request, ref).model_dump(mode="json", by_alias=True)
+            with watch, monitoring(monitor):
+                if task_id is not None and runtime.registry.abort_requested(task_id):
+                    watch.aborted.set()  # asked to stop before it started (e.g. redelivered)
+                monitor.check()
+                return _run(fn, runtime, request, ref)
     except FleetError as exc:
         # Celery stores exc.args on the wire: carry the typed data with the message.
         exc.args = (exc.message, exc.to_dict()["data"])
         raise
 
 
-def _publish_progress(task: Task, meta: dict[str, Any]) -> None:
-    if task.request.id is None:
-        return
-    task.update_state(state="PROGRESS", meta=meta)
-    task.send_event("task-progress", **meta)
+def _run(
+    fn: MethodFn, runtime: WorkerRuntime, request: BaseModel, ref: WorkloadRef | None
+) -> dict[str, Any]:
+    try:
+        return fn(runtime, request, ref).model_dump(mode="json", by_alias=True)
+    except OSError as exc:
+        raise storage_error(exc) from exc
 
 
-def protocol_task(
-    method: str, request_model: type[BaseModel], *, long: bool = False
-) -> Callable[[MethodFn], MethodFn]:
-    """Register ``fn`` as protocol method ``method`` and as Celery task ``fleet.<method>``.
+def _progress_publisher(task: Task) -> Callable[[dict[str, Any]], None]:
+    """Publish a long task's progress from another thread: the ``PROGRESS`` state and a
+    ``task-progress`` event (Celery's helpers read the task's request from the current
+    thread, so it is captured here). Events are not retried: the next one follows."""
+    request, task_id = task.request, task.request.id
 
-    ``long`` tasks run under a :class:`~fleet.progress.StepMonitor` (progress events,
-    abort and deadline checks between steps).
+    def publish(meta: dict[str, Any]) -> None:
+        if task_id is None:
+            return
+        task.backend.store_result(task_id, meta, "PROGRESS", request=request)
+        with task.app.events.default_dispatcher(hostname=request.hostname) as dispatcher:
+            dispatcher.send("task-progress", uuid=task_id, retry=False, **meta)
+
+    return publish
+
+
+def protocol_task(method: str) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn`` as protocol method ``method`` (its :data:`~fleet.protocol.METHODS`
+    entry gives the request model and whether it is long) and as the Celery task
+    ``fleet.<method>``.
+
+    The task takes ``params`` (the request body), ``workload``, ``job_id`` and ``fence``
+    (the job owner's fencing token); any other keyword is refused with
+    :class:`~fleet.errors.RequestValidationError`.
     """
+    spec = METHODS[method]
 
     def decorate(fn: MethodFn) -> MethodFn:
-        @shared_task(bind=True, name=f"fleet.{method}")  # type: ignore[untyped-decorator]
+        @shared_task(bind=True, name=spec.task_name)  # type: ignore[untyped-decorator]
         def task(
-            self: Task, params: object = None, workload: object = None, job_id: str | None = None
+            self: Task,
+            params: object = None,
+            workload: object = None,
+            job_id: str | None = None,
+            fence: int | None = None,
+            **unknown: Any,
         ) -> dict[str, Any]:
-            return _execute(self, method, request_model, fn, long, params, workload, job_id)
+            return _execute(self, spec, fn, params, workload, job_id, fence, unknown)
 
-        METHODS[method] = fn
+        METHODS_FNS[method] = fn
         TASKS[method] = task
         return fn
 

@@ -15,12 +15,13 @@ from fleet.protocol import (
     RuntimePatch,
     ShutdownResult,
     WorkloadRef,
+    validate,
 )
 from fleet.runtime import WorkerRuntime
-from fleet.tasks.base import protocol_task, validate
+from fleet.tasks.base import protocol_task
 
 
-@protocol_task("hello", Empty)
+@protocol_task("hello")
 def hello(rt: WorkerRuntime, req: Empty, ref: WorkloadRef | None) -> HelloResult:
     """``{protocol_version: 2, workload_name, capabilities}``; ``workload_name`` is ""
     on a worker with no default workload when the call names none."""
@@ -36,7 +37,7 @@ def hello(rt: WorkerRuntime, req: Empty, ref: WorkloadRef | None) -> HelloResult
     )
 
 
-@protocol_task("capability_probe", Empty)
+@protocol_task("capability_probe")
 def capability_probe(
     rt: WorkerRuntime, req: Empty, ref: WorkloadRef | None
 ) -> CapabilityProbeResult:
@@ -49,12 +50,12 @@ def capability_probe(
     return CapabilityProbeResult(runtime_device=device, capability=capability)
 
 
-@protocol_task("apply_patch", RuntimePatch)
+@protocol_task("apply_patch")
 def apply_patch(
     rt: WorkerRuntime, req: RuntimePatch, ref: WorkloadRef | None
 ) -> PatchOutcomeResult:
     """Apply a RuntimePatch to this worker's workload. A workload without the hook
-    gives ``{"Rejected": ...}`` (PROTOCOL.md section 1).
+    gives ``{"Rejected": ...}`` (docs/protocol.md section 1).
 
     Raises:
         RequestValidationError: the hook returned something that is not a PatchOutcome.
@@ -68,7 +69,7 @@ def apply_patch(
     return validate("apply_patch", PatchOutcomeResult, outcome)
 
 
-@protocol_task("shutdown", Empty)
+@protocol_task("shutdown")
 def shutdown(rt: WorkerRuntime, req: Empty, ref: WorkloadRef | None) -> ShutdownResult:
     """Release every handle of this worker, deregister it, and ask Celery for a warm
     shutdown of this worker only (the current task finishes first)."""

@@ -1,6 +1,6 @@
 """Protocol methods that combine models: merge_candidate_models, apply_single_root_ema,
 reconcile_canonical_model. Models held by other workers arrive as PackRefs and are
-imported into temporary states for the call (DESIGN.md decision 4)."""
+imported into temporary states for the call (docs/design.md decision 4)."""
 
 from __future__ import annotations
 
@@ -38,13 +38,13 @@ def model_state(
     if model_id is not None and (pack is None or model_id in rt.models):
         return rt.held(model_id).state
     if pack is not None:
-        return state_from_pack(base.workload, base.device, rt.shared.resolve(pack.path), None)
+        return state_from_pack(base.workload, base.device, rt.shared.resolve(pack.path), None, pack)
     raise RequestValidationError(
         method, [{"loc": ["model_id"], "msg": "give a model_id or a pack", "type": "missing"}]
     )
 
 
-@protocol_task("merge_candidate_models", MergeCandidateModelsRequest)
+@protocol_task("merge_candidate_models")
 def merge_candidate_models(
     rt: WorkerRuntime, req: MergeCandidateModelsRequest, ref: WorkloadRef | None
 ) -> OptionalModelIdResult:
@@ -72,7 +72,7 @@ def merge_candidate_models(
     return OptionalModelIdResult(model_id=rt.add_model(merged, base.workload, base.device))
 
 
-@protocol_task("apply_single_root_ema", ApplySingleRootEmaRequest)
+@protocol_task("apply_single_root_ema")
 def apply_single_root_ema(
     rt: WorkerRuntime, req: ApplySingleRootEmaRequest, ref: WorkloadRef | None
 ) -> ModelIdResult:
@@ -87,7 +87,7 @@ def apply_single_root_ema(
     return ModelIdResult(model_id=req.merged_model_id)
 
 
-@protocol_task("reconcile_canonical_model", ReconcileCanonicalModelRequest)
+@protocol_task("reconcile_canonical_model")
 def reconcile_canonical_model(
     rt: WorkerRuntime, req: ReconcileCanonicalModelRequest, ref: WorkloadRef | None
 ) -> ModelIdResult:

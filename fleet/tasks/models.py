@@ -3,15 +3,13 @@ import/export_parameter_pack, parameter_pack_plan, load/materialize_model_artifa
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from fleet.codec import load_pack_into, pack_plan, write_pack
-from fleet.codec.layout import StateDictFilter
-from fleet.codec.pack import publish_dir
-from fleet.errors import HookMissingError
+from fleet.codec import load_pack_into, pack_plan, read_pack, write_pack
+from fleet.codec.convert import load_state_artifact, save_state_artifact
+from fleet.codec.filter import StateDictFilter
+from fleet.codec.pack import is_pack
 from fleet.protocol import (
     EmptyResult,
     ExportParameterPackRequest,
@@ -28,27 +26,67 @@ from fleet.protocol import (
     WorkloadRef,
 )
 from fleet.runtime import HeldModel, WorkerRuntime
-from fleet.storage import atomic_write_bytes, temp_sibling
+from fleet.storage import PackRef, atomic_write_bytes, publishing
 from fleet.tasks.base import protocol_task
 from fleet.workload import Workload
 
 CUSTOM_PACK_HOOKS = ("export_parameter_pack_path", "import_parameter_pack_path")
 
 
+def check_pack(path: Path, ref: PackRef | None) -> None:
+    """Check a pack against its PackRef before a custom hook reads it: the manifest's
+    layout hash and digest, then the values' digest and finiteness (one read).
+
+    Raises:
+        LayoutMismatchError, DigestMismatchError, NonFiniteValuesError: a replaced or
+            corrupt pack (naming its path).
+    """
+    if ref is not None:
+        read_pack(
+            path,
+            verify=True,
+            check_finite=True,
+            layout_hash=ref.layout_hash,
+            values_digest=ref.values_digest,
+        )
+
+
+def _load(path: Path, state: Any, sdf: StateDictFilter | None, ref: PackRef | None) -> None:
+    """Load a pack into a state, checked against its PackRef when there is one."""
+    if ref is None:
+        load_pack_into(path, state, state_dict_filter=sdf)
+    else:
+        load_pack_into(
+            path,
+            state,
+            state_dict_filter=sdf,
+            verify=True,
+            check_finite=True,
+            layout_hash=ref.layout_hash,
+            values_digest=ref.values_digest,
+        )
+
+
 def state_from_pack(
-    workload: Workload, device: str, path: Path, state_dict_filter: StateDictFilter | None
+    workload: Workload,
+    device: str,
+    path: Path,
+    state_dict_filter: StateDictFilter | None,
+    ref: PackRef | None = None,
 ) -> Any:
     """A new model state on ``device`` holding the pack at ``path``: the workload's
     ``import_parameter_pack_path`` hook if it has one, else ``init_model`` + the codec.
+    With ``ref`` (a PackRef) the pack is checked against it while it is read.
 
     Raises:
-        CodecError: not a pack, truncated, layout mismatch, ...
+        CodecError: not a pack, truncated, layout or digest mismatch, non-finite values.
         WorkloadError: a hook failed.
     """
     if workload.has("import_parameter_pack_path"):
+        check_pack(path, ref)
         return workload.call("import_parameter_pack_path", device, str(path))
     state = workload.call("init_model", device)
-    load_pack_into(path, state, state_dict_filter=state_dict_filter)
+    _load(path, state, state_dict_filter, ref)
     return state
 
 
@@ -62,33 +100,33 @@ def publish_state_pack(
     """Write ``state`` as a pack at ``dest``: the workload's ``export_parameter_pack_path``
     hook (into a temp dir, then published atomically) if it has one, else the codec."""
     if workload.has("export_parameter_pack_path"):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_sibling(dest)
-        try:
+        with publishing(dest, replace_dir=is_pack) as tmp:
             workload.call("export_parameter_pack_path", state, str(tmp), model_schema_hash)
-            publish_dir(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     else:
         write_pack(dest, state, model_schema_hash, state_dict_filter=state_dict_filter)
 
 
 def load_pack_into_held(
-    held: HeldModel, path: Path, state_dict_filter: StateDictFilter | None
+    held: HeldModel,
+    path: Path,
+    state_dict_filter: StateDictFilter | None,
+    ref: PackRef | None = None,
 ) -> None:
     """Load the pack at ``path`` into a held model: in place with the codec, or through
-    the workload's ``import_parameter_pack_path`` hook (which gives a new state).
+    the workload's ``import_parameter_pack_path`` hook (which gives a new state). With
+    ``ref`` the pack is checked against it; a refused pack leaves the model unchanged.
 
     Raises:
-        CodecError: not a pack, truncated, layout mismatch, ...
+        CodecError: not a pack, truncated, layout or digest mismatch, non-finite values.
     """
     if held.workload.has("import_parameter_pack_path"):
+        check_pack(path, ref)
         held.state = held.workload.call("import_parameter_pack_path", held.device, str(path))
     else:
-        load_pack_into(path, held.state, state_dict_filter=state_dict_filter)
+        _load(path, held.state, state_dict_filter, ref)
 
 
-@protocol_task("load_parameter_pack", LoadParameterPackRequest)
+@protocol_task("load_parameter_pack")
 def load_parameter_pack(
     rt: WorkerRuntime, req: LoadParameterPackRequest, ref: WorkloadRef | None
 ) -> EmptyResult:
@@ -96,13 +134,13 @@ def load_parameter_pack(
     state stay); the pack becomes the handle's last pack."""
     held = rt.held(req.model_id)
     path = rt.shared.resolve(req.parameter_pack_path)
-    load_pack_into_held(held, path, req.state_dict_filter)
+    load_pack_into_held(held, path, req.state_dict_filter, req.pack)
     rt.registry.touch(req.model_id, bump_generation=True)
     rt.registry.publish_pack(req.model_id, rt.shared.pack_ref(path))
     return EmptyResult()
 
 
-@protocol_task("init_model", InitModelRequest)
+@protocol_task("init_model")
 def init_model(rt: WorkerRuntime, req: InitModelRequest, ref: WorkloadRef | None) -> ModelIdResult:
     """Build a model with the workload's ``init_model(device)`` and hold it under a new
     global model id."""
@@ -111,7 +149,7 @@ def init_model(rt: WorkerRuntime, req: InitModelRequest, ref: WorkloadRef | None
     return ModelIdResult(model_id=rt.add_model(state, workload, req.device))
 
 
-@protocol_task("release_model", ReleaseModelRequest)
+@protocol_task("release_model")
 def release_model(
     rt: WorkerRuntime, req: ReleaseModelRequest, ref: WorkloadRef | None
 ) -> EmptyResult:
@@ -120,7 +158,7 @@ def release_model(
     return EmptyResult()
 
 
-@protocol_task("export_parameter_pack", ExportParameterPackRequest)
+@protocol_task("export_parameter_pack")
 def export_parameter_pack(
     rt: WorkerRuntime, req: ExportParameterPackRequest, ref: WorkloadRef | None
 ) -> ExportResult:
@@ -136,20 +174,20 @@ def export_parameter_pack(
     return ExportResult(pack=pack)
 
 
-@protocol_task("import_parameter_pack", ImportParameterPackRequest)
+@protocol_task("import_parameter_pack")
 def import_parameter_pack(
     rt: WorkerRuntime, req: ImportParameterPackRequest, ref: WorkloadRef | None
 ) -> ModelIdResult:
     """Hold a new model on ``device`` loaded from the pack at ``parameter_pack_path``."""
     workload = rt.workload(ref)
     path = rt.shared.resolve(req.parameter_pack_path)
-    state = state_from_pack(workload, req.device, path, req.state_dict_filter)
+    state = state_from_pack(workload, req.device, path, req.state_dict_filter, req.pack)
     model_id = rt.add_model(state, workload, req.device)
     rt.registry.publish_pack(model_id, rt.shared.pack_ref(path))
     return ModelIdResult(model_id=model_id)
 
 
-@protocol_task("parameter_pack_plan", ParameterPackPlanRequest)
+@protocol_task("parameter_pack_plan")
 def parameter_pack_plan(
     rt: WorkerRuntime, req: ParameterPackPlanRequest, ref: WorkloadRef | None
 ) -> ParameterPackPlanResult:
@@ -170,12 +208,14 @@ def parameter_pack_plan(
     return ParameterPackPlanResult.model_validate(plan)
 
 
-@protocol_task("load_model_artifact", LoadModelArtifactRequest)
+@protocol_task("load_model_artifact")
 def load_model_artifact(
     rt: WorkerRuntime, req: LoadModelArtifactRequest, ref: WorkloadRef | None
 ) -> EmptyResult:
     """Load an artifact into a held model: ``load_model_artifact_path(state, path)`` if
-    defined, else ``load_model_artifact(state, bytes)``; a returned state replaces it."""
+    defined, else ``load_model_artifact(state, bytes)`` (a returned state replaces it),
+    else fleet's default: the safetensors file of the model's state dict
+    (docs/protocol.md section 5.6)."""
     held = rt.held(req.model_id)
     path = rt.shared.resolve(req.artifact_path)
     if held.workload.has("load_model_artifact_path"):
@@ -183,32 +223,29 @@ def load_model_artifact(
     elif held.workload.has("load_model_artifact"):
         new_state = held.workload.call("load_model_artifact", held.state, path.read_bytes())
     else:
-        raise HookMissingError(held.workload.spec, "load_model_artifact_path")
+        load_state_artifact(path, held.state)
+        new_state = None
     rt.replace_state(req.model_id, held.state if new_state is None else new_state)
     return EmptyResult()
 
 
-@protocol_task("materialize_model_artifact", MaterializeModelArtifactRequest)
+@protocol_task("materialize_model_artifact")
 def materialize_model_artifact(
     rt: WorkerRuntime, req: MaterializeModelArtifactRequest, ref: WorkloadRef | None
 ) -> EmptyResult:
     """Write a held model as an artifact at ``artifact_path``, atomically:
     ``materialize_model_artifact_path(state, path)`` if defined (written to a temp path,
-    then renamed), else the bytes of ``materialize_model_artifact(state)``."""
+    then renamed), else the bytes of ``materialize_model_artifact(state)``, else fleet's
+    default: the model's state dict as safetensors (docs/protocol.md section 5.6)."""
     held = rt.held(req.model_id)
     path = rt.shared.resolve(req.artifact_path)
     if held.workload.has("materialize_model_artifact_path"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_sibling(path)
-        try:
+        with publishing(path) as tmp:
             held.workload.call("materialize_model_artifact_path", held.state, str(tmp))
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     elif held.workload.has("materialize_model_artifact"):
         data = held.workload.call("materialize_model_artifact", held.state)
         atomic_write_bytes(path, bytes(data))
     else:
-        raise HookMissingError(held.workload.spec, "materialize_model_artifact_path")
+        save_state_artifact(held.state, path)
     rt.registry.touch(req.model_id)
     return EmptyResult()

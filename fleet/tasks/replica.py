@@ -23,13 +23,10 @@ from typing import Any
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from fleet import keys
 from fleet.errors import TaskAborted
+from fleet.jobs import JobStore
 from fleet.tasks.base import get_runtime
 from fleet.workload import check_allowed, import_object
-
-#: Captured lines kept per replica.
-MAX_REPLICA_LOG_LINES = 10_000
 
 
 def resolve_entrypoint(entrypoint: str, allowlist: list[str]) -> Any:
@@ -45,11 +42,11 @@ def resolve_entrypoint(entrypoint: str, allowlist: list[str]) -> Any:
 
 
 class _LineSink(io.TextIOBase):
-    """A text stream that pushes each complete line to a Redis list."""
+    """A text stream that pushes each complete line to the replica's captured lines."""
 
-    def __init__(self, redis: Any, key: str, prefix: str = "") -> None:
-        self.redis = redis
-        self.key = key
+    def __init__(self, store: JobStore, task_id: str, prefix: str = "") -> None:
+        self.store = store
+        self.task_id = task_id
         self.prefix = prefix
         self._buffer = ""
 
@@ -64,11 +61,7 @@ class _LineSink(io.TextIOBase):
         return len(text)
 
     def push(self, line: str) -> None:
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(self.key, self.prefix + line)
-            pipe.ltrim(self.key, -MAX_REPLICA_LOG_LINES, -1)
-            pipe.expire(self.key, 7 * 24 * 3600)
-            pipe.execute()
+        self.store.append_replica_lines(self.task_id, [self.prefix + line])
 
     def flush(self) -> None:
         if self._buffer:
@@ -91,8 +84,8 @@ class _RecordSink(logging.Handler):
 
 
 @contextlib.contextmanager
-def _captured(redis: Any, key: str) -> Iterator[None]:
-    out, err = _LineSink(redis, key), _LineSink(redis, key, "[stderr] ")
+def _captured(store: JobStore, task_id: str) -> Iterator[None]:
+    out, err = _LineSink(store, task_id), _LineSink(store, task_id, "[stderr] ")
     handler = _RecordSink(out)
     root = logging.getLogger()
     root.addHandler(handler)
@@ -118,8 +111,7 @@ def run_entrypoint(
     """Run one replica; returns ``{rank, exit_code, result, error, elapsed_s}``. A raising
     entrypoint gives exit code 1 and its traceback in ``error`` (and in the logs)."""
     runtime = get_runtime()
-    redis = runtime.registry.redis
-    key = keys.replica_logs(self.request.id or "local")
+    store = JobStore(runtime.registry)
     fn = resolve_entrypoint(entrypoint, runtime.settings.workload_allowlist)
     saved = {k: os.environ.get(k) for k in (rank_env, "WORLD_SIZE")}
     os.environ[rank_env] = str(rank)
@@ -127,7 +119,7 @@ def run_entrypoint(
     started = time.perf_counter()
     outcome: dict[str, Any] = {"rank": rank, "exit_code": 0, "result": None, "error": None}
     try:
-        with _captured(redis, key):
+        with _captured(store, self.request.id or "local"):
             try:
                 if isinstance(args, dict):
                     result = fn(**args)

@@ -6,17 +6,26 @@ between steps when aborted or past their deadline (:mod:`fleet.progress`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
-import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import torch
 
 from fleet import progress
-from fleet.errors import DeadlineExceeded, MetricValueError, StepBudgetError
+from fleet.codec.manifest import read_manifest
+from fleet.errors import (
+    CodecError,
+    DeadlineExceeded,
+    MetricValueError,
+    StepBudgetError,
+    storage_error,
+)
 from fleet.protocol import (
     EvaluateRequest,
     MetricsResult,
@@ -26,8 +35,9 @@ from fleet.protocol import (
     WorkloadRef,
 )
 from fleet.runtime import HeldModel, WorkerRuntime
-from fleet.storage import temp_sibling
+from fleet.storage import atomic_write_bytes, publishing, result_marker
 from fleet.tasks.base import protocol_task
+from fleet.tasks.data import check_shards, resolve_batches
 from fleet.tasks.models import load_pack_into_held, publish_state_pack
 
 log = logging.getLogger("fleet.train")
@@ -40,7 +50,7 @@ TORCH_OPTIMIZER_STATE = "torch-optimizer-state-dict-v1"
 
 
 def check_metrics(hook: str, metrics: object) -> dict[str, bool | int | float | str]:
-    """Metric values must be bool, int, float or str (PROTOCOL.md section 2).
+    """Metric values must be bool, int, float or str (docs/protocol.md section 2).
 
     Raises:
         MetricValueError: another type, or ``metrics`` is not a dict with str keys.
@@ -68,13 +78,14 @@ def _examples(metrics: dict[str, Any]) -> int:
     return 0
 
 
-@protocol_task("train_window", TrainWindowRequest, long=True)
+@protocol_task("train_window")
 def train_window(
     rt: WorkerRuntime, req: TrainWindowRequest, ref: WorkloadRef | None
 ) -> MetricsResult:
     """Run the workload's ``train_window(state, batches)`` on a held model."""
     held = rt.held(req.model_id)
-    batches = [b.model_dump(mode="json") for b in req.batches]
+    check_shards(rt, req.shard_checks)
+    batches = resolve_batches(rt.shared, req.batches)
     metrics = check_metrics("train_window", held.workload.call("train_window", held.state, batches))
     rt.registry.touch(req.model_id, bump_generation=True)
     monitor = progress.current()
@@ -83,7 +94,7 @@ def train_window(
     return MetricsResult(metrics=metrics)
 
 
-@protocol_task("evaluate", EvaluateRequest)
+@protocol_task("evaluate")
 def evaluate(rt: WorkerRuntime, req: EvaluateRequest, ref: WorkloadRef | None) -> MetricsResult:
     """Run the workload's ``evaluate(state, split)`` on a held model."""
     held = rt.held(req.model_id)
@@ -105,8 +116,44 @@ def _optimizer_of(state: Any) -> torch.optim.Optimizer | None:
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
+class _RecordingFile:
+    """A binary file that remembers the OSError of a failed write: torch.save turns it
+    into ``RuntimeError: [enforce fail at inline_container.cc]``."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save(obj)`` to ``path``, published atomically.
+
+    Raises:
+        StorageError: the file system failed (``StorageFullError`` when it is full),
+            with the temp file removed.
+    """
+    with publishing(path) as tmp, open(tmp, "wb") as f:
+        sink = _RecordingFile(f)
+        try:
+            torch.save(obj, cast(Any, sink))
+        except RuntimeError as exc:
+            if sink.error is None:
+                raise
+            raise storage_error(sink.error, str(path)) from exc
+
+
 def _fleet_inner_loop(
-    held: HeldModel, req: RunInnerLoopRequest, opt_path: Path | None
+    held: HeldModel, req: RunInnerLoopRequest, batches: list[dict[str, Any]], opt_path: Path | None
 ) -> dict[str, Any]:
     """fleet's inner loop for workloads without a ``run_inner_loop`` hook: one
     ``train_window(state, [batch])`` per step, cycling through ``batches`` (or ``[]``,
@@ -115,7 +162,6 @@ def _fleet_inner_loop(
     optimizer = _optimizer_of(held.state)
     if optimizer is not None and opt_path is not None and opt_path.exists():
         optimizer.load_state_dict(torch.load(opt_path, weights_only=True))
-    batches = [b.model_dump(mode="json") for b in req.batches]
     metrics: dict[str, Any] = {}
     losses: list[float] = []
     steps = 0
@@ -139,21 +185,18 @@ def _fleet_inner_loop(
     if losses:
         out["metrics"]["mean_loss"] = sum(losses) / len(losses)
     if optimizer is not None and opt_path is not None:
-        opt_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_sibling(opt_path)
-        torch.save(optimizer.state_dict(), tmp)
-        os.replace(tmp, opt_path)
+        save_torch(optimizer.state_dict(), opt_path)
         out["inner_optimizer_state_path"] = str(opt_path)
         out["inner_optimizer_state_encoding"] = TORCH_OPTIMIZER_STATE
     return out
 
 
-@protocol_task("run_inner_loop", RunInnerLoopRequest, long=True)
+@protocol_task("run_inner_loop")
 def run_inner_loop(
     rt: WorkerRuntime, req: RunInnerLoopRequest, ref: WorkloadRef | None
 ) -> RunInnerLoopResult:
     """Run ``num_inner_steps`` steps on a held model and publish the result as a pack at
-    ``output_parameter_pack_path`` (PROTOCOL.md section 2).
+    ``output_parameter_pack_path`` (docs/protocol.md section 2).
 
     The workload's ``run_inner_loop(state, params)`` hook runs if defined (paths in
     ``params`` resolved to absolute paths on this worker); otherwise fleet's own loop
@@ -166,30 +209,41 @@ def run_inner_loop(
         DeadlineExceeded: past the deadline with ``require_exact_steps``.
         TaskAborted: asked to abort.
     """
+    out_path = rt.shared.resolve(req.output_parameter_pack_path)
+    key = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
+    recorded = _recorded_result(out_path, key)
+    if recorded is not None:  # a redelivered message: it ran already, to completion
+        log.info("already ran: returning the published %s", req.output_parameter_pack_path)
+        return recorded
     held = rt.held(req.model_id)
     started_at = time.time()
     started = time.perf_counter()
-    if req.input_parameter_pack_path is not None:
-        load_pack_into_held(
-            held, rt.shared.resolve(req.input_parameter_pack_path), req.state_dict_filter
-        )
-    loaded = time.perf_counter()
-    out_path = rt.shared.resolve(req.output_parameter_pack_path)
+    check_shards(rt, req.shard_checks)
+    batches = resolve_batches(rt.shared, req.batches)
+    if req.input_parameter_pack is not None:
+        pack = req.input_parameter_pack
+        load_pack_into_held(held, rt.shared.resolve(pack.path), req.state_dict_filter, pack)
     opt_path = (
         rt.shared.resolve(req.inner_optimizer_state_path)
         if req.inner_optimizer_state_path
         else None
     )
+    if req.inner_optimizer_state_source_path is not None and opt_path is not None:
+        source = rt.shared.resolve(req.inner_optimizer_state_source_path)
+        with publishing(opt_path) as tmp:
+            shutil.copyfile(source, tmp)
+    loaded = time.perf_counter()
     stamp = _pack_stamp(out_path)
     if held.workload.has("run_inner_loop"):
-        params = req.model_dump(mode="json", by_alias=True)
+        params = req.model_dump(mode="json", by_alias=True, exclude={"shard_checks"})
+        params["batches"] = batches
         params["output_parameter_pack_path"] = str(out_path)
         params["inner_optimizer_state_path"] = str(opt_path) if opt_path else None
         result = held.workload.call("run_inner_loop", held.state, params) or {}
         if result.get("state") is not None:
             held.state = result["state"]
     else:
-        result = _fleet_inner_loop(held, req, opt_path)
+        result = _fleet_inner_loop(held, req, batches, opt_path)
     computed = time.perf_counter()
     steps = int(result.get("steps_completed", req.num_inner_steps))
     if req.require_exact_steps and steps != req.num_inner_steps:
@@ -203,7 +257,7 @@ def run_inner_loop(
     rt.registry.touch(req.model_id, bump_generation=True)
     rt.registry.publish_pack(req.model_id, pack)
     opt_out = result.get("inner_optimizer_state_path")
-    return RunInnerLoopResult(
+    outcome = RunInnerLoopResult(
         steps_completed=steps,
         metrics=check_metrics("run_inner_loop", result.get("metrics")),
         inner_optimizer_state_path=rt.shared.relative(opt_out) if opt_out else None,
@@ -215,3 +269,22 @@ def run_inner_loop(
         started_at=started_at,
         finished_at=started_at + (published - started),
     )
+    record = {"request": key, "result": outcome.model_dump(mode="json")}
+    atomic_write_bytes(Path(result_marker(str(out_path))), json.dumps(record).encode())
+    return outcome
+
+
+def _recorded_result(out_path: Path, key: str) -> RunInnerLoopResult | None:
+    """The result a previous run of this very request recorded beside its output pack,
+    if that pack is still the one it published."""
+    try:
+        recorded = json.loads(Path(result_marker(str(out_path))).read_text())
+        if recorded.get("request") != key:
+            return None
+        result = RunInnerLoopResult.model_validate(recorded["result"])
+        published = read_manifest(out_path)
+    except (OSError, ValueError, CodecError):
+        return None
+    if result.pack is None or published.values_digest != result.pack.values_digest:
+        return None
+    return result
