@@ -1,5 +1,5 @@
 """The Celery app: Redis broker and result backend, JSON only, acks and time limits for
-long training tasks (DESIGN.md decisions 1, 5, 7).
+long training tasks (docs/design.md decisions 1, 5, 7).
 
 Why these settings:
 
@@ -17,7 +17,21 @@ Why these settings:
 - ``task_time_limit`` (6 h) < visibility timeout; long tasks also stop cooperatively
   between steps (deadline, abort) well before it.
 - ``task_track_started``, task events and ``result_extended``: Flower shows each
-  task's worker, queue, arguments and PROGRESS state.
+  task's worker, queue, arguments (from events) and PROGRESS state.
+- Bounded results (:mod:`fleet.backend`): stored results leave out the arguments, and
+  expire by task kind; the client deletes a result once it has read it.
+- Poison messages never stop a worker: fleet's broker transport and consumer
+  (:mod:`fleet.broker`) move a message that is not JSON, not a task, or of a refused
+  content type to ``fleet:deadletter`` and fail its task with a typed error.
+- ``task_reject_on_worker_lost`` stays off: a task whose worker died is not fed to the
+  next worker (it may be what killed it); the orchestrator re-drives lost work itself,
+  and a redelivered task whose output is already published returns it.
+- Redis outages are weather: publishing a task and every result-backend operation
+  retry with backoff for ``FLEET_REDIS_RETRY_S`` (the budget fleet's own Redis clients
+  use, :mod:`fleet.connection`), and a worker's consumer reconnects for ever. A
+  running task is not cancelled when the broker connection drops
+  (``worker_cancel_long_running_tasks_on_connection_loss`` off): an inner loop keeps
+  training through an outage and publishes its result when Redis is back.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from typing import Any
 
 from celery import Celery
 
+from fleet.connection import kombu_retry_policy, quiet_retry_logs
 from fleet.settings import FleetSettings
 
 TASK_MODULES = ["fleet.tasks"]
@@ -33,9 +48,13 @@ TASK_MODULES = ["fleet.tasks"]
 
 def celery_config(settings: FleetSettings) -> dict[str, Any]:
     """The Celery configuration fleet runs with (see the module docstring)."""
+    retry = kombu_retry_policy(settings.redis_retry_s)
     config: dict[str, Any] = {
         "broker_url": settings.redis_url,
-        "result_backend": settings.backend_url,
+        "result_backend": f"fleet.backend:RedisBackend+{settings.backend_url}",
+        "fleet_call_result_expires_s": settings.call_result_expires_s,
+        "broker_transport": "fleet.broker:Transport",
+        "worker_consumer": "fleet.broker:Consumer",
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -45,7 +64,19 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": 1,
         "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "result_backend_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "retry_policy": retry,
+        },
+        "task_publish_retry": True,
+        "task_publish_retry_policy": retry,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": retry["max_retries"],
+        "result_backend_base_sleep_between_retries_ms": 50,
+        "result_backend_max_sleep_between_retries_ms": 2000,
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_time_limit": settings.task_time_limit_s,
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "task_default_queue": settings.pool_queue,
@@ -70,6 +101,7 @@ def create_app(settings: FleetSettings | None = None) -> Celery:
     """A Celery app configured for fleet. Tasks register when ``fleet.tasks`` is
     imported (the worker does; a client only sends by name)."""
     settings = settings or FleetSettings.from_env()
+    quiet_retry_logs()
     app = Celery("fleet", include=TASK_MODULES, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app

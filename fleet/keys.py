@@ -30,6 +30,12 @@ def worker_workloads(name: str) -> str:
     return f"{PREFIX}worker:{name}:workloads"
 
 
+def worker_claim(name: str) -> str:
+    """String with a TTL: the claim on a worker name (its GPU or CPU slot on a node),
+    ``{pid, host, claimed_at}``, renewed by the worker's main process."""
+    return f"{PREFIX}claim:{name}"
+
+
 def handle(model_id: str) -> str:
     """Hash: a model handle's record (owner, queue, workload, generation, last_pack, ...)."""
     return f"{PREFIX}handle:{model_id}"
@@ -43,10 +49,19 @@ def abort(task_id: str) -> str:
 #: Sorted set of job ids by creation time.
 JOBS = PREFIX + "jobs"
 
+#: List: messages workers refused (not JSON, refused content type, ...), newest first,
+#: each ``{at, queue, reason, content_type, task_id, raw}`` (fleet.broker).
+DEADLETTER = PREFIX + "deadletter"
+
 
 def job(job_id: str) -> str:
     """Hash: a job's record (kind, spec, status, per-status timestamps, artifacts)."""
     return f"{PREFIX}job:{job_id}"
+
+
+def job_artifacts(job_id: str) -> str:
+    """Hash: a job's artifacts, name -> shared-root-relative path."""
+    return f"{PREFIX}job:{job_id}:artifacts"
 
 
 def job_logs(job_id: str) -> str:
@@ -65,8 +80,21 @@ def job_tasks(job_id: str) -> str:
 
 
 def job_state(job_id: str) -> str:
-    """Hash: a driver's resumable state (DiLoCo: last completed round, packs, replicas)."""
+    """Hash: a driver's resumable state (field ``state``, DiLoCo: the state after the
+    last committed round) and the plan of the round in flight (field ``plan``)."""
     return f"{PREFIX}job:{job_id}:state"
+
+
+def job_owner(job_id: str) -> str:
+    """String with a TTL: the job's owner lease ``{token, host, pid, started_at,
+    heartbeat_at}``, renewed by the owning orchestrator's heartbeat."""
+    return f"{PREFIX}job:{job_id}:owner"
+
+
+def job_fence(job_id: str) -> str:
+    """Counter: the job's fencing token, incremented by each new owner; every owner
+    write is checked against it."""
+    return f"{PREFIX}job:{job_id}:fence"
 
 
 def replica_logs(task_id: str) -> str:

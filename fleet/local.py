@@ -59,8 +59,9 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private ``redis-server`` (see :func:`redis_binary`) on a free loopback port, no
-    persistence.
+    """A private ``redis-server`` (see :func:`redis_binary`) on a loopback port: a free one,
+    or ``port``. No persistence, unless ``persistent`` (append-only file, fsync on every
+    write, so a restart loses nothing).
 
     ``extra_args`` go to the server (e.g. ``--requirepass``); ``port_flag`` may be
     ``--tls-port`` (pass ``--port 0`` and the TLS files in ``extra_args``); ``ping``
@@ -74,42 +75,59 @@ class RedisServer:
         self,
         workdir: Path,
         *,
+        port: int | None = None,
+        persistent: bool = False,
         extra_args: list[str] | None = None,
         port_flag: str = "--port",
         ping: dict[str, object] | None = None,
         binary: str | None = None,
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
-        binary = binary or redis_binary()
-        self.port = free_port()
+        self.binary = binary or redis_binary()
+        self.port = port or free_port()
+        self.workdir = workdir
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else []
+        self.args = [
+            self.binary,
+            port_flag,
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            *persistence,
+            "--dir",
+            str(workdir),
+            *(extra_args or []),
+        ]
+        self.ping = ping or {}
+        self.preexec_fn = preexec_fn
         workdir.mkdir(parents=True, exist_ok=True)
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again, on the same port and directory) and wait until it
+        answers.
+
+        Raises:
+            RuntimeError: it did not answer within 10 s.
+        """
         self.proc = subprocess.Popen(
-            [
-                binary,
-                port_flag,
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-                *(extra_args or []),
-            ],
+            self.args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=preexec_fn,
+            preexec_fn=self.preexec_fn,
         )
-        client = redis.Redis(host="127.0.0.1", port=self.port, **(ping or {}))  # type: ignore[arg-type]
+        client = redis.Redis(host="127.0.0.1", port=self.port, **self.ping)  # type: ignore[arg-type]
         deadline = time.monotonic() + 10
         try:
             while True:
                 try:
                     client.ping()
                     return
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
                     if time.monotonic() > deadline or self.proc.poll() is not None:
                         self.stop()
                         raise RuntimeError("redis-server did not start") from None
@@ -123,29 +141,23 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        """Terminate the server and wait for it."""
+        """Terminate the server (it writes its append-only file first) and wait for it."""
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
 
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server, stay down ``down_s`` seconds, and start it again."""
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
 
 def worker_env(settings: FleetSettings, pythonpath: list[str] | None = None) -> dict[str, str]:
-    """The environment of a worker subprocess: this one plus ``FLEET_*`` from ``settings``."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLEET_REDIS_URL": settings.redis_url,
-            "FLEET_SHARED_ROOT": str(settings.shared_root),
-            "FLEET_WORKLOAD_ALLOWLIST": ",".join(settings.workload_allowlist),
-            "FLEET_NODE": settings.node,
-            "FLEET_POOL_QUEUE": settings.pool_queue,
-            "FLEET_HEARTBEAT_INTERVAL_S": str(settings.heartbeat_interval_s),
-            "FLEET_HEARTBEAT_TTL_S": str(settings.heartbeat_ttl_s),
-            "FLEET_REDIS_TLS_CERT_REQS": settings.redis_tls_cert_reqs,
-        }
-    )
-    if settings.redis_tls_ca_certs is not None:
-        env["FLEET_REDIS_TLS_CA_CERTS"] = str(settings.redis_tls_ca_certs)
+    """The environment of a worker subprocess: this one, with every ``FLEET_*`` variable
+    replaced by ``settings`` (:meth:`FleetSettings.to_env`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env.update(settings.to_env())
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")])
     return env

@@ -6,13 +6,15 @@ Handles: a record per global ``model_id`` (``keys.handle``) naming the owner wor
 its queue, the workload, the device, a generation (bumped on every change), the last
 published PackRef and created/used timestamps. A handle is *live* while its owner is
 alive in the same process (pid) that created it, *lost* otherwise. Multi-key updates
-run as Lua scripts shipped in ``fleet/lua`` (DESIGN.md decision 3).
+run as Lua scripts shipped in ``fleet/lua`` (docs/design.md decision 3).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Iterable
 from importlib import resources
 from typing import Any, Literal
 
@@ -20,17 +22,13 @@ import redis
 from pydantic import BaseModel, ConfigDict
 
 from fleet import keys
-from fleet.errors import HandleNotFound, OwnerLostError
+from fleet.connection import BACKOFF_CAP_S, redis_client, seconds_since_outage
+from fleet.errors import HandleNotFound, OwnerLostError, WorkerSlotTakenError
 from fleet.settings import FleetSettings
 from fleet.storage import PackRef
 
-
-def redis_client(settings: FleetSettings) -> redis.Redis:
-    """A Redis client for ``settings.redis_url`` (password, ACL user and ``rediss://``
-    TLS taken from the URL and the TLS settings), decoding responses to str."""
-    kwargs: dict[str, Any] = {"decode_responses": True, "health_check_interval": 30}
-    kwargs.update(settings.redis_tls() or {})
-    return redis.Redis.from_url(settings.redis_url, **kwargs)
+#: CPU slots a node may run (``fleet-cpu0`` ... ``fleet-cpu255``).
+MAX_CPU_SLOTS = 256
 
 
 class WorkerInfo(BaseModel):
@@ -86,10 +84,15 @@ class Registry:
         self._release_worker = client.register_script(_load_script("release_worker.lua"))
         self._publish_pack = client.register_script(_load_script("publish_pack.lua"))
         self._touch_handle = client.register_script(_load_script("touch_handle.lua"))
+        self._heartbeat = client.register_script(_load_script("heartbeat.lua"))
+        self._claim_name = client.register_script(_load_script("claim_name.lua"))
 
     @classmethod
-    def from_settings(cls, settings: FleetSettings) -> Registry:
-        return cls(redis_client(settings), heartbeat_ttl_s=settings.heartbeat_ttl_s)
+    def from_settings(cls, settings: FleetSettings, *, retry_s: float | None = None) -> Registry:
+        """A registry on a new client for ``settings``; ``retry_s`` overrides how long its
+        commands retry through a Redis outage (short on shutdown paths)."""
+        client = redis_client(settings, retry_s=retry_s)
+        return cls(client, heartbeat_ttl_s=settings.heartbeat_ttl_s)
 
     # ------------------------------------------------------------------ workers
 
@@ -106,12 +109,24 @@ class Registry:
             )
             pipe.execute()
 
-    def heartbeat(self, name: str, pid: int) -> None:
-        """Renew a worker's liveness for ``heartbeat_ttl_s`` seconds."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(keys.worker_alive(name), str(pid), px=int(self.heartbeat_ttl_s * 1000))
-            pipe.hset(keys.worker(name), "heartbeat_at", str(time.time()))
-            pipe.execute()
+    def heartbeat(self, name: str, pid: int) -> bool:
+        """Renew a worker's liveness for ``heartbeat_ttl_s`` seconds. False if its record
+        is gone (Redis lost it): the worker must :meth:`register_worker` again."""
+        found = self._heartbeat(
+            keys=[keys.worker(name), keys.worker_alive(name)],
+            args=[str(pid), int(self.heartbeat_ttl_s * 1000), str(time.time())],
+        )
+        return bool(found)
+
+    @property
+    def liveness_grace_s(self) -> float:
+        """How long after a Redis outage a missing liveness key is not taken for a dead
+        worker: a heartbeat TTL, plus the longest pause of the clients' reconnect backoff."""
+        return self.heartbeat_ttl_s + BACKOFF_CAP_S
+
+    def in_outage_grace(self) -> bool:
+        """True within :attr:`liveness_grace_s` after Redis came back (or restarted)."""
+        return seconds_since_outage(self.redis) < self.liveness_grace_s
 
     def update_worker(self, name: str, **fields: Any) -> None:
         """Set fields of a worker's record (dicts stored as JSON)."""
@@ -120,39 +135,97 @@ class Registry:
 
     def deregister_worker(self, name: str) -> list[str]:
         """Remove a worker and release every handle it owns; return the released ids."""
-        released = self._release_worker(
-            keys=[
-                keys.worker(name),
-                keys.worker_handles(name),
-                keys.worker_alive(name),
-                keys.HANDLES,
-                keys.WORKERS,
-                keys.worker_workloads(name),
-            ],
-            args=[keys.PREFIX, name],
-        )
-        return list(released or [])
-
-    def _alive_pid(self, name: str) -> int | None:
-        value = self.redis.get(keys.worker_alive(name))
-        return int(value) if value else None
+        while True:
+            ids = sorted(self.redis.smembers(keys.worker_handles(name)))
+            released = self._release_worker(
+                keys=[
+                    keys.worker(name),
+                    keys.worker_handles(name),
+                    keys.worker_alive(name),
+                    keys.HANDLES,
+                    keys.WORKERS,
+                    keys.worker_workloads(name),
+                    *(keys.handle(i) for i in ids),
+                ],
+                args=[name, *ids],
+            )
+            if released != -1:
+                return list(released or [])
 
     def worker(self, name: str) -> WorkerInfo | None:
         """A worker's record (alive or lost), or None if never registered or removed."""
-        raw = self.redis.hgetall(keys.worker(name))
-        if not raw:
-            return None
-        alive_pid = self._alive_pid(name)
-        return _worker_from_hash(raw, alive=alive_pid is not None and alive_pid == int(raw["pid"]))
+        return next(iter(self._workers([name])), None)
 
     def workers(self, *, include_lost: bool = True) -> list[WorkerInfo]:
-        """Every registered worker, sorted by name."""
+        """Every registered worker, sorted by name (two round trips, whatever their number)."""
+        infos = self._workers(sorted(self.redis.smembers(keys.WORKERS)))
+        return [i for i in infos if include_lost or i.status == "alive"]
+
+    def _workers(self, names: list[str]) -> list[WorkerInfo]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(keys.worker(name))
+                pipe.get(keys.worker_alive(name))
+            replies = pipe.execute()
         out = []
-        for name in sorted(self.redis.smembers(keys.WORKERS)):
-            info = self.worker(name)
-            if info is not None and (include_lost or info.status == "alive"):
-                out.append(info)
+        for raw, alive_pid in zip(replies[::2], replies[1::2], strict=True):
+            if raw:
+                alive = alive_pid is not None and int(alive_pid) == int(raw["pid"])
+                out.append(_worker_from_hash(raw, alive=alive))
         return out
+
+    # ------------------------------------------------------------------ worker names
+
+    def claim_worker_name(self, name: str, *, pid: int, host: str, ttl_s: float) -> None:
+        """Claim the worker name ``name`` for the process ``pid`` on ``host`` for ``ttl_s``
+        seconds (renew with :meth:`renew_worker_name`). A claim left by a dead process
+        on this same host is taken over.
+
+        Raises:
+            WorkerSlotTakenError: a live process holds the name.
+        """
+        claim = json.dumps({"pid": pid, "host": host, "claimed_at": time.time()})
+        ttl_ms = int(ttl_s * 1000)
+        current = self._claim_name(
+            keys=[keys.worker_claim(name)], args=["claim", claim, ttl_ms, "", str(pid)]
+        )
+        while current:
+            holder = json.loads(current)
+            if holder["host"] != host or _pid_alive(int(holder["pid"])):
+                age = time.time() - float(holder.get("renewed_at", holder["claimed_at"]))
+                raise WorkerSlotTakenError(name, int(holder["pid"]), holder["host"], age)
+            current = self._claim_name(
+                keys=[keys.worker_claim(name)], args=["take", claim, ttl_ms, current, str(pid)]
+            )
+
+    def claim_free_cpu_slot(self, node: str, *, pid: int, host: str, ttl_s: float) -> int:
+        """Claim the lowest free CPU slot ``fleet-cpu<N>@<node>``; return N.
+
+        Raises:
+            WorkerSlotTakenError: all :data:`MAX_CPU_SLOTS` slots are held.
+        """
+        for slot in range(MAX_CPU_SLOTS):
+            try:
+                self.claim_worker_name(f"fleet-cpu{slot}@{node}", pid=pid, host=host, ttl_s=ttl_s)
+                return slot
+            except WorkerSlotTakenError as exc:
+                last = exc
+        raise last
+
+    def renew_worker_name(self, name: str, *, pid: int, host: str, ttl_s: float) -> bool:
+        """Extend ``pid``'s claim on ``name``; False if it no longer holds it."""
+        claim = json.dumps(
+            {"pid": pid, "host": host, "claimed_at": time.time(), "renewed_at": time.time()}
+        )
+        renewed = self._claim_name(
+            keys=[keys.worker_claim(name)],
+            args=["renew", claim, int(ttl_s * 1000), "", str(pid)],
+        )
+        return bool(renewed)
+
+    def release_worker_name(self, name: str, *, pid: int) -> None:
+        """Drop ``pid``'s claim on ``name`` (a claim held by another process stays)."""
+        self._claim_name(keys=[keys.worker_claim(name)], args=["release", "{}", 0, "", str(pid)])
 
     def add_worker_workload(self, name: str, spec: str) -> None:
         """Note that worker ``name`` has built workload ``spec``."""
@@ -178,13 +251,21 @@ class Registry:
 
     def handle(self, model_id: str) -> HandleRecord | None:
         """A handle's record with its live/lost status, or None if unknown."""
-        raw = self.redis.hgetall(keys.handle(model_id))
-        if not raw:
-            return None
-        alive_pid = self._alive_pid(raw["owner"])
-        return _handle_from_hash(
-            raw, live=alive_pid is not None and alive_pid == int(raw["owner_pid"])
-        )
+        return next(iter(self._handles([model_id])), None)
+
+    def _handles(self, ids: Iterable[str]) -> list[HandleRecord]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for model_id in ids:
+                pipe.hgetall(keys.handle(model_id))
+            raws = [r for r in pipe.execute() if r]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for raw in raws:
+                pipe.get(keys.worker_alive(raw["owner"]))
+            alive = pipe.execute()
+        return [
+            _handle_from_hash(raw, live=pid is not None and int(pid) == int(raw["owner_pid"]))
+            for raw, pid in zip(raws, alive, strict=True)
+        ]
 
     def live_handle(self, model_id: str) -> HandleRecord:
         """A handle that can be called now.
@@ -196,16 +277,28 @@ class Registry:
         record = self.handle(model_id)
         if record is None:
             raise HandleNotFound(model_id)
+        while record.status == "lost" and self.in_outage_grace():
+            time.sleep(0.2)  # Redis was just away: give the owner time to heartbeat again
+            record = self.handle(model_id)
+            if record is None:
+                raise HandleNotFound(model_id)
         if record.status == "lost":
             last = record.last_pack.model_dump() if record.last_pack else None
             raise OwnerLostError(model_id, record.owner, last)
         return record
 
     def handles(self, *, owner: str | None = None) -> list[HandleRecord]:
-        """Every handle (or those of ``owner``), sorted by model_id."""
+        """Every handle (or those of ``owner``), sorted by model_id (three round trips)."""
         ids = self.redis.smembers(keys.worker_handles(owner) if owner else keys.HANDLES)
-        out = [self.handle(i) for i in sorted(ids)]
-        return [r for r in out if r is not None]
+        return self._handles(sorted(ids))
+
+    def handle_counts(self) -> dict[str, int]:
+        """Number of handles per worker name (one round trip per worker)."""
+        names = sorted(self.redis.smembers(keys.WORKERS))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.scard(keys.worker_handles(name))
+            return dict(zip(names, pipe.execute(), strict=True))
 
     def touch(self, model_id: str, *, bump_generation: bool = False) -> int | None:
         """Update ``used_at`` (and bump the generation); the generation, or None if gone."""
@@ -223,20 +316,45 @@ class Registry:
 
     def release_handle(self, model_id: str) -> str | None:
         """Remove a handle; the owner's name, or None if it did not exist."""
-        owner = self._release_handle(
-            keys=[keys.handle(model_id), keys.HANDLES], args=[model_id, keys.PREFIX]
-        )
-        return str(owner) if owner else None
+        while True:
+            owner = self.redis.hget(keys.handle(model_id), "owner")
+            if owner is None:
+                return None
+            released = self._release_handle(
+                keys=[keys.handle(model_id), keys.HANDLES, keys.worker_handles(owner)],
+                args=[model_id, owner],
+            )
+            if released != "":
+                return str(released) if released else None
 
     # ------------------------------------------------------------------ abort flags
 
-    def request_abort(self, task_id: str, ttl_s: float = 24 * 3600) -> None:
-        """Ask the task ``task_id`` to stop at its next step boundary."""
-        self.redis.set(keys.abort(task_id), "1", px=int(ttl_s * 1000))
+    def request_abort(self, *task_ids: str, ttl_s: float = 24 * 3600) -> None:
+        """Ask each task to stop at its next step boundary. The flag outlives the broker's
+        visibility timeout, so a message redelivered later stops at once too. The only
+        writer of abort flags."""
+        if not task_ids:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.set(keys.abort(task_id), "1", px=int(ttl_s * 1000))
+            pipe.execute()
 
     def abort_requested(self, task_id: str) -> bool:
         """True if someone asked ``task_id`` to abort."""
         return bool(self.redis.exists(keys.abort(task_id)))
+
+    def dead_letters(self, n: int = 20) -> list[dict[str, Any]]:
+        """The newest ``n`` messages workers refused (fleet.broker), newest first."""
+        return [json.loads(e) for e in self.redis.lrange(keys.DEADLETTER, 0, n - 1)]
+
+    def dead_letter_count(self) -> int:
+        """How many refused messages ``fleet:deadletter`` holds."""
+        return int(self.redis.llen(keys.DEADLETTER))
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in a broker queue (kombu keeps a queue as a Redis list)."""
+        return int(self.redis.llen(queue))
 
 
 def _worker_from_hash(raw: dict[str, str], *, alive: bool) -> WorkerInfo:
@@ -271,3 +389,14 @@ def _handle_from_hash(raw: dict[str, str], *, live: bool) -> HandleRecord:
         used_at=float(raw["used_at"]),
         status="live" if live else "lost",
     )
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if a process with this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -71,8 +71,23 @@ class FleetSettings(BaseSettings):
     call_timeout_s: float = 3600.0
     """Default seconds a blocking client call waits for its result."""
 
-    result_expires_s: int = 7 * 24 * 3600
-    """Seconds task results are kept in Redis."""
+    result_expires_s: int = 24 * 3600
+    """Seconds the results of long tasks (inner loops, training windows) are kept in
+    Redis (clients delete a result once they read it)."""
+
+    call_result_expires_s: int = 3600
+    """Seconds the result of any other call is kept in Redis (its caller waits for it and
+    deletes it once read; this bounds results nobody reads)."""
+
+    job_lease_ttl_s: float = Field(default=30.0, gt=0.0)
+    """Seconds a job's owner lease lasts without a heartbeat (renewed every third of
+    it): after an orchestrator dies, its job shows as ``orphaned`` and can be resumed
+    this long after its last heartbeat."""
+
+    redis_retry_s: float = Field(default=90.0, ge=0.0)
+    """Seconds fleet's Redis clients (registry, jobs, the orchestrator) and Celery's
+    connections keep retrying through a Redis outage (exponential backoff, one log
+    line per outage) before they give up with ``BrokerUnavailableError``."""
 
     @field_validator("workload_allowlist", mode="before")
     @classmethod
@@ -95,6 +110,19 @@ class FleetSettings(BaseSettings):
         if self.redis_tls_ca_certs:
             options["ssl_ca_certs"] = str(self.redis_tls_ca_certs)
         return options
+
+    def to_env(self) -> dict[str, str]:
+        """Every setting as the ``FLEET_*`` environment variable that reads it back
+        (lists comma-separated; unset optional settings are left out)."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            env[f"FLEET_{name.upper()}"] = str(value)
+        return env
 
     @property
     def backend_url(self) -> str:

@@ -1,4 +1,4 @@
-"""Worker bootstrap: one Celery worker per GPU (DESIGN.md decision 1).
+"""Worker bootstrap: one Celery worker per GPU (docs/design.md decision 1).
 
 ``fleet worker --gpu N`` sets ``CUDA_VISIBLE_DEVICES=N`` before torch is imported, then
 runs a Celery worker named ``fleet-gpuN@<node>`` consuming its own queue
@@ -21,13 +21,24 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
-from typing import Any
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from fleet.settings import FleetSettings
 
+if TYPE_CHECKING:
+    from fleet.registry import Registry
+    from fleet.runtime import WorkerIdentity
+
 log = logging.getLogger("fleet.worker")
+
+#: Seconds shutdown paths keep retrying Redis (the fleet may be stopping with it).
+SHUTDOWN_REDIS_RETRY_S = 2.0
 
 
 def worker_names(settings: FleetSettings, gpu: int | None, slot: int) -> tuple[str, str]:
@@ -36,26 +47,80 @@ def worker_names(settings: FleetSettings, gpu: int | None, slot: int) -> tuple[s
     return f"fleet-{kind}@{settings.node}", f"fleet.{settings.node}.{kind}"
 
 
+@contextmanager
+def claimed_name(
+    settings: FleetSettings, registry: Registry, gpu: int | None, slot: int | None
+) -> Iterator[tuple[str, str, int]]:
+    """Claim this worker's name in Redis for as long as the block runs: ``fleet-gpuN`` for
+    ``gpu``, ``fleet-cpuN`` for ``slot``, or the lowest free CPU slot when both are None.
+    A thread renews the claim every heartbeat; it is released on exit. Yields ``(name,
+    queue, slot)``.
+
+    Raises:
+        WorkerSlotTakenError: the GPU or slot is held by a live worker.
+    """
+    pid, host, ttl_s = os.getpid(), socket.gethostname(), settings.heartbeat_ttl_s
+    if gpu is None and slot is None:
+        slot = registry.claim_free_cpu_slot(settings.node, pid=pid, host=host, ttl_s=ttl_s)
+        name, queue = worker_names(settings, None, slot)
+    else:
+        name, queue = worker_names(settings, gpu, slot or 0)
+        registry.claim_worker_name(name, pid=pid, host=host, ttl_s=ttl_s)
+    stop = threading.Event()
+
+    def renew() -> None:
+        from fleet.errors import FleetError
+
+        while not stop.wait(settings.heartbeat_interval_s):
+            try:
+                if not registry.renew_worker_name(name, pid=pid, host=host, ttl_s=ttl_s):
+                    log.warning("the claim on %s was lost; claiming it again", name)
+                    registry.claim_worker_name(name, pid=pid, host=host, ttl_s=ttl_s)
+            except FleetError as exc:  # Redis away (logged once by the client), or taken
+                log.debug("claim renewal of %s failed: %s", name, exc)
+
+    thread = threading.Thread(target=renew, name="fleet-name-claim", daemon=True)
+    thread.start()
+    try:
+        yield name, queue, slot or 0
+    finally:
+        stop.set()
+        from fleet.registry import Registry
+
+        quick = Registry.from_settings(settings, retry_s=SHUTDOWN_REDIS_RETRY_S)
+        try:
+            quick.release_worker_name(name, pid=pid)
+        except Exception as exc:  # Redis gone with the fleet: the claim expires by itself
+            log.warning("could not release the claim on %s: %s", name, exc)
+        finally:
+            quick.redis.close()
+
+
 def run_worker(
     settings: FleetSettings,
     *,
     gpu: int | None = None,
     visible_device: str | None = None,
-    slot: int = 0,
+    slot: int | None = None,
     workload: str | None = None,
     config: dict[str, Any] | None = None,
     torch_threads: int | None = None,
     loglevel: str = "INFO",
-) -> None:
-    """Run one fleet worker in this process until it is shut down.
+) -> int:
+    """Run one fleet worker in this process until it is shut down; its exit status (0
+    after a warm shutdown, non-zero when Celery stopped on an unrecoverable error).
 
     Args:
         gpu: GPU index to pin to (``CUDA_VISIBLE_DEVICES``), or None for a CPU worker.
         visible_device: ``CUDA_VISIBLE_DEVICES`` value when it differs from ``gpu`` (in a
             container given one GPU, that GPU is device 0 whatever its host index).
-        slot: CPU worker index, to run several on one machine.
+        slot: CPU worker index; None takes the lowest free slot on this node.
         workload / config: default workload for calls that name none.
         torch_threads: ``torch.set_num_threads`` in the child (CPU workers sharing cores).
+
+    Raises:
+        WorkerSlotTakenError: the GPU or slot is already held by a live worker.
+        BrokerUnavailableError: Redis cannot be reached.
     """
     if gpu is not None:
         if "torch" in sys.modules:
@@ -63,15 +128,26 @@ def run_worker(
         os.environ["CUDA_VISIBLE_DEVICES"] = (
             visible_device if visible_device is not None else str(gpu)
         )
+
+    from fleet.registry import Registry
+    from fleet.runtime import WorkerIdentity
+
+    with claimed_name(settings, Registry.from_settings(settings), gpu, slot) as (name, queue, _):
+        identity = WorkerIdentity(name, queue, gpu, workload, config)
+        return _run_celery(settings, identity, torch_threads, loglevel)
+
+
+def _run_celery(
+    settings: FleetSettings, identity: WorkerIdentity, torch_threads: int | None, loglevel: str
+) -> int:
     from celery import signals
 
     from fleet.app import create_app
     from fleet.registry import Registry
-    from fleet.runtime import WorkerIdentity, WorkerRuntime
+    from fleet.runtime import WorkerRuntime
     from fleet.tasks.base import set_runtime
 
-    name, queue = worker_names(settings, gpu, slot)
-    identity = WorkerIdentity(name, queue, gpu, workload, config)
+    name, queue = identity.name, identity.queue
     app = create_app(settings)
     import fleet.tasks  # noqa: F401  registers the tasks with the app
 
@@ -95,9 +171,15 @@ def run_worker(
 
     @signals.worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _deregister(**_: Any) -> None:
-        Registry.from_settings(settings).deregister_worker(name)
+        try:
+            registry = Registry.from_settings(settings, retry_s=SHUTDOWN_REDIS_RETRY_S)
+            registry.deregister_worker(name)
+        except Exception as exc:  # Redis gone too: the record turns "lost" by itself
+            log.warning("could not deregister %s: %s", name, exc)
 
-    app.worker_main(
+    # Celery's worker_main drops the exit status (click runs without standalone mode),
+    # so an unrecoverable error would exit 0 and escape Restart=on-failure.
+    code = app.start(
         [
             "worker",
             "--hostname",
@@ -115,6 +197,7 @@ def run_worker(
             loglevel,
         ]
     )
+    return int(code or 0)
 
 
 def visible_gpus() -> list[int]:

@@ -12,8 +12,28 @@ from fleet.settings import FleetSettings
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = "tests.workloads.digits:make_workload"
+CHARLM = "examples.charlm:make"
+#: A charlm small enough for tests: a few ms per step on one CPU thread.
+SMALL_CHARLM = {
+    "d_model": 32,
+    "n_layers": 1,
+    "n_heads": 2,
+    "context": 32,
+    "batch_size": 8,
+    "max_corpus_mb": 1,
+    "eval_windows": 16,
+}
 
-__all__ = ["DIGITS", "REPO", "RedisServer", "WorkerProcess", "running_workers", "settings_for"]
+__all__ = [
+    "CHARLM",
+    "DIGITS",
+    "REPO",
+    "SMALL_CHARLM",
+    "RedisServer",
+    "WorkerProcess",
+    "running_workers",
+    "settings_for",
+]
 
 
 def settings_for(redis_url: str, shared_root: Path, **overrides: object) -> FleetSettings:
@@ -25,6 +45,7 @@ def settings_for(redis_url: str, shared_root: Path, **overrides: object) -> Flee
         "heartbeat_interval_s": 0.5,
         "heartbeat_ttl_s": 3.0,
         "call_timeout_s": 120.0,
+        "job_lease_ttl_s": 3.0,
     }
     values.update(overrides)
     return FleetSettings(**values)  # type: ignore[arg-type]

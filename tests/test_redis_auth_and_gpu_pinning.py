@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from fleet.cli import main
 from fleet.client import Fleet
+from fleet.errors import BrokerUnavailableError
 from tests.harness import REPO, RedisServer, running_workers, settings_for
 
 
@@ -42,10 +46,16 @@ def test_acl_user_and_password_url(tmp_path, artifacts_dir):
         url = f"redis://alice:alice-pw@127.0.0.1:{server.port}/0"
         _hello_through_a_worker(settings_for(url, tmp_path / "shared"), artifacts_dir / "logs", 30)
         bad = settings_for(f"redis://alice:wrong@127.0.0.1:{server.port}/0", tmp_path / "shared")
-        import redis
-
-        with pytest.raises(redis.AuthenticationError):
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailableError) as info:
             Fleet(bad).workers()
+        cli = CliRunner(env={"FLEET_REDIS_URL": bad.redis_url}).invoke(
+            main, ["jobs", "list"], terminal_width=300
+        )
+        assert cli.exit_code == 2 and "authentication failed" in cli.output
+        assert time.monotonic() - started < 2.0, "wrong credentials are not retried"
+        assert "authentication failed" in info.value.cause
+        assert "wrong" not in info.value.url and "alice:***@" in info.value.url
     finally:
         server.stop()
 
@@ -100,6 +110,13 @@ def test_rediss_tls_url(tmp_path, artifacts_dir):
             redis_tls_ca_certs=Path(cert),
         )
         _hello_through_a_worker(settings, artifacts_dir / "logs", 31)
+        # without the CA the certificate is not trusted: one line, exit 2, no retries
+        runner = CliRunner(env={"FLEET_REDIS_URL": settings.redis_url})
+        started = time.monotonic()
+        result = runner.invoke(main, ["workers"], terminal_width=300)
+        assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+        assert "TLS handshake failed" in result.output and "CERTIFICATE_VERIFY" in result.output
+        assert time.monotonic() - started < 5
     finally:
         server.stop()
 

@@ -1,0 +1,83 @@
+"""Redis unreachable or refusing us: every CLI command says so in one line and exits 2;
+the Python API raises BrokerUnavailableError; nothing waits for minutes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from fleet.cli import main
+from fleet.client import Fleet
+from fleet.errors import BrokerUnavailableError
+from fleet.local import free_port
+from tests.harness import DIGITS, settings_for
+
+COMMANDS = [
+    ["workers"],
+    ["workers", "--all"],
+    ["jobs", "list"],
+    ["jobs", "show", "some-job"],
+    ["jobs", "logs", "some-job"],
+    ["jobs", "cancel", "some-job"],
+    ["diloco", "--workload", DIGITS, "--rounds", "1"],
+    ["diloco", "--resume", "some-job"],
+    ["exporter", "--port", "0"],
+]
+
+
+@pytest.fixture(scope="module")
+def dead_url() -> str:
+    return f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_every_command_fails_in_one_line_with_exit_2(args, dead_url):
+    runner = CliRunner(env={"FLEET_REDIS_URL": dead_url})
+    started = time.monotonic()
+    result = runner.invoke(main, args, terminal_width=300)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    port = dead_url.rsplit(":", 1)[1]
+    assert "BrokerUnavailableError" in lines[0] and f"redis://:***@127.0.0.1:{port}" in lines[0]
+    assert "s3cret" not in lines[0], "the password is never printed"
+    assert "fleet up" in lines[0] and "FLEET_REDIS_URL" in lines[0], "says what to do"
+    assert time.monotonic() - started < 10
+
+
+def test_the_python_api_raises_broker_unavailable(dead_url, tmp_path):
+    settings = settings_for(dead_url, tmp_path, redis_retry_s=1.0)
+    fleet = Fleet(settings)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailableError) as registry_call:
+        fleet.workers()
+    with pytest.raises(BrokerUnavailableError):
+        fleet.hello(worker=None, timeout_s=5)  # the broker side (kombu) is typed too
+    assert time.monotonic() - started < 20
+    assert registry_call.value.url.startswith("redis://:***@")
+    assert "refused" in registry_call.value.cause.lower()
+
+
+def test_a_short_outage_is_ridden_out_with_one_log_line(tmp_path, caplog):
+    """A command that fails while Redis is away is retried with backoff and succeeds once
+    Redis answers again; the outage is logged once, not once per retry."""
+    from fleet.local import RedisServer
+
+    server = RedisServer(tmp_path / "r")
+    settings = settings_for(server.url, tmp_path / "shared", redis_retry_s=30.0)
+    fleet = Fleet(settings)
+    assert fleet.workers() == []
+    thread = threading.Thread(target=server.restart, kwargs={"down_s": 2.0})
+    thread.start()
+    time.sleep(0.3)
+    with caplog.at_level("WARNING", logger="fleet.redis"):
+        assert fleet.workers() == []  # blocks through the outage, then answers
+    thread.join()
+    outage = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    back = [r for r in caplog.records if "is back after" in r.getMessage()]
+    assert len(outage) == 1 and len(back) == 1, [r.getMessage() for r in caplog.records]
+    fleet.close()
+    server.stop()
