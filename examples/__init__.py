@@ -1,4 +1,4 @@
-"""Example workloads for fleet (PROTOCOL.md section 1), on the default allowlist:
+"""Example workloads for fleet (docs/protocol.md section 1), on the default allowlist:
 
 - ``examples.charlm:make``: a byte-level decoder-only transformer LM trained on the
   Python standard library's own ``.py`` sources;

@@ -12,6 +12,14 @@ the training stream: disjoint shards.
 
 Shapes: ``B`` batch size, ``T`` context length, ``D`` model width, ``V = 256``.
 
+Dataset mode: :func:`write_dataset` (``fleet dataset write charlm PATH``) writes the
+training split as microshards (safetensors ``{"tokens": uint8 [n]}``, contiguous
+slices); a BatchRef that carries ``shard_paths`` (``cached_microshard_group``, or
+``payload.shard_paths`` of a ``micro_epoch``) is trained on windows sampled from those
+shards only. The sampling seed comes from the BatchRef (its lease, round and step when
+it has them) and how many times this process used it, so a re-run of a round's lease
+samples the same windows.
+
 Config (all optional): ``d_model`` (128), ``n_layers`` (2), ``n_heads`` (4),
 ``context`` (128), ``batch_size`` (16), ``lr`` (2e-3, AdamW), ``weight_decay`` (0.01),
 ``seed`` (0), ``eval_windows`` (64), ``max_corpus_mb`` (None: all), ``threads`` (None).
@@ -21,17 +29,22 @@ Metrics: ``loss`` (nats per byte), ``bits_per_byte``, ``examples``, ``tokens``.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import math
 import sysconfig
 import time
+from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 
-from examples.common import MergeHooks
+from examples.common import MergeHooks, batch_key, shard_paths_of
+from fleet.data.dataset import write_dataset as write_microshards
 
 VOCAB = 256
 
@@ -70,6 +83,19 @@ def load_corpus(max_bytes: int | None = None) -> dict[str, torch.Tensor]:
             blob = blob[:max_bytes]
         out[split] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     return out
+
+
+def write_dataset(out_dir: Path, microshards: int = 64, *, manifest: bool = True) -> dict[str, int]:
+    """Write the training split as ``microshards`` contiguous microshards in ``out_dir``
+    (safetensors ``{"tokens": uint8 [n]}``; with burn_p2p's ``fetch-manifest.json`` when
+    ``manifest``). Returns ``{"microshards", "bytes"}``."""
+    tokens = load_corpus()["Train"]
+    bounds = torch.linspace(0, len(tokens), microshards + 1).long().tolist()
+    shards = [save({"tokens": tokens[a:b].clone()}) for a, b in itertools.pairwise(bounds)]
+    index = write_microshards(
+        Path(out_dir), shards, manifest=manifest, view_id=f"charlm-stdlib-{microshards}"
+    )
+    return {"microshards": len(index.microshards), "bytes": index.total_bytes}
 
 
 class Block(nn.Module):
@@ -135,6 +161,8 @@ class CharLMWorkload(MergeHooks):
         if config.get("threads"):
             torch.set_num_threads(int(config["threads"]))
         self.cursor = 0
+        self._shards: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._uses: OrderedDict[str, int] = OrderedDict()
 
     # ------------------------------------------------------------------ protocol hooks
 
@@ -171,7 +199,36 @@ class CharLMWorkload(MergeHooks):
         chunk = data[idx].long()
         return chunk[:, :-1], chunk[:, 1:]
 
+    def _shard_tokens(self, paths: list[str]) -> torch.Tensor:
+        """The tokens of these shard files, concatenated (files cached, the newest 256)."""
+        parts = []
+        for path in paths:
+            if path not in self._shards:
+                self._shards[path] = load_file(path)["tokens"]
+                while len(self._shards) > 256:
+                    self._shards.popitem(last=False)
+            parts.append(self._shards[path])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _shard_batch(
+        self, batch: dict[str, Any], paths: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self._shard_tokens(paths)
+        key = batch_key(batch)
+        uses = self._uses.pop(key, 0)
+        self._uses[key] = uses + 1
+        while len(self._uses) > 100_000:
+            self._uses.popitem(last=False)
+        digest = hashlib.sha256(json.dumps([self.seed, key, uses]).encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") % 2**62)
+        high = max(1, len(data) - self.context - 1)
+        starts = torch.randint(0, high, (self.batch_size,), generator=gen)
+        return self._windows(data, starts)
+
     def _train_batch(self, batch: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        paths = shard_paths_of(batch)
+        if batch is not None and paths:
+            return self._shard_batch(batch, paths)
         data = self.corpus["Train"]
         payload = (batch or {}).get("payload")
         replica, num_replicas = 0, 1

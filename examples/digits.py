@@ -4,20 +4,25 @@ Real data that ships with scikit-learn (``load_digits``: 1,797 images), split 70
 into train/validation/test with a fixed seed. Fast enough for tests.
 
 Config: ``hidden`` (64), ``lr`` (1e-2, AdamW), ``batch_size`` (64), ``seed`` (0).
-State: ``{"model": nn.Sequential, "optimizer": AdamW}``. Under DiLoCo, a batch's
-``payload.replica`` / ``payload.num_replicas`` pick the replica's own shard.
+State: ``{"model": nn.Sequential, "optimizer": AdamW}``. Under DiLoCo without a dataset,
+a batch's ``payload.replica`` / ``payload.num_replicas`` pick the replica's own shard.
+Dataset mode: :func:`write_dataset` (``fleet dataset write digits PATH``) writes the
+training split as microshards (safetensors ``{"images", "labels"}``); a BatchRef with
+``shard_paths`` trains on those shards' examples only.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
-from examples.common import MergeHooks
+from examples.common import MergeHooks, batch_key, shard_paths_of
 
 
 def load_splits(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -38,6 +43,26 @@ def load_splits(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     }
 
 
+def write_dataset(out_dir: Any, microshards: int = 16, *, manifest: bool = True) -> dict[str, int]:
+    """Write the training split as ``microshards`` microshards in ``out_dir``
+    (safetensors ``{"images": float32 [n, 64], "labels": int64 [n]}``; with burn_p2p's
+    ``fetch-manifest.json`` when ``manifest``). Returns ``{"microshards", "bytes"}``."""
+    from pathlib import Path
+
+    from fleet.data.dataset import write_dataset as write_microshards
+
+    x, y = load_splits(0)["Train"]
+    bounds = torch.linspace(0, len(x), microshards + 1).long().tolist()
+    shards = [
+        st_save({"images": x[a:b].clone(), "labels": y[a:b].clone()})
+        for a, b in itertools.pairwise(bounds)
+    ]
+    index = write_microshards(
+        Path(out_dir), shards, manifest=manifest, view_id=f"digits-{microshards}"
+    )
+    return {"microshards": len(index.microshards), "bytes": index.total_bytes}
+
+
 class DigitsWorkload(MergeHooks):
     workload_name = "digits-mlp"
 
@@ -49,6 +74,7 @@ class DigitsWorkload(MergeHooks):
         self.seed = int(config.get("seed", 0))
         self.data = load_splits(self.seed)
         self.cursor = 0
+        self._uses: dict[str, int] = {}
 
     def runtime_device(self) -> str:
         return "python-torch-cuda" if torch.cuda.is_available() else "python-torch-cpu"
@@ -74,7 +100,22 @@ class DigitsWorkload(MergeHooks):
         ).to(device)
         return {"model": model, "optimizer": torch.optim.AdamW(model.parameters(), lr=self.lr)}
 
+    def _shard_batch(
+        self, batch: dict[str, Any], paths: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shards = [st_load_file(p) for p in paths]
+        x = torch.cat([s["images"] for s in shards])
+        y = torch.cat([s["labels"] for s in shards])
+        key = batch_key(batch)
+        uses = self._uses.get(key, 0)
+        self._uses[key] = uses + 1
+        idx = torch.arange(uses * self.batch_size, (uses + 1) * self.batch_size) % len(x)
+        return x[idx], y[idx]
+
     def _batch(self, batch: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        paths = shard_paths_of(batch)
+        if batch is not None and paths:
+            return self._shard_batch(batch, paths)
         x, y = self.data["Train"]
         payload = (batch or {}).get("payload")
         if isinstance(payload, dict) and "num_replicas" in payload:

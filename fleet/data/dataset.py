@@ -1,0 +1,257 @@
+"""Microshard datasets: a directory under the shared root, read as it is.
+
+Two layouts:
+
+- burn_p2p's: a ``fetch-manifest.json`` beside the shard files, ``{dataset_view_id,
+  entries: [{microshard_id, ordinal, locator, content_hash, bytes_len}]}``, where
+  ``locator`` is the shard's file name and ``content_hash`` its sha2-256 multihash in
+  hex (``"1220"`` + the sha256 digest), as burn_p2p writes it;
+- a plain directory of shard files (e.g. what burn_p2p's torch MNIST demo writes:
+  ``00000.bin``, ...): every non-hidden file (matching ``glob`` if given), sorted by
+  name, is one microshard, its name the id and its sorted position the ordinal.
+
+:func:`read_dataset` checks that every shard exists with its recorded size (cheap, at
+the start of a run); content hashes are checked when a shard is first leased on a
+worker (:class:`ShardChecker`), or all at once by :func:`verify_dataset`
+(``fleet dataset verify``). Every problem is a typed
+:class:`~fleet.errors.DatasetError` naming the shard.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fleet.errors import (
+    DatasetFormatError,
+    DatasetPathError,
+    PathOutsideRootError,
+    ShardHashMismatchError,
+    ShardMissingError,
+    ShardSizeMismatchError,
+)
+from fleet.storage import SharedRoot, atomic_write_bytes
+
+MANIFEST = "fetch-manifest.json"
+#: Multihash prefix of a sha2-256 digest (code 0x12, length 0x20), in hex.
+SHA256_MULTIHASH = "1220"
+
+
+class Microshard(BaseModel):
+    """One microshard: its id, ordinal, file (shared-root relative), size in bytes and
+    content hash (sha2-256 multihash hex; None when the layout records none)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    microshard_id: str
+    ordinal: int
+    path: str
+    bytes_len: int
+    content_hash: str | None = None
+
+
+class DatasetIndex(BaseModel):
+    """A dataset as read: its directory (shared-root relative), view id, layout and
+    microshards in ordinal order."""
+
+    path: str
+    view_id: str
+    layout: Literal["burn-p2p-fetch-manifest", "directory"]
+    microshards: list[Microshard]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(m.bytes_len for m in self.microshards)
+
+
+class _Entry(BaseModel):
+    microshard_id: str
+    ordinal: int = Field(ge=0)
+    locator: str
+    content_hash: str
+    bytes_len: int = Field(ge=0)
+
+
+class _FetchManifest(BaseModel):
+    dataset_view_id: str
+    entries: list[_Entry]
+
+
+def shard_hash(path: Path) -> str:
+    """The content hash of a file as burn_p2p writes it: sha2-256 multihash, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return SHA256_MULTIHASH + digest.hexdigest()
+
+
+def _resolve(shared: SharedRoot, dataset: str, path: str | Path, shard: str | None) -> Path:
+    try:
+        return shared.resolve(path)
+    except PathOutsideRootError:
+        raise DatasetPathError(dataset, shard) from None
+
+
+def read_dataset(shared: SharedRoot, path: str, *, glob: str | None = None) -> DatasetIndex:
+    """Read the dataset at ``path`` (relative to the shared root) and check that every
+    shard exists with its recorded size.
+
+    Raises:
+        DatasetPathError: the dataset or a shard locator escapes the shared root.
+        DatasetFormatError: no such directory, no shards, or a bad fetch-manifest.json.
+        ShardMissingError: a listed shard has no file.
+        ShardSizeMismatchError: a shard is not as long as the manifest says.
+    """
+    root = _resolve(shared, path, path, None)
+    rel = shared.relative(root)
+    if not root.is_dir():
+        raise DatasetFormatError(rel, "no such directory")
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        try:
+            raw = _FetchManifest.model_validate(json.loads(manifest.read_text("utf-8")))
+        except (ValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DatasetFormatError(rel, f"{MANIFEST} is not valid: {exc}") from None
+        shards = []
+        for entry in sorted(raw.entries, key=lambda e: e.ordinal):
+            file = _resolve(shared, rel, root / entry.locator, entry.locator)
+            if not file.is_file():
+                raise ShardMissingError(rel, entry.microshard_id, shared.relative(file))
+            size = file.stat().st_size
+            if size != entry.bytes_len:
+                raise ShardSizeMismatchError(rel, entry.microshard_id, entry.bytes_len, size)
+            shards.append(
+                Microshard(
+                    microshard_id=entry.microshard_id,
+                    ordinal=entry.ordinal,
+                    path=shared.relative(file),
+                    bytes_len=size,
+                    content_hash=entry.content_hash.lower(),
+                )
+            )
+        view_id = raw.dataset_view_id
+        layout: Literal["burn-p2p-fetch-manifest", "directory"] = "burn-p2p-fetch-manifest"
+    else:
+        files = sorted(
+            p
+            for p in root.iterdir()
+            if p.is_file()
+            and not p.name.startswith(".")
+            and (glob is None or fnmatch.fnmatch(p.name, glob))
+        )
+        shards = [
+            Microshard(
+                microshard_id=f.name,
+                ordinal=i,
+                path=shared.relative(_resolve(shared, rel, f, f.name)),
+                bytes_len=f.stat().st_size,
+            )
+            for i, f in enumerate(files)
+        ]
+        listing = json.dumps([(m.microshard_id, m.bytes_len) for m in shards])
+        view_id = "dir-" + hashlib.sha256(listing.encode()).hexdigest()[:16]
+        layout = "directory"
+    if not shards:
+        raise DatasetFormatError(rel, "no microshards" + (f" matching {glob!r}" if glob else ""))
+    return DatasetIndex(path=rel, view_id=view_id, layout=layout, microshards=shards)
+
+
+def verify_dataset(shared: SharedRoot, index: DatasetIndex) -> int:
+    """Check every shard's content hash (shards without one are skipped); return how
+    many were checked.
+
+    Raises:
+        ShardHashMismatchError: the first shard whose content differs.
+    """
+    checked = 0
+    for shard in index.microshards:
+        if shard.content_hash is None:
+            continue
+        actual = shard_hash(shared.resolve(shard.path))
+        if actual != shard.content_hash:
+            raise ShardHashMismatchError(
+                index.path, shard.microshard_id, shard.content_hash, actual
+            )
+        checked += 1
+    return checked
+
+
+class ShardChecker:
+    """Checks shards' content hashes the first time this process reads them (a shard is
+    checked again only if its size or modification time changed)."""
+
+    def __init__(self) -> None:
+        self._checked: set[tuple[str, int, int]] = set()
+        self._lock = threading.Lock()
+
+    def check(self, dataset: str, microshard_id: str, path: Path, expected: str) -> None:
+        """Raises:
+        ShardHashMismatchError: the file's content hash is not ``expected``.
+        ShardMissingError: the file is gone."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise ShardMissingError(dataset, microshard_id, str(path)) from None
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key in self._checked:
+                return
+        actual = shard_hash(path)
+        if actual != expected.lower():
+            raise ShardHashMismatchError(dataset, microshard_id, expected, actual)
+        with self._lock:
+            self._checked.add(key)
+
+
+def write_dataset(
+    out_dir: Path, shards: Sequence[bytes], *, manifest: bool = True, view_id: str | None = None
+) -> DatasetIndex:
+    """Write ``shards`` as a microshard dataset in ``out_dir`` (``00000.bin``, ...), each
+    file published atomically, and with ``manifest`` burn_p2p's ``fetch-manifest.json``
+    (content hashes, sizes; written last, so a dataset with a manifest is complete).
+    Returns its index (its paths are the file names, relative to ``out_dir``).
+
+    Raises:
+        StorageError: the file system failed.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries, shards_out = [], []
+    for ordinal, data in enumerate(shards):
+        name, shard_id = f"{ordinal:05d}.bin", f"{out_dir.name}-{ordinal:05d}"
+        atomic_write_bytes(out_dir / name, data)
+        content = SHA256_MULTIHASH + hashlib.sha256(data).hexdigest()
+        entries.append(
+            {
+                "microshard_id": shard_id,
+                "ordinal": ordinal,
+                "locator": name,
+                "content_hash": content,
+                "bytes_len": len(data),
+            }
+        )
+        shards_out.append(
+            Microshard(
+                microshard_id=shard_id if manifest else name,
+                ordinal=ordinal,
+                path=name,
+                bytes_len=len(data),
+                content_hash=content if manifest else None,
+            )
+        )
+    digest = hashlib.sha256(json.dumps([e["content_hash"] for e in entries]).encode()).hexdigest()
+    view = view_id or f"{out_dir.name}-{digest[:16]}"
+    if manifest:
+        body = json.dumps({"dataset_view_id": view, "entries": entries}, indent=2)
+        atomic_write_bytes(out_dir / MANIFEST, body.encode())
+    layout: Literal["burn-p2p-fetch-manifest", "directory"] = (
+        "burn-p2p-fetch-manifest" if manifest else "directory"
+    )
+    return DatasetIndex(path=out_dir.name, view_id=view, layout=layout, microshards=shards_out)
