@@ -9,7 +9,8 @@ transformer on the stdlib sources), and prints per round:
 - wall: from launching the replicas to the committed new global model;
 - max compute: the slowest merged replica's time in its inner steps (on the worker);
 - exchange: pack traffic on the critical path: the slowest replica's input-pack load
-  plus output-pack write, plus the orchestrator's outer step (read N+2 packs, write 2);
+  plus output-pack write, plus the outer step (a task on a worker: read N+2 packs,
+  write 2, streamed), as the orchestrator waited for it (dispatch included);
 - overhead = (wall - max compute) / wall.
 
 Round 0 also builds the workload on each worker (corpus load, model init); the target
@@ -61,7 +62,7 @@ def main() -> None:
             )
             run = DiLoCoRun.start(fleet, config)
             run.run()
-            metrics = run.metrics()
+            rounds = run.rounds()
             fleet.close()
     finally:
         server.stop()
@@ -75,15 +76,14 @@ def main() -> None:
         f"{'merge s':>9}{'overhead':>10}"
     )
     overheads = []
-    for m in metrics:
-        merged = [r for r in m["replicas"] if r["status"] == "merged"]
-        compute = max(r["compute_s"] for r in merged)
-        exchange = max(r["load_s"] + r["publish_s"] for r in merged) + m["merge_s"]
-        overhead = (m["wall_s"] - compute) / m["wall_s"]
-        if m["round"] > 0:
+    for m in rounds:
+        compute = max(r.compute_s for r in m.merged)
+        exchange = max(r.load_s + r.publish_s for r in m.merged) + m.merge_s
+        overhead = (m.wall_s - compute) / m.wall_s
+        if m.round > 0:
             overheads.append(overhead)
         print(
-            f"{m['round']:>5}{m['wall_s']:>9.3f}{compute:>15.3f}{exchange:>12.4f}{m['merge_s']:>9.4f}"
+            f"{m.round:>5}{m.wall_s:>9.3f}{compute:>15.3f}{exchange:>12.4f}{m.merge_s:>9.4f}"
             f"{100 * overhead:>9.1f}%"
         )
     if overheads:

@@ -1,5 +1,7 @@
 """``fleet demo``: a real DiLoCo run of the charlm example on a local cluster, against a
-single-worker baseline on the same wall-clock budget, with a run report.
+single-worker baseline on the same wall-clock budget, with a run report. Both runs
+train on leases of the same microshard dataset (the charlm corpus, written once under
+the shared root), so the main job exercises datasets and leases end to end.
 
 The baseline is one worker of the same cluster (same device, same threads as each
 replica) training the same model alone: DiLoCo with one replica, outer lr 1 and no
@@ -12,32 +14,58 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from fleet.client import Fleet, FleetFuture
+from fleet.client import Fleet
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig
+from fleet.diloco.config import DatasetConfig
+from fleet.diloco.state import RoundRecord
 from fleet.jobs import JobStore
-from fleet.protocol import CapabilityProbeResult
-from fleet.report import tokens_per_s, write_report
+from fleet.report import RunSummary, loss_at, loss_curve, tokens_per_s, write_report
 
 DEMO_WORKLOAD = "examples.charlm:make"
+#: The demo's dataset: charlm's training corpus as this many microshards (~120 KB each).
+DEMO_MICROSHARDS = 256
+#: Microshards leased per replica per round (DiLoCo splits replicas x this by speed).
+DEMO_SHARDS_PER_REPLICA = 8
 
 
-def _run_record(run: DiLoCoRun, label: str) -> dict[str, Any]:
-    return {
-        "label": label,
-        "job_id": run.job_id,
-        "config": run.config.model_dump(mode="json"),
-        "replicas": run.config.replicas,
-        "eval_split": run.config.eval_split,
-        "started_at": run.started_at(),
-        "initial_eval": run.initial_eval(),
-        "rounds": run.metrics(),
-    }
+def prepare_dataset(fleet: Fleet, console: Console) -> str:
+    """The charlm corpus as a microshard dataset on the shared root (with burn_p2p's
+    fetch-manifest and content hashes), written once; its shared-root-relative path."""
+    from examples.charlm import write_dataset
+    from fleet.data.dataset import MANIFEST
+
+    rel = f"datasets/charlm-stdlib-{DEMO_MICROSHARDS}"
+    path = fleet.shared.resolve(rel)
+    if not (path / MANIFEST).is_file():
+        written = write_dataset(path, DEMO_MICROSHARDS, manifest=True)
+        console.print(f"wrote the dataset {rel}: {written['bytes']:,} bytes", highlight=False)
+    return rel
+
+
+def _summary(run: DiLoCoRun, label: str) -> RunSummary:
+    state = run.state()
+    assert state is not None
+    return RunSummary(
+        label=label,
+        job_id=run.job_id,
+        config=run.config.model_dump(mode="json"),
+        replicas=run.config.replicas,
+        eval_split=run.config.eval_split,
+        started_at=state.started_at,
+        initial_eval=state.initial_eval,
+        rounds=run.rounds(),
+    )
+
+
+def _loss_text(record: RoundRecord) -> str:
+    loss = record.eval.loss if record.eval else None
+    return "-" if loss is None else f"{loss:.3f}"
 
 
 def _progress(console: Console) -> Progress:
@@ -62,23 +90,39 @@ def run_diloco_and_baseline(
     inner_steps: int,
     baseline_worker: str,
     console: Console,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run DiLoCo, then the baseline for the same wall-clock time; return both records."""
+    dataset: str | None = None,
+) -> tuple[RunSummary, RunSummary]:
+    """Run DiLoCo, then the baseline for the same wall-clock time; return both runs.
+    With ``dataset`` both lease its microshards: DiLoCo ``replicas x`` 8 per round split
+    by the workers' measured speed, the baseline 8 per round."""
+
+    def leases(n: int) -> DatasetConfig | None:
+        if dataset is None:
+            return None
+        per_round = n * DEMO_SHARDS_PER_REPLICA
+        return DatasetConfig(
+            path=dataset, batch_kind="micro_epoch", microshards_per_round=per_round
+        )
+
     diloco_cfg = DiLoCoConfig(
-        workload=workload, config=config, replicas=replicas, rounds=rounds, inner_steps=inner_steps
+        workload=workload,
+        config=config,
+        replicas=replicas,
+        rounds=rounds,
+        inner_steps=inner_steps,
+        dataset=leases(replicas),
     )
     with _progress(console) as progress:
         task = progress.add_task(f"DiLoCo x{replicas}", total=rounds, loss="-", tps="-")
 
-        def on_round(m: dict[str, Any]) -> None:
-            loss = f"{m['eval']['loss']:.3f}" if m.get("eval") else "-"
-            progress.update(task, advance=1, loss=loss, tps=f"{tokens_per_s(m):,.0f}")
+        def on_round(m: RoundRecord) -> None:
+            progress.update(task, advance=1, loss=_loss_text(m), tps=f"{tokens_per_s(m):,.0f}")
 
         diloco = DiLoCoRun.start(fleet, diloco_cfg, on_round=on_round)
         diloco.run()
-    d_record = _run_record(diloco, f"DiLoCo, {replicas} replicas (H={inner_steps})")
-    last = d_record["rounds"][-1]
-    budget_s = last["started_at"] + last["wall_s"] - d_record["started_at"]
+    d_run = _summary(diloco, f"DiLoCo, {replicas} replicas (H={inner_steps})")
+    last = d_run.rounds[-1]
+    budget_s = last.started_at + last.wall_s - d_run.started_at
 
     baseline_cfg = diloco_cfg.model_copy(
         update={
@@ -87,26 +131,29 @@ def run_diloco_and_baseline(
             "outer": OuterOptimizerConfig(lr=1.0, momentum=0.0),
             "workers": [baseline_worker],
             "max_wall_s": budget_s,
+            "dataset": leases(1),
         }
     )
     with _progress(console) as progress:
         task = progress.add_task("baseline x1", total=budget_s, loss="-", tps="-")
         begun = time.time()
 
-        def on_baseline_round(m: dict[str, Any]) -> None:
-            loss = f"{m['eval']['loss']:.3f}" if m.get("eval") else "-"
+        def on_baseline_round(m: RoundRecord) -> None:
             progress.update(
                 task,
                 completed=min(time.time() - begun, budget_s),
-                loss=loss,
+                loss=_loss_text(m),
                 tps=f"{tokens_per_s(m):,.0f}",
             )
 
         baseline = DiLoCoRun.start(fleet, baseline_cfg, on_round=on_baseline_round)
         baseline.run()
-        progress.update(task, completed=budget_s)
-    b_record = _run_record(baseline, "single worker (same wall clock)")
-    return d_record, b_record
+        b_run = _summary(baseline, "single worker (same wall clock)")
+        # the bar ends on the loss at the budget, the point the summary compares
+        at_budget = loss_at(loss_curve(b_run), budget_s)
+        shown = "-" if at_budget is None else f"{at_budget:.3f} at {budget_s:.0f} s"
+        progress.update(task, completed=budget_s, loss=shown)
+    return d_run, b_run
 
 
 def run_demo(
@@ -125,13 +172,11 @@ def run_demo(
     if flower_url:
         console.print(f"Flower: [link={flower_url}]{flower_url}[/link]", highlight=False)
     console.print(f"workers: {', '.join(w.name for w in workers)}", highlight=False)
+    dataset = prepare_dataset(fleet, console)
     # Build the workload (corpus, model) on every worker first, so neither run's clock
     # includes it; the probe also records each worker's measured throughput.
     probes = [
-        cast(
-            FleetFuture[CapabilityProbeResult],
-            fleet.capability_probe(worker=w.name, workload=workload, config=config, wait=False),
-        )
+        fleet.capability_probe(worker=w.name, workload=workload, config=config, wait=False)
         for w in workers
     ]
     for w, probe in zip(workers, probes, strict=True):
@@ -139,7 +184,7 @@ def run_demo(
         console.print(
             f"{w.name}: {estimate.work_units_per_second:,.0f} tokens/s measured", highlight=False
         )
-    d_record, b_record = run_diloco_and_baseline(
+    d_run, b_run = run_diloco_and_baseline(
         fleet,
         workload=workload,
         config=config,
@@ -148,8 +193,9 @@ def run_demo(
         inner_steps=inner_steps,
         baseline_worker=workers[0].name,
         console=console,
+        dataset=dataset,
     )
-    out_dir = fleet.shared.resolve(f"reports/{d_record['job_id']}")
+    out_dir = fleet.shared.resolve(f"reports/{d_run.job_id}")
     extra = {
         "workload": workload,
         "resources": {
@@ -159,12 +205,9 @@ def run_demo(
             "note": "DiLoCo uses one worker per replica; the baseline one of the same workers",
         },
     }
-    json_path, png_path = write_report(out_dir, d_record, b_record, extra)
-    jobs = JobStore(fleet.registry.redis)
-    for record in (d_record, b_record):
-        jobs.add_artifact(record["job_id"], "report", fleet.shared.relative(json_path))
-        jobs.add_artifact(record["job_id"], "report_png", fleet.shared.relative(png_path))
-    import json
-
-    comparison = json.loads(json_path.read_text())["comparison"]
+    json_path, png_path, comparison = write_report(out_dir, d_run, b_run, extra)
+    jobs = JobStore(fleet.registry)
+    for run in (d_run, b_run):
+        jobs.add_artifact(run.job_id, "report", fleet.shared.relative(json_path))
+        jobs.add_artifact(run.job_id, "report_png", fleet.shared.relative(png_path))
     return json_path, png_path, comparison

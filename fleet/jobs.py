@@ -2,40 +2,66 @@
 
 A job has an id, a ``kind`` (``"diloco"``, ...), its ``spec`` (JSON), a status with the
 time of each transition (``new`` -> ``scheduled`` -> ``running`` -> ``completed`` |
-``failed`` | ``cancelled``), artifacts (name -> shared-root path), metrics per round,
-and logs: the log lines of the job's tasks, written by the workers into a Redis Stream
-in order, each with its worker and task id. Cancelling sets the status and asks every
-running task of the job to abort at its next step boundary.
+``failed`` | ``cancelled``; a failed or cancelled job may run again when resumed),
+artifacts (name -> shared-root path), one record per round, and logs: the log lines of
+the job's tasks, written by the workers into a Redis Stream in order, each with its
+worker and task id. Cancelling sets the status and asks every running task of the job
+to abort at its next step boundary.
+
+**One owner at a time.** An orchestrator running a job holds its owner lease
+(:class:`JobLease`): a key with a TTL, renewed by a heartbeat, and a fencing token (a
+counter each new owner increments). Every write of the owner (its state, the plan of
+the round in flight, a round's commit, status changes) is checked against the token
+atomically, and the job's tasks carry it too: an orchestrator that lost the job can
+change nothing. A ``running`` job whose lease expired shows as ``orphaned``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import queue
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from fleet import keys
-from fleet.errors import JobNotFound, JobStateError
+from fleet.errors import FencedOutError, FleetError, JobNotFound, JobOwnedError, JobStateError
+from fleet.registry import Registry
+from fleet.settings import FleetSettings
+
+log = logging.getLogger("fleet.jobs")
 
 JobStatus = Literal["new", "scheduled", "running", "completed", "failed", "cancelled"]
+#: Statuses in which no orchestrator runs the job.
 TERMINAL: tuple[JobStatus, ...] = ("completed", "failed", "cancelled")
-#: Allowed transitions; a terminal status never changes again.
+#: Allowed transitions. ``completed`` is final; a failed or cancelled job runs again when
+#: it is resumed.
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     "new": ("scheduled", "running", "failed", "cancelled"),
     "scheduled": ("running", "failed", "cancelled"),
     "running": ("running", "completed", "failed", "cancelled"),
+    "failed": ("running",),
+    "cancelled": ("running",),
 }
+#: How long a job's task set is kept after its last change (seconds).
+TASK_SET_TTL_S = 2 * 24 * 3600
 #: Lines kept per job log stream (older ones are trimmed).
 MAX_LOG_LINES = 100_000
 
 
 class Job(BaseModel):
-    """A job's record."""
+    """A job's record. ``owner``: its live owner lease, if any."""
 
     job_id: str
     kind: str
@@ -44,10 +70,17 @@ class Job(BaseModel):
     status_times: dict[str, float]
     artifacts: dict[str, str]
     error: str | None = None
+    owner: dict[str, Any] | None = None
 
     @property
     def created_at(self) -> float:
         return self.status_times["new"]
+
+    @property
+    def shown_status(self) -> str:
+        """The status, or ``"orphaned"`` for a running job whose owner stopped
+        heartbeating (resume it, or cancel it)."""
+        return "orphaned" if self.status == "running" and self.owner is None else self.status
 
 
 class LogLine(BaseModel):
@@ -76,11 +109,25 @@ class LogLine(BaseModel):
         )
 
 
-class JobStore:
-    """Jobs in Redis. ``redis`` is a client with ``decode_responses=True``."""
+#: Captured output lines kept per executor replica, and for how long (seconds).
+MAX_REPLICA_LOG_LINES = 10_000
+REPLICA_LOG_TTL_S = 7 * 24 * 3600
 
-    def __init__(self, redis: Any) -> None:
-        self.redis = redis
+
+class JobStore:
+    """Jobs in Redis, through the registry's client (abort flags go through
+    :meth:`Registry.request_abort`, their one writer)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.redis: Any = registry.redis
+        self._owner = self.redis.register_script(_load_script("job_owner.lua"))
+        self._write = self.redis.register_script(_load_script("job_write.lua"))
+
+    @classmethod
+    def from_settings(cls, settings: FleetSettings) -> JobStore:
+        """A store on a new registry client for ``settings``."""
+        return cls(Registry.from_settings(settings))
 
     def create(self, kind: str, spec: dict[str, Any], *, job_id: str | None = None) -> Job:
         """A new job in status ``new``."""
@@ -95,7 +142,6 @@ class JobStore:
                     "spec": json.dumps(spec),
                     "status": "new",
                     "status_times": json.dumps({"new": now}),
-                    "artifacts": "{}",
                 },
             )
             pipe.zadd(keys.JOBS, {job_id: now})
@@ -108,7 +154,11 @@ class JobStore:
         Raises:
             JobNotFound: no such job.
         """
-        raw = self.redis.hgetall(keys.job(job_id))
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.job(job_id))
+            pipe.hgetall(keys.job_artifacts(job_id))
+            pipe.get(keys.job_owner(job_id))
+            raw, artifacts, owner = pipe.execute()
         if not raw:
             raise JobNotFound(job_id)
         return Job(
@@ -117,8 +167,9 @@ class JobStore:
             spec=json.loads(raw["spec"]),
             status=raw["status"],
             status_times=json.loads(raw["status_times"]),
-            artifacts=json.loads(raw.get("artifacts") or "{}"),
+            artifacts=artifacts,
             error=raw.get("error") or None,
+            owner=json.loads(owner) if owner else None,
         )
 
     def list_jobs(self, *, limit: int = 50) -> list[Job]:
@@ -126,21 +177,33 @@ class JobStore:
         ids = self.redis.zrevrange(keys.JOBS, 0, limit - 1)
         return [self.get(i) for i in ids if self.redis.exists(keys.job(i))]
 
-    def set_status(self, job_id: str, status: JobStatus, *, error: str | None = None) -> Job:
-        """Move the job to ``status`` (atomically, with its timestamp).
+    def set_status(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        error: str | None = None,
+        token: int | None = None,
+    ) -> Job:
+        """Move the job to ``status`` (atomically, with its timestamp; ``error`` replaces
+        the recorded error, a run clears it). With ``token``, only while it is still the
+        job's fencing token.
 
         Raises:
             JobNotFound: no such job.
-            JobStateError: the transition is not allowed (e.g. out of a terminal status).
+            JobStateError: the transition is not allowed (e.g. out of ``completed``).
+            FencedOutError: ``token`` is stale.
         """
-        key = keys.job(job_id)
+        key, fence = keys.job(job_id), keys.job_fence(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, fence)
                     current = pipe.hget(key, "status")
                     if current is None:
                         raise JobNotFound(job_id)
+                    if token is not None and int(pipe.get(fence) or 0) != token:
+                        raise FencedOutError(job_id, token, int(pipe.get(fence) or 0))
                     if status not in TRANSITIONS.get(current, ()):
                         raise JobStateError(job_id, current, status)
                     times = json.loads(pipe.hget(key, "status_times"))
@@ -150,6 +213,8 @@ class JobStore:
                     if error is not None:
                         fields["error"] = error
                     pipe.hset(key, mapping=fields)
+                    if status == "running":
+                        pipe.hdel(key, "error")
                     pipe.execute()
                     break
                 except Exception as exc:
@@ -161,10 +226,9 @@ class JobStore:
         return self.get(job_id)
 
     def add_artifact(self, job_id: str, name: str, path: str) -> None:
-        """Record an artifact (a shared-root-relative path) under ``name``."""
-        job = self.get(job_id)
-        artifacts = {**job.artifacts, name: path}
-        self.redis.hset(keys.job(job_id), "artifacts", json.dumps(artifacts))
+        """Record an artifact (a shared-root-relative path) under ``name``, atomically
+        (one field of the job's artifact hash)."""
+        self.redis.hset(keys.job_artifacts(job_id), name, path)
 
     def add_metrics(self, job_id: str, metrics: dict[str, Any]) -> None:
         """Append one metrics record (e.g. one round's)."""
@@ -174,14 +238,94 @@ class JobStore:
         """Every metrics record, in order."""
         return [json.loads(m) for m in self.redis.lrange(keys.job_metrics(job_id), 0, -1)]
 
+    # ------------------------------------------------------------------ ownership
+
+    def claim(self, job_id: str, *, host: str, pid: int, ttl_s: float) -> int:
+        """Take the job's owner lease for ``ttl_s`` seconds; return the new fencing token.
+
+        Raises:
+            JobOwnedError: a live orchestrator holds the lease (named in the error).
+        """
+        owner = json.dumps({"host": host, "pid": pid, "heartbeat_at": time.time()})
+        token, current = self._owner(
+            keys=[keys.job_owner(job_id), keys.job_fence(job_id)],
+            args=["claim", owner, int(ttl_s * 1000), 0],
+        )
+        if int(token):
+            return int(token)
+        holder = json.loads(current)
+        age = time.time() - float(holder.get("heartbeat_at", 0))
+        raise JobOwnedError(job_id, str(holder.get("host")), int(holder.get("pid", 0)), age)
+
+    def renew(self, job_id: str, token: int, *, host: str, pid: int, ttl_s: float) -> bool:
+        """Extend the owner lease of ``token``; False if a newer owner holds the job."""
+        owner = json.dumps({"host": host, "pid": pid, "heartbeat_at": time.time()})
+        renewed, _ = self._owner(
+            keys=[keys.job_owner(job_id), keys.job_fence(job_id)],
+            args=["renew", owner, int(ttl_s * 1000), token],
+        )
+        return bool(int(renewed))
+
+    def release(self, job_id: str, token: int) -> None:
+        """Give up the owner lease of ``token`` (a newer owner's lease stays)."""
+        self._owner(
+            keys=[keys.job_owner(job_id), keys.job_fence(job_id)],
+            args=["release", "{}", 0, token],
+        )
+
+    def _owned_write(self, job_id: str, token: int, *args: str) -> None:
+        written = int(
+            self._write(
+                keys=[keys.job_fence(job_id), keys.job_state(job_id), keys.job_metrics(job_id)],
+                args=[token, *args],
+            )
+        )
+        if written != token:
+            raise FencedOutError(job_id, token, -written)
+
+    def put_plan(self, job_id: str, token: int, plan_json: str) -> None:
+        """Record the plan of the round in flight (fenced)."""
+        self._owned_write(job_id, token, "plan", plan_json)
+
+    def put_state(self, job_id: str, token: int, state_json: str) -> None:
+        """Record the driver's state (fenced)."""
+        self._owned_write(job_id, token, "state", state_json)
+
+    def commit_round(self, job_id: str, token: int, state_json: str, record_json: str) -> None:
+        """Commit a round in one transaction: the new state, the round's record appended,
+        the plan dropped (fenced).
+
+        Raises:
+            FencedOutError: ``token`` is stale; nothing is written.
+        """
+        self._owned_write(job_id, token, "commit", state_json, record_json)
+
+    def fence(self, job_id: str) -> int:
+        """The job's current fencing token (0 before any owner)."""
+        return int(self.redis.get(keys.job_fence(job_id)) or 0)
+
+    def driver_state(self, job_id: str) -> tuple[str | None, str | None]:
+        """``(state JSON, in-flight plan JSON)`` of the job's driver (None when unset)."""
+        state, plan = self.redis.hmget(keys.job_state(job_id), ["state", "plan"])
+        return state, plan
+
     # ------------------------------------------------------------------ tasks and cancel
 
     def track_task(self, job_id: str, task_id: str) -> None:
         """Note a running task of the job (aborted on cancel)."""
-        self.redis.sadd(keys.job_tasks(job_id), task_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sadd(keys.job_tasks(job_id), task_id)
+            pipe.expire(keys.job_tasks(job_id), TASK_SET_TTL_S)
+            pipe.execute()
 
-    def untrack_task(self, job_id: str, task_id: str) -> None:
-        self.redis.srem(keys.job_tasks(job_id), task_id)
+    def untrack_task(self, job_id: str, *task_ids: str) -> None:
+        """Forget tasks of the job that ended (or were given up)."""
+        if task_ids:
+            self.redis.srem(keys.job_tasks(job_id), *task_ids)
+
+    def tracked_tasks(self, job_id: str) -> set[str]:
+        """The job's tasks that may still run."""
+        return set(self.redis.smembers(keys.job_tasks(job_id)))
 
     def cancel(self, job_id: str) -> Job:
         """Mark the job cancelled and ask each of its running tasks to abort at its next
@@ -189,12 +333,29 @@ class JobStore:
         job = self.get(job_id)
         if job.status in TERMINAL:
             return job
-        for task_id in self.redis.smembers(keys.job_tasks(job_id)):
-            self.redis.set(keys.abort(task_id), "1", ex=24 * 3600)
+        self.registry.request_abort(*self.tracked_tasks(job_id))
         return self.set_status(job_id, "cancelled")
 
     def is_cancelled(self, job_id: str) -> bool:
         return bool(self.redis.hget(keys.job(job_id), "status") == "cancelled")
+
+    # ------------------------------------------------------------------ executor replicas
+
+    def append_replica_lines(self, task_id: str, lines: list[str]) -> None:
+        """Add captured output lines of an executor replica (the newest
+        :data:`MAX_REPLICA_LOG_LINES` are kept, for :data:`REPLICA_LOG_TTL_S`)."""
+        if not lines:
+            return
+        key = keys.replica_logs(task_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, *lines)
+            pipe.ltrim(key, -MAX_REPLICA_LOG_LINES, -1)
+            pipe.expire(key, REPLICA_LOG_TTL_S)
+            pipe.execute()
+
+    def replica_lines(self, task_id: str, n_lines: int) -> list[str]:
+        """The last ``n_lines`` captured lines of an executor replica."""
+        return list(self.redis.lrange(keys.replica_logs(task_id), -n_lines, -1))
 
     # ------------------------------------------------------------------ logs
 
@@ -236,9 +397,16 @@ class JobStore:
                 return
 
 
+#: Log lines of a task kept in memory while Redis is away (older ones are dropped).
+LOG_QUEUE_LINES = 10_000
+#: Loggers whose records never go to a job's log (the plumbing's own retries).
+PLUMBING_LOGGERS = ("celery", "kombu", "redis", "amqp", "fleet.redis", "fleet.progress")
+
+
 class JobLogHandler(logging.Handler):
-    """Forwards log records emitted while a job's task runs on a worker to the job's
-    log stream (installed by the task layer for the task's duration)."""
+    """Writes log records emitted while a job's task runs on a worker to the job's log
+    stream (one stream entry per line). Records of the plumbing (Celery, kombu, Redis
+    retries) are left out; a failure to write is reported once, not per record."""
 
     def __init__(self, store: JobStore, job_id: str, worker: str, task_id: str) -> None:
         super().__init__(level=logging.INFO)
@@ -246,6 +414,8 @@ class JobLogHandler(logging.Handler):
         self.job_id = job_id
         self.worker = worker
         self.task_id = task_id
+        self.failing = False
+        self.addFilter(lambda r: not r.name.startswith(PLUMBING_LOGGERS))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -258,5 +428,97 @@ class JobLogHandler(logging.Handler):
                     logger=record.name,
                     line=line,
                 )
-        except Exception:
-            self.handleError(record)
+            self.failing = False
+        except Exception as exc:
+            if not self.failing:
+                log.warning("job %s: log lines not shipped (%s)", self.job_id, exc)
+            self.failing = True
+
+
+class _DroppingQueueHandler(QueueHandler):
+    """A QueueHandler that drops a record when its queue is full (a long outage)."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(record)
+
+
+@contextmanager
+def job_log(store: JobStore, job_id: str, worker: str, task_id: str) -> Iterator[None]:
+    """While the block runs, log records go to the job's log stream through a queue and a
+    thread of their own (logging.handlers.QueueListener), so a task never waits for
+    Redis to log a line; up to :data:`LOG_QUEUE_LINES` are kept through an outage."""
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=LOG_QUEUE_LINES)
+    listener = QueueListener(
+        lines, JobLogHandler(store, job_id, worker, task_id), respect_handler_level=True
+    )
+    handler = _DroppingQueueHandler(lines)
+    root = logging.getLogger()
+    listener.start()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        listener.stop()
+
+
+def _load_script(name: str) -> str:
+    return resources.files("fleet.lua").joinpath(name).read_text(encoding="utf-8")
+
+
+class JobLease:
+    """An orchestrator's ownership of a job: claims the owner lease on entry, renews it
+    from a thread every ``ttl_s / 3`` seconds, releases it on exit. ``token`` is the
+    fencing token; :meth:`check` raises once a newer owner took the job over.
+
+    Raises:
+        JobOwnedError: (on entry) a live orchestrator owns the job.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, ttl_s: float) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.ttl_s = ttl_s
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.token = 0
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> JobLease:
+        self.token = self.store.claim(self.job_id, host=self.host, pid=self.pid, ttl_s=self.ttl_s)
+        self._thread = threading.Thread(target=self._renew, name="fleet-job-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.store.renew(
+                    self.job_id, self.token, host=self.host, pid=self.pid, ttl_s=self.ttl_s
+                ):
+                    log.warning("job %s was taken over by a newer orchestrator", self.job_id)
+                    self.lost.set()
+                    return
+            except FleetError:  # Redis away: the client logs the outage once; renew again
+                continue
+
+    def check(self) -> None:
+        """Raise if this orchestrator no longer owns the job.
+
+        Raises:
+            FencedOutError: a newer owner took the job over.
+        """
+        if self.lost.is_set():
+            raise FencedOutError(self.job_id, self.token, None)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.store.release(self.job_id, self.token)
+        except FleetError as error:  # Redis away: the lease expires by itself
+            log.warning("could not release job %s: %s", self.job_id, error)

@@ -6,7 +6,9 @@ queue (workers prefetch one message). ``fleet exporter`` serves, on ``/metrics``
 - ``fleet_queue_length{queue}``: messages waiting in each worker queue and the pool queue;
 - ``fleet_workers{status}``: registered workers, ``alive`` or ``lost``;
 - ``fleet_handles{status}``: model handles, ``live`` or ``lost``;
-- ``fleet_jobs{kind,status}``: jobs by kind and status.
+- ``fleet_jobs{kind,status}``: jobs by kind and status (``orphaned``: running without a
+  live orchestrator);
+- ``fleet_deadletter_messages``: messages workers refused (not JSON, pickle, ...).
 """
 
 from __future__ import annotations
@@ -32,13 +34,12 @@ class FleetCollector(Collector):
     def __init__(self, settings: FleetSettings, registry: Registry | None = None) -> None:
         self.settings = settings
         self.registry = registry or Registry.from_settings(settings)
-        self.jobs = JobStore(self.registry.redis)
+        self.jobs = JobStore(self.registry)
 
     def queue_lengths(self) -> dict[str, int]:
         """Messages waiting per queue (every registered worker's queue and the pool)."""
         queues = {self.settings.pool_queue, *(w.queue for w in self.registry.workers())}
-        # kombu's Redis transport keeps a queue as a list named after it (priority 0).
-        return {q: int(self.registry.redis.llen(q)) for q in sorted(queues)}
+        return {q: self.registry.queue_length(q) for q in sorted(queues)}
 
     def collect(self) -> Iterator[Any]:
         queue = GaugeMetricFamily(
@@ -64,7 +65,13 @@ class FleetCollector(Collector):
 
         jobs = GaugeMetricFamily("fleet_jobs", "Recent fleet jobs", labels=["kind", "status"])
         for (kind, status), n in Counter(
-            (j.kind, j.status) for j in self.jobs.list_jobs(limit=JOBS_WINDOW)
+            (j.kind, j.shown_status) for j in self.jobs.list_jobs(limit=JOBS_WINDOW)
         ).items():
             jobs.add_metric([kind, status], n)
         yield jobs
+
+        dead = GaugeMetricFamily(
+            "fleet_deadletter_messages", "Messages workers refused (fleet:deadletter)"
+        )
+        dead.add_metric([], self.registry.dead_letter_count())
+        yield dead

@@ -1,4 +1,4 @@
-"""Progress and cooperative stopping for long tasks (DESIGN.md decision 2).
+"""Progress and cooperative stopping for long tasks (docs/design.md decision 2).
 
 A long task (``train_window``, ``run_inner_loop``) runs inside a :class:`StepMonitor`.
 Between optimizer steps, call :func:`report` (fleet's own inner loop does; a workload
@@ -7,20 +7,104 @@ hook may too). It publishes progress as the Celery task state ``PROGRESS`` and a
 :class:`~fleet.errors.TaskAborted` when the task was asked to abort, or
 :class:`~fleet.errors.DeadlineExceeded` once the deadline passed, so the task stops
 cleanly between steps. Outside a monitored task, :func:`report` does nothing.
+
+Training never waits for Redis: a :class:`TaskWatch` polls the abort flag and publishes
+the latest progress from two threads of its own, and the step loop only reads what
+they found. When Redis is away the task keeps training (an outage means "not
+aborted"; one line is logged) and publishes its result once Redis is back.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fleet.errors import DeadlineExceeded, TaskAborted
+from fleet.errors import DeadlineExceeded, FleetError, TaskAborted
+
+log = logging.getLogger("fleet.progress")
 
 #: Minimum seconds between two progress publications (abort is checked every step).
 PUBLISH_INTERVAL_S = 0.5
+#: Seconds between two looks at a running task's abort flag.
+ABORT_POLL_S = 0.2
+
+
+class TaskWatch:
+    """The Redis side of a long task, off the training thread: one thread polls
+    ``abort_requested()`` every :data:`ABORT_POLL_S` and sets :attr:`aborted`; another
+    sends the newest progress given to :meth:`offer` with ``publish(meta)``. Either may
+    block or fail while Redis is away; training goes on, and the failure is logged once
+    per outage.
+    """
+
+    def __init__(
+        self,
+        abort_requested: Callable[[], bool],
+        publish: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.aborted = threading.Event()
+        self._abort_requested = abort_requested
+        self._publish = publish
+        self._pending: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._poll_abort, name="fleet-abort-watch", daemon=True),
+            threading.Thread(target=self._publish_loop, name="fleet-progress", daemon=True),
+        ]
+
+    def __enter__(self) -> TaskWatch:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def offer(self, meta: dict[str, Any]) -> None:
+        """Publish ``meta`` soon (a newer offer replaces one not yet sent)."""
+        with self._lock:
+            self._pending = meta
+        self._wake.set()
+
+    def _poll_abort(self) -> None:
+        failing = False
+        while not self._stop.is_set() and not self.aborted.is_set():
+            try:
+                if self._abort_requested():
+                    self.aborted.set()
+                if failing:
+                    log.warning("abort checks reach Redis again")
+                failing = False
+            except FleetError as exc:  # Redis away: keep training, say so once
+                if not failing:
+                    log.warning("cannot check the abort flag (%s); training on", exc)
+                failing = True
+            self._stop.wait(ABORT_POLL_S)
+
+    def _publish_loop(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                meta, self._pending = self._pending, None
+            if meta is None:
+                continue
+            try:
+                self._publish(meta)
+                failing = False
+            except Exception as exc:  # Redis away (any client's error): say so once
+                if not failing:
+                    log.warning("cannot publish progress (%s); training on", exc)
+                failing = True
 
 
 class StepMonitor:

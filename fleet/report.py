@@ -3,7 +3,7 @@
 ``report.png`` shows (1) the evaluation loss against wall-clock seconds for the DiLoCo
 run and the single-worker baseline, and (2) a timeline of the DiLoCo rounds: each
 replica's inner loop (coloured by outcome), the merge (outer step) and the evaluation,
-so stragglers and overhead are visible.
+so stragglers and overhead are visible. Both are read from the runs' typed records.
 """
 
 from __future__ import annotations
@@ -18,25 +18,42 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from pydantic import BaseModel
+
+from fleet.diloco.state import Evaluation, RoundRecord
 
 STATUS_COLOURS = {
     "merged": "tab:green",
     "aborted": "tab:orange",
     "lost": "tab:red",
     "failed": "tab:gray",
+    "dropped": "tab:brown",
 }
 
 
-def loss_curve(run: dict[str, Any]) -> list[tuple[float, float]]:
+class RunSummary(BaseModel):
+    """One run of the report: its label, job, config, when it started (unix s), the
+    evaluation of its initial model and the record of every round."""
+
+    label: str
+    job_id: str
+    config: dict[str, Any]
+    replicas: int
+    eval_split: Any
+    started_at: float
+    initial_eval: Evaluation | None
+    rounds: list[RoundRecord]
+
+
+def loss_curve(run: RunSummary) -> list[tuple[float, float]]:
     """``[(seconds since the run started, eval loss)]``: the initial model, then each
     round whose global model was evaluated (at the end of its evaluation)."""
-    start = run["started_at"]
     points = []
-    if run.get("initial_eval"):
-        points.append((run["initial_eval"]["at"] - start, run["initial_eval"]["metrics"]["loss"]))
-    for m in run["rounds"]:
-        if m.get("eval"):
-            points.append((m["started_at"] + m["wall_s"] - start, m["eval"]["loss"]))
+    if run.initial_eval is not None and run.initial_eval.loss is not None:
+        points.append((run.initial_eval.at - run.started_at, run.initial_eval.loss))
+    for m in run.rounds:
+        if m.eval is not None and m.eval.loss is not None:
+            points.append((m.started_at + m.wall_s - run.started_at, m.eval.loss))
     return points
 
 
@@ -46,17 +63,16 @@ def loss_at(curve: list[tuple[float, float]], t: float) -> float | None:
     return known[-1] if known else None
 
 
-def tokens_per_s(m: dict[str, Any]) -> float:
-    """Training tokens per second of a round (all merged replicas, over the round's wall time)."""
+def tokens_per_s(record: RoundRecord) -> float:
+    """Training tokens per second of a round (all merged replicas, over its wall time),
+    for workloads that report a ``tokens`` metric per step."""
     tokens = sum(
-        r.get("metrics", {}).get("tokens", 0) * r.get("steps_completed", 0)
-        for r in m["replicas"]
-        if r["status"] == "merged"
+        float(r.metrics.get("tokens", 0) or 0) * (r.steps_completed or 0) for r in record.merged
     )
-    return tokens / m["wall_s"] if m["wall_s"] else 0.0
+    return tokens / record.wall_s if record.wall_s else 0.0
 
 
-def summarize(diloco: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+def summarize(diloco: RunSummary, baseline: RunSummary) -> dict[str, Any]:
     """Both runs compared at the same wall-clock time (the shorter run's end)."""
     d_curve, b_curve = loss_curve(diloco), loss_curve(baseline)
     t = min(d_curve[-1][0], b_curve[-1][0]) if d_curve and b_curve else 0.0
@@ -71,15 +87,17 @@ def summarize(diloco: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any
     }
 
 
-def plot(diloco: dict[str, Any], baseline: dict[str, Any], out_file: Path) -> None:
+def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:
     """Write the two panels described in the module docstring to ``out_file``."""
     fig, (ax_loss, ax_time) = plt.subplots(2, 1, figsize=(11, 8.5), height_ratios=[3, 2])
     curves = [loss_curve(diloco), loss_curve(baseline)]
-    labels = (diloco["label"], baseline["label"])
-    for curve, label, style in zip(curves, labels, ("o-", "s--"), strict=True):
+    for curve, label, style in zip(
+        curves, (diloco.label, baseline.label), ("o-", "s--"), strict=True
+    ):
         if curve:
-            xs, ys = [p[0] for p in curve], [p[1] for p in curve]
-            ax_loss.plot(xs, ys, style, label=label, markersize=4)
+            ax_loss.plot(
+                [p[0] for p in curve], [p[1] for p in curve], style, label=label, markersize=4
+            )
     trained = [loss for curve in curves for _, loss in curve[1:]]
     if trained:  # zoom on training; the untrained model's loss is noted instead
         low, high = min(trained), max(trained)
@@ -101,31 +119,31 @@ def plot(diloco: dict[str, Any], baseline: dict[str, Any], out_file: Path) -> No
             text, xy=(0.99, 0.03), xycoords="axes fraction", ha="right", fontsize=9, bbox=box
         )
     ax_loss.set_xlabel("wall-clock seconds")
-    ax_loss.set_ylabel(f"eval loss ({diloco.get('eval_split', 'Validation')}, nats/byte)")
+    ax_loss.set_ylabel(f"eval loss ({diloco.eval_split}, nats/byte)")
     ax_loss.set_title("Evaluation loss against wall-clock time")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
 
-    start = diloco["started_at"]
-    n = diloco["replicas"]
-    last = diloco["rounds"][-1] if diloco["rounds"] else None
-    span = (last["started_at"] + last["wall_s"] - start) if last else 1.0
+    start, n = diloco.started_at, diloco.replicas
+    last = diloco.rounds[-1] if diloco.rounds else None
+    span = (last.started_at + last.wall_s - start) if last else 1.0
     min_width = span / 300  # keep sub-second merges and evaluations visible
     rows = [f"replica {i}" for i in range(n)] + ["merge", "eval"]
-    for m in diloco["rounds"]:
-        for r in m["replicas"]:
+    for m in diloco.rounds:
+        for r in m.replicas:
             ax_time.broken_barh(
-                [(r["started_at"] - start, r["finished_at"] - r["started_at"])],
-                (r["replica"] - 0.4, 0.8),
-                facecolors=STATUS_COLOURS.get(r["status"], "tab:blue"),
+                [(r.started_at - start, r.finished_at - r.started_at)],
+                (r.replica - 0.4, 0.8),
+                facecolors=STATUS_COLOURS.get(r.status, "tab:blue"),
                 edgecolor="black",
                 linewidth=0.3,
             )
-        closed = m["closed_at"] - start
-        merge = (closed, max(m["merge_s"], min_width))
-        ax_time.broken_barh([merge], (n - 0.4, 0.8), facecolors="tab:purple")
-        if m.get("eval_s"):
-            evaluation = (closed + m["merge_s"], max(m["eval_s"], min_width))
+        closed = m.closed_at - start
+        ax_time.broken_barh(
+            [(closed, max(m.merge_s, min_width))], (n - 0.4, 0.8), facecolors="tab:purple"
+        )
+        if m.eval_s:
+            evaluation = (closed + m.merge_s, max(m.eval_s, min_width))
             ax_time.broken_barh([evaluation], (n + 0.6, 0.8), facecolors="tab:cyan")
     ax_time.set_yticks(range(len(rows)), rows)
     ax_time.invert_yaxis()
@@ -140,23 +158,21 @@ def plot(diloco: dict[str, Any], baseline: dict[str, Any], out_file: Path) -> No
 
 
 def write_report(
-    out_dir: Path, diloco: dict[str, Any], baseline: dict[str, Any], extra: dict[str, Any]
-) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.png`` to ``out_dir``; return their paths.
-
-    ``diloco`` / ``baseline``: ``{label, job_id, config, replicas, started_at,
-    initial_eval, rounds: [round metrics], ...}`` as built by :mod:`fleet.demo`.
-    """
+    out_dir: Path, diloco: RunSummary, baseline: RunSummary, extra: dict[str, Any]
+) -> tuple[Path, Path, dict[str, Any]]:
+    """Write ``report.json`` and ``report.png`` to ``out_dir``; their paths and the
+    comparison (:func:`summarize`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    comparison = summarize(diloco, baseline)
     report = {
         "created_at": time.time(),
         "host": {"platform": platform.platform(), "python": platform.python_version()},
         **extra,
-        "diloco": diloco,
-        "baseline": baseline,
-        "comparison": summarize(diloco, baseline),
+        "diloco": diloco.model_dump(mode="json"),
+        "baseline": baseline.model_dump(mode="json"),
+        "comparison": comparison,
     }
     json_path, png_path = out_dir / "report.json", out_dir / "report.png"
     json_path.write_text(json.dumps(report, indent=2))
     plot(diloco, baseline, png_path)
-    return json_path, png_path
+    return json_path, png_path, comparison

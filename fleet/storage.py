@@ -1,22 +1,27 @@
-"""The shared root: where packs, optimizer states and artifacts live, and PackRefs.
+"""The shared root: where packs, optimizer states, datasets and artifacts live;
+PackRefs; and :func:`publishing`, the one way fleet writes a file or a directory
+atomically (temp sibling, fsync, rename).
 
-Every worker mounts the shared root at the same path. Paths in requests are relative
-to it (an absolute path is accepted only if it lies inside the root). Anything that
-escapes the root, through ``..``, an absolute path elsewhere, or a symlink pointing
-out, is refused with :class:`~fleet.errors.PathOutsideRootError` (DESIGN.md
-decision 4).
+Paths in requests are relative to the shared root (an absolute path is accepted only
+if it lies inside the root); each worker resolves them under its own mount. Anything
+that escapes the root, through ``..``, an absolute path elsewhere, or a symlink
+pointing out, is refused with :class:`~fleet.errors.PathOutsideRootError`
+(docs/design.md decision 4).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from fleet.codec import PackManifest, read_manifest
-from fleet.errors import PathOutsideRootError
+from fleet.codec.manifest import PackManifest, read_manifest
+from fleet.errors import PathOutsideRootError, StorageError, storage_error
 
 
 class PackRef(BaseModel):
@@ -44,25 +49,139 @@ class PackRef(BaseModel):
         )
 
 
+#: Marker in the names of temp siblings (``.<name>.tmp-<hex>``); ``fleet gc`` removes
+#: stale ones a crash left behind.
+TEMP_MARKER = ".tmp-"
+
+
+#: Suffix of the file beside a task's output that records the task's result, so a
+#: redelivered task returns it instead of running again (docs/design.md decision 5).
+RESULT_SUFFIX = ".result.json"
+
+
+def result_marker(path: str) -> str:
+    """The result file of the task whose output is ``path`` (shared-root relative)."""
+    return path + RESULT_SUFFIX
+
+
 def temp_sibling(path: Path) -> Path:
     """A fresh hidden temp path next to ``path`` (same file system, so rename is atomic)."""
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    return path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex}")
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so the names in it (a rename, a new file) are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir():
+        for child in sorted(path.rglob("*")):
+            if child.is_file() and not child.is_symlink():
+                _fsync_file(child)
+        for directory in [*(p for p in path.rglob("*") if p.is_dir()), path]:
+            fsync_dir(directory)
+    elif path.exists():
+        _fsync_file(path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def publishing(
+    dest: Path, *, mkdir: bool = False, replace_dir: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
+    """Publish whatever the block writes at ``dest``, atomically.
+
+    Yields a fresh temp sibling of ``dest`` (an empty directory if ``mkdir``, else a
+    path that does not exist yet). When the block ends, what it created there (a file
+    or a directory tree) is fsynced and renamed onto ``dest``, and ``dest``'s parent is
+    fsynced: a reader sees the old ``dest`` (or none) or the complete new one, never a
+    part. An existing file is replaced; an existing directory only when
+    ``replace_dir(dest)`` allows it (e.g. "it is a pack"). On any exception, and when
+    the block created nothing, the temp path is removed and nothing is published.
+
+    Raises:
+        StorageError: ``dest`` is a directory ``replace_dir`` does not allow replacing,
+            the block created nothing, or the file system failed
+            (:class:`~fleet.errors.StorageFullError` when it is full).
+    """
+    tmp = temp_sibling(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if mkdir:
+            tmp.mkdir()
+        yield tmp
+        if not tmp.exists():
+            raise StorageError(f"nothing was written to publish at {dest}")
+        _fsync_tree(tmp)
+        if dest.is_dir() and not dest.is_symlink():
+            if replace_dir is None or not replace_dir(dest):
+                raise StorageError(f"refusing to replace {dest}: it exists and is not a pack")
+            aside = temp_sibling(dest)
+            os.rename(dest, aside)
+            os.rename(tmp, dest)
+            _remove(aside)
+        else:
+            os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    except OSError as exc:
+        _remove(tmp)
+        raise storage_error(exc, str(dest)) from exc
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync,
-    rename. A reader sees the old file or the new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically (see :func:`publishing`).
+
+    Raises:
+        StorageError: the file system failed (``StorageFullError`` when it is full).
+    """
+    with publishing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def remove_paths(root: Path, paths: list[Path]) -> int:
+    """Delete each file or directory tree of ``paths`` (missing ones are skipped), then
+    each parent directory below ``root`` that became empty; return the bytes freed."""
+    freed = 0
+    parents: set[Path] = set()
+    for path in paths:
+        if not (path.exists() or path.is_symlink()) or path == root:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            freed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            shutil.rmtree(path)
+        else:
+            freed += path.lstat().st_size
+            path.unlink()
+        parents.add(path.parent)
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        while parent != root and parent.is_relative_to(root) and parent.is_dir():
+            if any(parent.iterdir()):
+                break
+            parent.rmdir()
+            parent = parent.parent
+    return freed
 
 
 class SharedRoot:

@@ -9,12 +9,11 @@ from click.testing import CliRunner
 
 from fleet.cli import main
 from fleet.jobs import JobNotFound, JobStateError, JobStore
-from fleet.registry import redis_client
 
 
 @pytest.fixture
 def store(fleet_settings):
-    return JobStore(redis_client(fleet_settings))
+    return JobStore.from_settings(fleet_settings)
 
 
 def test_status_transitions_are_timestamped_and_final(store):

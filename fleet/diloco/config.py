@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fleet.protocol import EvalSplit, MergePolicy
+from fleet.protocol import EvalSplit, MergePolicy, OuterOptimizer
 
 #: Merge policies that make sense for averaging replica models in the outer step.
 OUTER_MERGE_POLICIES = ("WeightedMean", "NormClippedWeightedMean", "TrimmedMean")
 
 
-class OuterOptimizerConfig(BaseModel):
-    """The outer optimizer: SGD with (Nesterov) momentum on the pseudo-gradient.
-    Defaults from the paper: lr 0.7, momentum 0.9, Nesterov."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    lr: float = Field(default=0.7, gt=0.0)
-    """Outer learning rate."""
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    """Momentum coefficient (0: plain SGD on the pseudo-gradient)."""
-    nesterov: bool = True
-    """Nesterov momentum (as ``torch.optim.SGD(nesterov=True)``)."""
+#: The outer optimizer of a run (lr 0.7, momentum 0.9, Nesterov by default).
+OuterOptimizerConfig = OuterOptimizer
 
 
 class QuorumConfig(BaseModel):
@@ -36,6 +26,30 @@ class QuorumConfig(BaseModel):
     round_deadline_s: float | None = Field(default=None, gt=0.0)
     """Close the round this many seconds after it started, with the replicas done by
     then (at least one; the round waits for the first if none is)."""
+
+
+class DatasetConfig(BaseModel):
+    """The microshard dataset a run leases to its replicas (fleet.data)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    """The dataset directory, relative to the shared root."""
+    glob: str | None = None
+    """For a plain directory of shard files: only names matching this glob."""
+    microshards_per_batch: int = Field(default=1, ge=1)
+    """Microshards per BatchRef."""
+    batch_kind: Literal["cached_microshard_group", "micro_epoch"] = "cached_microshard_group"
+    """The BatchRef kind: ``shard_paths`` on the BatchRef, or in ``micro_epoch``'s payload
+    ``{dataset_root, shard_paths, microshards_per_batch, replica, num_replicas, round, step}``."""
+    microshards_per_lease: int | None = Field(default=None, ge=1)
+    """A fixed lease size. None: each round's budget is spread over the replicas in
+    proportion to their workers' measured speed (at least one each)."""
+    microshards_per_round: int | None = Field(default=None, ge=1)
+    """A round's budget of microshards (None: the dataset spread over the run's rounds,
+    so a run covers about one epoch; at least one per replica)."""
+    seed: int = 0
+    """Seeds each epoch's permutation."""
 
 
 class DiLoCoConfig(BaseModel):
@@ -74,6 +88,10 @@ class DiLoCoConfig(BaseModel):
     workers: list[str] | None = None
     """Preferred workers for the replicas, in order (None: every alive worker). A
     replica whose worker dies is re-queued on any alive worker."""
+    require_exact_steps: bool = True
+    """Each replica must complete exactly ``inner_steps`` (as burn_p2p); an attempt that
+    completes another number fails (``StepBudgetError``) and is re-run, up to
+    ``max_attempts``."""
     max_attempts: int = Field(default=3, ge=1)
     """Tries per replica per round before the round goes on without it."""
     replica_call_timeout_s: float = Field(default=300.0, gt=0.0)
@@ -81,6 +99,19 @@ class DiLoCoConfig(BaseModel):
     max_wall_s: float | None = Field(default=None, gt=0.0)
     """Stop after the round during which the run's wall-clock time reached this many
     seconds (e.g. a baseline on the same time budget). None: run every round."""
+    keep_rounds: int = Field(default=2, ge=1)
+    """Global and momentum packs of this many latest rounds are kept; older ones, and
+    every replica pack and optimizer state nothing refers to, are deleted as the run
+    goes (rounds that are checkpoints are kept too)."""
+    checkpoint_every: int = Field(default=0, ge=0)
+    """Keep the global pack of every this many rounds as a checkpoint artifact
+    (``checkpoint-RRRR``); 0: only the latest round is a checkpoint."""
+    dataset: DatasetConfig | None = None
+    """Microshards leased to the replicas each round; None: the workload draws its own
+    data, sharded by the BatchRef's ``payload.replica`` (docs/protocol.md)."""
+    merge_chunk_bytes: int = Field(default=1 << 20, ge=4096)
+    """Bytes of each pack the outer step holds in memory at once (its extra memory is
+    about ``(2 * replicas + 6) * merge_chunk_bytes``, whatever the model's size)."""
 
     @field_validator("merge_policy")
     @classmethod

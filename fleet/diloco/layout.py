@@ -1,0 +1,53 @@
+"""Every path of a DiLoCo run on the shared root, deterministic per (job, round, replica,
+attempt), so a re-run or a redelivered task writes where the first one did and never
+over another attempt's output.
+
+::
+
+    runs/<job>/round-RRRR/global            the global model entering round R (R = 0: initial)
+    runs/<job>/round-RRRR/momentum          the outer momentum after round R - 1
+    runs/<job>/round-RRRR/replica-I-aA      replica I's pack of round R, attempt A
+    runs/<job>/round-RRRR/opt-I-aA.pt       the inner optimizer state that attempt wrote
+    runs/<job>/round-RRRR/replica-I-aA.result.json   that attempt's result (exactly once)
+
+Attempt numbers are unique per (round, replica) across orchestrators: the round's plan
+in Redis records every attempt launched, and a resumed run numbers on from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleet.storage import result_marker
+
+__all__ = ["RunLayout", "result_marker"]
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of job ``job_id``'s run (all relative to the shared root)."""
+
+    job_id: str
+
+    @property
+    def run_dir(self) -> str:
+        return f"runs/{self.job_id}"
+
+    def round_dir(self, round_index: int) -> str:
+        return f"{self.run_dir}/round-{round_index:04d}"
+
+    def global_pack(self, round_index: int) -> str:
+        """The global model entering round ``round_index``."""
+        return f"{self.round_dir(round_index)}/global"
+
+    def momentum(self, round_index: int) -> str:
+        """The outer momentum after round ``round_index - 1``."""
+        return f"{self.round_dir(round_index)}/momentum"
+
+    def replica_pack(self, round_index: int, replica: int, attempt: int) -> str:
+        """Replica ``replica``'s pack of round ``round_index``, attempt ``attempt``."""
+        return f"{self.round_dir(round_index)}/replica-{replica}-a{attempt}"
+
+    def opt_state(self, round_index: int, replica: int, attempt: int) -> str:
+        """The inner optimizer state that attempt writes (if its loop keeps one)."""
+        return f"{self.round_dir(round_index)}/opt-{replica}-a{attempt}.pt"

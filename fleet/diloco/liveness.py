@@ -1,0 +1,67 @@
+"""Which workers a round may count on, and the grace they get after a Redis outage.
+
+A worker is alive while its liveness key (renewed by its heartbeat, TTL
+``FLEET_HEARTBEAT_TTL_S``) exists. While Redis is away no key can be renewed, so right
+after an outage every worker may look dead; docs/design.md decision 9.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fleet.client import Fleet
+
+#: Seconds between two reads of worker liveness (2N+1 Redis calls; well under the
+#: heartbeat TTL).
+LIVENESS_INTERVAL_S = 0.5
+#: A pause of the poll loop longer than this (seconds) means the orchestrator itself was
+#: waiting for Redis: workers then get a grace period to re-announce themselves before
+#: any of them is taken for lost (their liveness keys expired while Redis was away).
+STALL_S = 1.0
+
+
+class Liveness:
+    """Which workers are alive, read at most every :data:`LIVENESS_INTERVAL_S`.
+
+    A worker whose liveness key is missing is lost, except within ``grace_s`` seconds
+    after a Redis outage (every worker's key may have expired before its heartbeat could
+    reconnect): after this orchestrator stalled (:data:`STALL_S`: it waited in Celery's
+    own retries), or see :meth:`~fleet.registry.Registry.in_outage_grace`."""
+
+    def __init__(self, fleet: Fleet, grace_s: float) -> None:
+        self.fleet = fleet
+        self.grace_s = grace_s
+        self._names: set[str] = set()
+        self._read = float("-inf")
+        self._tick = time.monotonic()
+        self._grace_until = float("-inf")
+
+    def tick(self) -> None:
+        """Call once per poll; notices a stall."""
+        now = time.monotonic()
+        if now - self._tick > STALL_S:
+            self._stalled(now)
+        self._tick = now
+
+    def _stalled(self, now: float) -> None:
+        self._grace_until = now + self.grace_s
+        self._read = float("-inf")
+
+    def alive(self) -> set[str]:
+        started = time.monotonic()
+        if started - self._read >= LIVENESS_INTERVAL_S:
+            self._names = {w.name for w in self.fleet.workers()}
+            self._read = time.monotonic()
+            if self._read - started > STALL_S:  # the read itself waited for Redis
+                self._stalled(self._read)
+        return self._names
+
+    def lost(self, worker: str) -> bool:
+        """True if ``worker`` is not alive and no grace period runs."""
+        if worker in self.alive() or time.monotonic() < self._grace_until:
+            return False
+        return not self.fleet.registry.in_outage_grace()
+
+    def refresh(self) -> None:
+        """Read again at the next look (a new attempt's worker may postdate the last read)."""
+        self._read = float("-inf")

@@ -1,0 +1,129 @@
+"""fleet's DiLoCo tasks: the outer step over packs (on a worker, streamed) and garbage
+collection of a run's superseded packs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from fleet.codec.manifest import read_manifest
+from fleet.codec.pack import PackReader
+from fleet.diloco.outer import PackInput, inputs_digest, stream_outer_step
+from fleet.errors import CodecError
+from fleet.protocol import (
+    CollectGarbageRequest,
+    CollectGarbageResult,
+    OuterStepRequest,
+    OuterStepResult,
+    VerifyPackRequest,
+    VerifyPackResult,
+    WorkloadRef,
+)
+from fleet.runtime import WorkerRuntime
+from fleet.storage import PackRef, remove_paths
+from fleet.tasks.base import protocol_task
+
+
+def _input(rt: WorkerRuntime, ref: PackRef) -> PackInput:
+    return PackInput(rt.shared.resolve(ref.path), ref.layout_hash, ref.values_digest)
+
+
+def _published(path: Path, key: str) -> bool:
+    """True if ``path`` holds an intact pack an outer step computed from inputs ``key``
+    (a corrupt one is computed again)."""
+    try:
+        if (read_manifest(path).model_extra or {}).get("inputs_digest") != key:
+            return False
+        verify(path)
+    except CodecError:
+        return False
+    return True
+
+
+def verify(path: Path, *, layout_hash: str | None = None, values_digest: str | None = None) -> None:
+    """Read a pack once, 1 MiB at a time, checking its digest and finite values.
+
+    Raises:
+        CodecError: the pack is corrupt (naming it).
+    """
+    block = torch.empty(1 << 18, dtype=torch.float32)
+    with PackReader(
+        path, check_finite=True, layout_hash=layout_hash, values_digest=values_digest
+    ) as reader:
+        while reader.remaining:
+            reader.read_into(block)
+
+
+@protocol_task("outer_step")
+def outer_step(
+    rt: WorkerRuntime, req: OuterStepRequest, ref: WorkloadRef | None
+) -> OuterStepResult:
+    """DiLoCo's outer step (:func:`fleet.diloco.outer.stream_outer_step`): reads the
+    global, replica and momentum packs chunk by chunk, checks their digests while
+    reading, and publishes the next global and momentum packs. Outputs already
+    published from the same inputs are returned as they are (a redelivered or re-run
+    merge does not compute twice)."""
+    out_global = rt.shared.resolve(req.output_global_path)
+    out_momentum = rt.shared.resolve(req.output_momentum_path)
+    key = inputs_digest(req.model_dump(mode="json", exclude={"chunk_bytes"}))
+    if _published(out_global, key) and _published(out_momentum, key):
+        return OuterStepResult(
+            global_pack=rt.shared.pack_ref(out_global),
+            momentum=rt.shared.pack_ref(out_momentum),
+            bytes_read=0,
+            bytes_written=0,
+            seconds=0.0,
+            reused=True,
+        )
+    output = stream_outer_step(
+        _input(rt, req.global_pack),
+        [_input(rt, r.pack) for r in req.replicas],
+        [r.weight for r in req.replicas],
+        _input(rt, req.momentum) if req.momentum is not None else None,
+        req.outer,
+        req.merge_policy,
+        out_global,
+        out_momentum,
+        chunk_bytes=req.chunk_bytes,
+        inputs_key=key,
+    )
+    return OuterStepResult(
+        global_pack=PackRef.of(req.output_global_path, output.global_manifest),
+        momentum=PackRef.of(req.output_momentum_path, output.momentum_manifest),
+        bytes_read=output.bytes_read,
+        bytes_written=output.bytes_written,
+        seconds=output.seconds,
+    )
+
+
+@protocol_task("verify_pack")
+def verify_pack(
+    rt: WorkerRuntime, req: VerifyPackRequest, ref: WorkloadRef | None
+) -> VerifyPackResult:
+    """Check a pack against its PackRef (layout hash, digest), its length and, with
+    ``check_finite``, that no value is NaN or infinite, in one streamed read.
+
+    Raises:
+        CodecError: the pack is missing, truncated, replaced, corrupt or non-finite.
+    """
+    started = time.perf_counter()
+    verify(
+        rt.shared.resolve(req.pack.path),
+        layout_hash=req.pack.layout_hash,
+        values_digest=req.pack.values_digest,
+    )
+    return VerifyPackResult(pack=req.pack, seconds=time.perf_counter() - started)
+
+
+@protocol_task("collect_garbage")
+def collect_garbage(
+    rt: WorkerRuntime, req: CollectGarbageRequest, ref: WorkloadRef | None
+) -> CollectGarbageResult:
+    """Delete the given files and directories under the shared root (missing ones are
+    skipped), then each parent directory that became empty."""
+    paths = [rt.shared.resolve(rel) for rel in req.paths]
+    present = [rel for rel, path in zip(req.paths, paths, strict=True) if path.exists()]
+    freed = remove_paths(rt.shared.root, paths)
+    return CollectGarbageResult(deleted=present, freed_bytes=freed)

@@ -1,0 +1,348 @@
+"""The outer step runs on the fleet: streamed and bit-identical to the in-memory step,
+re-run elsewhere when its worker dies, refusing corrupt replica packs; superseded packs
+are collected; the orchestrator imports no torch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from fleet.codec import read_pack, write_pack
+from fleet.codec.pack import write_values_pack
+from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig, average, outer_step
+from fleet.diloco.outer import PackInput, stream_outer_step
+from fleet.diloco.state import RoundRecord
+from fleet.errors import DigestMismatchError, NonFiniteValuesError
+from fleet.jobs import JobStore
+from fleet.local import worker_env
+from tests.harness import DIGITS, REPO, running_workers
+
+
+def _wait(predicate, timeout_s: float = 60.0, interval_s: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval_s)
+
+
+# --------------------------------------------------------------------------- the math
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("outer")
+    torch.manual_seed(0)
+    p = 50_021  # not a multiple of any chunk or vector width
+    like = write_pack(d / "global", {"w": torch.randn(p)}, "s")
+    for i in range(3):
+        write_values_pack(d / f"r{i}", torch.randn(p), like)
+    write_values_pack(d / "momentum", torch.randn(p), like)
+    return d
+
+
+@pytest.mark.parametrize("policy", ["WeightedMean", "NormClippedWeightedMean", "TrimmedMean"])
+@pytest.mark.parametrize(
+    "outer",
+    [
+        OuterOptimizerConfig(),
+        OuterOptimizerConfig(lr=0.3, momentum=0.5, nesterov=False),
+        OuterOptimizerConfig(lr=1.0, momentum=0.0),
+    ],
+    ids=["nesterov", "heavy-ball", "plain"],
+)
+@pytest.mark.parametrize("chunk_bytes", [4096, 4 * 1237, 16 << 20])
+def test_the_streamed_step_is_bit_identical_to_the_in_memory_one(
+    packs, tmp_path, policy, outer, chunk_bytes
+):
+    theta = read_pack(packs / "global")[1]
+    replicas = [read_pack(packs / f"r{i}")[1] for i in range(3)]
+    momentum = read_pack(packs / "momentum")[1]
+    weights = [3.0, 1.0, 2.0]
+    for m, m_input in ((None, None), (momentum, PackInput(packs / "momentum"))):
+        expected_theta, expected_m = outer_step(theta, average(replicas, weights, policy), m, outer)
+        stream_outer_step(
+            PackInput(packs / "global"),
+            [PackInput(packs / f"r{i}") for i in range(3)],
+            weights,
+            m_input,
+            outer,
+            policy,
+            tmp_path / "g",
+            tmp_path / "m",
+            chunk_bytes=chunk_bytes,
+        )
+        assert torch.equal(read_pack(tmp_path / "g", verify=True)[1], expected_theta)
+        assert torch.equal(read_pack(tmp_path / "m", verify=True)[1], expected_m)
+
+
+def test_one_replica_with_lr_1_is_that_replica_exactly(packs, tmp_path):
+    stream_outer_step(
+        PackInput(packs / "global"),
+        [PackInput(packs / "r1")],
+        [7.0],
+        PackInput(packs / "momentum"),
+        OuterOptimizerConfig(lr=1.0, momentum=0.0),
+        "WeightedMean",
+        tmp_path / "g",
+        tmp_path / "m",
+        chunk_bytes=4096,
+    )
+    assert torch.equal(read_pack(tmp_path / "g")[1], read_pack(packs / "r1")[1])
+
+
+def test_a_corrupt_input_names_itself_and_publishes_nothing(packs, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("manifest.json", "values.f32le"):
+        (bad / name).write_bytes((packs / "r2" / name).read_bytes())
+    data = bytearray((bad / "values.f32le").read_bytes())
+    data[4001] ^= 0x10  # one flipped bit, the length unchanged
+    (bad / "values.f32le").write_bytes(bytes(data))
+    with pytest.raises(DigestMismatchError) as info:
+        stream_outer_step(
+            PackInput(packs / "global"),
+            [PackInput(packs / "r0"), PackInput(bad)],
+            [1.0, 1.0],
+            None,
+            OuterOptimizerConfig(),
+            "WeightedMean",
+            tmp_path / "g",
+            tmp_path / "m",
+            chunk_bytes=4096,
+        )
+    assert str(bad) in info.value.path
+    assert not (tmp_path / "g").exists() and not (tmp_path / "m").exists()
+    nan = tmp_path / "nan"
+    write_values_pack(nan, torch.full((50_021,), float("nan")), read_pack(packs / "r0")[0])
+    with pytest.raises(NonFiniteValuesError):
+        stream_outer_step(
+            PackInput(packs / "global"),
+            [PackInput(nan)],
+            [1.0],
+            None,
+            OuterOptimizerConfig(),
+            "WeightedMean",
+            tmp_path / "g",
+            tmp_path / "m",
+        )
+
+
+# --------------------------------------------------------------------------- on the fleet
+
+
+def _expected_global(root, record: RoundRecord, state_global: str, state_momentum: str | None):
+    theta = read_pack(root.resolve(state_global))[1]
+    momentum = read_pack(root.resolve(state_momentum))[1] if state_momentum else None
+    replicas = [read_pack(root.resolve(r.pack.path))[1] for r in record.merged]
+    weights = [float(r.steps_completed) for r in record.merged]
+    return outer_step(theta, average(replicas, weights), momentum, OuterOptimizerConfig())[0]
+
+
+def test_sigkill_of_the_merging_worker_mid_merge(fleet_settings, artifacts_dir, fleet):
+    """The merge is re-run on another worker from the same inputs: the same bits."""
+    root = fleet.shared
+    wide = {"hidden": 60_000}  # ~4.5 M parameters: a merge of ~0.4 s in 4 KiB chunks
+    with running_workers(fleet_settings, [10, 11], artifacts_dir / "logs") as workers:
+        by_name = {w.name: w for w in workers}
+        caught: list[tuple[int, str]] = []  # (round, the worker killed mid-merge)
+        checked: list[bool] = []
+        done = threading.Event()
+
+        def published(index: int) -> bool:
+            return (root.resolve(run.layout.global_pack(index)) / "manifest.json").exists()
+
+        def watch() -> None:
+            """Stop the merging worker as soon as its outer step starts; if the merge is
+            still unpublished, kill it there (else let it go and try the next round)."""
+            store, seen = JobStore(fleet.registry), "0-0"
+            while not caught and not done.is_set():
+                for line in store.logs(run.job_id, after=seen):
+                    seen = line.id
+                    if "outer_step started" not in line.line or line.worker not in by_name:
+                        continue
+                    victim = by_name[line.worker]
+                    os.killpg(victim.proc.pid, signal.SIGSTOP)
+                    merging = len(store.metrics(run.job_id))  # rounds committed so far
+                    if published(merging + 1):
+                        os.killpg(victim.proc.pid, signal.SIGCONT)
+                    else:
+                        caught.append((merging, victim.name))
+                        os.killpg(victim.proc.pid, signal.SIGKILL)
+                        return
+                time.sleep(0.005)
+
+        def check(record: RoundRecord) -> None:
+            if not caught or record.round != caught[0][0]:
+                return
+            assert record.merge_worker is not None and record.merge_worker != caught[0][1]
+            momentum = run.layout.momentum(record.round) if record.round else None
+            expected = _expected_global(
+                root, record, run.layout.global_pack(record.round), momentum
+            )
+            checked.append(
+                torch.equal(read_pack(root.resolve(record.global_pack.path))[1], expected)
+            )
+
+        cfg = DiLoCoConfig(
+            workload=DIGITS,
+            config=wide,
+            replicas=2,
+            rounds=3,
+            inner_steps=2,
+            eval_every=0,
+            workers=list(by_name),
+            merge_chunk_bytes=4096,
+            keep_rounds=10,
+        )
+        run = DiLoCoRun.start(fleet, cfg, on_round=check)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            job = run.run()
+        finally:
+            done.set()
+            watcher.join(5)
+        assert job.status == "completed", job.error
+        assert caught, "no merge was caught in flight"
+        assert checked == [True], "the re-run merge published the same bits"
+        logs = [line.line for line in run.jobs.logs(run.job_id)]
+        assert any("outer step's worker" in line and "lost" in line for line in logs)
+
+
+def test_a_replica_pack_corrupted_after_publication_is_dropped(fleet, two_workers):
+    """Replica 0 finishes first; one bit of its pack is flipped before the merge reads it:
+    the outer step refuses it by its digest, the round goes on with replica 1 alone."""
+    root = fleet.shared
+    cfg = DiLoCoConfig(
+        workload=DIGITS,
+        config={"step_sleep_s": 0.2, "slow_replica": 1},
+        replicas=2,
+        rounds=2,
+        inner_steps=10,
+        eval_every=0,
+    )
+    run = DiLoCoRun.start(fleet, cfg)
+    flipped: list[str] = []
+
+    def corrupt() -> None:
+        pack = root.resolve(run.layout.replica_pack(0, 0, 0))
+        _wait(lambda: (pack / "manifest.json").exists(), timeout_s=60)
+        data = bytearray((pack / "values.f32le").read_bytes())
+        data[100] ^= 0x01
+        (pack / "values.f32le").write_bytes(bytes(data))
+        flipped.append(str(pack))
+
+    thread = threading.Thread(target=corrupt, daemon=True)
+    thread.start()
+    job = run.run()
+    thread.join(5)
+    assert flipped and job.status == "completed", job.error
+    first = run.rounds()[0]
+    status = {(r.replica, r.attempt): r.status for r in first.replicas}
+    assert status == {(0, 0): "dropped", (1, 0): "merged"}
+    dropped = next(r for r in first.replicas if r.status == "dropped")
+    assert "DigestMismatchError" in dropped.error
+    assert [r.replica for r in first.merged] == [1]
+    assert [r.replica for r in run.rounds()[1].merged] == [0, 1]  # the run goes on
+
+
+def test_garbage_collection_keeps_what_keep_rounds_says(fleet, two_workers):
+    cfg = DiLoCoConfig(workload=DIGITS, replicas=2, rounds=6, inner_steps=3, eval_every=0)
+    run = DiLoCoRun.start(fleet, cfg)
+    job = run.run()
+    assert job.status == "completed"
+    run_dir = fleet.shared.resolve(run.layout.run_dir)
+
+    def listing() -> list[str]:
+        return sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("*/*"))
+
+    expected = [
+        "round-0005/global",
+        "round-0005/momentum",
+        "round-0006/global",
+        "round-0006/momentum",
+    ]
+    _wait(
+        lambda: listing() == expected, timeout_s=20, interval_s=0.2
+    )  # collected in the background
+    assert sorted(p.name for p in run_dir.iterdir()) == ["round-0005", "round-0006"]
+    assert job.artifacts["final_pack"] == f"{run.layout.run_dir}/round-0006/global"
+
+
+def test_fleet_diloco_imports_no_torch(fleet_settings, two_workers):
+    """The orchestrator (`fleet diloco`, a 2-round run) never imports torch."""
+    code = (
+        "import sys\n"
+        "from fleet.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:], standalone_mode=False)\n"
+        "finally:\n"
+        "    print('TORCH-LOADED' if 'torch' in sys.modules else 'NO-TORCH')\n"
+    )
+    args = ["diloco", "--workload", DIGITS, "--rounds", "2", "--inner-steps", "3"]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=worker_env(fleet_settings, [str(REPO)]),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "completed" in out.stdout and out.stdout.strip().endswith("NO-TORCH"), out.stdout
+    assert out.stdout.count("merged") == 2, out.stdout  # two rounds ran
+
+
+def test_fleet_gc_removes_what_nothing_needs(fleet_settings, fleet, two_workers):
+    from click.testing import CliRunner
+
+    from fleet.cli import main
+
+    root = fleet.shared.root
+    job = DiLoCoRun.start(
+        fleet, DiLoCoConfig(workload=DIGITS, replicas=1, rounds=2, inner_steps=2, eval_every=0)
+    ).run()
+    run_dir = root / "runs" / job.job_id
+    handle = fleet.init_model("cpu", worker=two_workers[0].name)
+    referenced = fleet.export_parameter_pack(handle, "tmp/exchange/kept/m-1", "x")
+    old = time.time() - 7200
+    stray = run_dir / "round-0000" / "replica-0-a7"
+    orphan_opt = run_dir / "round-0001" / "opt-0-a3.pt"
+    unreferenced = root / "tmp" / "exchange" / "gone" / "m-2"
+    young = root / "tmp" / "exchange" / "young" / "m-3"
+    temp = root / "packs" / ".half.tmp-0123abcd"
+    unknown = root / "runs" / "no-such-job" / "round-0000" / "global"
+    for path in (stray, unreferenced, young, unknown):
+        write_pack(path, {"w": torch.zeros(4)}, "x")
+    orphan_opt.write_bytes(b"opt")
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    temp.write_bytes(b"half a file")
+    for path in (stray, orphan_opt, unreferenced, temp, unknown, root / referenced.path):
+        os.utime(path, (old, old))
+    kept = [run_dir / "round-0002" / "global", run_dir / "round-0001" / "global"]
+    runner = CliRunner(
+        env={
+            "FLEET_REDIS_URL": fleet_settings.redis_url,
+            "FLEET_SHARED_ROOT": str(fleet_settings.shared_root),
+        }
+    )
+    dry = runner.invoke(main, ["gc", "--dry-run"], terminal_width=300)
+    assert dry.exit_code == 0, dry.output
+    gone = [stray, orphan_opt, unreferenced, temp]
+    for path in gone:
+        assert path.exists() and path.relative_to(root).as_posix() in dry.output
+    assert "kept no-such-job" in dry.output
+    result = runner.invoke(main, ["gc"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in gone)
+    assert all(p.exists() for p in [*kept, young, unknown, root / referenced.path])
+    fleet.release_model(handle)
