@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.console import Console
@@ -14,38 +14,77 @@ from fleet.errors import FleetError
 
 if TYPE_CHECKING:
     from fleet.jobs import JobStore
+    from fleet.settings import FleetSettings
 
 # Piped output (no terminal) gets a wide console, so names and hashes are never cut.
 console = Console() if sys.stdout.isatty() else Console(width=200)
 
+#: Exit statuses: a command's own failure, and Redis that cannot be reached.
+EXIT_FAILED = 1
+EXIT_UNAVAILABLE = 2
 
-@click.group()
+
+def _fail(exc: FleetError) -> NoReturn:
+    """Print a typed error as one line and exit (2 if Redis is unavailable, else 1)."""
+    from fleet.errors import BrokerUnavailableError
+
+    console.print(f"[red]error[/red] {type(exc).__name__}: {exc}", soft_wrap=True, highlight=False)
+    sys.exit(EXIT_UNAVAILABLE if isinstance(exc, BrokerUnavailableError) else EXIT_FAILED)
+
+
+class FleetGroup(click.Group):
+    """A command group whose commands report any :class:`FleetError` as one line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FleetError as exc:
+            _fail(exc)
+
+
+def _settings() -> FleetSettings:
+    """Settings from the environment, after one quick look at Redis: when it cannot be
+    reached the command fails at once (one line, exit 2) instead of retrying."""
+    from fleet.connection import check_redis
+    from fleet.settings import FleetSettings
+
+    settings = FleetSettings.from_env()
+    check_redis(settings)
+    return settings
+
+
+@click.group(cls=FleetGroup)
 @click.version_option(package_name="fleet")
 def main() -> None:
     """fleet: a Celery + Redis worker fleet for distributed PyTorch training."""
 
 
-@main.group()
+@main.group(cls=FleetGroup)
 def pack() -> None:
     """Inspect, verify and convert parameter packs (format v1)."""
 
 
-def _fail(exc: FleetError) -> None:
-    console.print(f"[red]error[/red] {type(exc).__name__}: {exc}", soft_wrap=True, highlight=False)
-    sys.exit(1)
+def _local_path(path: Path) -> Path:
+    """``path`` as given if it exists from here, else under the shared root
+    (``FLEET_SHARED_ROOT``), so the shared-root-relative paths jobs print work as they are."""
+    if path.exists() or path.is_absolute():
+        return path
+    from fleet.settings import FleetSettings
+
+    under_root = FleetSettings.from_env().shared_root / path
+    return under_root if under_root.exists() else path
 
 
 @pack.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--top", default=10, show_default=True, help="Largest tensors to list.")
 def pack_inspect(path: Path, top: int) -> None:
-    """Show a pack's format, counts, layout hash and largest tensors."""
+    """Show a pack's format, counts, layout hash and largest tensors. PATH may be
+    relative to the shared root, as jobs print it."""
     from fleet.codec import read_manifest
 
-    try:
-        manifest = read_manifest(path)
-    except FleetError as exc:
-        _fail(exc)
+    path = _local_path(path)
+    manifest = read_manifest(path)
     rows = {
         "pack": str(path),
         "format": manifest.format,
@@ -73,13 +112,12 @@ def pack_inspect(path: Path, top: int) -> None:
 @pack.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
 def pack_verify(path: Path) -> None:
-    """Check a pack: manifest, byte length, content digest, finite values. Exit 1 if bad."""
+    """Check a pack: manifest, byte length, content digest, finite values. Exit 1 if bad.
+    PATH may be relative to the shared root."""
     from fleet.codec import read_pack
 
-    try:
-        manifest, _ = read_pack(path, verify=True, check_finite=True)
-    except FleetError as exc:
-        _fail(exc)
+    path = _local_path(path)
+    manifest, _ = read_pack(path, verify=True, check_finite=True)
     digest = "digest ok" if manifest.values_digest else "no digest recorded"
     console.print(
         f"[green]ok[/green] {path}: {manifest.parameter_count:,} values, {digest}, all finite",
@@ -92,16 +130,15 @@ def pack_verify(path: Path) -> None:
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--model-schema-hash", default=None, help="Schema id for a new pack.")
 def pack_convert(src: Path, dst: Path, model_schema_hash: str | None) -> None:
-    """Convert a pack to a .safetensors file, or a .safetensors file to a pack."""
+    """Convert a pack to a .safetensors file, or a .safetensors file to a pack. SRC may
+    be relative to the shared root."""
     from fleet.codec import from_safetensors, to_safetensors
 
-    try:
-        if src.is_dir():
-            manifest = to_safetensors(src, dst)
-        else:
-            manifest = from_safetensors(src, dst, model_schema_hash)
-    except FleetError as exc:
-        _fail(exc)
+    src = _local_path(src)
+    if src.is_dir():
+        manifest = to_safetensors(src, dst)
+    else:
+        manifest = from_safetensors(src, dst, model_schema_hash)
     console.print(
         f"[green]wrote[/green] {dst} ({manifest.parameter_count:,} values)", soft_wrap=True
     )
@@ -127,7 +164,10 @@ def pack_convert(src: Path, dst: Path, model_schema_hash: str | None) -> None:
 @click.option("--cpu", "cpu", is_flag=True, help="A CPU worker (no GPU).")
 @click.option("--all-gpus", is_flag=True, help="One worker process per visible GPU.")
 @click.option(
-    "--slot", type=int, default=0, show_default=True, help="CPU worker index on this node."
+    "--slot",
+    type=int,
+    default=None,
+    help="CPU worker index on this node (default: the lowest free one).",
 )
 @click.option("--workload", default=None, help="Default workload factory, module:attr.")
 @click.option("--config-json", default=None, help="JSON config for the default workload.")
@@ -140,13 +180,16 @@ def worker_cmd(
     visible_device: str | None,
     cpu: bool,
     all_gpus: bool,
-    slot: int,
+    slot: int | None,
     workload: str | None,
     config_json: str | None,
     torch_threads: int | None,
     loglevel: str,
 ) -> None:
-    """Run one fleet worker (a Celery worker, concurrency 1) on one GPU or the CPU."""
+    """Run one fleet worker (a Celery worker, concurrency 1) on one GPU or the CPU.
+
+    The worker's name (``fleet-gpuN@node`` / ``fleet-cpuN@node``) is claimed in Redis: a
+    second worker for the same GPU or slot exits at once, naming the first one."""
     from fleet.settings import FleetSettings
     from fleet.worker import parse_config, run_all_gpus, run_worker
 
@@ -172,7 +215,7 @@ def worker_cmd(
         if torch_threads:
             tail += ["--torch-threads", str(torch_threads)]
         sys.exit(run_all_gpus(tail))
-    run_worker(
+    code = run_worker(
         FleetSettings.from_env(),
         gpu=gpu,
         visible_device=visible_device,
@@ -182,6 +225,7 @@ def worker_cmd(
         torch_threads=torch_threads,
         loglevel=loglevel,
     )
+    sys.exit(code)
 
 
 @main.command("workers")
@@ -191,21 +235,25 @@ def workers_cmd(include_lost: bool) -> None:
     import time
 
     from fleet.registry import Registry
-    from fleet.settings import FleetSettings
 
-    registry = Registry.from_settings(FleetSettings.from_env())
+    registry = Registry.from_settings(_settings())
     table = Table("worker", "status", "queue", "device", "pid", "handles", "heartbeat")
     now = time.time()
+    counts = registry.handle_counts()
     for info in registry.workers(include_lost=include_lost):
         beat = f"{now - info.heartbeat_at:.1f}s ago" if info.heartbeat_at else "-"
-        handles = len(registry.handles(owner=info.name))
+        handles = str(counts.get(info.name, 0))
         table.add_row(
-            info.name, info.status, info.queue, info.device_name, str(info.pid), str(handles), beat
+            info.name, info.status, info.queue, info.device_name, str(info.pid), handles, beat
         )
     console.print(table)
 
 
 # --------------------------------------------------------------------------- DiLoCo and jobs
+
+
+#: Exit status of ``fleet diloco`` for a job that ended cancelled (failed: EXIT_FAILED).
+EXIT_CANCELLED = 3
 
 
 @main.command("diloco")
@@ -227,6 +275,27 @@ def workers_cmd(include_lost: bool) -> None:
 @click.option("--round-deadline-s", type=float, default=None, help="Close a round after this long.")
 @click.option("--job-id", default=None, help="Id for the new job.")
 @click.option("--resume", "resume_id", default=None, help="Continue this job from its last round.")
+@click.option(
+    "--wait-for-workers-s",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Wait up to this long for a live worker (0: fail at once if there is none).",
+)
+@click.option("--dataset", default=None, help="Microshard dataset (shared-root relative).")
+@click.option("--microshards-per-batch", type=int, default=1, show_default=True)
+@click.option(
+    "--microshards-per-lease",
+    type=int,
+    default=None,
+    help="Fixed lease size (default: by the workers' measured speed).",
+)
+@click.option(
+    "--batch-kind",
+    type=click.Choice(["cached_microshard_group", "micro_epoch"]),
+    default="cached_microshard_group",
+    show_default=True,
+)
 def diloco_cmd(
     workload: str | None,
     config_json: str,
@@ -242,22 +311,37 @@ def diloco_cmd(
     round_deadline_s: float | None,
     job_id: str | None,
     resume_id: str | None,
+    wait_for_workers_s: float,
+    dataset: str | None,
+    microshards_per_batch: int,
+    microshards_per_lease: int | None,
+    batch_kind: str,
 ) -> None:
-    """Run DiLoCo with any workload on the fleet (FLEET_* settings), as a job."""
+    """Run DiLoCo with any workload on the fleet (FLEET_* settings), as a job.
+
+    Exits 0 when the job completed, 1 when it failed, 3 when it was cancelled."""
     import json
 
     from pydantic import ValidationError
 
     from fleet.client import Fleet
     from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig, QuorumConfig
+    from fleet.diloco.config import DatasetConfig
+    from fleet.diloco.state import RoundRecord
 
-    fleet = Fleet.from_env()
+    def record_replicas(record: RoundRecord) -> int:
+        return len({r.replica for r in record.replicas})
 
-    def show(metrics: dict[str, object]) -> None:
-        evaluation = metrics.get("eval") or {}
-        loss = evaluation.get("loss") if isinstance(evaluation, dict) else None
+    if resume_id is None and workload is None:
+        raise click.UsageError("give --workload (or --resume JOB)")
+    fleet = Fleet(_settings())
+
+    def show(record: RoundRecord) -> None:
+        loss = record.eval.loss if record.eval else None
+        merged = f"{len(record.merged)}/{record_replicas(record)} merged"
         console.print(
-            f"round {metrics['round']}: wall {metrics['wall_s']:.2f}s, eval loss {loss}",
+            f"round {record.round}: {merged}, wall {record.wall_s:.2f}s, merge "
+            f"{record.merge_s:.2f}s on {record.merge_worker or 'the pool'}, eval loss {loss}",
             highlight=False,
         )
 
@@ -265,10 +349,8 @@ def diloco_cmd(
         if resume_id is not None:
             run = DiLoCoRun.resume(fleet, resume_id, on_round=show)
         else:
-            if workload is None:
-                raise click.UsageError("give --workload (or --resume JOB)")
             config = DiLoCoConfig(
-                workload=workload,
+                workload=str(workload),
                 config=json.loads(config_json),
                 replicas=replicas,
                 rounds=rounds,
@@ -279,28 +361,45 @@ def diloco_cmd(
                 device=device,
                 eval_every=eval_every,
                 quorum=QuorumConfig(min_replicas=min_replicas, round_deadline_s=round_deadline_s),
+                dataset=None
+                if dataset is None
+                else DatasetConfig.model_validate(
+                    {
+                        "path": dataset,
+                        "microshards_per_batch": microshards_per_batch,
+                        "microshards_per_lease": microshards_per_lease,
+                        "batch_kind": batch_kind,
+                    }
+                ),
             )
             run = DiLoCoRun.start(fleet, config, job_id=job_id, on_round=show)
-        console.print(f"job {run.job_id}", highlight=False)
-        job = run.run()
     except (ValidationError, json.JSONDecodeError) as exc:
         raise click.UsageError(str(exc)) from exc
-    except FleetError as exc:
-        _fail(exc)
-    console.print(f"job {job.job_id} {job.status}; final pack {job.artifacts.get('final_pack')}")
+    if wait_for_workers_s:
+        with console.status(f"waiting up to {wait_for_workers_s:g} s for a live worker ..."):
+            fleet.wait_for_workers(1, timeout_s=wait_for_workers_s)
+    else:
+        fleet.wait_for_workers(1, timeout_s=0)
+    console.print(f"job {run.job_id}", highlight=False)
+    job = run.run()
+    final = job.artifacts.get("final_pack")
+    where = f"; final pack {fleet.settings.shared_root.resolve() / final}" if final else ""
+    console.print(f"job {job.job_id} {job.status}{where}", highlight=False, soft_wrap=True)
+    if job.status != "completed":
+        if job.error:
+            console.print(f"[red]{job.error}[/red]", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_CANCELLED if job.status == "cancelled" else EXIT_FAILED)
 
 
-@main.group()
+@main.group(cls=FleetGroup)
 def jobs() -> None:
     """List, inspect, follow and cancel jobs."""
 
 
 def _job_store() -> JobStore:
     from fleet.jobs import JobStore
-    from fleet.registry import redis_client
-    from fleet.settings import FleetSettings
 
-    return JobStore(redis_client(FleetSettings.from_env()))
+    return JobStore.from_settings(_settings())
 
 
 @jobs.command("list")
@@ -314,7 +413,7 @@ def jobs_list(limit: int) -> None:
     for job in store.list_jobs(limit=limit):
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
         table.add_row(
-            job.job_id, job.kind, job.status, created, str(len(store.metrics(job.job_id)))
+            job.job_id, job.kind, job.shown_status, created, str(len(store.metrics(job.job_id)))
         )
     console.print(table)
 
@@ -326,13 +425,24 @@ def jobs_show(job_id: str) -> None:
     import json
 
     store = _job_store()
-    try:
-        job = store.get(job_id)
-    except FleetError as exc:
-        _fail(exc)
+    job = store.get(job_id)
     out = job.model_dump()
+    out["status"] = job.shown_status
     out["metrics"] = store.metrics(job_id)
     console.print_json(json.dumps(out))
+    if job.kind == "diloco" and out["metrics"]:
+        from fleet.diloco.state import rounds_of
+
+        table = Table(
+            "round", "replica", "attempt", "worker", "status", "microshards", title="leases"
+        )
+        for record in rounds_of(store, job_id):
+            for r in record.replicas:
+                ids = ", ".join(s.microshard_id for s in r.lease.shards) if r.lease else "-"
+                table.add_row(
+                    str(record.round), str(r.replica), str(r.attempt), r.worker, r.status, ids
+                )
+        console.print(table)
 
 
 @jobs.command("logs")
@@ -343,14 +453,11 @@ def jobs_logs(job_id: str, follow: bool) -> None:
     import time
 
     store = _job_store()
-    try:
-        store.get(job_id)
-        lines = store.follow(job_id) if follow else iter(store.logs(job_id))
-        for line in lines:
-            stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
-            click.echo(f"{stamp} {line.worker} {line.task_id[:8]} {line.level:<7} {line.line}")
-    except FleetError as exc:
-        _fail(exc)
+    store.get(job_id)
+    lines = store.follow(job_id) if follow else iter(store.logs(job_id))
+    for line in lines:
+        stamp = time.strftime("%H:%M:%S", time.localtime(line.ts))
+        click.echo(f"{stamp} {line.worker} {line.task_id[:8]} {line.level:<7} {line.line}")
 
 
 @jobs.command("cancel")
@@ -358,11 +465,126 @@ def jobs_logs(job_id: str, follow: bool) -> None:
 def jobs_cancel(job_id: str) -> None:
     """Cancel a job: its running tasks stop at their next step boundary."""
     store = _job_store()
-    try:
-        job = store.cancel(job_id)
-    except FleetError as exc:
-        _fail(exc)
+    job = store.cancel(job_id)
     console.print(f"job {job.job_id} {job.status}", highlight=False)
+
+
+@main.group(cls=FleetGroup)
+def dataset() -> None:
+    """Inspect, verify and write microshard datasets."""
+
+
+def _dataset_root(path: Path) -> tuple[Any, str]:
+    """The shared root and ``path`` relative to it: ``path`` as given if it exists from
+    here (it must lie under FLEET_SHARED_ROOT), else as a shared-root-relative path."""
+    from fleet.settings import FleetSettings
+    from fleet.storage import SharedRoot
+
+    shared = SharedRoot(FleetSettings.from_env().shared_root)
+    if path.exists():
+        return shared, shared.relative(path.resolve())
+    return shared, path.as_posix()
+
+
+@dataset.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--glob", default=None, help="Only shard files matching this (plain directories).")
+@click.option("--top", default=10, show_default=True, help="Microshards to list.")
+def dataset_inspect(path: Path, glob: str | None, top: int) -> None:
+    """A dataset's view id, layout, microshards and bytes (sizes checked). PATH is under
+    the shared root (FLEET_SHARED_ROOT), given from here or relative to it."""
+    from fleet.data.dataset import read_dataset
+
+    shared, rel = _dataset_root(path)
+    index = read_dataset(shared, rel, glob=glob)
+    for key, value in {
+        "dataset": index.path,
+        "view_id": index.view_id,
+        "layout": index.layout,
+        "microshards": f"{len(index.microshards):,}",
+        "bytes": f"{index.total_bytes:,}",
+        "content hashes": "recorded" if index.microshards[0].content_hash else "none",
+    }.items():
+        console.print(f"{key:<16}{value}", soft_wrap=True, highlight=False)
+    table = Table("ordinal", "microshard", "bytes", "file", title=f"first {top} microshards")
+    for m in index.microshards[:top]:
+        table.add_row(str(m.ordinal), m.microshard_id, f"{m.bytes_len:,}", m.path)
+    console.print(table)
+
+
+@dataset.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--glob", default=None, help="Only shard files matching this (plain directories).")
+def dataset_verify(path: Path, glob: str | None) -> None:
+    """Check every microshard's size and content hash; exit 1 on the first bad one."""
+    from fleet.data.dataset import read_dataset, verify_dataset
+
+    shared, rel = _dataset_root(path)
+    index = read_dataset(shared, rel, glob=glob)
+    hashed = verify_dataset(shared, index)
+    console.print(
+        f"[green]ok[/green] {index.path}: {len(index.microshards):,} microshards, "
+        f"{index.total_bytes:,} bytes, {hashed:,} content hashes checked",
+        soft_wrap=True,
+    )
+
+
+@dataset.command("write")
+@click.argument("example", type=click.Choice(["charlm", "digits"]))
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--microshards", type=int, default=64, show_default=True)
+@click.option(
+    "--layout",
+    type=click.Choice(["fetch-manifest", "directory"]),
+    default="fetch-manifest",
+    show_default=True,
+    help="burn_p2p's fetch-manifest.json with content hashes, or plain shard files.",
+)
+def dataset_write(example: str, path: Path, microshards: int, layout: str) -> None:
+    """Write an example's training corpus as a microshard dataset at PATH (relative to
+    the shared root, FLEET_SHARED_ROOT, unless absolute): then `fleet diloco --dataset
+    PATH` trains on it."""
+    import importlib
+
+    from fleet.settings import FleetSettings
+
+    target = path if path.is_absolute() else FleetSettings.from_env().shared_root / path
+    module = importlib.import_module(f"examples.{example}")
+    index = module.write_dataset(target, microshards, manifest=layout == "fetch-manifest")
+    console.print(
+        f"[green]wrote[/green] {target}: {index['microshards']:,} microshards, "
+        f"{index['bytes']:,} bytes ({layout})",
+        soft_wrap=True,
+    )
+
+
+@main.command("gc")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@click.option(
+    "--min-age-s",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="Only touch entries older than this (in-flight work is younger).",
+)
+def gc_cmd(dry_run: bool, min_age_s: float) -> None:
+    """Delete what nothing needs on the shared root: stray packs of runs, unreferenced
+    tmp/exchange packs, stale temp files (runs of jobs Redis does not know are kept)."""
+    from fleet.gc import collect
+    from fleet.jobs import JobStore
+    from fleet.storage import SharedRoot
+
+    settings = _settings()
+    shared = SharedRoot(settings.shared_root)
+    found = collect(shared, JobStore.from_settings(settings), min_age_s=min_age_s, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for path, size in found.delete:
+        rel = path.relative_to(shared.root).as_posix()
+        console.print(f"{verb} {rel} ({size:,} bytes)", highlight=False, soft_wrap=True)
+    for run_dir in found.unknown_runs:
+        console.print(f"kept {run_dir.name}: no such job in Redis", highlight=False)
+    total = sum(size for _, size in found.delete)
+    console.print(f"{len(found.delete)} entries, {total:,} bytes {verb}", highlight=False)
 
 
 # --------------------------------------------------------------------------- local cluster
@@ -390,34 +612,41 @@ def up_cmd(workers: int | None, flower: bool, flower_port: int, root: Path) -> N
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     cluster = LocalCluster(root, workers=workers, flower=flower, flower_port=flower_port)
-    with cluster:
-        info = cluster.describe()
-        console.print(f"redis        {info['redis_url']} ({info['redis']})", highlight=False)
-        console.print(f"flower       {info['flower_url'] or '-'}", highlight=False)
-        console.print(f"shared root  {info['shared_root']}", highlight=False)
-        console.print(f"logs         {info['logs']}", highlight=False)
-        console.print(
-            f"export FLEET_REDIS_URL={info['redis_url']} FLEET_SHARED_ROOT={info['shared_root']}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        registry = Registry.from_settings(cluster.settings)
+    # Ctrl-C (or SIGTERM) at any moment, start-up included, is the normal way to stop:
+    # leaving the ``with`` block stops every process, and the command exits 0.
+    try:
+        with cluster:
+            info = cluster.describe()
+            console.print(f"redis        {info['redis_url']} ({info['redis']})", highlight=False)
+            console.print(f"flower       {info['flower_url'] or '-'}", highlight=False)
+            console.print(f"shared root  {info['shared_root']}", highlight=False)
+            console.print(f"logs         {info['logs']}", highlight=False)
+            console.print(
+                f"export FLEET_REDIS_URL={info['redis_url']} "
+                f"FLEET_SHARED_ROOT={info['shared_root']}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            registry = Registry.from_settings(cluster.settings)
 
-        def table() -> Table:
-            t = Table("worker", "status", "queue", "pid", "handles", title="fleet (Ctrl-C to stop)")
-            for w in registry.workers():
-                t.add_row(
-                    w.name, w.status, w.queue, str(w.pid), str(len(registry.handles(owner=w.name)))
+            def table() -> Table:
+                t = Table(
+                    "worker", "status", "queue", "pid", "handles", title="fleet (Ctrl-C to stop)"
                 )
-            return t
+                for w in registry.workers():
+                    handles = len(registry.handles(owner=w.name))
+                    t.add_row(w.name, w.status, w.queue, str(w.pid), str(handles))
+                return t
 
-        try:
-            with Live(table(), console=console, refresh_per_second=1) as live:
-                while True:
-                    time.sleep(1)
-                    live.update(table())
-        except KeyboardInterrupt:
-            console.print("stopping ...")
+            try:
+                with Live(table(), console=console, refresh_per_second=1) as live:
+                    while True:
+                        time.sleep(1)
+                        live.update(table())
+            finally:
+                console.print("stopping ...")
+    except KeyboardInterrupt:
+        pass
     console.print("stopped: no process left running")
 
 
@@ -501,9 +730,8 @@ def exporter_cmd(port: int, address: str) -> None:
     from prometheus_client.core import REGISTRY
 
     from fleet.metrics import FleetCollector
-    from fleet.settings import FleetSettings
 
-    REGISTRY.register(FleetCollector(FleetSettings.from_env()))
+    REGISTRY.register(FleetCollector(_settings()))
     start_http_server(port, addr=address)
     console.print(f"serving fleet metrics on http://{address}:{port}/metrics", highlight=False)
     while True:

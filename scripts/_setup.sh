@@ -23,3 +23,10 @@ fleet_setup() {
     fi
   fi
 }
+
+# The next step after a script: the `fleet` command lives in the venv.
+fleet_next_steps() {
+  echo
+  echo "fleet is installed in .venv. To use the fleet command (fleet up, fleet jobs list, ...):"
+  echo "  source .venv/bin/activate"
+}

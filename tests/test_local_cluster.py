@@ -73,17 +73,22 @@ def test_fleet_demo_short_mode_writes_the_report(tmp_path, artifacts_dir):
     diloco, baseline = report["diloco"], report["baseline"]
     assert diloco["config"]["workload"] == "examples.charlm:make"
     assert diloco["config"]["replicas"] == 2 and diloco["config"]["inner_steps"] == 5
+    # both runs trained on leases of the charlm microshard dataset
+    assert diloco["config"]["dataset"]["path"] == "datasets/charlm-stdlib-256"
+    assert all(r["lease"]["shards"] for m in diloco["rounds"] for r in m["replicas"])
+    assert all(r["lease"]["shards"] for m in baseline["rounds"] for r in m["replicas"])
     assert [m["round"] for m in diloco["rounds"]] == [0, 1]
     for m in diloco["rounds"]:
         assert m["wall_s"] > 0 and m["merge_s"] > 0
         assert sorted(r["replica"] for r in m["replicas"] if r["status"] == "merged") == [0, 1]
         assert all(r["compute_s"] > 0 and r["metrics"]["tokens"] > 0 for r in m["replicas"])
     losses = [diloco["initial_eval"]["metrics"]["loss"]] + [
-        m["eval"]["loss"] for m in diloco["rounds"]
+        m["eval"]["metrics"]["loss"] for m in diloco["rounds"]
     ]
     assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 1.0, losses
     assert baseline["config"]["replicas"] == 1 and len(baseline["rounds"]) >= 1
-    assert baseline["rounds"][-1]["eval"]["loss"] < baseline["initial_eval"]["metrics"]["loss"]
+    last = baseline["rounds"][-1]["eval"]["metrics"]["loss"]
+    assert last < baseline["initial_eval"]["metrics"]["loss"]
     comparison = report["comparison"]
     assert comparison["at_wall_s"] > 0
     assert {"diloco_eval_loss", "baseline_eval_loss", "diloco_better"} <= set(comparison)

@@ -1,0 +1,105 @@
+"""The CLI as a newcomer meets it: no live worker, failed jobs, printed paths, the README's
+commands."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+import warnings
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from fleet.cli import main
+from fleet.local import RedisServer
+from tests.harness import DIGITS, REPO
+
+
+@pytest.fixture(scope="module")
+def empty_redis(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("empty-redis"))
+    yield server
+    server.stop()
+
+
+def test_diloco_without_a_live_worker_says_so_at_once(empty_redis):
+    runner = CliRunner(env={"FLEET_REDIS_URL": empty_redis.url})
+    started = time.monotonic()
+    result = runner.invoke(main, ["diloco", "--workload", DIGITS], terminal_width=300)
+    assert result.exit_code == 1, result.output
+    assert "NoWorkersError" in result.output and "fleet worker" in result.output
+    assert time.monotonic() - started < 5
+    waited = runner.invoke(
+        main, ["diloco", "--workload", DIGITS, "--wait-for-workers-s", "1"], terminal_width=300
+    )
+    assert waited.exit_code == 1 and "after waiting 1 s" in waited.output
+
+
+def test_a_failed_job_exits_non_zero(fleet_settings, two_workers):
+    from fleet.local import worker_env
+
+    runner = CliRunner(env=worker_env(fleet_settings, [str(REPO)]))
+    args = ["diloco", "--workload", DIGITS, "--config-json", '{"fail_in": "train_window"}']
+    result = runner.invoke(main, [*args, "--rounds", "1", "--inner-steps", "2"])
+    assert result.exit_code == 1, result.output
+    assert "RoundFailed" in result.output and "injected failure" in result.output
+
+
+def test_pack_commands_take_paths_relative_to_the_shared_root(
+    fleet_settings, fleet, two_workers, tmp_path, monkeypatch
+):
+    handle = fleet.init_model("cpu", worker=two_workers[0].name)
+    fleet.export_parameter_pack(handle, "runs/printed/round-0001/global", "digits-mlp-v1")
+    monkeypatch.chdir(tmp_path)  # not where the shared root is
+    runner = CliRunner(env={"FLEET_SHARED_ROOT": str(fleet_settings.shared_root)})
+    for command in ("inspect", "verify"):
+        result = runner.invoke(main, ["pack", command, "runs/printed/round-0001/global"])
+        assert result.exit_code == 0, result.output
+    fleet.release_model(handle)
+
+
+def _readme_commands() -> list[list[str]]:
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        block = block.replace("\\\n", " ")  # continuation lines
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("fleet "):
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def parse_cli(args: list[str]) -> click.Command:
+    """Parse ``fleet <args>`` with the real command tree (nested groups too) without
+    running it; the command reached. A wrong command or flag raises click.UsageError."""
+    ctx = main.make_context("fleet", list(args))
+    command: click.Command = main
+    with warnings.catch_warnings():  # click 8.2 deprecates protected_args, still needed here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        while isinstance(command, click.Group):
+            name, sub, rest = command.resolve_command(ctx, [*ctx.protected_args, *ctx.args])
+            assert sub is not None, name
+            ctx = sub.make_context(str(name), rest, parent=ctx)
+            command = sub
+    return command
+
+
+@pytest.mark.parametrize("args", _readme_commands(), ids=lambda a: " ".join(a)[:60])
+def test_every_fleet_command_in_the_readme_parses(args):
+    """Each `fleet ...` line of the README names real commands and options."""
+    assert parse_cli(args) is not main
+
+
+def test_the_readme_check_catches_a_wrong_flag():
+    with pytest.raises(click.UsageError):
+        parse_cli(["jobs", "logs", "JOB", "--folow"])
+    assert len(_readme_commands()) >= 10
+
+
+def test_the_scripts_say_how_to_get_fleet_on_the_path():
+    assert "source .venv/bin/activate" in (REPO / "scripts" / "_setup.sh").read_text()
+    for script in ("demo", "test"):
+        assert "fleet_next_steps" in (REPO / "scripts" / script).read_text()
