@@ -138,3 +138,45 @@ def test_fleet_up_leaves_no_process_behind(tmp_path, how):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            children = [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            continue
+        out += children
+        todo += children
+    return out
+
+
+def test_fleet_up_interrupted_during_start_up_stops_everything(tmp_path):
+    """Ctrl-C while the workers are still coming up is a normal stop: exit 0, nothing left."""
+    root = tmp_path / ".fleet"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "up", "--workers", "2", "--no-flower", "--root", str(root)],
+        env=_clean_env(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: (root / "logs" / "worker-1.log").exists(), 120)
+        started = _descendants(proc.pid)
+        assert started, "redis-server and the workers were started"
+        assert not (root / "cluster.json").exists(), "interrupted before the cluster was up"
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output
+        assert "Aborted" not in output and "Traceback" not in output, output
+        assert "stopped: no process left running" in output
+        _wait_for(lambda: not any(_alive(p) for p in started), 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
