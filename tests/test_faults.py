@@ -10,6 +10,7 @@ workers, so restarting or killing them touches no other test.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import signal
@@ -83,6 +84,9 @@ def cluster(tmp_path_factory, artifacts_dir) -> Iterator[Cluster]:
         with running_workers(settings, [30, 31], log_dir) as workers:
             yield Cluster(server, settings, workers, log_dir)
     finally:
+        # Celery results left pending by the killed orchestrators unsubscribe when they
+        # are collected: let that happen while their Redis still runs.
+        gc.collect()
         server.stop()
 
 
