@@ -95,6 +95,13 @@ def test_fleet_demo_short_mode_writes_the_report(tmp_path, artifacts_dir):
     assert not (root / "cluster.json").exists(), "the cluster was stopped"
 
 
+def _start_up(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    """``fleet up`` in the background, its output (stdout and stderr) in a pipe."""
+    return subprocess.Popen(
+        args, env=_clean_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_fleet_up_leaves_no_process_behind(tmp_path, how):
     root = tmp_path / ".fleet"
@@ -103,14 +110,7 @@ def test_fleet_up_leaves_no_process_behind(tmp_path, how):
         args.append("--no-flower")
     else:
         args += ["--flower-port", "0"]
-    proc = subprocess.Popen(
-        args,
-        env=_clean_env(),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _start_up(args, tmp_path)
     try:
         _wait_for(lambda: (root / "cluster.json").exists(), 120)
         state = json.loads((root / "cluster.json").read_text())
@@ -158,14 +158,8 @@ def _descendants(pid: int) -> list[int]:
 def test_fleet_up_interrupted_during_start_up_stops_everything(tmp_path):
     """Ctrl-C while the workers are still coming up is a normal stop: exit 0, nothing left."""
     root = tmp_path / ".fleet"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet", "up", "--workers", "2", "--no-flower", "--root", str(root)],
-        env=_clean_env(),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    args = [sys.executable, "-m", "fleet", "up", "--workers", "2", "--no-flower"]
+    proc = _start_up([*args, "--root", str(root)], tmp_path)
     try:
         _wait_for(lambda: (root / "logs" / "worker-1.log").exists(), 120)
         started = _descendants(proc.pid)
