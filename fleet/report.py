@@ -106,8 +106,9 @@ def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:
         if curves[0] and curves[0][0][1] > high + pad:
             note = f"untrained model: {curves[0][0][1]:.2f} at 0 s (off scale)"
             ax_loss.annotate(
-                note, xy=(0.01, 0.97), xycoords="axes fraction", va="top", fontsize=8, color="gray"
+                note, xy=(0.01, 0.12), xycoords="axes fraction", fontsize=8, color="gray"
             )
+    # Both notes sit bottom left: losses fall from the top left to the bottom right.
     summary = summarize(diloco, baseline)
     if summary["diloco_eval_loss"] is not None and summary["baseline_eval_loss"] is not None:
         text = (
@@ -115,9 +116,7 @@ def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:
             f"single worker {summary['baseline_eval_loss']:.4f}"
         )
         box = {"boxstyle": "round", "facecolor": "white", "alpha": 0.8}
-        ax_loss.annotate(
-            text, xy=(0.99, 0.03), xycoords="axes fraction", ha="right", fontsize=9, bbox=box
-        )
+        ax_loss.annotate(text, xy=(0.01, 0.03), xycoords="axes fraction", fontsize=9, bbox=box)
     ax_loss.set_xlabel("wall-clock seconds")
     ax_loss.set_ylabel(f"eval loss ({diloco.eval_split}, nats/byte)")
     ax_loss.set_title("Evaluation loss against wall-clock time")
