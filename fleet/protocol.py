@@ -55,6 +55,8 @@ class _Custom(_Model):
 
 
 class Rejected(_Model):
+    """The ``{"Rejected": reason}`` variant of a PatchOutcome."""
+
     Rejected: str
 
 
@@ -99,12 +101,17 @@ def candidate_weight(policy: Any, sample_weight: float, quality_weight: float) -
 
 
 class CapabilityEstimate(_Model):
+    """What ``capability_probe`` measured (docs/protocol.md section 2): backends, throughput in
+    work units per second (lease sizes follow it), and the training window it suits, in seconds."""
+
     preferred_backends: list[str]
     work_units_per_second: float
     target_window_seconds: int
 
 
 class RuntimePatch(_Model):
+    """A runtime setting change for ``apply_patch`` (section 2); ``class`` is Hot, Warm or Cold."""
+
     patch_id: str
     class_: Literal["Hot", "Warm", "Cold"] = Field(alias="class")
     summary: str
@@ -113,6 +120,9 @@ class RuntimePatch(_Model):
 
 
 class CachedMicroshardGroup(_Model):
+    """A BatchRef over cached microshards (section 3): absolute ``shard_paths`` on the
+    worker's mount, their ids and ordinals, and their total size in bytes."""
+
     kind: Literal["cached_microshard_group"]
     shard_paths: list[str]
     microshard_ids: list[str]
@@ -121,6 +131,9 @@ class CachedMicroshardGroup(_Model):
 
 
 class MicroEpoch(_Model):
+    """A BatchRef of a micro-epoch lease (section 3); fleet puts ``shard_paths`` and the
+    lease's position (replica, round, step) in ``payload``."""
+
     kind: Literal["micro_epoch"]
     lease_id: str
     microshard_ids: list[str]
@@ -149,6 +162,8 @@ class Empty(_Model):
 
 
 class InitModelRequest(_Model):
+    """``init_model``: build the workload's model on ``device`` (e.g. ``cpu``, ``cuda:0``)."""
+
     device: str
 
 
@@ -169,6 +184,8 @@ class ShardChecks(_Model):
 
 
 class TrainWindowRequest(_Model):
+    """``train_window``: the workload trains the model ``model_id`` on ``batches``."""
+
     model_id: str
     batches: list[BatchRef]
     deadline_unix_s: float | None = None
@@ -178,21 +195,29 @@ class TrainWindowRequest(_Model):
 
 
 class EvaluateRequest(_Model):
+    """``evaluate``: the model ``model_id`` on a split; returns metrics."""
+
     model_id: str
     split: EvalSplit
 
 
 class LoadModelArtifactRequest(_Model):
+    """``load_model_artifact``: read an artifact into the model (section 5.6 without hooks)."""
+
     model_id: str
     artifact_path: str
 
 
 class MaterializeModelArtifactRequest(_Model):
+    """``materialize_model_artifact``: write the model as an artifact (section 5.6)."""
+
     model_id: str
     artifact_path: str
 
 
 class ExportParameterPackRequest(_Model):
+    """``export_parameter_pack``: publish the model's float32 values as a pack (section 4)."""
+
     model_id: str
     parameter_pack_path: str
     model_schema_hash: str
@@ -200,6 +225,8 @@ class ExportParameterPackRequest(_Model):
 
 
 class ImportParameterPackRequest(_Model):
+    """``import_parameter_pack``: build a model on ``device`` from a pack (section 4)."""
+
     device: str
     parameter_pack_path: str
     state_dict_filter: StateDictFilter | None = None
@@ -208,11 +235,16 @@ class ImportParameterPackRequest(_Model):
 
 
 class ParameterPackPlanRequest(_Model):
+    """``parameter_pack_plan``: which state-dict keys a pack of this workload holds."""
+
     device: str
     state_dict_filter: StateDictFilter | None = None
 
 
 class RunInnerLoopRequest(_Model):
+    """``run_inner_loop``: ``num_inner_steps`` steps from the model ``model_id``, then the
+    result published as a pack at ``output_parameter_pack_path`` (DiLoCo's inner loop)."""
+
     model_id: str
     batches: list[BatchRef] = Field(default_factory=list)
     num_inner_steps: int = Field(ge=0)
@@ -246,6 +278,8 @@ class LoadParameterPackRequest(_Model):
 
 
 class MergeCandidate(_Model):
+    """One model to merge (section 2): held (``model_id``) or as a pack, with its weights."""
+
     peer_id: str
     head_id: str
     artifact_id: str
@@ -258,12 +292,16 @@ class MergeCandidate(_Model):
 
 
 class MergeCandidateModelsRequest(_Model):
+    """``merge_candidate_models``: the weighted merge of candidates onto ``base_model_id``."""
+
     base_model_id: str
     candidates: list[MergeCandidate]
     policy: MergePolicy
 
 
 class ApplySingleRootEmaRequest(_Model):
+    """``apply_single_root_ema``: the EMA of a merged model towards its base."""
+
     base_model_id: str
     merged_model_id: str
     policy: MergePolicy
@@ -272,6 +310,8 @@ class ApplySingleRootEmaRequest(_Model):
 
 
 class ReconcileCanonicalModelRequest(_Model):
+    """``reconcile_canonical_model``: bring a local model to the canonical one."""
+
     local_model_id: str
     canonical_model_id: str
     strategy: TrainerCanonicalReconcileStrategy
@@ -280,6 +320,8 @@ class ReconcileCanonicalModelRequest(_Model):
 
 
 class ReleaseModelRequest(_Model):
+    """``release_model``: free the model ``model_id`` on its worker."""
+
     model_id: str
 
 
@@ -326,6 +368,8 @@ class VerifyPackRequest(_Model):
 
 
 class VerifyPackResult(_Model):
+    """fleet: the verified pack and the seconds the check took."""
+
     pack: PackRef
     seconds: float
 
@@ -348,6 +392,8 @@ class CollectGarbageRequest(_Model):
 
 
 class HelloResult(_Model):
+    """``hello``: protocol version, workload name and capabilities."""
+
     protocol_version: int
     workload_name: str
     capabilities: list[str]
@@ -356,32 +402,45 @@ class HelloResult(_Model):
 
 
 class CapabilityProbeResult(_Model):
+    """``capability_probe``: the device the workload runs on and its estimate."""
+
     runtime_device: str
     capability: CapabilityEstimate
 
 
 class ModelIdResult(_Model):
+    """A method that creates a model: its new handle."""
+
     model_id: str
 
 
 class OptionalModelIdResult(_Model):
+    """A method that may create a model: its handle, or None."""
+
     model_id: str | None
 
 
 class MetricsResult(_Model):
+    """A method that measures (``train_window``, ``evaluate``): its metrics."""
+
     metrics: Metrics
 
 
 class EmptyResult(_Model):
-    pass
+    """A method with nothing to return."""
 
 
 class ExportResult(_Model):
+    """``export_parameter_pack``: the protocol returns nothing; fleet adds the PackRef."""
+
     pack: PackRef | None = None
     """fleet: the published pack (empty result in the protocol)."""
 
 
 class ParameterPackPlanResult(_Model):
+    """``parameter_pack_plan``: the keys a pack holds, its layout hash and its length in
+    float32 values (``parameter_count``)."""
+
     uses_custom_parameter_pack_hooks: bool
     layout_hash: str | None = None
     included_keys: list[str] = Field(default_factory=list)
@@ -392,6 +451,9 @@ class ParameterPackPlanResult(_Model):
 
 
 class RunInnerLoopResult(_Model):
+    """``run_inner_loop``: steps done, metrics, the optimizer state the hook wrote (if any),
+    and fleet's timings (seconds) and output PackRef."""
+
     steps_completed: int
     metrics: Metrics
     inner_optimizer_state_path: str | None = None
@@ -423,6 +485,8 @@ class OuterStepResult(_Model):
 
 
 class CollectGarbageResult(_Model):
+    """fleet: what ``collect_garbage`` deleted (shared-root-relative) and the bytes freed."""
+
     deleted: list[str]
     freed_bytes: int
 
@@ -433,6 +497,8 @@ class PatchOutcomeResult(RootModel[PatchOutcome]):
 
 
 class ShutdownResult(_Model):
+    """``shutdown``: ``ok`` is true; the worker then stops (warm: its running task ends first)."""
+
     ok: bool
 
 
