@@ -69,8 +69,9 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_MARKER}{uuid.uuid4().hex}")
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so the names in it (a rename, a new file) are durable."""
+def fsync_path(path: Path) -> None:
+    """fsync a file (its bytes) or a directory (the names in it: a rename, a new file),
+    so they are durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -82,19 +83,11 @@ def _fsync_tree(path: Path) -> None:
     if path.is_dir():
         for child in sorted(path.rglob("*")):
             if child.is_file() and not child.is_symlink():
-                _fsync_file(child)
+                fsync_path(child)
         for directory in [*(p for p in path.rglob("*") if p.is_dir()), path]:
-            fsync_dir(directory)
+            fsync_path(directory)
     elif path.exists():
-        _fsync_file(path)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(path)
 
 
 def _remove(path: Path) -> None:
@@ -141,7 +134,7 @@ def publishing(
             _remove(aside)
         else:
             os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        fsync_path(dest.parent)
     except OSError as exc:
         _remove(tmp)
         raise storage_error(exc, str(dest)) from exc
