@@ -4,6 +4,7 @@ are collected; the orchestrator imports no torch."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from fleet.codec.pack import write_values_pack
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig, average, outer_step
 from fleet.diloco.outer import PackInput, stream_outer_step
 from fleet.diloco.state import RoundRecord
-from fleet.errors import DigestMismatchError, NonFiniteValuesError
+from fleet.errors import DigestMismatchError, LayoutMismatchError, NonFiniteValuesError
 from fleet.jobs import JobStore
 from fleet.local import worker_env
 from tests.harness import DIGITS, REPO, running_workers
@@ -119,6 +120,25 @@ def test_a_corrupt_input_names_itself_and_publishes_nothing(packs, tmp_path):
             chunk_bytes=4096,
         )
     assert str(bad) in info.value.path
+    assert not (tmp_path / "g").exists() and not (tmp_path / "m").exists()
+    other = tmp_path / "other-layout"
+    other.mkdir()
+    manifest = json.loads((packs / "r2" / "manifest.json").read_text())
+    manifest["layout_hash"] = "torch-layout-" + "0" * 64  # a model of another shape
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    (other / "values.f32le").write_bytes((packs / "r2" / "values.f32le").read_bytes())
+    with pytest.raises(LayoutMismatchError) as layout_info:
+        stream_outer_step(
+            PackInput(packs / "global"),
+            [PackInput(packs / "r0"), PackInput(other)],
+            [1.0, 1.0],
+            None,
+            OuterOptimizerConfig(),
+            "WeightedMean",
+            tmp_path / "g",
+            tmp_path / "m",
+        )
+    assert str(other) in str(layout_info.value)
     assert not (tmp_path / "g").exists() and not (tmp_path / "m").exists()
     nan = tmp_path / "nan"
     write_values_pack(nan, torch.full((50_021,), float("nan")), read_pack(packs / "r0")[0])

@@ -202,34 +202,26 @@ def stream_outer_step(
         torch.set_num_threads(1)
         stack.callback(torch.set_num_threads, threads)
 
-        def open_input(ref: PackInput, *, finite: bool) -> PackReader:
+        # Global pack, replicas, momentum: each checked against its ref (layout hash,
+        # digest, finite values) while read, and against the global pack's layout.
+        inputs = [global_pack, *replicas, *([momentum] if momentum is not None else [])]
+        readers: list[PackReader] = []
+        for ref in inputs:
             reader = stack.enter_context(
                 PackReader(
                     ref.path,
-                    check_finite=finite,
+                    check_finite=True,
                     layout_hash=ref.layout_hash,
                     values_digest=ref.values_digest,
                 )
             )
-            if reader.manifest.layout_hash != theta_reader.manifest.layout_hash:
+            if readers and reader.manifest.layout_hash != readers[0].manifest.layout_hash:
                 raise LayoutMismatchError(
-                    str(ref.path), reader.manifest.layout_hash, theta_reader.manifest.layout_hash
+                    str(ref.path), reader.manifest.layout_hash, readers[0].manifest.layout_hash
                 )
-            return reader
-
-        theta_reader = stack.enter_context(
-            PackReader(
-                global_pack.path,
-                check_finite=True,
-                layout_hash=global_pack.layout_hash,
-                values_digest=global_pack.values_digest,
-            )
-        )
-        like = theta_reader.manifest
-        replica_readers = [open_input(r, finite=True) for r in replicas]
-        momentum_reader = open_input(momentum, finite=True) if momentum is not None else None
+            readers.append(reader)
+        theta_reader, like = readers[0], readers[0].manifest
         size = min(n, max(like.parameter_count, 1))
-        readers = [theta_reader, *replica_readers, *([momentum_reader] if momentum_reader else [])]
         rows = [[torch.empty(size, dtype=torch.float32) for _ in readers] for _ in range(2)]
         scratch = torch.empty(size, dtype=torch.float32)
         new_mom = torch.empty(size, dtype=torch.float32)
@@ -255,7 +247,7 @@ def stream_outer_step(
             else:
                 pending = pool.submit(lambda: [torch.empty(0)])
             t, parts = row[0], row[1 : 1 + len(replicas)]
-            m = row[-1] if momentum_reader is not None else None
+            m = row[-1] if momentum is not None else None
             k = t.numel()
             avg = _average_into(parts, weights, policy)
             new_theta = _step_into(t, avg, m, config, scratch[:k], new_mom[:k])
@@ -264,11 +256,10 @@ def stream_outer_step(
         for reader in readers:
             reader.finish()
     assert global_sink.manifest is not None and momentum_sink.manifest is not None
-    inputs = 1 + len(replicas) + (1 if momentum is not None else 0)
     return OuterStepOutput(
         global_manifest=global_sink.manifest,
         momentum_manifest=momentum_sink.manifest,
-        bytes_read=inputs * like.values_nbytes,
+        bytes_read=len(inputs) * like.values_nbytes,
         bytes_written=2 * like.values_nbytes,
         seconds=time.perf_counter() - started,
     )
