@@ -40,7 +40,13 @@ from typing import Any
 
 from celery import Celery
 
-from fleet.connection import kombu_retry_policy, quiet_retry_logs
+from fleet.connection import (
+    BACKOFF_BASE_S,
+    BACKOFF_CAP_S,
+    kombu_retry_policy,
+    quiet_retry_logs,
+    result_backend_retries_for,
+)
 from fleet.settings import FleetSettings
 
 TASK_MODULES = ["fleet.tasks"]
@@ -71,9 +77,9 @@ def celery_config(settings: FleetSettings) -> dict[str, Any]:
         "task_publish_retry": True,
         "task_publish_retry_policy": retry,
         "result_backend_always_retry": True,
-        "result_backend_max_retries": retry["max_retries"],
-        "result_backend_base_sleep_between_retries_ms": 50,
-        "result_backend_max_sleep_between_retries_ms": 2000,
+        "result_backend_max_retries": result_backend_retries_for(settings.redis_retry_s),
+        "result_backend_base_sleep_between_retries_ms": int(BACKOFF_BASE_S * 1000),
+        "result_backend_max_sleep_between_retries_ms": int(BACKOFF_CAP_S * 1000),
         "broker_connection_retry": True,
         "broker_connection_max_retries": None,
         "worker_cancel_long_running_tasks_on_connection_loss": False,

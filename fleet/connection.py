@@ -65,6 +65,23 @@ def retries_for(budget_s: float) -> int:
     return retries
 
 
+def result_backend_retries_for(budget_s: float) -> int:
+    """How many retries Celery's result backend needs to keep retrying for about
+    ``budget_s`` seconds.
+
+    Before its retry ``n`` the backend sleeps a random time (full jitter) between 0 and
+    ``min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**n)``, so the count is chosen for the mean
+    pauses (half of each bound) to add up to ``budget_s``: about twice the retries of
+    :func:`retries_for`. The total of ~90 such pauses varies by a few seconds; with the
+    jitter-free count it averaged half the budget, and a 60 s outage could outlast it.
+    """
+    waited, retries = 0.0, 0
+    while waited < budget_s:
+        retries += 1
+        waited += min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**retries) / 2
+    return retries
+
+
 def kombu_retry_policy(budget_s: float) -> dict[str, float | int]:
     """A kombu/Celery ``retry_policy`` (publishing, the result backend) whose pauses
     (0, 0.5, 1.0, 1.5, then 2 s each) add up to ``budget_s`` seconds."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +34,27 @@ __all__ = [
     "WorkerProcess",
     "running_workers",
     "settings_for",
+    "wait_until",
 ]
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout_s: float = 60.0,
+    what: str = "condition",
+    *,
+    interval_s: float = 0.05,
+) -> None:
+    """Call ``predicate`` every ``interval_s`` seconds until it returns something true.
+
+    Raises:
+        AssertionError: not true after ``timeout_s`` seconds (the message names ``what``).
+    """
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met in {timeout_s:g} s: {what}")
+        time.sleep(interval_s)
 
 
 def settings_for(redis_url: str, shared_root: Path, **overrides: object) -> FleetSettings:

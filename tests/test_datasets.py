@@ -33,18 +33,10 @@ from fleet.errors import (
 from fleet.jobs import JobStore
 from fleet.local import worker_env
 from fleet.storage import SharedRoot
-from tests.harness import REPO, running_workers
+from tests.harness import REPO, running_workers, wait_until
 from tests.workloads.shards import write_shards
 
 SHARDS = "tests.workloads.shards:make"
-
-
-def _wait(predicate, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -346,7 +338,7 @@ def test_a_killed_replica_is_re_run_on_the_same_shards(
         outcome: dict[str, object] = {}
         thread = threading.Thread(target=lambda: outcome.setdefault("job", run.run()))
         thread.start()
-        _wait(
+        wait_until(
             lambda: (
                 any(h.owner == victim.name for h in fleet.registry.handles())
                 and any(
@@ -392,12 +384,12 @@ def test_resume_neither_repeats_nor_skips_a_shard(fleet_settings, fleet, two_wor
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     store = JobStore.from_settings(fleet_settings)
-    _wait(lambda: len(store.metrics(job_id)) >= 2, timeout_s=120)
+    wait_until(lambda: len(store.metrics(job_id)) >= 2, timeout_s=120)
     # kill it while a round is in flight
-    _wait(lambda: store.driver_state(job_id)[1] is not None, timeout_s=60)
+    wait_until(lambda: store.driver_state(job_id)[1] is not None, timeout_s=60)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    _wait(lambda: store.get(job_id).shown_status == "orphaned", timeout_s=30)
+    wait_until(lambda: store.get(job_id).shown_status == "orphaned", timeout_s=30)
     job = DiLoCoRun.resume(fleet, job_id).run()
     assert job.status == "completed"
     from fleet.diloco.state import rounds_of

@@ -22,16 +22,7 @@ from fleet.diloco import (
 )
 from fleet.diloco.state import RoundRecord
 from fleet.jobs import JobStore
-from tests.harness import DIGITS, running_workers
-
-
-def _wait(predicate, timeout_s: float = 60.0, interval_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval_s)
-
+from tests.harness import DIGITS, running_workers, wait_until
 
 # --------------------------------------------------------------------------- outer step
 
@@ -235,7 +226,7 @@ def test_a_worker_killed_mid_round_is_replaced(fleet_settings, artifacts_dir, fl
         thread = threading.Thread(target=lambda: outcome.setdefault("job", run.run()))
         thread.start()
         # wait until a replica of round 0 is training on the victim, then kill it
-        _wait(
+        wait_until(
             lambda: (
                 any(h.owner == victim.name for h in fleet.registry.handles())
                 and any(
@@ -272,7 +263,7 @@ def test_cancel_stops_the_run_within_a_step(fleet, two_workers):
     outcome: dict[str, object] = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("job", run.run()))
     thread.start()
-    _wait(
+    wait_until(
         lambda: (
             sum("run_inner_loop started" in line.line for line in run.jobs.logs(run.job_id)) >= 2
         )

@@ -23,16 +23,7 @@ from fleet.diloco.state import RoundRecord
 from fleet.errors import DigestMismatchError, LayoutMismatchError, NonFiniteValuesError
 from fleet.jobs import JobStore
 from fleet.local import worker_env
-from tests.harness import DIGITS, REPO, running_workers
-
-
-def _wait(predicate, timeout_s: float = 60.0, interval_s: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval_s)
-
+from tests.harness import DIGITS, REPO, running_workers, wait_until
 
 # --------------------------------------------------------------------------- the math
 
@@ -254,7 +245,7 @@ def test_a_replica_pack_corrupted_after_publication_is_dropped(fleet, two_worker
 
     def corrupt() -> None:
         pack = root.resolve(run.layout.replica_pack(0, 0, 0))
-        _wait(lambda: (pack / "manifest.json").exists(), timeout_s=60)
+        wait_until(lambda: (pack / "manifest.json").exists(), timeout_s=60)
         data = bytearray((pack / "values.f32le").read_bytes())
         data[100] ^= 0x01
         (pack / "values.f32le").write_bytes(bytes(data))
@@ -290,7 +281,7 @@ def test_garbage_collection_keeps_what_keep_rounds_says(fleet, two_workers):
         "round-0006/global",
         "round-0006/momentum",
     ]
-    _wait(
+    wait_until(
         lambda: listing() == expected, timeout_s=20, interval_s=0.2
     )  # collected in the background
     assert sorted(p.name for p in run_dir.iterdir()) == ["round-0005", "round-0006"]

@@ -47,17 +47,10 @@ from tests.harness import (
     WorkerProcess,
     running_workers,
     settings_for,
+    wait_until,
 )
 
 ALLOW = ["tests.workloads.*", "examples.*"]
-
-
-def _wait(predicate: Callable[[], object], timeout_s: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not met in {timeout_s:.0f} s: {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -177,7 +170,7 @@ def test_one_orchestrator_per_job(cluster, fleet):
     jobs = JobStore(fleet.registry)
     try:
         # round 1 in flight: replica 0 finished (fast), replica 1 (slow) training
-        _wait(
+        wait_until(
             lambda: (
                 jobs.redis.exists(f"fleet:job:{job_id}")
                 and _started(jobs, job_id) >= 4
@@ -199,7 +192,7 @@ def test_one_orchestrator_per_job(cluster, fleet):
         first.wait(10)
     before = [m["round"] for m in jobs.metrics(job_id)]
     assert jobs.get(job_id).status == "running"
-    _wait(lambda: jobs.get(job_id).shown_status == "orphaned", 30, "orphaned")
+    wait_until(lambda: jobs.get(job_id).shown_status == "orphaned", 30, "orphaned")
     assert any(j.job_id == job_id and j.shown_status == "orphaned" for j in jobs.list_jobs())
 
     run = DiLoCoRun.resume(fleet, job_id)
@@ -215,7 +208,7 @@ def test_one_orchestrator_per_job(cluster, fleet):
     aborted = [r for r in taken_over.replicas if r.status == "aborted"]
     assert [(r.replica, r.attempt, r.error) for r in aborted] == [(1, 0, "previous owner")]
     assert [(r.replica, r.attempt) for r in taken_over.merged] == [(0, 0), (1, 1)]
-    _wait(
+    wait_until(
         lambda: any("run_inner_loop failed: TaskAborted" in x.line for x in jobs.logs(job_id)),
         10,
         "the old replica stopped",
@@ -252,7 +245,7 @@ def _charlm_run(fleet: Fleet, during_round_1: Callable[[], None] | None = None) 
     run = DiLoCoRun.start(fleet, _charlm(""))
     thread, outcome = _in_thread(run)
     if during_round_1 is not None:
-        _wait(lambda: _started(run.jobs, run.job_id) >= 4, 120, "round 1 training")
+        wait_until(lambda: _started(run.jobs, run.job_id) >= 4, 120, "round 1 training")
         during_round_1()
     thread.join(timeout=240)
     assert not thread.is_alive()
@@ -311,7 +304,7 @@ def test_redis_gone_past_the_retry_budget_fails_the_job_once_it_is_back(cluster)
     try:
         run = DiLoCoRun.start(short, _digits(config={"step_sleep_s": 0.1}, rounds=2))
         thread, outcome = _in_thread(run)
-        _wait(lambda: _started(run.jobs, run.job_id) >= 2, 60, "round 0 training")
+        wait_until(lambda: _started(run.jobs, run.job_id) >= 2, 60, "round 0 training")
         cluster.server.stop()
         time.sleep(8.0)
         assert thread.is_alive(), "the orchestrator waits to record the failure"
@@ -430,7 +423,7 @@ def test_a_restarted_worker_is_used_again_from_the_next_round(cluster, fleet):
     def restart_after_round_0(record: RoundRecord) -> None:
         if record.round != 0:
             return
-        _wait(
+        wait_until(
             lambda: (info := fleet.registry.worker(victim.name)) is None or info.status != "alive",
             30,
             "victim gone",
@@ -461,7 +454,7 @@ def test_a_restarted_worker_is_used_again_from_the_next_round(cluster, fleet):
     run = DiLoCoRun.start(fleet, cfg, on_round=restart_after_round_0)
     thread, outcome = _in_thread(run)
     try:
-        _wait(
+        wait_until(
             lambda: any(
                 x.worker == victim.name and "run_inner_loop started" in x.line
                 for x in run.jobs.logs(run.job_id)
@@ -559,7 +552,7 @@ def test_enospc_in_the_optimizer_save_fails_the_job_cleanly_and_resume_completes
             cfg = _digits(config={"step_sleep_s": 0.05}, replicas=1, rounds=2, eval_every=0)
             run = DiLoCoRun.start(client, cfg)
             thread, outcome = _in_thread(run)
-            _wait(lambda: _started(run.jobs, run.job_id) >= 1, 60, "round 0 training")
+            wait_until(lambda: _started(run.jobs, run.job_id) >= 1, 60, "round 0 training")
             filler = _fill(tiny_shared_root)
             thread.join(timeout=120)
             error = outcome.get("error")

@@ -8,17 +8,9 @@ import pytest
 
 from fleet.client import Fleet
 from fleet.errors import OwnerLostError, WorkerNotFound
-from tests.harness import running_workers
+from tests.harness import running_workers, wait_until
 
 SCHEMA = "digits-mlp-v1"
-
-
-def _wait(predicate, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 def test_sigkilled_worker_handles_are_lost_and_name_their_last_pack(
@@ -32,7 +24,7 @@ def test_sigkilled_worker_handles_are_lost_and_name_their_last_pack(
         assert fleet.handle_record(published).status == "live"
 
         worker.kill()  # parent and pool child, no cleanup at all
-        _wait(
+        wait_until(
             lambda: fleet.handle_record(published).status == "lost",
             fleet_settings.heartbeat_ttl_s + 10,
         )

@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fleet.registry import Registry
 from fleet.settings import FleetSettings
+from tests.harness import wait_until
 
 
 def _clean_env() -> dict[str, str]:
@@ -30,14 +30,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
-
-
-def _wait_for(predicate, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 def test_fleet_demo_short_mode_writes_the_report(tmp_path, artifacts_dir):
@@ -112,7 +104,7 @@ def test_fleet_up_leaves_no_process_behind(tmp_path, how):
         args += ["--flower-port", "0"]
     proc = _start_up(args, tmp_path)
     try:
-        _wait_for(lambda: (root / "cluster.json").exists(), 120)
+        wait_until(lambda: (root / "cluster.json").exists(), 120)
         state = json.loads((root / "cluster.json").read_text())
         pids = list(state["pids"].values())
         assert len(pids) == (3 if how == "sigkill" else 4)  # 2 workers, redis (, flower)
@@ -134,7 +126,7 @@ def test_fleet_up_leaves_no_process_behind(tmp_path, how):
         else:
             proc.kill()
             proc.wait(10)
-        _wait_for(lambda: not any(_alive(p) for p in pids + children), 60)
+        wait_until(lambda: not any(_alive(p) for p in pids + children), 60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -161,7 +153,7 @@ def test_fleet_up_interrupted_during_start_up_stops_everything(tmp_path):
     args = [sys.executable, "-m", "fleet", "up", "--workers", "2", "--no-flower"]
     proc = _start_up([*args, "--root", str(root)], tmp_path)
     try:
-        _wait_for(lambda: (root / "logs" / "worker-1.log").exists(), 120)
+        wait_until(lambda: (root / "logs" / "worker-1.log").exists(), 120)
         started = _descendants(proc.pid)
         assert started, "redis-server and the workers were started"
         assert not (root / "cluster.json").exists(), "interrupted before the cluster was up"
@@ -170,7 +162,7 @@ def test_fleet_up_interrupted_during_start_up_stops_everything(tmp_path):
         assert proc.returncode == 0, output
         assert "Aborted" not in output and "Traceback" not in output, output
         assert "stopped: no process left running" in output
-        _wait_for(lambda: not any(_alive(p) for p in started), 60)
+        wait_until(lambda: not any(_alive(p) for p in started), 60)
     finally:
         if proc.poll() is None:
             proc.kill()

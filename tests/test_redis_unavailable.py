@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -81,3 +82,35 @@ def test_a_short_outage_is_ridden_out_with_one_log_line(tmp_path, caplog):
     assert len(outage) == 1 and len(back) == 1, [r.getMessage() for r in caplog.records]
     fleet.close()
     server.stop()
+
+
+def test_the_result_backend_retries_for_the_whole_budget():
+    """Celery's result backend sleeps a random (full-jitter) pause before each retry; the
+    retry count fleet configures makes those pauses last the Redis retry budget, so a
+    60 s outage does not end a waiting orchestrator (it did, at random, with the count
+    of a jitter-free backoff: 45 s on average)."""
+    import random
+
+    from celery.utils.time import get_exponential_backoff_interval
+
+    from fleet.app import celery_config
+
+    settings = settings_for("redis://127.0.0.1:1/0", Path("/tmp"), redis_retry_s=90.0)
+    conf = celery_config(settings)
+    random.seed(0)
+
+    def one_outage_s() -> float:
+        return sum(
+            get_exponential_backoff_interval(
+                conf["result_backend_base_sleep_between_retries_ms"],
+                n,
+                conf["result_backend_max_sleep_between_retries_ms"],
+                True,
+            )
+            / 1000
+            for n in range(1, conf["result_backend_max_retries"] + 1)
+        )
+
+    totals = sorted(one_outage_s() for _ in range(1000))
+    assert 85.0 < sum(totals) / len(totals) < 95.0
+    assert totals[10] > 70.0  # the 1st percentile still rides out a 60 s outage
