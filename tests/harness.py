@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleet import local
 from fleet.local import RedisServer, WorkerProcess
 from fleet.settings import FleetSettings
+
+if TYPE_CHECKING:
+    from fleet.diloco import DiLoCoRun
+    from fleet.jobs import JobStore
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = "tests.workloads.digits:make_workload"
@@ -32,6 +38,8 @@ __all__ = [
     "SMALL_CHARLM",
     "RedisServer",
     "WorkerProcess",
+    "inner_loops_started",
+    "run_in_thread",
     "running_workers",
     "settings_for",
     "wait_until",
@@ -55,6 +63,30 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"not met in {timeout_s:g} s: {what}")
         time.sleep(interval_s)
+
+
+def run_in_thread(run: DiLoCoRun) -> tuple[threading.Thread, dict[str, object]]:
+    """Run a DiLoCo job in a daemon thread; its outcome dict gets ``"job"`` (the finished
+    Job) or ``"error"`` (what the run raised)."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["job"] = run.run()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def inner_loops_started(jobs: JobStore, job_id: str, worker: str | None = None) -> int:
+    """How many inner loops of the job (on ``worker``, or any) have started so far."""
+    return sum(
+        "run_inner_loop started" in line.line and worker in (None, line.worker)
+        for line in jobs.logs(job_id)
+    )
 
 
 def settings_for(redis_url: str, shared_root: Path, **overrides: object) -> FleetSettings:

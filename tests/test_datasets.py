@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,7 +32,7 @@ from fleet.errors import (
 from fleet.jobs import JobStore
 from fleet.local import worker_env
 from fleet.storage import SharedRoot
-from tests.harness import REPO, running_workers, wait_until
+from tests.harness import REPO, inner_loops_started, run_in_thread, running_workers, wait_until
 from tests.workloads.shards import write_shards
 
 SHARDS = "tests.workloads.shards:make"
@@ -335,16 +334,11 @@ def test_a_killed_replica_is_re_run_on_the_same_shards(
             dataset=DatasetConfig(path=dataset, microshards_per_lease=3),
         )
         run = DiLoCoRun.start(fleet, cfg)
-        outcome: dict[str, object] = {}
-        thread = threading.Thread(target=lambda: outcome.setdefault("job", run.run()))
-        thread.start()
+        thread, outcome = run_in_thread(run)
         wait_until(
             lambda: (
                 any(h.owner == victim.name for h in fleet.registry.handles())
-                and any(
-                    line.worker == victim.name and "run_inner_loop started" in line.line
-                    for line in run.jobs.logs(run.job_id)
-                )
+                and inner_loops_started(run.jobs, run.job_id, victim.name) > 0
             )
         )
         time.sleep(0.5)

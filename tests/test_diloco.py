@@ -4,7 +4,6 @@ tests/test_faults.py.)"""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -22,7 +21,7 @@ from fleet.diloco import (
 )
 from fleet.diloco.state import RoundRecord
 from fleet.jobs import JobStore
-from tests.harness import DIGITS, running_workers, wait_until
+from tests.harness import DIGITS, inner_loops_started, run_in_thread, running_workers, wait_until
 
 # --------------------------------------------------------------------------- outer step
 
@@ -222,17 +221,12 @@ def test_a_worker_killed_mid_round_is_replaced(fleet_settings, artifacts_dir, fl
             workers=[victim.name, two_workers[0].name],
         )
         run = DiLoCoRun.start(fleet, cfg)
-        outcome: dict[str, object] = {}
-        thread = threading.Thread(target=lambda: outcome.setdefault("job", run.run()))
-        thread.start()
+        thread, outcome = run_in_thread(run)
         # wait until a replica of round 0 is training on the victim, then kill it
         wait_until(
             lambda: (
                 any(h.owner == victim.name for h in fleet.registry.handles())
-                and any(
-                    line.worker == victim.name and "run_inner_loop started" in line.line
-                    for line in run.jobs.logs(run.job_id)
-                )
+                and inner_loops_started(run.jobs, run.job_id, victim.name) > 0
             ),
             timeout_s=60,
         )
@@ -260,14 +254,8 @@ def test_cancel_stops_the_run_within_a_step(fleet, two_workers):
         eval_every=0,
     )
     run = DiLoCoRun.start(fleet, cfg)
-    outcome: dict[str, object] = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("job", run.run()))
-    thread.start()
-    wait_until(
-        lambda: (
-            sum("run_inner_loop started" in line.line for line in run.jobs.logs(run.job_id)) >= 2
-        )
-    )
+    thread, outcome = run_in_thread(run)
+    wait_until(lambda: inner_loops_started(run.jobs, run.job_id) >= 2)
     time.sleep(0.5)
     cancelled_at = time.monotonic()
     assert run.jobs.cancel(run.job_id).status == "cancelled"

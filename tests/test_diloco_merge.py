@@ -91,6 +91,20 @@ def test_one_replica_with_lr_1_is_that_replica_exactly(packs, tmp_path):
 
 
 def test_a_corrupt_input_names_itself_and_publishes_nothing(packs, tmp_path):
+    def step(replicas: list, **kwargs: int) -> None:
+        """The outer step of ``packs/global`` and these replica packs, equal weights."""
+        stream_outer_step(
+            PackInput(packs / "global"),
+            [PackInput(r) for r in replicas],
+            [1.0] * len(replicas),
+            None,
+            OuterOptimizerConfig(),
+            "WeightedMean",
+            tmp_path / "g",
+            tmp_path / "m",
+            **kwargs,
+        )
+
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in ("manifest.json", "values.f32le"):
@@ -99,17 +113,7 @@ def test_a_corrupt_input_names_itself_and_publishes_nothing(packs, tmp_path):
     data[4001] ^= 0x10  # one flipped bit, the length unchanged
     (bad / "values.f32le").write_bytes(bytes(data))
     with pytest.raises(DigestMismatchError) as info:
-        stream_outer_step(
-            PackInput(packs / "global"),
-            [PackInput(packs / "r0"), PackInput(bad)],
-            [1.0, 1.0],
-            None,
-            OuterOptimizerConfig(),
-            "WeightedMean",
-            tmp_path / "g",
-            tmp_path / "m",
-            chunk_bytes=4096,
-        )
+        step([packs / "r0", bad], chunk_bytes=4096)
     assert str(bad) in info.value.path
     assert not (tmp_path / "g").exists() and not (tmp_path / "m").exists()
     other = tmp_path / "other-layout"
@@ -119,31 +123,13 @@ def test_a_corrupt_input_names_itself_and_publishes_nothing(packs, tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     (other / "values.f32le").write_bytes((packs / "r2" / "values.f32le").read_bytes())
     with pytest.raises(LayoutMismatchError) as layout_info:
-        stream_outer_step(
-            PackInput(packs / "global"),
-            [PackInput(packs / "r0"), PackInput(other)],
-            [1.0, 1.0],
-            None,
-            OuterOptimizerConfig(),
-            "WeightedMean",
-            tmp_path / "g",
-            tmp_path / "m",
-        )
+        step([packs / "r0", other])
     assert str(other) in str(layout_info.value)
     assert not (tmp_path / "g").exists() and not (tmp_path / "m").exists()
     nan = tmp_path / "nan"
     write_values_pack(nan, torch.full((50_021,), float("nan")), read_pack(packs / "r0")[0])
     with pytest.raises(NonFiniteValuesError):
-        stream_outer_step(
-            PackInput(packs / "global"),
-            [PackInput(nan)],
-            [1.0],
-            None,
-            OuterOptimizerConfig(),
-            "WeightedMean",
-            tmp_path / "g",
-            tmp_path / "m",
-        )
+        step([nan])
 
 
 # --------------------------------------------------------------------------- on the fleet

@@ -17,7 +17,6 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from tests.harness import (
     SMALL_CHARLM,
     RedisServer,
     WorkerProcess,
+    inner_loops_started,
+    run_in_thread,
     running_workers,
     settings_for,
     wait_until,
@@ -88,24 +89,6 @@ def fleet(cluster) -> Iterator[Fleet]:
     client = cluster.client()
     yield client
     client.close()
-
-
-def _in_thread(run: DiLoCoRun) -> tuple[threading.Thread, dict[str, object]]:
-    outcome: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            outcome["job"] = run.run()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def _started(jobs: JobStore, job_id: str) -> int:
-    return sum("run_inner_loop started" in line.line for line in jobs.logs(job_id))
 
 
 def _finished(jobs: JobStore, job_id: str) -> int:
@@ -173,7 +156,7 @@ def test_one_orchestrator_per_job(cluster, fleet):
         wait_until(
             lambda: (
                 jobs.redis.exists(f"fleet:job:{job_id}")
-                and _started(jobs, job_id) >= 4
+                and inner_loops_started(jobs, job_id) >= 4
                 and _finished(jobs, job_id) >= 3
             ),
             90,
@@ -213,7 +196,7 @@ def test_one_orchestrator_per_job(cluster, fleet):
         10,
         "the old replica stopped",
     )
-    assert _started(jobs, job_id) == 3 * 2 + 1
+    assert inner_loops_started(jobs, job_id) == 3 * 2 + 1
     assert any("adopted 1 finished and aborted 1 running" in x.line for x in logs)
     assert jobs.tracked_tasks(job_id) == set()
     assert fleet.registry.handles() == []
@@ -243,9 +226,9 @@ class Outcome:
 
 def _charlm_run(fleet: Fleet, during_round_1: Callable[[], None] | None = None) -> Outcome:
     run = DiLoCoRun.start(fleet, _charlm(""))
-    thread, outcome = _in_thread(run)
+    thread, outcome = run_in_thread(run)
     if during_round_1 is not None:
-        wait_until(lambda: _started(run.jobs, run.job_id) >= 4, 120, "round 1 training")
+        wait_until(lambda: inner_loops_started(run.jobs, run.job_id) >= 4, 120, "round 1 training")
         during_round_1()
     thread.join(timeout=240)
     assert not thread.is_alive()
@@ -303,8 +286,8 @@ def test_redis_gone_past_the_retry_budget_fails_the_job_once_it_is_back(cluster)
     short = cluster.client(redis_retry_s=3.0)
     try:
         run = DiLoCoRun.start(short, _digits(config={"step_sleep_s": 0.1}, rounds=2))
-        thread, outcome = _in_thread(run)
-        wait_until(lambda: _started(run.jobs, run.job_id) >= 2, 60, "round 0 training")
+        thread, outcome = run_in_thread(run)
+        wait_until(lambda: inner_loops_started(run.jobs, run.job_id) >= 2, 60, "round 0 training")
         cluster.server.stop()
         time.sleep(8.0)
         assert thread.is_alive(), "the orchestrator waits to record the failure"
@@ -452,7 +435,7 @@ def test_a_restarted_worker_is_used_again_from_the_next_round(cluster, fleet):
         workers=[survivor.name, victim.name],
     )
     run = DiLoCoRun.start(fleet, cfg, on_round=restart_after_round_0)
-    thread, outcome = _in_thread(run)
+    thread, outcome = run_in_thread(run)
     try:
         wait_until(
             lambda: any(
@@ -551,8 +534,10 @@ def test_enospc_in_the_optimizer_save_fails_the_job_cleanly_and_resume_completes
         with running_workers(settings, [40], artifacts_dir / "logs" / "enospc") as (worker,):
             cfg = _digits(config={"step_sleep_s": 0.05}, replicas=1, rounds=2, eval_every=0)
             run = DiLoCoRun.start(client, cfg)
-            thread, outcome = _in_thread(run)
-            wait_until(lambda: _started(run.jobs, run.job_id) >= 1, 60, "round 0 training")
+            thread, outcome = run_in_thread(run)
+            wait_until(
+                lambda: inner_loops_started(run.jobs, run.job_id) >= 1, 60, "round 0 training"
+            )
             filler = _fill(tiny_shared_root)
             thread.join(timeout=120)
             error = outcome.get("error")
