@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--inner-steps", type=int, default=50)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--workload", default="examples.charlm:make")
+    parser.add_argument("--workload", default="fleet.examples.charlm:make")
     parser.add_argument("--config-json", default="{}")
     args = parser.parse_args()
 

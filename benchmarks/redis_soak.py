@@ -74,7 +74,7 @@ def main() -> None:
             settings,
             list(range(args.workers)),
             work / "logs",
-            workload="examples.digits:make",
+            workload="fleet.examples.digits:make",
             pythonpath=[str(REPO)],
             cwd=REPO,
         ):
@@ -105,7 +105,7 @@ def main() -> None:
             ttls = [redis.ttl(f"celery-task-meta-{f.task_id}") for f in futures[:20]]
 
             config = DiLoCoConfig(
-                workload="examples.digits:make",
+                workload="fleet.examples.digits:make",
                 replicas=2,
                 rounds=3,
                 inner_steps=20,

@@ -40,6 +40,7 @@ from fleet.calls import (
     request_fields,
 )
 from fleet.codec.filter import FilterLike
+from fleet.devices import AUTO
 from fleet.errors import NoWorkersError
 from fleet.merging import MergeCalls
 from fleet.protocol import (
@@ -216,7 +217,7 @@ class Fleet(MergeCalls):
 
     # ------------------------------------------------------------------ models
 
-    def init_model(self, device: str = "cpu", **route: Unpack[Route]) -> ModelHandle:
+    def init_model(self, device: str = AUTO, **route: Unpack[Route]) -> ModelHandle:
         """Build a model on a worker (named, by queue, or any of the pool)."""
         call = self._routed("init_model", {"device": device}, self.handle_of, route)
         return self.run(call, True, route.get("timeout_s"))
@@ -372,7 +373,7 @@ class Fleet(MergeCalls):
     def import_parameter_pack(
         self,
         pack: PackRef | str,
-        device: str = "cpu",
+        device: str = AUTO,
         *,
         state_dict_filter: FilterLike = None,
         wait: bool = True,
@@ -386,7 +387,7 @@ class Fleet(MergeCalls):
         return self.run(call, wait, route.get("timeout_s"))
 
     def parameter_pack_plan(
-        self, device: str = "cpu", *, state_dict_filter: FilterLike = None, **route: Unpack[Route]
+        self, device: str = AUTO, *, state_dict_filter: FilterLike = None, **route: Unpack[Route]
     ) -> ParameterPackPlanResult:
         """The pack plan of a fresh model of the workload."""
         fields = {"device": device, **request_fields({"state_dict_filter": state_dict_filter})}

@@ -118,7 +118,7 @@ class LocalCluster:
                     self.root / "logs",
                     torch_threads=threads,
                     pythonpath=self.pythonpath,
-                    gpu=bool(gpus) and slot < len(gpus),
+                    gpu=gpus[slot] if slot < len(gpus) else None,
                     preexec_fn=die_with_parent,
                 )
             )

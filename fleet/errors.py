@@ -41,6 +41,7 @@ Tree::
         FactoryLoadError         import or factory call failed
         HookMissingError         a required hook is not defined
         HookFailedError          a hook raised (original type and traceback kept)
+        WorkloadDataError        a TorchWorkload data source gave no batch
       RegistryError              the Redis registry of workers and handles
         HandleNotFound           model_id not held (here / anywhere)
         OwnerLostError           the handle's owner stopped heartbeating
@@ -58,6 +59,9 @@ Tree::
         FencedOutError           this orchestrator lost the job to a newer owner
         RoundFailed              no replica of a DiLoCo round published a pack
         CorruptCheckpointError   a committed pack is corrupt and cannot be recomputed
+      ConfigError                run configs and experiment trackers
+        RunConfigError           a run config (file or flags) that does not validate
+        TrackerError             a tracker that cannot be used
       BrokerUnavailableError     Redis (broker, results, registry) cannot be reached
       RemoteTaskError            a task failed on a worker (client side); a remote
                                  FleetError comes back as its own class, which
@@ -565,6 +569,18 @@ class HookFailedError(WorkloadError):
         self.hook_traceback = hook_traceback
 
 
+class WorkloadDataError(WorkloadError):
+    """A :class:`~fleet.workloads.TorchWorkload` data source (``train_data``,
+    ``eval_data``) gave no batch where one was needed."""
+
+    fields = ("spec", "source", "detail")
+
+    def __init__(self, source: str, detail: str) -> None:
+        super().__init__(f"{source}: {detail}")
+        self.source = source
+        self.detail = detail
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -781,6 +797,36 @@ class FencedOutError(JobError):
         self.job_id = job_id
         self.token = token
         self.current = current
+
+
+# --------------------------------------------------------------------------- configs
+
+
+class ConfigError(FleetError):
+    """A run config or tracker that fleet cannot use."""
+
+
+class RunConfigError(ConfigError):
+    """A run config (a ``--config`` file, flags, or both) that does not validate:
+    ``source`` names the file or ``flags``, ``detail`` the keys and what is wrong."""
+
+    fields = ("source", "detail")
+
+    def __init__(self, source: str, detail: str) -> None:
+        super().__init__(f"{source}: {detail}")
+        self.source = source
+        self.detail = detail
+
+
+class TrackerError(ConfigError):
+    """A ``--tracker`` that cannot be used (unknown kind, missing place or library)."""
+
+    fields = ("kind", "detail")
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"tracker {kind!r}: {detail}")
+        self.kind = kind
+        self.detail = detail
 
 
 # --------------------------------------------------------------------------- client side

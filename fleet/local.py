@@ -18,6 +18,7 @@ import redis
 
 from fleet.registry import Registry
 from fleet.settings import FleetSettings
+from fleet.worker import VisibleGpu
 
 
 def redis_binary() -> str:
@@ -164,7 +165,7 @@ def worker_env(settings: FleetSettings, pythonpath: list[str] | None = None) -> 
 
 
 class WorkerProcess:
-    """``python -m fleet worker --cpu --slot N`` (or ``--gpu N`` with ``gpu=True``) in its
+    """``python -m fleet worker --cpu --slot N`` (or ``--gpu N`` pinned to ``gpu``) in its
     own session, so the whole worker (Celery parent and pool child) can be signalled at
     once."""
 
@@ -179,17 +180,21 @@ class WorkerProcess:
         torch_threads: int = 1,
         pythonpath: list[str] | None = None,
         cwd: Path | None = None,
-        gpu: bool = False,
+        gpu: VisibleGpu | None = None,
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         from fleet.worker import worker_names
 
         self.settings = settings
         self.slot = slot
-        self.name, self.queue = worker_names(settings, slot if gpu else None, slot)
+        self.name, self.queue = worker_names(settings, gpu.index if gpu else None, slot)
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"worker-{slot}.log"
-        where = ["--gpu", str(slot)] if gpu else ["--cpu", "--slot", str(slot)]
+        where = (
+            ["--gpu", str(gpu.index), "--visible-device", gpu.device]
+            if gpu
+            else ["--cpu", "--slot", str(slot)]
+        )
         args = [
             sys.executable,
             "-m",
@@ -253,11 +258,26 @@ class WorkerProcess:
 
 @contextmanager
 def running_workers(
-    settings: FleetSettings, slots: list[int], log_dir: Path, **kwargs: object
+    settings: FleetSettings,
+    slots: list[int],
+    log_dir: Path,
+    *,
+    gpu: bool = False,
+    **kwargs: object,
 ) -> Iterator[list[WorkerProcess]]:
-    """Start CPU workers on ``slots``, wait until all heartbeat, stop them on exit."""
+    """Start CPU workers on ``slots`` (``gpu``: workers pinned to GPUs of those indices),
+    wait until all heartbeat, stop them on exit."""
     registry = Registry.from_settings(settings)
-    workers = [WorkerProcess(settings, slot, log_dir, **kwargs) for slot in slots]  # type: ignore[arg-type]
+    workers = [
+        WorkerProcess(
+            settings,
+            slot,
+            log_dir,
+            gpu=VisibleGpu(slot, str(slot)) if gpu else None,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        for slot in slots
+    ]
     try:
         for w in workers:
             w.wait_alive(registry)

@@ -39,7 +39,7 @@ class FleetSettings(BaseSettings):
     artifacts, reports. PackRefs are relative to it."""
 
     workload_allowlist: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["examples.*"]
+        default_factory=lambda: ["fleet.examples.*"]
     )
     """fnmatch globs on the factory spec ``module:attr`` (or its module) a worker may
     instantiate. Env: comma-separated."""
@@ -88,6 +88,13 @@ class FleetSettings(BaseSettings):
     """Seconds fleet's Redis clients (registry, jobs, the orchestrator) and Celery's
     connections keep retrying through a Redis outage (exponential backoff, one log
     line per outage) before they give up with ``BrokerUnavailableError``."""
+
+    @field_validator("node", mode="before")
+    @classmethod
+    def _node_or_hostname(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():  # FLEET_NODE= (compose's default)
+            return socket.gethostname().split(".")[0]
+        return value
 
     @field_validator("workload_allowlist", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fleet.settings import FleetSettings
@@ -200,27 +201,64 @@ def _run_celery(
     return int(code or 0)
 
 
-def visible_gpus() -> list[int]:
-    """Indices of the GPUs this machine shows (``nvidia-smi -L``), without touching CUDA."""
+@dataclass(frozen=True)
+class VisibleGpu:
+    """A GPU a worker may be pinned to: ``index`` names the worker and its queue
+    (``fleet-gpu<index>``), ``device`` is its ``CUDA_VISIBLE_DEVICES`` value."""
+
+    index: int
+    device: str
+
+
+def visible_gpus() -> list[VisibleGpu]:
+    """The GPUs this process may use, without touching CUDA: the ones an existing
+    ``CUDA_VISIBLE_DEVICES`` names (a scheduler's choice is kept: ``"2,3"`` gives GPUs 2
+    and 3; UUIDs and MIG ids are numbered in order; CUDA's rule that the list ends at the
+    first negative index holds), else every GPU ``nvidia-smi -L`` lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        out = []
+        for i, entry in enumerate(e.strip() for e in env.split(",") if e.strip()):
+            if entry.lstrip("-").isdigit():
+                if int(entry) < 0:
+                    break
+                out.append(VisibleGpu(int(entry), entry))
+            else:
+                out.append(VisibleGpu(i, entry))
+        return out
     try:
-        out = subprocess.run(
+        listed = subprocess.run(
             ["nvidia-smi", "-L"], capture_output=True, text=True, check=True, timeout=30
         )
     except (OSError, subprocess.SubprocessError):
         return []
-    return [i for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+    lines = [line for line in listed.stdout.splitlines() if line.startswith("GPU ")]
+    return [VisibleGpu(i, str(i)) for i in range(len(lines))]
 
 
 def run_all_gpus(argv_tail: list[str]) -> int:
-    """Start ``fleet worker --gpu i`` for every visible GPU and wait; SIGINT/SIGTERM are
-    passed on. Returns the first non-zero exit code (0 if all stopped cleanly)."""
+    """Start ``fleet worker --gpu i`` for every GPU of :func:`visible_gpus` and wait;
+    SIGINT/SIGTERM are passed on. Returns the first non-zero exit code (0 if all stopped
+    cleanly)."""
     gpus = visible_gpus()
     if not gpus:
-        log.error("no GPUs visible (nvidia-smi -L); use --cpu")
+        log.error("no GPUs visible (CUDA_VISIBLE_DEVICES, nvidia-smi -L); use --cpu")
         return 2
     children = [
-        subprocess.Popen([sys.executable, "-m", "fleet", "worker", "--gpu", str(i), *argv_tail])
-        for i in gpus
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fleet",
+                "worker",
+                "--gpu",
+                str(g.index),
+                "--visible-device",
+                g.device,
+                *argv_tail,
+            ]
+        )
+        for g in gpus
     ]
 
     def forward(signum: int, _frame: object) -> None:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = "tests.workloads.digits:make_workload"
-CHARLM = "examples.charlm:make"
+CHARLM = "fleet.examples.charlm:make"
 #: A charlm small enough for tests: a few ms per step on one CPU thread.
 SMALL_CHARLM = {
     "d_model": 32,

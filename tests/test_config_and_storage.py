@@ -18,12 +18,12 @@ from fleet.workload import check_allowed, parse_spec
 def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("FLEET_REDIS_URL", "redis://alice:s3cret@cache:6380/2")
     monkeypatch.setenv("FLEET_SHARED_ROOT", str(tmp_path))
-    monkeypatch.setenv("FLEET_WORKLOAD_ALLOWLIST", "examples.*, mylab.workloads:*")
+    monkeypatch.setenv("FLEET_WORKLOAD_ALLOWLIST", "fleet.examples.*, mylab.workloads:*")
     monkeypatch.setenv("FLEET_VISIBILITY_TIMEOUT_S", "90000")
     s = FleetSettings.from_env()
     assert s.redis_url == "redis://alice:s3cret@cache:6380/2"
     assert s.shared_root == tmp_path
-    assert s.workload_allowlist == ["examples.*", "mylab.workloads:*"]
+    assert s.workload_allowlist == ["fleet.examples.*", "mylab.workloads:*"]
     config = celery_config(s)
     assert config["broker_url"] == s.redis_url
     assert config["result_backend"] == f"fleet.backend:RedisBackend+{s.redis_url}"  # same Redis
@@ -69,11 +69,11 @@ def test_factory_specs_and_allowlist():
     for bad in ["pkg.mod", "a:b:c", ":make", "pkg:", " pkg:make"]:
         with pytest.raises(BadFactorySpecError):
             parse_spec(bad)
-    check_allowed("examples.charlm:make", ["examples.*"])
+    check_allowed("fleet.examples.charlm:make", ["fleet.examples.*"])
     check_allowed("mylab.w:make", ["mylab.w:make"])
     with pytest.raises(NotAllowlistedError) as info:
-        check_allowed("os:system", ["examples.*"])
-    assert info.value.allowlist == ["examples.*"]
+        check_allowed("os:system", ["fleet.examples.*"])
+    assert info.value.allowlist == ["fleet.examples.*"]
 
 
 def test_protocol_encodings():

@@ -7,10 +7,13 @@ import hashlib
 import pytest
 import torch
 
-from examples.charlm import corpus_files, load_corpus, split_of
 from fleet.client import Fleet
 from fleet.codec import read_pack
+from fleet.examples.charlm import corpus_files, load_corpus, split_of
 from tests.harness import SMALL_CHARLM, running_workers, settings_for
+
+#: The Hugging Face example at test size: GPT-2 blocks from a config, charlm's keys.
+SMALL_HF = SMALL_CHARLM
 
 
 def test_charlm_corpus_is_real_deterministic_and_split_by_file():
@@ -30,7 +33,7 @@ def test_charlm_corpus_is_real_deterministic_and_split_by_file():
 
 
 def test_charlm_replicas_get_disjoint_shards():
-    from examples.charlm import CharLMWorkload
+    from fleet.examples.charlm import CharLMWorkload
 
     w = CharLMWorkload(SMALL_CHARLM)
     data = w.corpus["Train"]
@@ -49,7 +52,7 @@ def example_worker(redis_server, tmp_path_factory, artifacts_dir):
     settings = settings_for(
         redis_server.url,
         tmp_path_factory.mktemp("examples-shared"),
-        workload_allowlist=["examples.*"],
+        workload_allowlist=["fleet.examples.*"],
         pool_queue="fleet.examples-test",
     )
     with running_workers(settings, [40], artifacts_dir / "logs", workload=None) as (worker,):
@@ -57,14 +60,20 @@ def example_worker(redis_server, tmp_path_factory, artifacts_dir):
 
 
 @pytest.mark.parametrize(
-    ("spec", "config"), [("examples.charlm:make", SMALL_CHARLM), ("examples.digits:make", {})]
+    ("spec", "config"),
+    [
+        ("fleet.examples.charlm:make", SMALL_CHARLM),
+        ("fleet.examples.digits:make", {}),
+        ("fleet.examples.hf_lm:make", SMALL_HF),
+    ],
 )
 def test_protocol_conformance_through_a_real_worker(example_worker, spec, config):
     settings, worker = example_worker
     fleet = Fleet(settings)
     kw = {"workload": spec, "config": config}
     hello = fleet.hello(worker=worker.name, **kw)
-    assert hello.protocol_version == 2 and hello.workload_name in ("charlm", "digits-mlp")
+    assert hello.protocol_version == 2
+    assert hello.workload_name in ("charlm", "digits-mlp", "hf-gpt2-bytes")
     probe = fleet.capability_probe(worker=worker.name, **kw)
     assert probe.runtime_device == "python-torch-cpu" and probe.capability.work_units_per_second > 0
     plan = fleet.parameter_pack_plan("cpu", **kw)
@@ -112,4 +121,34 @@ def test_protocol_conformance_through_a_real_worker(example_worker, spec, config
     )[worker.name] == {"Rejected": f"workload {hello.workload_name} has no apply_patch hook"}
     for h in (a, b, merged):
         fleet.release_model(h)
+    fleet.close()
+
+
+def test_the_hugging_face_example_trains_under_diloco_on_the_charlm_dataset(example_worker):
+    """fleet.examples.hf_lm: a transformers GPT-2 (from a config, nothing downloaded) on
+    leases of the charlm microshard dataset, 2 rounds on the fleet; the loss falls."""
+    from fleet.diloco import DatasetConfig, DiLoCoConfig, DiLoCoRun
+    from fleet.examples.charlm import write_dataset
+
+    settings, worker = example_worker
+    fleet = Fleet(settings)
+    write_dataset(settings.shared_root / "datasets/hf-charlm", 8, manifest=True)
+    config = DiLoCoConfig(
+        workload="fleet.examples.hf_lm:make",
+        config=SMALL_HF,
+        replicas=1,
+        rounds=2,
+        inner_steps=15,
+        dataset=DatasetConfig(path="datasets/hf-charlm", microshards_per_batch=2),
+        workers=[
+            worker.name
+        ],  # this module's worker: others in the session's Redis may not build it
+    )
+    run = DiLoCoRun.start(fleet, config)
+    job = run.run()
+    assert job.status == "completed"
+    initial = run.state().initial_eval.loss
+    losses = [r.eval.loss for r in run.rounds()]
+    assert len(losses) == 2 and losses[-1] < initial, (initial, losses)
+    assert run.rounds()[0].merged[0].lease is not None
     fleet.close()

@@ -63,7 +63,7 @@ def test_fleet_demo_short_mode_writes_the_report(tmp_path, artifacts_dir):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     (artifacts_dir / "demo-report.png").write_bytes(png)
     diloco, baseline = report["diloco"], report["baseline"]
-    assert diloco["config"]["workload"] == "examples.charlm:make"
+    assert diloco["config"]["workload"] == "fleet.examples.charlm:make"
     assert diloco["config"]["replicas"] == 2 and diloco["config"]["inner_steps"] == 5
     # both runs trained on leases of the charlm microshard dataset
     assert diloco["config"]["dataset"]["path"] == "datasets/charlm-stdlib-256"

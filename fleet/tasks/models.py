@@ -10,6 +10,7 @@ from fleet.codec import load_pack_into, pack_plan, read_pack, write_pack
 from fleet.codec.convert import load_state_artifact, save_state_artifact
 from fleet.codec.filter import StateDictFilter
 from fleet.codec.pack import is_pack
+from fleet.devices import resolve_device
 from fleet.protocol import (
     EmptyResult,
     ExportParameterPackRequest,
@@ -145,8 +146,9 @@ def init_model(rt: WorkerRuntime, req: InitModelRequest, ref: WorkloadRef | None
     """Build a model with the workload's ``init_model(device)`` and hold it under a new
     global model id."""
     workload = rt.workload(ref)
-    state = workload.call("init_model", req.device)
-    return ModelIdResult(model_id=rt.add_model(state, workload, req.device))
+    device = resolve_device(req.device)
+    state = workload.call("init_model", device)
+    return ModelIdResult(model_id=rt.add_model(state, workload, device))
 
 
 @protocol_task("release_model")
@@ -181,8 +183,9 @@ def import_parameter_pack(
     """Hold a new model on ``device`` loaded from the pack at ``parameter_pack_path``."""
     workload = rt.workload(ref)
     path = rt.shared.resolve(req.parameter_pack_path)
-    state = state_from_pack(workload, req.device, path, req.state_dict_filter, req.pack)
-    model_id = rt.add_model(state, workload, req.device)
+    device = resolve_device(req.device)
+    state = state_from_pack(workload, device, path, req.state_dict_filter, req.pack)
+    model_id = rt.add_model(state, workload, device)
     rt.registry.publish_pack(model_id, rt.shared.pack_ref(path))
     return ModelIdResult(model_id=model_id)
 
@@ -197,7 +200,8 @@ def parameter_pack_plan(
     workload = rt.workload(ref)
     custom = any(workload.has(h) for h in CUSTOM_PACK_HOOKS)
     try:
-        plan = pack_plan(workload.call("init_model", req.device), req.state_dict_filter)
+        state = workload.call("init_model", resolve_device(req.device))
+        plan = pack_plan(state, req.state_dict_filter)
     except Exception as exc:
         if not custom:
             raise

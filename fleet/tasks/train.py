@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 import torch
 
@@ -24,7 +24,6 @@ from fleet.errors import (
     DeadlineExceeded,
     MetricValueError,
     StepBudgetError,
-    storage_error,
 )
 from fleet.protocol import (
     EvaluateRequest,
@@ -39,14 +38,12 @@ from fleet.storage import atomic_write_bytes, publishing, result_marker
 from fleet.tasks.base import protocol_task
 from fleet.tasks.data import check_shards, resolve_batches
 from fleet.tasks.models import load_pack_into_held, publish_state_pack
+from fleet.torch_state import TORCH_OPTIMIZER_STATE, save_torch
 
 log = logging.getLogger("fleet.train")
 
 #: fleet's inner loop logs a progress line every this many steps.
 LOG_EVERY_STEPS = 10
-
-#: ``inner_optimizer_state_encoding`` of the optimizer state fleet's own loop writes.
-TORCH_OPTIMIZER_STATE = "torch-optimizer-state-dict-v1"
 
 
 def check_metrics(hook: str, metrics: object) -> dict[str, bool | int | float | str]:
@@ -114,42 +111,6 @@ def _pack_stamp(path: Path) -> int | None:
 def _optimizer_of(state: Any) -> torch.optim.Optimizer | None:
     optimizer = state.get("optimizer") if isinstance(state, dict) else None
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
-
-
-class _RecordingFile:
-    """A binary file that remembers the OSError of a failed write: torch.save turns it
-    into ``RuntimeError: [enforce fail at inline_container.cc]``."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    """``torch.save(obj)`` to ``path``, published atomically.
-
-    Raises:
-        StorageError: the file system failed (``StorageFullError`` when it is full),
-            with the temp file removed.
-    """
-    with publishing(path) as tmp, open(tmp, "wb") as f:
-        sink = _RecordingFile(f)
-        try:
-            torch.save(obj, cast(Any, sink))
-        except RuntimeError as exc:
-            if sink.error is None:
-                raise
-            raise storage_error(sink.error, str(path)) from exc
 
 
 def _fleet_inner_loop(

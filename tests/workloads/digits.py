@@ -1,4 +1,4 @@
-"""The digits example workload with fault injection, for the tests.
+"""The digits MLP as a hand-written protocol workload with fault injection, for the tests.
 
 Extra config: ``fail_in`` (a hook that raises), ``step_sleep_s`` (slow steps),
 ``slow_replica`` (only that DiLoCo replica is slow), ``ema_decay``.
@@ -10,10 +10,126 @@ import copy
 import time
 from typing import Any
 
-from examples.digits import DigitsWorkload as _Digits
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save as st_save
+
+from fleet.data.batches import batch_key, shard_paths_of
+from fleet.examples.digits import load_splits
+from fleet.workloads import MergeHooks
 
 
-class DigitsWorkload(_Digits):
+class HandWrittenDigits(MergeHooks):
+    """The digits MLP written against the protocol's hooks by hand (no TorchWorkload), as
+    a burn_p2p user writes a workload: its own data sampling, optimizer and merge."""
+
+    workload_name = "digits-mlp"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = dict(config)
+        self.hidden = int(config.get("hidden", 64))
+        self.lr = float(config.get("lr", 1e-2))
+        self.batch_size = int(config.get("batch_size", 64))
+        self.seed = int(config.get("seed", 0))
+        self.data = load_splits(self.seed)
+        self.cursor = 0
+        self._uses: dict[str, int] = {}
+
+    def runtime_device(self) -> str:
+        return "python-torch-cuda" if torch.cuda.is_available() else "python-torch-cpu"
+
+    def capability_probe(self) -> dict[str, Any]:
+        """Measures training examples per second over a few real steps."""
+        state = self.init_model("cpu")
+        start = time.perf_counter()
+        for _ in range(5):
+            self.train_window(state, [])
+        per_s = 5 * self.batch_size / (time.perf_counter() - start)
+        backends = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+        return {
+            "preferred_backends": backends,
+            "work_units_per_second": per_s,
+            "target_window_seconds": 10,
+        }
+
+    def init_model(self, device: str) -> dict[str, Any]:
+        torch.manual_seed(self.seed)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, self.hidden), torch.nn.ReLU(), torch.nn.Linear(self.hidden, 10)
+        ).to(device)
+        return {"model": model, "optimizer": torch.optim.AdamW(model.parameters(), lr=self.lr)}
+
+    def _shard_batch(
+        self, batch: dict[str, Any], paths: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        shards = [st_load_file(p) for p in paths]
+        x = torch.cat([s["images"] for s in shards])
+        y = torch.cat([s["labels"] for s in shards])
+        key = batch_key(batch)
+        uses = self._uses.get(key, 0)
+        self._uses[key] = uses + 1
+        idx = torch.arange(uses * self.batch_size, (uses + 1) * self.batch_size) % len(x)
+        return x[idx], y[idx]
+
+    def _batch(self, batch: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        paths = shard_paths_of(batch)
+        if batch is not None and paths:
+            return self._shard_batch(batch, paths)
+        x, y = self.data["Train"]
+        payload = (batch or {}).get("payload")
+        if isinstance(payload, dict) and "num_replicas" in payload:
+            x = x[payload["replica"] :: payload["num_replicas"]]
+            y = y[payload["replica"] :: payload["num_replicas"]]
+        if batch and batch.get("ordinals"):
+            start = (batch["ordinals"][0] * self.batch_size) % len(x)
+        else:
+            start = (self.cursor * self.batch_size) % len(x)
+            self.cursor += 1
+        idx = torch.arange(start, start + self.batch_size) % len(x)
+        return x[idx], y[idx]
+
+    def _step_delay(self, batch: dict[str, Any] | None) -> None:
+        """Hook for subclasses that simulate slow hardware."""
+
+    def train_window(self, state: dict[str, Any], batches: list[dict[str, Any]]) -> dict[str, Any]:
+        model, optimizer = state["model"], state["optimizer"]
+        device = next(model.parameters()).device
+        model.train()
+        losses = []
+        steps: list[dict[str, Any] | None] = list(batches) or [None]
+        for batch in steps:
+            self._step_delay(batch)
+            x, y = self._batch(batch)
+            loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return {"loss": sum(losses) / len(losses), "examples": self.batch_size * len(losses)}
+
+    def evaluate(self, state: dict[str, Any], split: Any) -> dict[str, Any]:
+        name = split if isinstance(split, str) else "Validation"
+        x, y = self.data[name]
+        model = state["model"]
+        device = next(model.parameters()).device
+        model.eval()
+        with torch.no_grad():
+            logits = model(x.to(device)).cpu()
+        return {
+            "loss": float(torch.nn.functional.cross_entropy(logits, y)),
+            "accuracy": float((logits.argmax(1) == y).float().mean()),
+            "examples": len(x),
+        }
+
+    def materialize_model_artifact(self, state: dict[str, Any]) -> bytes:
+        return st_save({k: v.contiguous().cpu() for k, v in state["model"].state_dict().items()})
+
+    def load_model_artifact(self, state: dict[str, Any], data: bytes) -> None:
+        state["model"].load_state_dict(st_load(data))
+
+
+class DigitsWorkload(HandWrittenDigits):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         self.fail_in = config.get("fail_in")

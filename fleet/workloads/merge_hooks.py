@@ -1,42 +1,15 @@
-"""Helpers shared by the example workloads: reading BatchRefs, and blending model states
-for the merge hooks."""
+"""The protocol's three merge hooks for workloads whose model state is ``{"model": module,
+...}`` (docs/protocol.md section 1): a weighted blend of state dicts, by the candidate
+weights of section 3."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from fleet.protocol import candidate_weight
-
-
-def shard_paths_of(batch: dict[str, Any] | None) -> list[str]:
-    """The shard files a BatchRef names (absolute on this worker): ``shard_paths`` of a
-    ``cached_microshard_group``, ``payload.shard_paths`` of a ``micro_epoch``; none
-    for a BatchRef that carries no data."""
-    if not batch:
-        return []
-    if batch.get("kind") == "cached_microshard_group":
-        return list(batch.get("shard_paths") or [])
-    payload = batch.get("payload")
-    paths = payload.get("shard_paths") if isinstance(payload, dict) else None
-    return list(paths) if isinstance(paths, list) else []
-
-
-def batch_key(batch: dict[str, Any]) -> str:
-    """What identifies a BatchRef's data draw: its ordinals, and its lease, round and step
-    when it has them (so a lease re-run in the same round draws the same samples)."""
-    payload = batch.get("payload") if isinstance(batch.get("payload"), dict) else {}
-    return json.dumps(
-        [
-            batch.get("ordinals"),
-            batch.get("lease_id"),
-            payload.get("round") if payload else None,
-            payload.get("step") if payload else None,
-        ]
-    )
 
 
 def blend_into(

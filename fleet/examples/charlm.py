@@ -43,8 +43,9 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from examples.common import MergeHooks, batch_key, shard_paths_of
+from fleet.data.batches import batch_key, shard_paths_of
 from fleet.data.dataset import write_dataset as write_microshards
+from fleet.workloads.merge_hooks import MergeHooks
 
 VOCAB = 256
 
