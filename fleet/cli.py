@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from fleet.cli_options import config_options, given_flags
 from fleet.errors import FleetError
 
 if TYPE_CHECKING:
@@ -42,6 +43,16 @@ class FleetGroup(click.Group):
             _fail(exc)
 
 
+#: ``--json``: one JSON document on stdout instead of the tables (for jq).
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+
+
+def _print_json(data: Any) -> None:
+    import json
+
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
 def _settings() -> FleetSettings:
     """Settings from the environment, after one quick look at Redis: when it cannot be
     reached the command fails at once (one line, exit 2) instead of retrying."""
@@ -54,7 +65,7 @@ def _settings() -> FleetSettings:
 
 
 @click.group(cls=FleetGroup)
-@click.version_option(package_name="fleet")
+@click.version_option(package_name="fleet-diloco")
 def main() -> None:
     """fleet: a Celery + Redis worker fleet for distributed PyTorch training."""
 
@@ -78,13 +89,17 @@ def _local_path(path: Path) -> Path:
 @pack.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--top", default=10, show_default=True, help="Largest tensors to list.")
-def pack_inspect(path: Path, top: int) -> None:
+@json_option
+def pack_inspect(path: Path, top: int, as_json: bool) -> None:
     """Show a pack's format, counts, layout hash and largest tensors. PATH may be
     relative to the shared root, as jobs print it."""
     from fleet.codec import read_manifest
 
     path = _local_path(path)
     manifest = read_manifest(path)
+    if as_json:
+        _print_json({"pack": str(path), **manifest.model_dump(mode="json")})
+        return
     rows = {
         "pack": str(path),
         "format": manifest.format,
@@ -230,7 +245,8 @@ def worker_cmd(
 
 @main.command("workers")
 @click.option("--all", "include_lost", is_flag=True, help="Include lost workers.")
-def workers_cmd(include_lost: bool) -> None:
+@json_option
+def workers_cmd(include_lost: bool, as_json: bool) -> None:
     """List the fleet's workers from the registry."""
     import time
 
@@ -240,7 +256,13 @@ def workers_cmd(include_lost: bool) -> None:
     table = Table("worker", "status", "queue", "device", "pid", "handles", "heartbeat")
     now = time.time()
     counts = registry.handle_counts()
-    for info in registry.workers(include_lost=include_lost):
+    infos = registry.workers(include_lost=include_lost)
+    if as_json:
+        _print_json(
+            [{**i.model_dump(mode="json"), "handles": counts.get(i.name, 0)} for i in infos]
+        )
+        return
+    for info in infos:
         beat = f"{now - info.heartbeat_at:.1f}s ago" if info.heartbeat_at else "-"
         handles = str(counts.get(info.name, 0))
         table.add_row(
@@ -257,24 +279,27 @@ EXIT_CANCELLED = 3
 
 
 @main.command("diloco")
-@click.option("--workload", default=None, help="Workload factory, module:attr.")
 @click.option(
-    "--config-json", default="{}", show_default=True, help="JSON config for the workload."
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A run config file (.toml, .yaml, .json) with any DiLoCoConfig field; flags override it.",
 )
-@click.option("--replicas", type=int, default=2, show_default=True)
-@click.option("--rounds", type=int, default=3, show_default=True)
-@click.option("--inner-steps", type=int, default=50, show_default=True, help="H per round.")
-@click.option("--outer-lr", type=float, default=0.7, show_default=True)
-@click.option("--outer-momentum", type=float, default=0.9, show_default=True)
-@click.option("--no-nesterov", is_flag=True, help="Heavy-ball instead of Nesterov momentum.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--eval-every", type=int, default=1, show_default=True)
 @click.option(
-    "--min-replicas", type=int, default=None, help="Close a round once this many published."
+    "--config-json",
+    default=None,
+    help="JSON object merged into the workload factory's config (config key 'config').",
 )
-@click.option("--round-deadline-s", type=float, default=None, help="Close a round after this long.")
+@config_options
 @click.option("--job-id", default=None, help="Id for the new job.")
-@click.option("--resume", "resume_id", default=None, help="Continue this job from its last round.")
+@click.option(
+    "--resume",
+    "resume_id",
+    default=None,
+    help="Continue this job from its last committed round (with its own config; only "
+    "--rounds may change, to extend the run).",
+)
 @click.option(
     "--wait-for-workers-s",
     type=float,
@@ -282,108 +307,79 @@ EXIT_CANCELLED = 3
     show_default=True,
     help="Wait up to this long for a live worker (0: fail at once if there is none).",
 )
-@click.option("--dataset", default=None, help="Microshard dataset (shared-root relative).")
-@click.option("--microshards-per-batch", type=int, default=1, show_default=True)
 @click.option(
-    "--microshards-per-lease",
-    type=int,
+    "--tracker",
+    "trackers",
+    multiple=True,
+    help="Log each round's metrics: tensorboard:DIR, mlflow[:URI], jsonl:PATH (repeatable).",
+)
+@click.option("--print-config", is_flag=True, help="Print the effective config as JSON and exit.")
+@click.option(
+    "--progress/--no-progress",
     default=None,
-    help="Fixed lease size (default: by the workers' measured speed).",
+    help="A progress bar over the rounds [default: on a terminal].",
 )
 @click.option(
-    "--batch-kind",
-    type=click.Choice(["cached_microshard_group", "micro_epoch"]),
-    default="cached_microshard_group",
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
     show_default=True,
+    help="Log lines shown on stderr (the run's INFO lines: one per round, resumes, drops).",
 )
+@click.option("-v", "--verbose", is_flag=True, help="Same as --log-level DEBUG.")
 def diloco_cmd(
-    workload: str | None,
-    config_json: str,
-    replicas: int,
-    rounds: int,
-    inner_steps: int,
-    outer_lr: float,
-    outer_momentum: float,
-    no_nesterov: bool,
-    device: str,
-    eval_every: int,
-    min_replicas: int | None,
-    round_deadline_s: float | None,
+    config_file: Path | None,
+    config_json: str | None,
     job_id: str | None,
     resume_id: str | None,
     wait_for_workers_s: float,
-    dataset: str | None,
-    microshards_per_batch: int,
-    microshards_per_lease: int | None,
-    batch_kind: str,
+    trackers: tuple[str, ...],
+    print_config: bool,
+    progress: bool | None,
+    log_level: str,
+    verbose: bool,
+    **flags: Any,
 ) -> None:
     """Run DiLoCo with any workload on the fleet (FLEET_* settings), as a job.
 
+    The config comes from --config, then the flags; --print-config shows the result.
     Exits 0 when the job completed, 1 when it failed, 3 when it was cancelled."""
-    import json
+    from fleet.cli_run import diloco_config, run_diloco
 
-    from pydantic import ValidationError
-
-    from fleet.client import Fleet
-    from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig, QuorumConfig
-    from fleet.diloco.config import DatasetConfig
-    from fleet.diloco.state import RoundRecord
-
-    def record_replicas(record: RoundRecord) -> int:
-        return len({r.replica for r in record.replicas})
-
-    if resume_id is None and workload is None:
-        raise click.UsageError("give --workload (or --resume JOB)")
-    fleet = Fleet(_settings())
-
-    def show(record: RoundRecord) -> None:
-        loss = record.eval.loss if record.eval else None
-        merged = f"{len(record.merged)}/{record_replicas(record)} merged"
-        console.print(
-            f"round {record.round}: {merged}, wall {record.wall_s:.2f}s, merge "
-            f"{record.merge_s:.2f}s on {record.merge_worker or 'the pool'}, eval loss {loss}",
-            highlight=False,
-        )
-
-    try:
-        if resume_id is not None:
-            run = DiLoCoRun.resume(fleet, resume_id, on_round=show)
-        else:
-            config = DiLoCoConfig(
-                workload=str(workload),
-                config=json.loads(config_json),
-                replicas=replicas,
-                rounds=rounds,
-                inner_steps=inner_steps,
-                outer=OuterOptimizerConfig(
-                    lr=outer_lr, momentum=outer_momentum, nesterov=not no_nesterov
-                ),
-                device=device,
-                eval_every=eval_every,
-                quorum=QuorumConfig(min_replicas=min_replicas, round_deadline_s=round_deadline_s),
-                dataset=None
-                if dataset is None
-                else DatasetConfig.model_validate(
-                    {
-                        "path": dataset,
-                        "microshards_per_batch": microshards_per_batch,
-                        "microshards_per_lease": microshards_per_lease,
-                        "batch_kind": batch_kind,
-                    }
-                ),
+    given = given_flags(flags)
+    if resume_id is not None:
+        ignored = [flag for path, (flag, _) in given.items() if path != "rounds"]
+        ignored += ["--config"] * (config_file is not None) + ["--config-json"] * bool(config_json)
+        ignored += ["--job-id"] * bool(job_id)
+        if ignored:
+            raise click.UsageError(
+                "--resume continues the job with its own config; these would be ignored: "
+                f"{', '.join(ignored)} (only --rounds may change)"
             )
-            run = DiLoCoRun.start(fleet, config, job_id=job_id, on_round=show)
-    except (ValidationError, json.JSONDecodeError) as exc:
-        raise click.UsageError(str(exc)) from exc
-    if wait_for_workers_s:
-        with console.status(f"waiting up to {wait_for_workers_s:g} s for a live worker ..."):
-            fleet.wait_for_workers(1, timeout_s=wait_for_workers_s)
-    else:
-        fleet.wait_for_workers(1, timeout_s=0)
-    console.print(f"job {run.job_id}", highlight=False)
-    job = run.run()
+    config = None if resume_id else diloco_config(config_file, config_json, given)
+    if print_config and config is not None:
+        click.echo(config.model_dump_json(indent=2))
+        return
+    err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
+    settings = _settings()
+    job = run_diloco(
+        settings,
+        config,
+        resume_id=resume_id,
+        rounds=given["rounds"][1] if "rounds" in given else None,
+        job_id=job_id,
+        wait_for_workers_s=wait_for_workers_s,
+        trackers=list(trackers),
+        print_config=print_config,
+        progress=err.is_terminal if progress is None else progress,
+        log_level="DEBUG" if verbose else log_level.upper(),
+        out=console,
+        err=err,
+    )
+    if job is None:
+        return
     final = job.artifacts.get("final_pack")
-    where = f"; final pack {fleet.settings.shared_root.resolve() / final}" if final else ""
+    where = f"; final pack {settings.shared_root.resolve() / final}" if final else ""
     console.print(f"job {job.job_id} {job.status}{where}", highlight=False, soft_wrap=True)
     if job.status != "completed":
         if job.error:
@@ -404,13 +400,27 @@ def _job_store() -> JobStore:
 
 @jobs.command("list")
 @click.option("--limit", type=int, default=20, show_default=True)
-def jobs_list(limit: int) -> None:
+@json_option
+def jobs_list(limit: int, as_json: bool) -> None:
     """The newest jobs."""
     import time
 
     store = _job_store()
+    listed = store.list_jobs(limit=limit)
+    if as_json:
+        _print_json(
+            [
+                {
+                    **job.model_dump(mode="json", exclude={"spec"}),
+                    "status": job.shown_status,
+                    "rounds": len(store.metrics(job.job_id)),
+                }
+                for job in listed
+            ]
+        )
+        return
     table = Table("job", "kind", "status", "created", "rounds")
-    for job in store.list_jobs(limit=limit):
+    for job in listed:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
         table.add_row(
             job.job_id, job.kind, job.shown_status, created, str(len(store.metrics(job.job_id)))
@@ -420,29 +430,67 @@ def jobs_list(limit: int) -> None:
 
 @jobs.command("show")
 @click.argument("job_id")
-def jobs_show(job_id: str) -> None:
-    """A job's record, status history, artifacts and per-round metrics."""
-    import json
+@json_option
+def jobs_show(job_id: str, as_json: bool) -> None:
+    """A job's record, status history, artifacts and per-round metrics (DiLoCo: a table
+    of rounds and one of leases). --json: the record and every metrics record."""
+    import time
 
     store = _job_store()
     job = store.get(job_id)
-    out = job.model_dump()
-    out["status"] = job.shown_status
-    out["metrics"] = store.metrics(job_id)
-    console.print_json(json.dumps(out))
-    if job.kind == "diloco" and out["metrics"]:
-        from fleet.diloco.state import rounds_of
+    metrics = store.metrics(job_id)
+    if as_json:
+        _print_json({**job.model_dump(mode="json"), "status": job.shown_status, "metrics": metrics})
+        return
+    when = {
+        k: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
+        for k, v in job.status_times.items()
+    }
+    rows = {
+        "job": job.job_id,
+        "kind": job.kind,
+        "status": job.shown_status,
+        "history": ", ".join(f"{k} {v}" for k, v in when.items()),
+        "owner": "-" if not job.owner else f"pid {job.owner.get('pid')} on {job.owner.get('host')}",
+        "error": job.error or "-",
+    }
+    rows |= {f"artifact {name}": path for name, path in sorted(job.artifacts.items())}
+    for key, value in rows.items():
+        console.print(f"{key:<24}{value}", soft_wrap=True, highlight=False)
+    if job.kind != "diloco" or not metrics:
+        if metrics:
+            console.print(f"{len(metrics)} metrics records (--json shows them)", highlight=False)
+        return
+    from fleet.diloco.state import rounds_of
+    from fleet.tracking import round_scalars
 
-        table = Table(
-            "round", "replica", "attempt", "worker", "status", "microshards", title="leases"
+    records = rounds_of(store, job_id)
+    replicas = int(job.spec.get("replicas", 1))
+    table = Table(
+        "round", "merged", "wall s", "inner s", "exchange s", "outer step s", "eval loss",
+        title="rounds",
+    )  # fmt: skip
+    for record in records:
+        x = round_scalars(record, replicas)
+        loss = x.get("eval/loss")
+        table.add_row(
+            str(record.round),
+            f"{len(record.merged)}/{replicas}",
+            f"{x['round/wall_s']:.2f}",
+            f"{x['round/inner_loop_s']:.2f}",
+            f"{x['round/exchange_s']:.3f}",
+            f"{x['round/outer_step_s']:.3f}",
+            "-" if loss is None else f"{loss:.4f}",
         )
-        for record in rounds_of(store, job_id):
-            for r in record.replicas:
-                ids = ", ".join(s.microshard_id for s in r.lease.shards) if r.lease else "-"
-                table.add_row(
-                    str(record.round), str(r.replica), str(r.attempt), r.worker, r.status, ids
-                )
-        console.print(table)
+    console.print(table)
+    leases = Table("round", "replica", "attempt", "worker", "status", "microshards", title="leases")
+    for record in records:
+        for r in record.replicas:
+            ids = ", ".join(s.microshard_id for s in r.lease.shards) if r.lease else "-"
+            leases.add_row(
+                str(record.round), str(r.replica), str(r.attempt), r.worker, r.status, ids
+            )
+    console.print(leases)
 
 
 @jobs.command("logs")
@@ -490,13 +538,17 @@ def _dataset_root(path: Path) -> tuple[Any, str]:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--glob", default=None, help="Only shard files matching this (plain directories).")
 @click.option("--top", default=10, show_default=True, help="Microshards to list.")
-def dataset_inspect(path: Path, glob: str | None, top: int) -> None:
+@json_option
+def dataset_inspect(path: Path, glob: str | None, top: int, as_json: bool) -> None:
     """A dataset's view id, layout, microshards and bytes (sizes checked). PATH is under
     the shared root (FLEET_SHARED_ROOT), given from here or relative to it."""
     from fleet.data.dataset import read_dataset
 
     shared, rel = _dataset_root(path)
     index = read_dataset(shared, rel, glob=glob)
+    if as_json:
+        _print_json(index.model_dump(mode="json"))
+        return
     for key, value in {
         "dataset": index.path,
         "view_id": index.view_id,
@@ -549,7 +601,7 @@ def dataset_write(example: str, path: Path, microshards: int, layout: str) -> No
     from fleet.settings import FleetSettings
 
     target = path if path.is_absolute() else FleetSettings.from_env().shared_root / path
-    module = importlib.import_module(f"examples.{example}")
+    module = importlib.import_module(f"fleet.examples.{example}")
     index = module.write_dataset(target, microshards, manifest=layout == "fetch-manifest")
     console.print(
         f"[green]wrote[/green] {target}: {index['microshards']:,} microshards, "
@@ -717,6 +769,11 @@ def demo_cmd(
         highlight=False,
     )
     console.print(f"report: {json_path}\n        {png_path}", highlight=False, soft_wrap=True)
+    console.print(
+        f"TensorBoard: tensorboard --logdir {json_path.parent / 'tensorboard'}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @main.command("exporter")

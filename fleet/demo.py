@@ -18,16 +18,16 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from fleet.client import Fleet
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig
 from fleet.diloco.config import DatasetConfig
 from fleet.diloco.state import RoundRecord
 from fleet.jobs import JobStore
-from fleet.report import RunSummary, loss_at, loss_curve, tokens_per_s, write_report
+from fleet.report import RunSummary, loss_at, loss_curve, write_report
+from fleet.tracking import RoundProgress, TensorBoardTracker, round_scalars
 
-DEMO_WORKLOAD = "examples.charlm:make"
+DEMO_WORKLOAD = "fleet.examples.charlm:make"
 #: The demo's dataset: charlm's training corpus as this many microshards (~120 KB each).
 DEMO_MICROSHARDS = 256
 #: Microshards leased per replica per round (DiLoCo splits replicas x this by speed).
@@ -41,8 +41,8 @@ DEMO_SHARDS_PER_BATCH = 4
 def prepare_dataset(fleet: Fleet, console: Console) -> str:
     """The charlm corpus as a microshard dataset on the shared root (with burn_p2p's
     fetch-manifest and content hashes), written once; its shared-root-relative path."""
-    from examples.charlm import write_dataset
     from fleet.data.dataset import MANIFEST
+    from fleet.examples.charlm import write_dataset
 
     rel = f"datasets/charlm-stdlib-{DEMO_MICROSHARDS}"
     path = fleet.shared.resolve(rel)
@@ -67,21 +67,33 @@ def _summary(run: DiLoCoRun, label: str) -> RunSummary:
     )
 
 
-def _loss_text(record: RoundRecord) -> str:
-    loss = record.eval.loss if record.eval else None
-    return "-" if loss is None else f"{loss:.3f}"
+def tensorboard_dir(fleet: Fleet, diloco_job_id: str) -> Path:
+    """Where the demo's TensorBoard event files go: under the report's directory, one
+    subdirectory per run (``tensorboard --logdir`` this directory shows both)."""
+    return fleet.shared.resolve(f"reports/{diloco_job_id}/tensorboard")
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("eval loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(),
-        console=console,
-    )
+def _tracked(
+    run: DiLoCoRun, tracker: TensorBoardTracker, bar: RoundProgress, *, by_time: float = 0.0
+) -> None:
+    """Run ``run`` with each round's scalars sent to ``tracker`` and ``bar`` (advanced
+    by one round, or set to the seconds elapsed when ``by_time`` is the budget)."""
+    begun = time.time()
+
+    def on_round(m: RoundRecord) -> None:
+        scalars = round_scalars(m, run.config.replicas)
+        tracker.log_round(m.round + 1, scalars)
+        if by_time:
+            bar.update(scalars, completed=min(time.time() - begun, by_time))
+        else:
+            bar.update(scalars, advance=1)
+
+    run.on_round = on_round
+    tracker.start(run.job_id, run.config.model_dump(mode="json"))
+    try:
+        run.run()
+    finally:
+        tracker.close()
 
 
 def run_diloco_and_baseline(
@@ -119,14 +131,10 @@ def run_diloco_and_baseline(
         inner_steps=inner_steps,
         dataset=leases(replicas),
     )
-    with _progress(console) as progress:
-        task = progress.add_task(f"DiLoCo x{replicas}", total=rounds, loss="-", tps="-")
-
-        def on_round(m: RoundRecord) -> None:
-            progress.update(task, advance=1, loss=_loss_text(m), tps=f"{tokens_per_s(m):,.0f}")
-
-        diloco = DiLoCoRun.start(fleet, diloco_cfg, on_round=on_round)
-        diloco.run()
+    diloco = DiLoCoRun.start(fleet, diloco_cfg)
+    tracker = TensorBoardTracker(str(tensorboard_dir(fleet, diloco.job_id)))
+    with RoundProgress(console, f"DiLoCo x{replicas}", rounds) as bar:
+        _tracked(diloco, tracker, bar)
     d_run = _summary(diloco, f"DiLoCo, {replicas} replicas (H={inner_steps})")
     last = d_run.rounds[-1]
     budget_s = last.started_at + last.wall_s - d_run.started_at
@@ -141,25 +149,14 @@ def run_diloco_and_baseline(
             "dataset": leases(1),
         }
     )
-    with _progress(console) as progress:
-        task = progress.add_task("baseline x1", total=budget_s, loss="-", tps="-")
-        begun = time.time()
-
-        def on_baseline_round(m: RoundRecord) -> None:
-            progress.update(
-                task,
-                completed=min(time.time() - begun, budget_s),
-                loss=_loss_text(m),
-                tps=f"{tokens_per_s(m):,.0f}",
-            )
-
-        baseline = DiLoCoRun.start(fleet, baseline_cfg, on_round=on_baseline_round)
-        baseline.run()
+    baseline = DiLoCoRun.start(fleet, baseline_cfg)
+    with RoundProgress(console, "baseline x1", budget_s) as bar:
+        _tracked(baseline, tracker, bar, by_time=budget_s)
         b_run = _summary(baseline, "single worker (same wall clock)")
         # the bar ends on the loss at the budget, the point the summary compares
         at_budget = loss_at(loss_curve(b_run), budget_s)
         shown = "-" if at_budget is None else f"{at_budget:.3f} at {budget_s:.0f} s"
-        progress.update(task, completed=budget_s, loss=shown)
+        bar.update({}, completed=budget_s, loss=shown)
     return d_run, b_run
 
 

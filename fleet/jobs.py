@@ -276,7 +276,12 @@ class JobStore:
     def _owned_write(self, job_id: str, token: int, *args: str) -> None:
         written = int(
             self._write(
-                keys=[keys.job_fence(job_id), keys.job_state(job_id), keys.job_metrics(job_id)],
+                keys=[
+                    keys.job_fence(job_id),
+                    keys.job_state(job_id),
+                    keys.job_metrics(job_id),
+                    keys.job(job_id),
+                ],
                 args=[token, *args],
             )
         )
@@ -286,6 +291,10 @@ class JobStore:
     def put_plan(self, job_id: str, token: int, plan_json: str) -> None:
         """Record the plan of the round in flight (fenced)."""
         self._owned_write(job_id, token, "plan", plan_json)
+
+    def put_spec(self, job_id: str, token: int, spec: dict[str, Any]) -> None:
+        """Replace the job's spec (fenced): a resumed run that was given more rounds."""
+        self._owned_write(job_id, token, "spec", json.dumps(spec))
 
     def put_state(self, job_id: str, token: int, state_json: str) -> None:
         """Record the driver's state (fenced)."""

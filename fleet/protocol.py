@@ -44,7 +44,7 @@ CAPABILITIES = (
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_attribute_docstrings=True)
 
 
 # --------------------------------------------------------------------------- enums

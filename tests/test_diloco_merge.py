@@ -275,14 +275,17 @@ def test_garbage_collection_keeps_what_keep_rounds_says(fleet, two_workers):
 
 
 def test_fleet_diloco_imports_no_torch(fleet_settings, two_workers):
-    """The orchestrator (`fleet diloco`, a 2-round run) never imports torch."""
+    """The orchestrator (`fleet diloco`, a 2-round run) runs where torch, numpy and
+    safetensors cannot be imported at all (the core install: no worker extra)."""
     code = (
         "import sys\n"
+        "for name in ('torch', 'numpy', 'safetensors', 'matplotlib', 'sklearn'):\n"
+        "    sys.modules[name] = None  # import raises ImportError\n"
         "from fleet.cli import main\n"
         "try:\n"
         "    main(sys.argv[1:], standalone_mode=False)\n"
         "finally:\n"
-        "    print('TORCH-LOADED' if 'torch' in sys.modules else 'NO-TORCH')\n"
+        "    print('TORCH-LOADED' if sys.modules['torch'] is not None else 'NO-TORCH')\n"
     )
     args = ["diloco", "--workload", DIGITS, "--rounds", "2", "--inner-steps", "3"]
     out = subprocess.run(
@@ -296,7 +299,7 @@ def test_fleet_diloco_imports_no_torch(fleet_settings, two_workers):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "completed" in out.stdout and out.stdout.strip().endswith("NO-TORCH"), out.stdout
-    assert out.stdout.count("merged") == 2, out.stdout  # two rounds ran
+    assert out.stderr.count("replicas merged") == 2, out.stderr  # two rounds ran, logged
 
 
 def test_fleet_gc_removes_what_nothing_needs(fleet_settings, fleet, two_workers):

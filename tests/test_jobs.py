@@ -52,8 +52,10 @@ def test_artifacts_metrics_logs_and_cancel(store, fleet_settings, monkeypatch):
     runner = CliRunner(env=env)
     listed = runner.invoke(main, ["jobs", "list"], terminal_width=200)
     assert listed.exit_code == 0 and job.job_id in listed.output
-    shown = runner.invoke(main, ["jobs", "show", job.job_id])
+    shown = runner.invoke(main, ["jobs", "show", job.job_id, "--json"])
     assert shown.exit_code == 0 and json.loads(shown.output)["metrics"][1]["loss"] == 1.0
+    table = runner.invoke(main, ["jobs", "show", job.job_id], terminal_width=200)
+    assert table.exit_code == 0 and "2 metrics records" in table.output and "{" not in table.output
     logs = runner.invoke(main, ["jobs", "logs", job.job_id])
     assert logs.exit_code == 0 and logs.output.count("line ") == 3 and "w0" in logs.output
     cancelled = runner.invoke(main, ["jobs", "cancel", job.job_id])

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fleet.devices import AUTO
 from fleet.protocol import EvalSplit, MergePolicy, OuterOptimizer
 
 #: Merge policies that make sense for averaging replica models in the outer step.
@@ -19,7 +20,7 @@ OuterOptimizerConfig = OuterOptimizer
 class QuorumConfig(BaseModel):
     """When a round closes without waiting for every replica."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     min_replicas: int | None = Field(default=None, ge=1)
     """Close the round as soon as this many replicas have published (None: all)."""
@@ -31,7 +32,7 @@ class QuorumConfig(BaseModel):
 class DatasetConfig(BaseModel):
     """The microshard dataset a run leases to its replicas (fleet.data)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     path: str
     """The dataset directory, relative to the shared root."""
@@ -65,26 +66,33 @@ class DiLoCoConfig(BaseModel):
     workloads shard their data by ``payload.replica`` / ``payload.num_replicas``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     workload: str
     """Factory spec ``module:attr``."""
     config: dict[str, Any] = Field(default_factory=dict)
     """JSON config for the factory."""
     replicas: int = Field(default=2, ge=1)
+    """Replicas training in parallel, one per worker."""
     rounds: int = Field(default=3, ge=1)
+    """Outer rounds: each is H inner steps per replica, then the outer step."""
     inner_steps: int = Field(default=50, ge=1)
     """H: inner optimizer steps per replica per round."""
     outer: OuterOptimizerConfig = Field(default_factory=OuterOptimizerConfig)
+    """The outer optimizer (SGD with Nesterov momentum on the pseudo-gradient)."""
     merge_policy: MergePolicy = "WeightedMean"
     """How replica models are averaged (WeightedMean, NormClippedWeightedMean, TrimmedMean)."""
-    device: str = "cpu"
-    """Device string passed to the workload (``"cuda"`` is the worker's pinned GPU)."""
+    device: str = AUTO
+    """Device string passed to the workload: ``"auto"`` (the worker's pinned GPU if it
+    has one, else its CPU; fleet.devices), or an explicit ``"cpu"``, ``"cuda"``, ..."""
     eval_every: int = Field(default=1, ge=0)
     """Evaluate the global model every this many rounds (and after the last); 0: never."""
     eval_split: EvalSplit = "Validation"
+    """The split the global model is evaluated on."""
     quorum: QuorumConfig = Field(default_factory=QuorumConfig)
+    """When a round closes without waiting for every replica."""
     model_schema_hash: str = "fleet-diloco"
+    """The schema id written into the run's packs."""
     workers: list[str] | None = None
     """Preferred workers for the replicas, in order (None: every alive worker). A
     replica whose worker dies is re-queued on any alive worker."""

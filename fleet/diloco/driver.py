@@ -30,6 +30,7 @@ from fleet.errors import (
     FleetError,
     JobCancelled,
     JobStateError,
+    RunConfigError,
 )
 from fleet.jobs import Job, JobLease, JobStore
 from fleet.protocol import OuterStepResult, candidate_weight
@@ -80,15 +81,33 @@ class DiLoCoRun:
 
     @classmethod
     def resume(
-        cls, fleet: Fleet, job_id: str, *, on_round: Callable[[RoundRecord], None] | None = None
+        cls,
+        fleet: Fleet,
+        job_id: str,
+        *,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        rounds: int | None = None,
     ) -> DiLoCoRun:
-        """The DiLoCo job ``job_id``, to continue from its last committed round.
+        """The DiLoCo job ``job_id``, to continue from its last committed round; with
+        ``rounds``, run that many rounds in all (the job's config records the new count
+        once :meth:`run` owns the job).
 
         Raises:
             JobNotFound: no such job.
+            RunConfigError: ``rounds`` is below the rounds the job has committed.
         """
-        job = JobStore(fleet.registry).get(job_id)
-        return cls(fleet, DiLoCoConfig.model_validate(job.spec), job, on_round=on_round)
+        jobs = JobStore(fleet.registry)
+        job = jobs.get(job_id)
+        config = DiLoCoConfig.model_validate(job.spec)
+        if rounds is not None and rounds != config.rounds:
+            committed = len(jobs.metrics(job_id))
+            if rounds < committed:
+                raise RunConfigError(
+                    "--rounds",
+                    f"job {job_id} has committed {committed} rounds already; got {rounds}",
+                )
+            config = config.model_copy(update={"rounds": rounds})
+        return cls(fleet, config, job, on_round=on_round)
 
     def _log(self, message: str, *args: Any, level: int = logging.INFO) -> None:
         """Log to this process and, best effort, to the job's log."""
@@ -125,6 +144,10 @@ class DiLoCoRun:
                 self.jobs.untrack_task(self.job_id, *stale)
                 self._log("aborted %d tasks of a previous owner", len(stale))
             self.jobs.set_status(self.job_id, "running", token=lease.token)
+            spec = self.config.model_dump(mode="json")
+            if self.jobs.get(self.job_id).spec != spec:  # resumed with more rounds
+                self.jobs.put_spec(self.job_id, lease.token, spec)
+                self._log("the run now has %d rounds", self.config.rounds)
             ctx = RunContext(
                 fleet=fleet,
                 config=self.config,

@@ -1,0 +1,278 @@
+"""Per-round metrics of a DiLoCo run, sent to experiment trackers and a progress bar.
+
+Every tracker is fed from :class:`~fleet.diloco.DiLoCoRun`'s ``on_round`` hook with the
+scalars of :func:`round_scalars`, at step ``round + 1`` (the rounds completed):
+
+| scalar | what |
+|---|---|
+| ``eval/loss``, ``eval/<metric>`` | the new global model's evaluation (numeric metrics) |
+| ``train/loss`` | mean over the merged replicas of their inner loops' mean loss |
+| ``train/tokens_per_s``, or ``train/examples_per_s`` | merged replicas, over the round's wall |
+| ``round/wall_s`` | the round, launch to commit |
+| ``round/inner_loop_s`` | the slowest merged replica's inner steps |
+| ``round/exchange_s`` | the slowest merged replica's pack load and publish |
+| ``round/outer_step_s``, ``round/eval_s`` | the outer step, the evaluation |
+| ``replicas/merged``, ``replicas/dropped`` | replicas in the outer step, and the others |
+
+Trackers, named on the command line as ``KIND:WHERE`` (:func:`parse_tracker`):
+``tensorboard:DIR`` (event files under ``DIR/<job id>``, tensorboardX),
+``mlflow[:URI]`` (one MLflow run per job, tagged ``fleet.job_id``; default URI
+``sqlite:///mlruns/mlflow.db``, a plain path becomes a SQLite file in it), and
+``jsonl:PATH`` (one JSON object per round appended to PATH).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fleet.errors import TrackerError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from fleet.diloco.state import RoundRecord
+
+#: MLflow's tracking URI when ``--tracker mlflow`` names none (and MLFLOW_TRACKING_URI is unset).
+DEFAULT_MLFLOW_URI = "sqlite:///mlruns/mlflow.db"
+#: The MLflow experiment fleet's runs are logged under.
+MLFLOW_EXPERIMENT = "fleet"
+#: Eval metrics that are counts, not measurements: not sent as ``eval/<name>``.
+COUNT_METRICS = ("examples", "batches", "tokens")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def round_scalars(record: RoundRecord, replicas: int) -> dict[str, float]:
+    """The scalars of one committed round (module docstring), for a run of ``replicas``."""
+    merged = record.merged
+    out: dict[str, float] = {}
+    if record.eval is not None:
+        for name, value in record.eval.metrics.items():
+            number = _number(value)
+            if number is not None and name not in COUNT_METRICS:
+                out[f"eval/{name}"] = number
+    losses = [
+        x for x in (_number(r.metrics.get("mean_loss", r.loss)) for r in merged) if x is not None
+    ]
+    if losses:
+        out["train/loss"] = sum(losses) / len(losses)
+    for unit in ("tokens", "examples"):
+        per_step = [_number(r.metrics.get(unit)) for r in merged]
+        if merged and all(x is not None for x in per_step) and record.wall_s > 0:
+            done = sum(
+                (x or 0.0) * (r.steps_completed or 0) for x, r in zip(per_step, merged, strict=True)
+            )
+            out[f"train/{unit}_per_s"] = done / record.wall_s
+            break
+    out["round/wall_s"] = record.wall_s
+    out["round/inner_loop_s"] = max((r.compute_s for r in merged), default=0.0)
+    out["round/exchange_s"] = max((r.load_s + r.publish_s for r in merged), default=0.0)
+    out["round/outer_step_s"] = record.merge_s
+    out["round/eval_s"] = record.eval_s
+    out["replicas/merged"] = float(len(merged))
+    out["replicas/dropped"] = float(replicas - len(merged))
+    return out
+
+
+class Tracker(Protocol):
+    """Where a run's per-round scalars go."""
+
+    def start(self, job_id: str, config: dict[str, Any]) -> None:
+        """Called once before the first round this process runs (also on a resume)."""
+
+    def log_round(self, step: int, scalars: dict[str, float]) -> None:
+        """One committed round's scalars at ``step`` (the rounds completed)."""
+
+    def close(self) -> None:
+        """Flush and close; called once, also when the run failed."""
+
+
+class TensorBoardTracker:
+    """Event files under ``<log_dir>/<job id>`` (tensorboardX's SummaryWriter): open them
+    with ``tensorboard --logdir <log_dir>``."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = Path(log_dir)
+        self.writer: Any = None
+
+    def start(self, job_id: str, config: dict[str, Any]) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as exc:
+            raise TrackerError(
+                "tensorboard", "install the extra: pip install 'fleet-diloco[tensorboard]'"
+            ) from exc
+        self.writer = SummaryWriter(logdir=str(self.log_dir / job_id))
+        self.writer.add_text("config", f"```\n{json.dumps(config, indent=2)}\n```", 0)
+
+    def log_round(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class MLflowTracker:
+    """One MLflow run per job (run name: the job id; tag ``fleet.job_id``), its config as
+    flattened params; a resumed job logs on into the same run."""
+
+    def __init__(self, uri: str | None) -> None:
+        import os
+
+        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
+        if "://" not in self.uri and not self.uri.startswith(("sqlite:", "file:", "databricks")):
+            path = Path(self.uri)
+            db = path if path.suffix == ".db" else path / "mlflow.db"
+            self.uri = f"sqlite:///{db}"
+        self.client: Any = None
+        self.run_id: str | None = None
+
+    def start(self, job_id: str, config: dict[str, Any]) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            raise TrackerError(
+                "mlflow", "install the extra: pip install 'fleet-diloco[mlflow]'"
+            ) from exc
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+        exp_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self.client.create_experiment(MLFLOW_EXPERIMENT)
+        )
+        found = self.client.search_runs([exp_id], filter_string=f"tags.`fleet.job_id` = '{job_id}'")
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        run = self.client.create_run(exp_id, run_name=job_id, tags={"fleet.job_id": job_id})
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:500]) for k, v in _flatten(config).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log_round(self, step: int, scalars: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in scalars.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        if self.client is not None and self.run_id is not None:
+            self.client.set_terminated(self.run_id)
+
+
+class JsonlTracker:
+    """One line per round appended to a file: ``{"job_id", "round", "step", <scalars>}``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.job_id = ""
+
+    def start(self, job_id: str, config: dict[str, Any]) -> None:
+        self.job_id = job_id
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log_round(self, step: int, scalars: dict[str, float]) -> None:
+        line = {"job_id": self.job_id, "round": step - 1, "step": step, **scalars}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+def parse_tracker(spec: str) -> Tracker:
+    """A tracker from ``tensorboard:DIR``, ``mlflow[:URI]`` or ``jsonl:PATH``.
+
+    Raises:
+        TrackerError: an unknown kind, or no DIR / PATH where one is needed.
+    """
+    kind, _, where = spec.partition(":")
+    if kind == "mlflow":
+        return MLflowTracker(where or None)
+    if kind in ("tensorboard", "jsonl") and not where:
+        raise TrackerError(
+            kind, f"give a place: {kind}:{'DIR' if kind == 'tensorboard' else 'PATH'}"
+        )
+    if kind == "tensorboard":
+        return TensorBoardTracker(where)
+    if kind == "jsonl":
+        return JsonlTracker(where)
+    raise TrackerError(
+        kind, f"unknown tracker {spec!r}: use tensorboard:DIR, mlflow[:URI] or jsonl:PATH"
+    )
+
+
+class RoundProgress:
+    """A rich progress bar over a run's rounds, with the eval loss and throughput; the
+    bar's console also shows log lines above it."""
+
+    def __init__(self, console: Console, label: str, total: float) -> None:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress: Progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("eval loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.task: TaskID = self.progress.add_task(label, total=total, loss="-", rate="")
+
+    def __enter__(self) -> RoundProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, scalars: dict[str, float], *, advance: float = 0.0, **fields: Any) -> None:
+        """Show a round's scalars (and advance the bar by ``advance``)."""
+        loss = scalars.get("eval/loss")
+        rate = ""
+        for unit in ("tokens", "examples"):
+            if f"train/{unit}_per_s" in scalars:
+                rate = (
+                    f"{scalars[f'train/{unit}_per_s']:,.0f} {'tok' if unit == 'tokens' else 'ex'}/s"
+                )
+                break
+        shown = {"loss": "-" if loss is None else f"{loss:.3f}", "rate": rate} | fields
+        self.progress.update(self.task, advance=advance, **shown)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out |= _flatten(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
