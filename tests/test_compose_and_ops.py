@@ -4,6 +4,7 @@ compose file is parsed and every command it runs is parsed by the real `fleet` C
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,12 +37,11 @@ def _fleet_services(services: dict) -> dict:
 
 
 def test_services_and_volumes(compose, services):
-    assert set(services) >= {
+    assert set(services) == {
         "redis",
         "flower",
         "exporter",
-        "worker-gpu0",
-        "worker-gpu1",
+        "worker-gpu",
         "worker-cpu0",
         "worker-cpu1",
         "orchestrator",
@@ -52,6 +52,7 @@ def test_services_and_volumes(compose, services):
         assert service["environment"]["FLEET_SHARED_ROOT"] == SHARED
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert service["environment"]["FLEET_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?")
+        assert service["environment"]["FLEET_WORKLOAD_ALLOWLIST"].endswith(":-fleet.examples.*}")
 
 
 def test_redis_is_durable_password_protected_and_checked(services):
@@ -71,46 +72,58 @@ def test_redis_is_durable_password_protected_and_checked(services):
     assert "redis-data:/data" in redis["volumes"]
 
 
-def test_flower_needs_auth_and_has_a_healthcheck(services):
+def test_flower_needs_auth_listens_on_this_host_and_has_a_healthcheck(services):
     flower = services["flower"]
     assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?"), (
         "never open"
     )
-    assert "5555:5555" in flower["ports"]
+    assert flower["ports"] == ["${FLOWER_ADDRESS:-127.0.0.1}:5555:5555"], "127.0.0.1 unless set"
     assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])
     assert flower["command"][:4] == ["celery", "-A", "fleet.app", "flower"]
 
 
-def test_gpu_workers_reserve_their_own_gpu(services):
-    gpus = {name: s for name, s in services.items() if name.startswith("worker-gpu")}
-    assert len(gpus) == 2
-    seen = set()
-    for name, service in gpus.items():
-        index = name.removeprefix("worker-gpu")
-        [device] = service["deploy"]["resources"]["reservations"]["devices"]
-        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-        assert device["device_ids"] == [index]
-        assert service["environment"]["FLEET_GPU"] == index
-        assert service["environment"]["FLEET_VISIBLE_DEVICE"] == "0"
-        seen.add(index)
-        grace = service["stop_grace_period"]
-        assert re.fullmatch(r"\d+m", grace) and int(grace[:-1]) >= 5, (
-            "let a running inner step finish"
-        )
-        check = " ".join(service["healthcheck"]["test"])
-        assert "inspect ping" in check and "fleet-gpu$${FLEET_GPU}@$${FLEET_NODE}" in check
-        assert "profiles" not in service
-    assert seen == {"0", "1"}
+def test_one_gpu_service_takes_every_gpu_of_the_host(services):
+    """One service behind the gpu profile: all GPUs, one worker each, CUDA torch; it
+    fits a 1-GPU host and an 8-GPU host, and a CPU host never starts it by default."""
+    gpus = {name: s for name, s in services.items() if "gpu" in name}
+    assert list(gpus) == ["worker-gpu"]
+    service = gpus["worker-gpu"]
+    assert service["profiles"] == ["gpu"]
+    [device] = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    assert _fleet_args(service["command"]) == ["fleet", "worker", "--all-gpus"]
+    assert service["build"]["args"]["TORCH_VARIANT"] == "${TORCH_VARIANT:-cu126}", "CUDA torch"
+    assert service["image"] != services["flower"]["image"], "its own (CUDA) image"
+    grace = service["stop_grace_period"]
+    assert re.fullmatch(r"\d+m", grace) and int(grace[:-1]) >= 5, "let a running step finish"
+    check = " ".join(service["healthcheck"]["test"])
+    assert "inspect ping" in check and "fleet-gpu0@" in check
+    for name, other in services.items():
+        if name not in ("redis", "flower", "exporter"):
+            assert other.get("profiles"), f"{name} must not start on a bare `docker compose up`"
 
 
-def test_gpu_workers_come_from_one_anchor():
-    text = COMPOSE.read_text()
-    assert "x-gpu-worker: &gpu-worker" in text
-    blocks = re.findall(r"\n  worker-gpu\d+:\n((?:    .*\n)+)", text)
-    assert len(blocks) == 2
-    for block in blocks:
-        assert block.startswith("    <<: *gpu-worker")
-        assert len(block.strip().splitlines()) == 3, "a new GPU is a name and three lines"
+def test_workers_are_named_after_the_host(services):
+    """Two hosts with the default settings must not collide: FLEET_NODE defaults to the
+    host's own name (its /etc/hostname), in the command and the healthcheck alike."""
+    assert services["flower"]["environment"]["FLEET_NODE"] == "${FLEET_NODE:-}"
+    for name in ("worker-gpu", "worker-cpu0", "worker-cpu1"):
+        service = services[name]
+        assert "/etc/hostname:/etc/host-hostname:ro" in service["volumes"]
+        node = '"$${FLEET_NODE:-$$(cat /etc/host-hostname)}"'
+        assert f"FLEET_NODE={node} exec fleet worker" in service["command"][2]
+        assert node[1:-1] in " ".join(service["healthcheck"]["test"])
+
+
+def test_an_empty_fleet_node_means_this_host(monkeypatch):
+    import socket
+
+    from fleet.settings import FleetSettings
+
+    monkeypatch.setenv("FLEET_NODE", "")
+    assert FleetSettings.from_env().node == socket.gethostname().split(".")[0]
+    monkeypatch.setenv("FLEET_NODE", "gpu-box-7")
+    assert FleetSettings.from_env().node == "gpu-box-7"
 
 
 def test_cpu_profile_and_orchestrator(services):
@@ -119,11 +132,18 @@ def test_cpu_profile_and_orchestrator(services):
     for name, service in cpus.items():
         slot = name.removeprefix("worker-cpu")
         assert service["environment"]["FLEET_SLOT"] == slot
-        assert service["command"][:5] == ["fleet", "worker", "--cpu", "--slot", slot]
+        assert _fleet_args(service["command"])[:5] == ["fleet", "worker", "--cpu", "--slot", slot]
         assert "fleet-cpu$${FLEET_SLOT}" in " ".join(service["healthcheck"]["test"])
     orchestrator = services["orchestrator"]
     assert orchestrator["profiles"] == ["demo"] and orchestrator["restart"] == "no"
     assert orchestrator["command"] == ["fleet", "demo", "--cluster", "external"]
+
+
+def _fleet_args(command: list[str]) -> list[str]:
+    """The ``fleet ...`` a service runs: its command, or what its ``sh -c`` execs."""
+    if command[:2] == ["sh", "-c"] and " exec " in command[2]:
+        return shlex.split(command[2].split(" exec ", 1)[1])
+    return command
 
 
 def _parse_cli(args: list[str], env: dict[str, str], monkeypatch) -> None:
@@ -142,13 +162,13 @@ def _parse_cli(args: list[str], env: dict[str, str], monkeypatch) -> None:
 def test_every_fleet_command_in_compose_exists(services, monkeypatch):
     checked = 0
     for service in services.values():
-        command = service.get("command")
-        if not command or command[0] != "fleet":
+        command = _fleet_args(service.get("command") or ["-"])
+        if command[0] != "fleet":
             continue
         env = {k: str(v) for k, v in service.get("environment", {}).items() if "$" not in str(v)}
         _parse_cli(command, env, monkeypatch)
         checked += 1
-    assert checked >= 6
+    assert checked == 5
     with pytest.raises(click.UsageError):  # and the check does catch a wrong flag
         _parse_cli(["fleet", "worker", "--gpus", "0"], {}, monkeypatch)
 
@@ -169,10 +189,11 @@ def test_dockerfile_lints_clean_and_has_what_it_needs():
     dockerfile = (REPO / "ops" / "Dockerfile").read_text()
     assert "ARG TORCH_VARIANT=cpu" in dockerfile, "CPU torch by default, CUDA by build arg"
     assert re.search(r"^USER (?!root|0)\S+", dockerfile, re.M), "non-root user"
-    assert dockerfile.index('"torch==${TORCH_VERSION}"') < dockerfile.index("RUN pip install ."), (
-        "torch first"
-    )
-    assert "COPY examples ./examples" in dockerfile and "COPY fleet ./fleet" in dockerfile
+    assert dockerfile.index('"torch==${TORCH_VERSION}"') < dockerfile.index(
+        'RUN pip install "./['
+    ), "torch first"
+    assert "COPY fleet ./fleet" in dockerfile and "COPY examples" not in dockerfile
+    assert 'RUN pip install "./[worker,demo,monitoring,tensorboard]"' in dockerfile
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
         "hadolint"
     )
