@@ -13,6 +13,8 @@ from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.config_file import build_config, read_config_file
 from fleet.errors import RunConfigError
 
+log = logging.getLogger("fleet.diloco")
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -97,8 +99,11 @@ def run_diloco(
 
     def on_round(record: RoundRecord) -> None:
         scalars = round_scalars(record, run.config.replicas)
-        for sink in sinks:
-            sink.log_round(record.round + 1, scalars)
+        for sink in list(sinks):
+            try:
+                sink.log_round(record.round + 1, scalars)
+            except Exception as exc:  # a tracker never stops the training it reports on
+                _drop(sinks, sink, exc)
         if bar is not None:
             bar.update(scalars, advance=1)
 
@@ -119,8 +124,12 @@ def run_diloco(
         else:
             fleet.wait_for_workers(1, timeout_s=0)
         out.print(f"job {run.job_id}", highlight=False)
-        for sink in sinks:
-            sink.start(run.job_id, run.config.model_dump(mode="json"))
+        for sink in list(sinks):
+            try:
+                sink.start(run.job_id, run.config.model_dump(mode="json"))
+            except Exception as exc:  # e.g. an unwritable directory: train, say so once
+                _drop(sinks, sink, exc)
+                continue
             stack.callback(sink.close)
         if progress:
             done = len(run.rounds())
@@ -129,3 +138,10 @@ def run_diloco(
             )
             bar.update({}, advance=done)
         return run.run()
+
+
+def _drop(sinks: list[Tracker], sink: Tracker, exc: Exception) -> None:
+    """Stop logging to a tracker that failed, with one warning line."""
+    log.warning("%s failed (%s: %s); the run goes on without it", type(sink).__name__,
+                type(exc).__name__, exc)  # fmt: skip
+    sinks.remove(sink)

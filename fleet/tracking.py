@@ -101,16 +101,13 @@ class TensorBoardTracker:
     with ``tensorboard --logdir <log_dir>``."""
 
     def __init__(self, log_dir: str) -> None:
+        _require("tensorboard", "tensorboardX")
         self.log_dir = Path(log_dir)
         self.writer: Any = None
 
     def start(self, job_id: str, config: dict[str, Any]) -> None:
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError as exc:
-            raise TrackerError(
-                "tensorboard", "install the extra: pip install 'fleet-diloco[tensorboard]'"
-            ) from exc
+        from tensorboardX import SummaryWriter
+
         self.writer = SummaryWriter(logdir=str(self.log_dir / job_id))
         self.writer.add_text("config", f"```\n{json.dumps(config, indent=2)}\n```", 0)
 
@@ -131,6 +128,7 @@ class MLflowTracker:
     def __init__(self, uri: str | None) -> None:
         import os
 
+        _require("mlflow", "mlflow")
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_MLFLOW_URI
         if "://" not in self.uri and not self.uri.startswith(("sqlite:", "file:", "databricks")):
             path = Path(self.uri)
@@ -140,12 +138,8 @@ class MLflowTracker:
         self.run_id: str | None = None
 
     def start(self, job_id: str, config: dict[str, Any]) -> None:
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError as exc:
-            raise TrackerError(
-                "mlflow", "install the extra: pip install 'fleet-diloco[mlflow]'"
-            ) from exc
+        from mlflow.tracking import MlflowClient
+
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -276,3 +270,15 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def _require(kind: str, module: str) -> None:
+    """Raise now, before any job starts, if ``module`` is not installed.
+
+    Raises:
+        TrackerError: naming the extra that installs it.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise TrackerError(kind, f"{module} is not installed: pip install 'fleet-diloco[{kind}]'")

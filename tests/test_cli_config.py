@@ -178,3 +178,28 @@ def test_dataset_inspect_json(tmp_path):
     )
     index = json.loads(runner.invoke(main, ["dataset", "inspect", "d", "--json"]).output)
     assert len(index["microshards"]) == 4 and index["view_id"] == "digits-4"
+
+
+def test_a_bad_tracker_is_refused_before_anything_runs(fleet_settings, tmp_path):
+    runner = CliRunner(env=worker_env(fleet_settings))
+    for spec, expected in [
+        ("wandb:x", "unknown tracker 'wandb:x'"),
+        ("tensorboard", "give a place: tensorboard:DIR"),
+    ]:
+        result = runner.invoke(main, ["diloco", "--workload", DIGITS, "--tracker", spec])
+        assert result.exit_code == 1 and "TrackerError" in result.output, result.output
+        assert expected in result.output and "job " not in result.output
+
+
+def test_a_failing_tracker_does_not_stop_the_run(fleet_settings, two_workers, tmp_path):
+    """A JSONL file that cannot be written (its directory is a file): the run warns once
+    and completes, and the other tracker gets every round."""
+    (tmp_path / "blocked").write_text("a file, not a directory")
+    runner = CliRunner(env=worker_env(fleet_settings, [str(REPO)]))
+    args = ["diloco", "--workload", DIGITS, "--rounds", "2", "--inner-steps", "3"]
+    args += ["--tracker", f"jsonl:{tmp_path / 'ok.jsonl'}"]
+    args += ["--tracker", f"jsonl:{tmp_path / 'blocked' / 'x' / 'rounds.jsonl'}"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("JsonlTracker failed") == 1, result.output
+    assert len((tmp_path / "ok.jsonl").read_text().splitlines()) == 2

@@ -299,7 +299,7 @@ class DiLoCoRun:
             record.wall_s,
             record.merge_s,
             record.merge_worker or "the pool",
-            loss,
+            "-" if loss is None else f"{loss:.4f}",
         )
         if self.on_round is not None:
             self.on_round(record)
