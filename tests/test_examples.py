@@ -152,3 +152,21 @@ def test_the_hugging_face_example_trains_under_diloco_on_the_charlm_dataset(exam
     assert len(losses) == 2 and losses[-1] < initial, (initial, losses)
     assert run.rounds()[0].merged[0].lease is not None
     fleet.close()
+
+
+def test_the_digits_torch_workload_under_diloco_without_a_dataset(example_worker):
+    """TorchWorkload's own-data path: synthetic BatchRefs, each replica its share."""
+    from fleet.diloco import DiLoCoConfig, DiLoCoRun
+
+    settings, worker = example_worker
+    fleet = Fleet(settings)
+    config = DiLoCoConfig(
+        workload="fleet.examples.digits:make", replicas=2, rounds=3, inner_steps=10,
+        workers=[worker.name, worker.name],
+    )  # fmt: skip
+    run = DiLoCoRun.start(fleet, config)
+    assert run.run().status == "completed"
+    losses = [r.eval.loss for r in run.rounds()]
+    assert losses[-1] < run.state().initial_eval.loss and len(losses) == 3
+    assert all(len(r.merged) == 2 for r in run.rounds())
+    fleet.close()

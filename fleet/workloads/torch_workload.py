@@ -65,7 +65,8 @@ WORKLOAD_STATE_ENCODING = "fleet-torch-workload-state-v1"
 #: Steps the capability probe times (after one untimed warm-up step).
 PROBE_STEPS = 5
 
-#: Training loaders kept per process (one per shard group), least recently used dropped.
+#: Training loaders kept per process (one per shard group), and iterators per stream;
+#: the least recently used are dropped.
 LOADER_CACHE_SIZE = 16
 
 
@@ -140,7 +141,7 @@ class _Streams:
     def __init__(self, loaders: OrderedDict[tuple[Any, ...], Iterable[Any]], make: Any) -> None:
         self.loaders = loaders
         self.make = make
-        self.iters: dict[tuple[Any, ...], Iterator[Any]] = {}
+        self.iters: OrderedDict[tuple[Any, ...], Iterator[Any]] = OrderedDict()
 
     def _loader(self, shards: ShardPaths) -> Iterable[Any]:
         key = shards.key()
@@ -160,9 +161,13 @@ class _Streams:
         """
         key = shards.key()
         it = self.iters.get(key)
+        if it is not None:
+            self.iters.move_to_end(key)
         for _ in range(2):
             if it is None:
                 it = self.iters[key] = iter(self._loader(shards))
+                while len(self.iters) > LOADER_CACHE_SIZE:
+                    self.iters.popitem(last=False)
             try:
                 return next(it)
             except StopIteration:
