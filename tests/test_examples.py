@@ -154,19 +154,32 @@ def test_the_hugging_face_example_trains_under_diloco_on_the_charlm_dataset(exam
     fleet.close()
 
 
-def test_the_digits_torch_workload_under_diloco_without_a_dataset(example_worker):
-    """TorchWorkload's own-data path: synthetic BatchRefs, each replica its share."""
+def test_diloco_goes_around_a_worker_whose_allowlist_refuses_the_workload(
+    example_worker, artifacts_dir
+):
+    """A fleet whose workers allow different workloads: the replica placed on a worker
+    that refuses the digits TorchWorkload (NotAllowlistedError on import) is started on
+    one that allows it, every round; the job completes, each replica its own data share
+    (synthetic BatchRefs, no dataset). Once, this crashed the job with a TypeError."""
     from fleet.diloco import DiLoCoConfig, DiLoCoRun
+    from fleet.jobs import JobStore
 
     settings, worker = example_worker
-    fleet = Fleet(settings)
-    config = DiLoCoConfig(
-        workload="fleet.examples.digits:make", replicas=2, rounds=3, inner_steps=10,
-        workers=[worker.name, worker.name],
+    strict = settings_for(
+        settings.redis_url, settings.shared_root, pool_queue="fleet.strict-test",
+        workload_allowlist=["tests.workloads.*"],
     )  # fmt: skip
-    run = DiLoCoRun.start(fleet, config)
-    assert run.run().status == "completed"
+    with running_workers(strict, [43], artifacts_dir / "logs", workload=None) as (refusing,):
+        fleet = Fleet(settings)
+        config = DiLoCoConfig(
+            workload="fleet.examples.digits:make", replicas=2, rounds=3, inner_steps=10,
+            workers=[worker.name],
+        )  # fmt: skip
+        run = DiLoCoRun.start(fleet, config)
+        assert run.run().status == "completed"
     losses = [r.eval.loss for r in run.rounds()]
     assert losses[-1] < run.state().initial_eval.loss and len(losses) == 3
-    assert all(len(r.merged) == 2 for r in run.rounds())
+    assert all([m.worker for m in r.merged] == [worker.name] * 2 for r in run.rounds())
+    logs = [line.line for line in JobStore(fleet.registry).logs(run.job_id)]
+    assert any(f"cannot start on {refusing.name}" in line for line in logs)
     fleet.close()

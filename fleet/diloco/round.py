@@ -179,7 +179,7 @@ class Round:
                 handle = future.result(self.cfg.replica_call_timeout_s)
                 self.handles[i] = HandleRef(model_id=handle.model_id, worker=handle.worker)
             except FleetError as exc:
-                if isinstance(exc, FATAL | CodecError):
+                if isinstance(exc, (*FATAL, CodecError)):
                     raise
                 self.ctx.log(
                     "replica %d: import on %s failed (%s)",
@@ -232,7 +232,7 @@ class Round:
                     self.handles[replica] = handle
                 return self._launch(replica, handle)
             except FleetError as exc:
-                if isinstance(exc, FATAL | CodecError):
+                if isinstance(exc, (*FATAL, CodecError)):
                     raise
                 self.ctx.log(
                     "replica %d: cannot start on %s (%s)",
