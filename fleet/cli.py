@@ -53,6 +53,12 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _print_rows(rows: dict[str, Any], width: int = 24) -> None:
+    """``key value`` lines, keys padded to ``width``; never cut (a hash, a path)."""
+    for key, value in rows.items():
+        console.print(f"{key:<{width}}{value}", soft_wrap=True, highlight=False)
+
+
 def _settings() -> FleetSettings:
     """Settings from the environment, after one quick look at Redis: when it cannot be
     reached the command fails at once (one line, exit 2) instead of retrying."""
@@ -111,8 +117,7 @@ def pack_inspect(path: Path, top: int, as_json: bool) -> None:
     for name in ("included_keys", "excluded_float_keys", "ignored_non_float_keys"):
         keys = getattr(manifest, name)
         rows[name] = "-" if keys is None else str(len(keys))
-    for key, value in rows.items():  # soft_wrap: never cut a hash or a path
-        console.print(f"{key:<24}{value}", soft_wrap=True, highlight=False)
+    _print_rows(rows)
     entries = manifest.layout_entries()
     table = Table("tensor", "shape", "dtype", "numel", title=f"top {top} tensors by size")
     if entries is not None:
@@ -357,7 +362,13 @@ def diloco_cmd(
                 f"{', '.join(ignored)} (only --rounds may change)"
             )
     config = None if resume_id else diloco_config(config_file, config_json, given)
-    if print_config and config is not None:
+    rounds = given["rounds"][1] if "rounds" in given else None
+    if print_config:
+        if config is None:  # the resumed job's own config, with --rounds applied
+            from fleet.client import Fleet
+            from fleet.diloco import DiLoCoRun
+
+            config = DiLoCoRun.resume(Fleet(_settings()), str(resume_id), rounds=rounds).config
         click.echo(config.model_dump_json(indent=2))
         return
     err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
@@ -366,18 +377,15 @@ def diloco_cmd(
         settings,
         config,
         resume_id=resume_id,
-        rounds=given["rounds"][1] if "rounds" in given else None,
+        rounds=rounds,
         job_id=job_id,
         wait_for_workers_s=wait_for_workers_s,
         trackers=list(trackers),
-        print_config=print_config,
         progress=err.is_terminal if progress is None else progress,
         log_level="DEBUG" if verbose else log_level.upper(),
         out=console,
         err=err,
     )
-    if job is None:
-        return
     final = job.artifacts.get("final_pack")
     where = f"; final pack {settings.shared_root.resolve() / final}" if final else ""
     console.print(f"job {job.job_id} {job.status}{where}", highlight=False, soft_wrap=True)
@@ -455,8 +463,7 @@ def jobs_show(job_id: str, as_json: bool) -> None:
         "error": job.error or "-",
     }
     rows |= {f"artifact {name}": path for name, path in sorted(job.artifacts.items())}
-    for key, value in rows.items():
-        console.print(f"{key:<24}{value}", soft_wrap=True, highlight=False)
+    _print_rows(rows)
     if job.kind != "diloco" or not metrics:
         if metrics:
             console.print(f"{len(metrics)} metrics records (--json shows them)", highlight=False)
@@ -549,15 +556,15 @@ def dataset_inspect(path: Path, glob: str | None, top: int, as_json: bool) -> No
     if as_json:
         _print_json(index.model_dump(mode="json"))
         return
-    for key, value in {
+    rows = {
         "dataset": index.path,
         "view_id": index.view_id,
         "layout": index.layout,
         "microshards": f"{len(index.microshards):,}",
         "bytes": f"{index.total_bytes:,}",
         "content hashes": "recorded" if index.microshards[0].content_hash else "none",
-    }.items():
-        console.print(f"{key:<16}{value}", soft_wrap=True, highlight=False)
+    }
+    _print_rows(rows, width=16)
     table = Table("ordinal", "microshard", "bytes", "file", title=f"first {top} microshards")
     for m in index.microshards[:top]:
         table.add_row(str(m.ordinal), m.microshard_id, f"{m.bytes_len:,}", m.path)

@@ -75,15 +75,13 @@ def run_diloco(
     job_id: str | None,
     wait_for_workers_s: float,
     trackers: list[str],
-    print_config: bool,
     progress: bool,
     log_level: str,
     out: Console,
     err: Console,
-) -> Job | None:
+) -> Job:
     """Start (``config``) or resume (``resume_id``, optionally with more ``rounds``) a
-    DiLoCo job and run it to its end, logging to ``err``; returns its final record
-    (None when ``print_config`` only printed a resumed job's config).
+    DiLoCo job and run it to its end, logging to ``err``; returns its final record.
 
     Raises:
         TrackerError: a tracker spec that cannot be used (before anything runs).
@@ -109,9 +107,6 @@ def run_diloco(
 
     if resume_id is not None:
         run = DiLoCoRun.resume(fleet, resume_id, on_round=on_round, rounds=rounds)
-        if print_config:
-            out.print_json(run.config.model_dump_json())
-            return None
     else:
         assert config is not None
         run = DiLoCoRun.start(fleet, config, job_id=job_id, on_round=on_round)

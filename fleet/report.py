@@ -63,15 +63,6 @@ def loss_at(curve: list[tuple[float, float]], t: float) -> float | None:
     return known[-1] if known else None
 
 
-def tokens_per_s(record: RoundRecord) -> float:
-    """Training tokens per second of a round (all merged replicas, over its wall time),
-    for workloads that report a ``tokens`` metric per step."""
-    tokens = sum(
-        float(r.metrics.get("tokens", 0) or 0) * (r.steps_completed or 0) for r in record.merged
-    )
-    return tokens / record.wall_s if record.wall_s else 0.0
-
-
 def summarize(diloco: RunSummary, baseline: RunSummary) -> dict[str, Any]:
     """Both runs compared at the same wall-clock time (the shorter run's end)."""
     d_curve, b_curve = loss_curve(diloco), loss_curve(baseline)

@@ -16,6 +16,11 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def _hostname() -> str:
+    """This machine's short host name (the default node name)."""
+    return socket.gethostname().split(".")[0]
+
+
 class FleetSettings(BaseSettings):
     """Configuration of a fleet client, worker or orchestrator (env prefix ``FLEET_``)."""
 
@@ -44,7 +49,7 @@ class FleetSettings(BaseSettings):
     """fnmatch globs on the factory spec ``module:attr`` (or its module) a worker may
     instantiate. Env: comma-separated."""
 
-    node: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
+    node: str = Field(default_factory=_hostname)
     """This machine's name in queue and worker names (``fleet.<node>.gpu<N>``)."""
 
     pool_queue: str = "fleet.gpu"
@@ -93,7 +98,7 @@ class FleetSettings(BaseSettings):
     @classmethod
     def _node_or_hostname(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():  # FLEET_NODE= (compose's default)
-            return socket.gethostname().split(".")[0]
+            return _hostname()
         return value
 
     @field_validator("workload_allowlist", mode="before")

@@ -239,14 +239,17 @@ class TorchWorkload(MergeHooks):
         return "python-torch-cuda" if torch.cuda.is_available() else "python-torch-cpu"
 
     def init_model(self, device: str) -> dict[str, Any]:
-        """A new state ``{"model", "optimizer"[, "scheduler"]}`` on ``device``, the model's
-        weights drawn with torch seeded by the config's ``seed``."""
+        """A new state ``{"model", "optimizer"[, "scheduler"][, "grad_scaler"]}`` on
+        ``device`` (a scaler for float16 autocast on CUDA), the model's weights drawn with
+        torch seeded by the config's ``seed``."""
         torch.manual_seed(self.seed)
         model = self.model_factory().to(device)
         optimizer = self.optimizer_factory(model.parameters())
         state: dict[str, Any] = {"model": model, "optimizer": optimizer}
         if self.scheduler_factory is not None:
             state["scheduler"] = self.scheduler_factory(optimizer)
+        if self.autocast is torch.float16 and torch.device(device).type == "cuda":
+            state["grad_scaler"] = torch.amp.GradScaler("cuda")
         return state
 
     def capability_probe(self) -> dict[str, Any]:
@@ -375,9 +378,7 @@ class TorchWorkload(MergeHooks):
         model: nn.Module = state["model"]
         optimizer: torch.optim.Optimizer = state["optimizer"]
         device = _device_of(model)
-        scaler = state.get("_grad_scaler")
-        if scaler is None and self.autocast is torch.float16 and device.type == "cuda":
-            scaler = state["_grad_scaler"] = torch.amp.GradScaler("cuda")
+        scaler = state.get("grad_scaler")
         model.train()
         optimizer.zero_grad(set_to_none=True)
         total, examples, k = 0.0, 0, self.grad_accumulation_steps
