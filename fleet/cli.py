@@ -88,7 +88,10 @@ def _local_path(path: Path) -> Path:
         return path
     from fleet.settings import FleetSettings
 
-    under_root = FleetSettings.from_env().shared_root / path
+    settings = FleetSettings.from_env()
+    if settings.shared_root_is_url:
+        return path
+    under_root = Path(settings.shared_root) / path
     return under_root if under_root.exists() else path
 
 
@@ -387,7 +390,7 @@ def diloco_cmd(
         err=err,
     )
     final = job.artifacts.get("final_pack")
-    where = f"; final pack {settings.shared_root.resolve() / final}" if final else ""
+    where = f"; final pack {_on_root(settings, final)}" if final else ""
     console.print(f"job {job.job_id} {job.status}{where}", highlight=False, soft_wrap=True)
     if job.status != "completed":
         if job.error:
@@ -529,16 +532,24 @@ def dataset() -> None:
     """Inspect, verify and write microshard datasets."""
 
 
-def _dataset_root(path: Path) -> tuple[Any, str]:
-    """The shared root and ``path`` relative to it: ``path`` as given if it exists from
-    here (it must lie under FLEET_SHARED_ROOT), else as a shared-root-relative path."""
-    from fleet.settings import FleetSettings
-    from fleet.storage import SharedRoot
+def _on_root(settings: Any, rel: str) -> str:
+    """Where a shared-root path is, for a message: a local path or a URL."""
+    if settings.shared_root_is_url:
+        return f"{settings.shared_root.rstrip('/')}/{rel}"
+    return str(Path(settings.shared_root).resolve() / rel)
 
-    shared = SharedRoot(FleetSettings.from_env().shared_root)
-    if path.exists():
-        return shared, shared.relative(path.resolve())
-    return shared, path.as_posix()
+
+def _dataset_root(path: Path) -> tuple[Any, str]:
+    """The shared root's store and ``path`` relative to it: ``path`` as given if it
+    exists from here (it must lie under a local FLEET_SHARED_ROOT), else as a
+    shared-root-relative path (local or on an object store)."""
+    from fleet.settings import FleetSettings
+    from fleet.storage import LocalStore, open_store
+
+    store = open_store(FleetSettings.from_env())
+    if isinstance(store, LocalStore) and path.exists():
+        return store, store.relative(path.resolve())
+    return store, path.as_posix()
 
 
 @dataset.command("inspect")
@@ -606,10 +617,20 @@ def dataset_write(example: str, path: Path, microshards: int, layout: str) -> No
     import importlib
 
     from fleet.settings import FleetSettings
+    from fleet.storage import LocalStore, open_store
 
-    target = path if path.is_absolute() else FleetSettings.from_env().shared_root / path
     module = importlib.import_module(f"fleet.examples.{example}")
-    index = module.write_dataset(target, microshards, manifest=layout == "fetch-manifest")
+    manifest = layout == "fetch-manifest"
+    settings = FleetSettings.from_env()
+    store = open_store(settings)
+    if path.is_absolute() or isinstance(store, LocalStore):
+        target = str(path if path.is_absolute() else Path(settings.shared_root) / path)
+        index = module.write_dataset(Path(target), microshards, manifest=manifest)
+    else:  # written locally, then uploaded shard by shard, its fetch manifest last
+        rel = store.relative(path.as_posix())
+        with store.output(rel) as staged:
+            index = module.write_dataset(staged, microshards, manifest=manifest)
+        target = _on_root(settings, rel)
     console.print(
         f"[green]wrote[/green] {target}: {index['microshards']:,} microshards, "
         f"{index['bytes']:,} bytes ({layout})",
@@ -631,17 +652,19 @@ def gc_cmd(dry_run: bool, min_age_s: float) -> None:
     tmp/exchange packs, stale temp files (runs of jobs Redis does not know are kept)."""
     from fleet.gc import collect
     from fleet.jobs import JobStore
-    from fleet.storage import SharedRoot
+    from fleet.storage import open_store
 
     settings = _settings()
-    shared = SharedRoot(settings.shared_root)
-    found = collect(shared, JobStore.from_settings(settings), min_age_s=min_age_s, dry_run=dry_run)
+    store = open_store(settings)
+    found = collect(store, JobStore.from_settings(settings), min_age_s=min_age_s, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
-    for path, size in found.delete:
-        rel = path.relative_to(shared.root).as_posix()
+    for rel, size in found.delete:
         console.print(f"{verb} {rel} ({size:,} bytes)", highlight=False, soft_wrap=True)
     for run_dir in found.unknown_runs:
-        console.print(f"kept {run_dir.name}: no such job in Redis", highlight=False)
+        console.print(f"kept {run_dir.rsplit('/', 1)[-1]}: no such job in Redis", highlight=False)
+    if found.aborted_uploads:
+        aborted = "would abort" if dry_run else "aborted"
+        console.print(f"{aborted} {found.aborted_uploads} unfinished uploads", highlight=False)
     total = sum(size for _, size in found.delete)
     console.print(f"{len(found.delete)} entries, {total:,} bytes {verb}", highlight=False)
 

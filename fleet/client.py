@@ -54,7 +54,7 @@ from fleet.protocol import (
 )
 from fleet.registry import HandleRecord, WorkerInfo
 from fleet.settings import FleetSettings
-from fleet.storage import PackRef, SharedRoot
+from fleet.storage import PackRef, Store, open_store
 
 __all__ = ["Fleet", "FleetFuture", "ModelHandle", "Route", "describe_kwargs"]
 
@@ -93,10 +93,10 @@ class Fleet(MergeCalls):
         return view
 
     @property
-    def shared(self) -> SharedRoot:
-        """The shared root as mounted on this machine, for clients that have the mount
-        (an orchestrator does not need it)."""
-        return SharedRoot(self.settings.shared_root)
+    def shared(self) -> Store:
+        """The shared root's store as seen from this machine (a local mount or an object
+        store), for clients that read or write it (an orchestrator does not need it)."""
+        return open_store(self.settings)
 
     # ------------------------------------------------------------------ registry views
 

@@ -94,7 +94,7 @@ class LocalCluster:
                 )
                 redis_url = self.redis.url
             self.settings = self.base.model_copy(
-                update={"redis_url": redis_url, "shared_root": self.root / "shared"}
+                update={"redis_url": redis_url, "shared_root": str(self.root / "shared")}
             )
             self._start_workers(timeout_s)
             if self.with_flower:

@@ -23,8 +23,10 @@ from fleet.client import Fleet
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig
 from fleet.diloco.config import DatasetConfig
 from fleet.diloco.state import RoundRecord
+from fleet.errors import RunConfigError
 from fleet.jobs import JobStore
 from fleet.report import RunSummary, loss_at, loss_curve, write_report
+from fleet.storage import LocalStore
 from fleet.tracking import RoundProgress, TensorBoardTracker, round_scalars
 
 DEMO_WORKLOAD = "fleet.examples.charlm:make"
@@ -38,6 +40,18 @@ DEMO_SHARDS_PER_REPLICA = 8
 DEMO_SHARDS_PER_BATCH = 4
 
 
+def _local_root(fleet: Fleet) -> LocalStore:
+    """The demo's shared root: a local directory of its embedded cluster.
+
+    Raises:
+        RunConfigError: FLEET_SHARED_ROOT is a URL (the demo writes its report locally).
+    """
+    store = fleet.shared
+    if not isinstance(store, LocalStore):
+        raise RunConfigError("FLEET_SHARED_ROOT", f"the demo needs a local path, not {store.url}")
+    return store
+
+
 def prepare_dataset(fleet: Fleet, console: Console) -> str:
     """The charlm corpus as a microshard dataset on the shared root (with burn_p2p's
     fetch-manifest and content hashes), written once; its shared-root-relative path."""
@@ -45,7 +59,7 @@ def prepare_dataset(fleet: Fleet, console: Console) -> str:
     from fleet.examples.charlm import write_dataset
 
     rel = f"datasets/charlm-stdlib-{DEMO_MICROSHARDS}"
-    path = fleet.shared.resolve(rel)
+    path = _local_root(fleet).resolve(rel)
     if not (path / MANIFEST).is_file():
         written = write_dataset(path, DEMO_MICROSHARDS, manifest=True)
         console.print(f"wrote the dataset {rel}: {written['bytes']:,} bytes", highlight=False)
@@ -70,7 +84,7 @@ def _summary(run: DiLoCoRun, label: str) -> RunSummary:
 def tensorboard_dir(fleet: Fleet, diloco_job_id: str) -> Path:
     """Where the demo's TensorBoard event files go: under the report's directory, one
     subdirectory per run (``tensorboard --logdir`` this directory shows both)."""
-    return fleet.shared.resolve(f"reports/{diloco_job_id}/tensorboard")
+    return _local_root(fleet).resolve(f"reports/{diloco_job_id}/tensorboard")
 
 
 def _tracked(
@@ -199,7 +213,7 @@ def run_demo(
         console=console,
         dataset=dataset,
     )
-    out_dir = fleet.shared.resolve(f"reports/{d_run.job_id}")
+    out_dir = _local_root(fleet).resolve(f"reports/{d_run.job_id}")
     extra = {
         "workload": workload,
         "resources": {
@@ -212,6 +226,6 @@ def run_demo(
     json_path, png_path, comparison = write_report(out_dir, d_run, b_run, extra)
     jobs = JobStore(fleet.registry)
     for run in (d_run, b_run):
-        jobs.add_artifact(run.job_id, "report", fleet.shared.relative(json_path))
-        jobs.add_artifact(run.job_id, "report_png", fleet.shared.relative(png_path))
+        jobs.add_artifact(run.job_id, "report", _local_root(fleet).relative(json_path))
+        jobs.add_artifact(run.job_id, "report_png", _local_root(fleet).relative(png_path))
     return json_path, png_path, comparison

@@ -405,16 +405,24 @@ class ShardHashMismatchError(DatasetError):
 
 
 class DatasetPathError(DatasetError):
-    """The dataset directory, or a shard's locator, escapes the shared root."""
+    """The dataset directory, or a shard's locator, escapes the shared root; or an
+    absolute shard path lies outside ``FLEET_DATA_ROOTS`` (``data_roots``)."""
 
-    fields = ("path", "shard_path")
+    fields = ("path", "shard_path", "data_roots")
 
-    def __init__(self, path: str, shard_path: str | None = None) -> None:
+    def __init__(
+        self, path: str, shard_path: str | None = None, *, data_roots: list[str] | None = None
+    ) -> None:
         what = (
             f"microshard path {shard_path!r} of dataset {path}" if shard_path else f"dataset {path}"
         )
-        super().__init__(f"{what} escapes the shared root", path=path)
+        if data_roots:
+            reason = f"is outside FLEET_DATA_ROOTS ({', '.join(data_roots)})"
+        else:
+            reason = "escapes the shared root"
+        super().__init__(f"{what} {reason}", path=path)
         self.shard_path = shard_path
+        self.data_roots = data_roots
 
 
 # --------------------------------------------------------------------------- protocol

@@ -7,41 +7,54 @@ crash left behind. For a job known to Redis it keeps what the job still needs: t
 global and momentum packs of its last ``keep_rounds`` rounds, its artifacts
 (checkpoints, final pack), and, while it can still be resumed, the inputs of its last
 committed round and the round in flight. Runs of jobs Redis does not know are left
-alone (reported). Only entries older than ``min_age_s`` are touched.
+alone (reported). Only entries older than ``min_age_s`` are touched. On an object store
+it also aborts unfinished multipart uploads (a worker killed while uploading); the data
+objects of a pack whose manifest never came are stray entries like any other.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.layout import RunLayout
 from fleet.diloco.state import rounds_of, state_of
 from fleet.errors import JobNotFound
 from fleet.jobs import JobStore
-from fleet.storage import TEMP_MARKER, SharedRoot, remove_paths
+from fleet.storage import TEMP_MARKER, Store
 
 
 @dataclass
 class Collection:
-    """What a collection found: paths to delete (with their sizes in bytes), runs of
-    unknown jobs left alone, and the bytes freed once deleted."""
+    """What a collection found: shared-root paths to delete (with their sizes in bytes),
+    runs of unknown jobs left alone, unfinished uploads aborted, and the bytes freed."""
 
-    delete: list[tuple[Path, int]] = field(default_factory=list)
-    unknown_runs: list[Path] = field(default_factory=list)
+    delete: list[tuple[str, int]] = field(default_factory=list)
+    unknown_runs: list[str] = field(default_factory=list)
+    aborted_uploads: int = 0
     freed_bytes: int = 0
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.lstat().st_size
+@dataclass
+class _Group:
+    size: int = 0
+    mtime: float = 0.0
 
 
-def _old(path: Path, min_age_s: float) -> bool:
-    return time.time() - path.lstat().st_mtime >= min_age_s
+def _groups(store: Store, under: str, depth: int) -> dict[str, _Group]:
+    """The entries ``depth`` path components deep below ``under`` (files or directory
+    trees, e.g. ``runs/<job>/<round>/<pack>``), with their bytes and newest file time:
+    one listing, the same on a local path and an object store (which has no folders)."""
+    out: dict[str, _Group] = {}
+    for entry in store.walk(under):
+        parts = entry.path.split("/")
+        if len(parts) < depth:
+            continue
+        group = out.setdefault("/".join(parts[:depth]), _Group())
+        group.size += entry.size
+        group.mtime = max(group.mtime, entry.mtime)
+    return out
 
 
 def _keep_for_job(jobs: JobStore, job_id: str) -> set[str]:
@@ -64,41 +77,63 @@ def _keep_for_job(jobs: JobStore, job_id: str) -> set[str]:
 
 
 def collect(
-    shared: SharedRoot,
+    store: Store,
     jobs: JobStore,
     *,
     min_age_s: float = 3600.0,
     dry_run: bool = False,
 ) -> Collection:
-    """Find (and unless ``dry_run`` delete) what nothing needs on the shared root.
+    """Find (and unless ``dry_run`` delete) what nothing needs on the shared root; on an
+    object store also abort unfinished multipart uploads older than ``min_age_s``.
 
     Raises:
         BrokerUnavailableError: Redis cannot be reached (nothing is deleted then).
+        StorageError: the store failed.
     """
     out = Collection()
-    root = shared.root
-    runs = root / "runs"
-    for run_dir in sorted(runs.iterdir()) if runs.is_dir() else []:
-        try:
-            keep = _keep_for_job(jobs, run_dir.name)
-        except JobNotFound:
-            out.unknown_runs.append(run_dir)
+    now = time.time()
+
+    def old(group: _Group) -> bool:
+        return now - group.mtime >= min_age_s
+
+    keeps: dict[str, set[str] | None] = {}
+    for rel, group in sorted(_groups(store, "runs", 4).items()):
+        job_id = rel.split("/")[1]
+        if job_id not in keeps:
+            try:
+                keeps[job_id] = _keep_for_job(jobs, job_id)
+            except JobNotFound:
+                keeps[job_id] = None
+                out.unknown_runs.append(f"runs/{job_id}")
+        keep = keeps[job_id]
+        if keep is None:
             continue
-        for entry in sorted(run_dir.glob("*/*")):
-            rel = entry.relative_to(root).as_posix()
-            needed = rel in keep or entry.parent.relative_to(root).as_posix() in keep
-            if not needed and _old(entry, min_age_s):
-                out.delete.append((entry, _size(entry)))
+        needed = rel in keep or rel.rsplit("/", 1)[0] in keep
+        if not needed and old(group):
+            out.delete.append((rel, group.size))
     referenced = {h.last_pack.path for h in jobs.registry.handles() if h.last_pack is not None}
-    exchange = root / "tmp" / "exchange"
-    for entry in sorted(exchange.glob("*/*")) if exchange.is_dir() else []:
-        if entry.relative_to(root).as_posix() not in referenced and _old(entry, min_age_s):
-            out.delete.append((entry, _size(entry)))
-    chosen = {p for p, _ in out.delete}
-    for temp in sorted(root.rglob(f"*{TEMP_MARKER}*")):
-        inside = temp in chosen or any(parent in chosen for parent in temp.parents)
-        if temp.name.startswith(".") and not inside and _old(temp, min_age_s):
-            out.delete.append((temp, _size(temp)))
+    for rel, group in sorted(_groups(store, "tmp/exchange", 4).items()):
+        if rel not in referenced and old(group):
+            out.delete.append((rel, group.size))
+    chosen = {rel for rel, _ in out.delete}
+    temps: dict[str, _Group] = {}
+    for entry in store.walk():
+        parts = entry.path.split("/")
+        for depth, part in enumerate(parts):
+            if part.startswith(".") and TEMP_MARKER in part:
+                temp = "/".join(parts[: depth + 1])
+                group = temps.setdefault(temp, _Group())
+                group.size += entry.size
+                group.mtime = max(group.mtime, entry.mtime)
+                break
+    for rel, group in sorted(temps.items()):
+        inside = any(rel == c or rel.startswith(c + "/") for c in chosen)
+        if not inside and old(group):
+            out.delete.append((rel, group.size))
+    stale = store.stale_uploads(min_age_s)
     if not dry_run:
-        out.freed_bytes = remove_paths(root, [p for p, _ in out.delete])
+        out.freed_bytes = store.remove([rel for rel, _ in out.delete])
+        out.aborted_uploads = store.abort_uploads(stale)
+    else:
+        out.aborted_uploads = len(stale)
     return out

@@ -182,6 +182,7 @@ class WorkerProcess:
         cwd: Path | None = None,
         gpu: VisibleGpu | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        command_prefix: list[str] | None = None,
     ) -> None:
         from fleet.worker import worker_names
 
@@ -196,6 +197,7 @@ class WorkerProcess:
             else ["--cpu", "--slot", str(slot)]
         )
         args = [
+            *(command_prefix or []),  # e.g. nsenter into a test host's namespaces
             sys.executable,
             "-m",
             "fleet",

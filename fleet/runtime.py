@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet.connection import redis_client
-from fleet.data.dataset import ShardChecker
 from fleet.errors import FleetError, HandleNotFound, NoWorkloadError
 from fleet.protocol import WorkloadRef
 from fleet.registry import HandleRecord, Registry, WorkerInfo
 from fleet.settings import FleetSettings
-from fleet.storage import SharedRoot
+from fleet.storage import LocalStore, Store, open_store
 from fleet.workload import Workload, WorkloadCache
 
 log = logging.getLogger("fleet.runtime")
@@ -68,9 +67,8 @@ class WorkerRuntime:
         self.quick_registry = Registry(
             redis_client(settings, retry_s=0), heartbeat_ttl_s=settings.heartbeat_ttl_s
         )
-        self.shared = SharedRoot(settings.shared_root)
+        self.shared: Store = open_store(settings)
         self.workloads = WorkloadCache(settings.workload_allowlist)
-        self.shards = ShardChecker()
         self.models: dict[str, HeldModel] = {}
         self._noted_workloads: set[str] = set()
         self.pid = os.getpid()
@@ -83,7 +81,8 @@ class WorkerRuntime:
 
     def start(self, device_name: str = "cpu") -> None:
         """Register this worker and start heartbeating."""
-        self.shared.root.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.shared, LocalStore):
+            self.shared.root.mkdir(parents=True, exist_ok=True)
         self.device_name = device_name
         self.started_at = time.time()
         self._register()

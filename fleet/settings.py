@@ -7,6 +7,8 @@ Construct in code (``FleetSettings(redis_url=...)``) or from the environment
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -14,6 +16,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fleet``, or ``~/.cache/fleet``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fleet"
 
 
 def _hostname() -> str:
@@ -39,9 +47,29 @@ class FleetSettings(BaseSettings):
     redis_tls_ca_certs: Path | None = None
     """For ``rediss://``: CA bundle to verify the server with (system CAs if unset)."""
 
-    shared_root: Path = Path(".fleet/shared")
-    """Directory every worker mounts at the same path: packs, optimizer states,
-    artifacts, reports. PackRefs are relative to it."""
+    shared_root: str = ".fleet/shared"
+    """Where packs, optimizer states, datasets, artifacts and reports live; PackRefs are
+    relative to it. A local path (a directory every worker mounts, e.g. over NFS) or an
+    fsspec URL (``s3://bucket/prefix``; needs the ``s3`` extra), which workers read
+    through their cache (:mod:`fleet.storage`)."""
+
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the fsspec file system of a URL shared root, passed as they
+    are (s3fs: ``endpoint_url``, ``key``, ``secret``, ``client_kwargs``, ...). Env: a JSON
+    object. s3fs also reads the ``AWS_*`` variables."""
+
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """A worker's local cache of what it reads from a URL shared root (packs, leased
+    microshards, optimizer states). Default: ``$XDG_CACHE_HOME/fleet`` (``~/.cache/fleet``).
+    Unused with a local-path shared root (files are read where they lie)."""
+
+    cache_max_bytes: int = Field(default=20 << 30, gt=0)
+    """Soft bound on the cache's size in bytes; least recently used entries go first."""
+
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Directories absolute microshard paths in BatchRefs must lie in (a worker's own
+    disk, e.g. ``/data``). Empty: any absolute path is read as given (protocol: an
+    absolute shard path is a file on this worker). Env: comma-separated."""
 
     workload_allowlist: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["fleet.examples.*"]
@@ -101,6 +129,18 @@ class FleetSettings(BaseSettings):
             return _hostname()
         return value
 
+    @field_validator("shared_root", mode="before")
+    @classmethod
+    def _root_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
     @field_validator("workload_allowlist", mode="before")
     @classmethod
     def _split_allowlist(cls, value: object) -> object:
@@ -133,8 +173,17 @@ class FleetSettings(BaseSettings):
                 continue
             if isinstance(value, list):
                 value = ",".join(str(v) for v in value)
+            elif isinstance(value, dict):
+                value = json.dumps(value)
             env[f"FLEET_{name.upper()}"] = str(value)
         return env
+
+    @property
+    def shared_root_is_url(self) -> bool:
+        """True if the shared root is an fsspec URL (``s3://...``), not a local path."""
+        from fleet.storage import is_url
+
+        return is_url(self.shared_root)
 
     @property
     def backend_url(self) -> str:

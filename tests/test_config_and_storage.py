@@ -22,7 +22,7 @@ def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("FLEET_VISIBILITY_TIMEOUT_S", "90000")
     s = FleetSettings.from_env()
     assert s.redis_url == "redis://alice:s3cret@cache:6380/2"
-    assert s.shared_root == tmp_path
+    assert s.shared_root == str(tmp_path)
     assert s.workload_allowlist == ["fleet.examples.*", "mylab.workloads:*"]
     config = celery_config(s)
     assert config["broker_url"] == s.redis_url

@@ -31,7 +31,7 @@ from fleet.errors import (
 )
 from fleet.jobs import JobStore
 from fleet.local import worker_env
-from fleet.storage import SharedRoot
+from fleet.storage import LocalStore
 from tests.harness import REPO, inner_loops_started, run_in_thread, running_workers, wait_until
 from tests.workloads.shards import write_shards
 
@@ -43,7 +43,7 @@ SHARDS = "tests.workloads.shards:make"
 
 @pytest.mark.parametrize("manifest", [True, False], ids=["fetch-manifest", "directory"])
 def test_both_layouts_are_read_as_they_are(tmp_path, manifest):
-    shared = SharedRoot(tmp_path)
+    shared = LocalStore(tmp_path)
     files = write_shards(tmp_path / "data", 5, manifest=manifest)
     index = read_dataset(shared, "data")
     assert index.layout == ("burn-p2p-fetch-manifest" if manifest else "directory")
@@ -63,7 +63,7 @@ def test_both_layouts_are_read_as_they_are(tmp_path, manifest):
 
 
 def test_every_bad_dataset_is_a_typed_error(tmp_path):
-    shared = SharedRoot(tmp_path / "root")
+    shared = LocalStore(tmp_path / "root")
     root = shared.root
     root.mkdir()
     with pytest.raises(DatasetFormatError, match="no such directory"):

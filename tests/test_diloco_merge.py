@@ -327,7 +327,8 @@ def test_fleet_gc_removes_what_nothing_needs(fleet_settings, fleet, two_workers)
     temp.parent.mkdir(parents=True, exist_ok=True)
     temp.write_bytes(b"half a file")
     for path in (stray, orphan_opt, unreferenced, temp, unknown, root / referenced.path):
-        os.utime(path, (old, old))
+        for item in [path, *path.rglob("*")]:  # age is the files' (an object store has no dirs)
+            os.utime(item, (old, old))
     kept = [run_dir / "round-0002" / "global", run_dir / "round-0001" / "global"]
     runner = CliRunner(
         env={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ def test_the_hugging_face_example_trains_under_diloco_on_the_charlm_dataset(exam
 
     settings, worker = example_worker
     fleet = Fleet(settings)
-    write_dataset(settings.shared_root / "datasets/hf-charlm", 8, manifest=True)
+    write_dataset(Path(settings.shared_root) / "datasets/hf-charlm", 8, manifest=True)
     config = DiLoCoConfig(
         workload="fleet.examples.hf_lm:make",
         config=SMALL_HF,

@@ -353,7 +353,7 @@ def test_a_corrupt_checkpoint_is_recomputed_to_the_same_bits(cluster, fleet, cor
     run = _failed_after_round(fleet, 2)
     state = run.state()
     assert state is not None and state.next_round == 2
-    values = _values_path(cluster.settings.shared_root, state.global_pack.path)
+    values = _values_path(Path(cluster.settings.shared_root), state.global_pack.path)
     original = values.read_bytes()
     corrupt(values)
     assert values.read_bytes() != original and len(values.read_bytes()) == len(original)
@@ -380,9 +380,9 @@ def test_a_corrupt_checkpoint_without_its_inputs_fails_naming_the_round(cluster,
     run = _failed_after_round(fleet, 2)
     state = run.state()
     assert state is not None
-    _nan(_values_path(cluster.settings.shared_root, state.global_pack.path))
+    _nan(_values_path(Path(cluster.settings.shared_root), state.global_pack.path))
     last = run.rounds()[-1]
-    shutil.rmtree(cluster.settings.shared_root / last.merged[0].pack.path)
+    shutil.rmtree(Path(cluster.settings.shared_root) / last.merged[0].pack.path)
     with pytest.raises(CorruptCheckpointError) as error:
         DiLoCoRun.resume(fleet, run.job_id).run()
     assert error.value.round == 2 and error.value.path == state.global_pack.path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -459,3 +460,87 @@ def test_shutdown_takes_a_worker_info(fleet_settings, artifacts_dir, fleet):
         assert fleet.shutdown(info) is True
         worker.proc.wait(30)
         assert worker.proc.returncode == 0 and fleet.registry.worker(worker.name) is None
+
+
+def test_import_by_path_checks_the_digest_and_finite_values(fleet, two_workers):
+    """A pack whose values changed after publication is refused whether it is named by
+    PackRef or by path; a pack without a digest is still refused for a NaN."""
+    handle = fleet.init_model("cpu")
+    ref = fleet.export_parameter_pack(handle, "packs/tampered", SCHEMA)
+    values = fleet.shared.root / ref.path / "values.f32le"
+    data = bytearray(values.read_bytes())
+    data[8:12] = torch.tensor([float("nan")]).numpy().tobytes()
+    values.write_bytes(bytes(data))
+    for named in (ref, "packs/tampered"):
+        with pytest.raises(RemoteTaskError) as info:
+            fleet.import_parameter_pack(named)
+        assert info.value.error_type == "DigestMismatchError"
+        with pytest.raises(RemoteTaskError) as loaded:
+            fleet.load_parameter_pack(handle, named)
+        assert loaded.value.error_type == "DigestMismatchError"
+    # a pack that records no digest: its NaN is still refused (models load finite values)
+    plain = fleet.export_parameter_pack(handle, "packs/undigested", SCHEMA)
+    pack_dir = fleet.shared.root / plain.path
+    manifest = json.loads((pack_dir / "manifest.json").read_text())
+    manifest.pop("values_digest")
+    (pack_dir / "manifest.json").write_text(json.dumps(manifest))
+    (pack_dir / "values.f32le").write_bytes(bytes(data))
+    with pytest.raises(RemoteTaskError) as nonfinite:
+        fleet.import_parameter_pack("packs/undigested")
+    assert nonfinite.value.error_type == "NonFiniteValuesError"
+    fleet.release_model(handle)
+
+
+def _shard_batch(paths: list[str]) -> dict[str, object]:
+    return {
+        "kind": "cached_microshard_group",
+        "shard_paths": paths,
+        "microshard_ids": [f"s{i}" for i in range(len(paths))],
+        "ordinals": list(range(len(paths))),
+        "bytes_len": 0,
+    }
+
+
+def test_absolute_shard_paths_are_files_on_the_worker(
+    fleet_settings, fleet, two_workers, tmp_path, artifacts_dir
+):
+    """protocol section 5.5: an absolute shard path is a file on the worker's own disk
+    (burn_p2p's cache, or /data on every node) and reaches the hook as it is; relative
+    paths resolve under the shared root. FLEET_DATA_ROOTS restricts absolute paths."""
+    from fleet.local import WorkerProcess
+    from fleet.registry import Registry
+    from tests.harness import REPO
+    from tests.workloads.shards import write_shards
+
+    own_disk = tmp_path / "data" / "mnist"  # outside the shared root
+    files = write_shards(own_disk, 2)
+    handle = fleet.init_model("cpu", workload=SHARDS)
+    metrics = fleet.train_window(handle, [_shard_batch([str(f) for f in files])])
+    assert metrics["loss"] > 0
+    relative = "datasets/abs-test"
+    write_shards(fleet.shared.root / relative, 1)
+    assert fleet.train_window(handle, [_shard_batch([f"{relative}/00000.bin"])])["loss"] > 0
+    with pytest.raises(RemoteTaskError) as escape:
+        fleet.train_window(handle, [_shard_batch(["../outside/00000.bin"])])
+    assert escape.value.error_type == "DatasetPathError"
+    # a worker that allows only /srv/fleet-data: the same absolute path is refused, by name
+    strict = fleet_settings.model_copy(
+        update={"data_roots": [tmp_path / "elsewhere"], "pool_queue": "fleet.dataroots-test"}
+    )
+    worker = WorkerProcess(
+        strict, 7, artifacts_dir / "logs", workload=SHARDS, pythonpath=[str(REPO)], cwd=REPO
+    )
+    try:
+        worker.wait_alive(Registry.from_settings(strict))
+        other = fleet.init_model("cpu", worker=worker.name, workload=SHARDS)
+        with pytest.raises(RemoteTaskError) as refused:
+            fleet.train_window(other, [_shard_batch([str(files[0])])])
+        assert refused.value.error_type == "DatasetPathError"
+        assert "FLEET_DATA_ROOTS" in str(refused.value)
+        assert refused.value.data["data_roots"] == [str(tmp_path / "elsewhere")]
+        inside = strict.model_copy(update={"data_roots": [tmp_path / "data"]})
+        assert inside.data_roots  # (the same file is allowed under a root that holds it)
+        fleet.release_model(other)
+    finally:
+        worker.stop()
+    fleet.release_model(handle)

@@ -170,7 +170,7 @@ def test_the_plain_model_is_about_25_lines():
 @pytest.fixture(scope="module")
 def plain_dataset(fleet_settings) -> tuple[str, Path]:
     rel = f"datasets/plain-{time.time_ns()}"
-    out = fleet_settings.shared_root / rel
+    out = Path(fleet_settings.shared_root) / rel
     write_shards(out, shards=8)
     return rel, out
 

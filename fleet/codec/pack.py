@@ -307,7 +307,7 @@ def write_values_pack(
 # --------------------------------------------------------------------------- read
 
 
-def _readinto_exact(f: FileIO, buffer: memoryview, path: Path, expected_bytes: int) -> None:
+def _readinto_exact(f: Any, buffer: memoryview, path: Path, expected_bytes: int) -> None:
     got = 0
     while got < len(buffer):
         n = f.readinto(buffer[got:])
@@ -350,6 +350,9 @@ class PackReader:
         check_finite: refuse NaN and infinite values.
         layout_hash / values_digest: what a reference to the pack recorded, checked
             against the manifest first (see :func:`check_expected`).
+        manifest / file: the manifest and an open values file, for a pack that is not a
+            local directory (:meth:`fleet.storage.Store.pack_reader`; ``path`` then only
+            names it in errors). The reader closes ``file``.
 
     Raises:
         NotAPackError, ManifestError, UnknownPackFormatError: see :func:`read_manifest`.
@@ -365,19 +368,24 @@ class PackReader:
         check_finite: bool = False,
         layout_hash: str | None = None,
         values_digest: str | None = None,
+        manifest: PackManifest | None = None,
+        file: Any = None,
     ) -> None:
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
-        check_expected(
-            self.manifest, self.path, layout_hash=layout_hash, values_digest=values_digest
-        )
-        self.values_path = _values_file(self.path, self.manifest)
+        self.manifest = manifest if manifest is not None else read_manifest(self.path)
+        check_expected(self.manifest, path, layout_hash=layout_hash, values_digest=values_digest)
+        if file is None:
+            self.values_path = _values_file(self.path, self.manifest)
+        else:
+            self.values_path = Path(f"{path}/{self.manifest.values_f32_le}")
         self.remaining = self.manifest.parameter_count
         self._verify = verify and self.manifest.values_digest is not None
         self._check_finite = check_finite
         self._hasher = xxhash.xxh3_64()
         self._bad_count, self._first_bad, self._offset = 0, -1, 0
-        self._file: FileIO = open(self.values_path, "rb", buffering=0)  # noqa: SIM115
+        self._file: Any = (
+            file if file is not None else open(self.values_path, "rb", buffering=0)  # noqa: SIM115
+        )
 
     def read_into(self, out: torch.Tensor) -> torch.Tensor:
         """Read the next ``min(out.numel(), remaining)`` values into ``out`` (a contiguous

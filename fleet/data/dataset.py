@@ -1,4 +1,5 @@
-"""Microshard datasets: a directory under the shared root, read as it is.
+"""Microshard datasets: a directory under the shared root (local or on an object
+store), read as it is.
 
 Two layouts:
 
@@ -22,10 +23,11 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import posixpath
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,7 +39,7 @@ from fleet.errors import (
     ShardMissingError,
     ShardSizeMismatchError,
 )
-from fleet.storage import SharedRoot, atomic_write_bytes
+from fleet.storage import LocalStore, Store, atomic_write_bytes
 
 MANIFEST = "fetch-manifest.json"
 #: Multihash prefix of a sha2-256 digest (code 0x12, length 0x20), in hex.
@@ -84,25 +86,32 @@ class _FetchManifest(BaseModel):
     entries: list[_Entry]
 
 
-def shard_hash(path: Path) -> str:
-    """The content hash of a file as burn_p2p writes it: sha2-256 multihash, hex."""
+def _hash_stream(f: IO[bytes]) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return SHA256_MULTIHASH + digest.hexdigest()
 
 
-def _resolve(shared: SharedRoot, dataset: str, path: str | Path, shard: str | None) -> Path:
+def shard_hash(path: Path) -> str:
+    """The content hash of a file as burn_p2p writes it: sha2-256 multihash, hex."""
+    with open(path, "rb") as f:
+        return _hash_stream(f)
+
+
+def _rel(store: Store, dataset: str, path: str, shard: str | None) -> str:
     try:
-        return shared.resolve(path)
+        rel = store.relative(path)
+        if isinstance(store, LocalStore):
+            store.resolve(rel)  # a symlink out of the root
+        return rel
     except PathOutsideRootError:
         raise DatasetPathError(dataset, shard) from None
 
 
-def read_dataset(shared: SharedRoot, path: str, *, glob: str | None = None) -> DatasetIndex:
-    """Read the dataset at ``path`` (relative to the shared root) and check that every
-    shard exists with its recorded size.
+def read_dataset(store: Store, path: str, *, glob: str | None = None) -> DatasetIndex:
+    """Read the dataset at ``path`` (relative to the shared root, local or on an object
+    store) and check that every shard exists with its recorded size (one listing).
 
     Raises:
         DatasetPathError: the dataset or a shard locator escapes the shared root.
@@ -110,51 +119,54 @@ def read_dataset(shared: SharedRoot, path: str, *, glob: str | None = None) -> D
         ShardMissingError: a listed shard has no file.
         ShardSizeMismatchError: a shard is not as long as the manifest says.
     """
-    root = _resolve(shared, path, path, None)
-    rel = shared.relative(root)
-    if not root.is_dir():
+    rel = _rel(store, path, path, None)
+    files = {e.path: e for e in store.walk(rel)}
+    if not files and not store.exists(rel):
         raise DatasetFormatError(rel, "no such directory")
-    manifest = root / MANIFEST
-    if manifest.is_file():
+    manifest = posixpath.join(rel, MANIFEST)
+    if manifest in files:
         try:
-            raw = _FetchManifest.model_validate(json.loads(manifest.read_text("utf-8")))
+            raw = _FetchManifest.model_validate(json.loads(store.read_bytes(manifest)))
         except (ValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DatasetFormatError(rel, f"{MANIFEST} is not valid: {exc}") from None
         shards = []
         for entry in sorted(raw.entries, key=lambda e: e.ordinal):
-            file = _resolve(shared, rel, root / entry.locator, entry.locator)
-            if not file.is_file():
-                raise ShardMissingError(rel, entry.microshard_id, shared.relative(file))
-            size = file.stat().st_size
-            if size != entry.bytes_len:
-                raise ShardSizeMismatchError(rel, entry.microshard_id, entry.bytes_len, size)
+            file = _rel(store, rel, posixpath.join(rel, entry.locator), entry.locator)
+            found = files.get(file)
+            if found is None:
+                raise ShardMissingError(rel, entry.microshard_id, file)
+            if found.size != entry.bytes_len:
+                raise ShardSizeMismatchError(rel, entry.microshard_id, entry.bytes_len, found.size)
             shards.append(
                 Microshard(
                     microshard_id=entry.microshard_id,
                     ordinal=entry.ordinal,
-                    path=shared.relative(file),
-                    bytes_len=size,
+                    path=file,
+                    bytes_len=found.size,
                     content_hash=entry.content_hash.lower(),
                 )
             )
         view_id = raw.dataset_view_id
         layout: Literal["burn-p2p-fetch-manifest", "directory"] = "burn-p2p-fetch-manifest"
     else:
-        files = sorted(
-            p
-            for p in root.iterdir()
-            if p.is_file()
-            and not p.name.startswith(".")
-            and (glob is None or fnmatch.fnmatch(p.name, glob))
+        top = sorted(
+            (
+                e
+                for e in files.values()
+                if posixpath.dirname(e.path) == rel
+                and not e.name.startswith(".")
+                and (glob is None or fnmatch.fnmatch(e.name, glob))
+            ),
+            key=lambda e: e.name,
         )
         shards = [
             Microshard(
-                microshard_id=f.name,
+                microshard_id=e.name,
                 ordinal=i,
-                path=shared.relative(_resolve(shared, rel, f, f.name)),
-                bytes_len=f.stat().st_size,
+                path=_rel(store, rel, e.path, e.name),
+                bytes_len=e.size,
             )
-            for i, f in enumerate(files)
+            for i, e in enumerate(top)
         ]
         listing = json.dumps([(m.microshard_id, m.bytes_len) for m in shards])
         view_id = "dir-" + hashlib.sha256(listing.encode()).hexdigest()[:16]
@@ -164,9 +176,9 @@ def read_dataset(shared: SharedRoot, path: str, *, glob: str | None = None) -> D
     return DatasetIndex(path=rel, view_id=view_id, layout=layout, microshards=shards)
 
 
-def verify_dataset(shared: SharedRoot, index: DatasetIndex) -> int:
-    """Check every shard's content hash (shards without one are skipped); return how
-    many were checked.
+def verify_dataset(store: Store, index: DatasetIndex) -> int:
+    """Check every shard's content hash (shards without one are skipped), streaming each
+    from the store; return how many were checked.
 
     Raises:
         ShardHashMismatchError: the first shard whose content differs.
@@ -175,7 +187,8 @@ def verify_dataset(shared: SharedRoot, index: DatasetIndex) -> int:
     for shard in index.microshards:
         if shard.content_hash is None:
             continue
-        actual = shard_hash(shared.resolve(shard.path))
+        with store.open_read(shard.path) as f:
+            actual = _hash_stream(f)
         if actual != shard.content_hash:
             raise ShardHashMismatchError(
                 index.path, shard.microshard_id, shard.content_hash, actual

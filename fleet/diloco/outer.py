@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +36,9 @@ from fleet.codec.manifest import PackManifest
 from fleet.codec.pack import PackReader, writing_pack
 from fleet.errors import LayoutMismatchError
 from fleet.protocol import OuterOptimizer
+
+if TYPE_CHECKING:
+    from fleet.storage import Store
 
 #: Default bytes of each pack held at once by :func:`stream_outer_step` (1 MiB: blocks
 #: that stay in cache while the step runs over them; measured by benchmarks/outer_step.py).
@@ -149,7 +153,8 @@ class OuterStepOutput:
 class PackInput:
     """A pack read by the outer step, with what its reference recorded (checked)."""
 
-    path: Path
+    path: Path | str
+    """A local pack directory, or a path on ``store`` when the outer step is given one."""
     layout_hash: str | None = None
     values_digest: str | None = None
 
@@ -172,6 +177,7 @@ def stream_outer_step(
     *,
     chunk_bytes: int = CHUNK_BYTES,
     inputs_key: str | None = None,
+    store: Store | None = None,
 ) -> OuterStepOutput:
     """The outer step over packs, streamed: every input is read ``chunk_bytes`` at a time
     (its digest and, for replicas, finiteness checked as it is read), the step is
@@ -180,6 +186,10 @@ def stream_outer_step(
     blocks while the current one is computed, so extra memory is about ``(2N + 6) *
     chunk_bytes`` for N replicas, whatever the parameter count P. The result is
     bit-identical to :func:`average` + :func:`outer_step` on whole vectors.
+
+    With ``store``, the inputs' paths are on it and are read from it in ranged requests
+    of ``chunk_bytes`` (an object store: memory stays O(chunk)); the outputs are local
+    paths (:meth:`fleet.storage.Store.output`).
 
     Raises:
         LayoutMismatchError: an input's layout differs from the global pack's.
@@ -207,12 +217,16 @@ def stream_outer_step(
         inputs = [global_pack, *replicas, *([momentum] if momentum is not None else [])]
         readers: list[PackReader] = []
         for ref in inputs:
+            checks: dict[str, Any] = {
+                "check_finite": True,
+                "layout_hash": ref.layout_hash,
+                "values_digest": ref.values_digest,
+            }
             reader = stack.enter_context(
-                PackReader(
-                    ref.path,
-                    check_finite=True,
-                    layout_hash=ref.layout_hash,
-                    values_digest=ref.values_digest,
+                PackReader(ref.path, **checks)
+                if store is None
+                else store.pack_reader(
+                    str(ref.path), block_size=max(chunk_bytes, 1 << 20), **checks
                 )
             )
             if readers and reader.manifest.layout_hash != readers[0].manifest.layout_hash:

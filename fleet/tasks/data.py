@@ -1,21 +1,30 @@
 """fleet's data tasks: a dataset as a worker sees it, and the BatchRefs a workload gets.
 
-BatchRefs in requests name shards by paths relative to the shared root; the worker
-resolves them under its own mount (refusing paths that escape the root) before a hook
-sees them, so workers may mount the shared root at different places: the
+BatchRefs in requests name shards by paths relative to the shared root, or by absolute
+paths on the worker's own disk; the worker makes them local paths before a hook sees
+them (:func:`local_batches`): relative ones resolved under its own mount, or fetched
+into its cache from an object store, refusing paths that escape the root; absolute
+ones passed through (within ``FLEET_DATA_ROOTS`` if set). This covers the
 ``shard_paths`` of a ``cached_microshard_group``, and ``payload.shard_paths`` /
 ``payload.dataset_root`` of a ``micro_epoch`` (docs/protocol.md section 5.5).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from fleet.data.dataset import DatasetIndex, read_dataset
 from fleet.errors import DatasetPathError, PathOutsideRootError
-from fleet.protocol import BatchRef, DatasetIndexRequest, ShardChecks, WorkloadRef
+from fleet.protocol import (
+    BatchRef,
+    DatasetIndexRequest,
+    ShardChecks,
+    ShardExpectation,
+    WorkloadRef,
+)
 from fleet.runtime import WorkerRuntime
-from fleet.storage import SharedRoot
 from fleet.tasks.base import protocol_task
 
 
@@ -28,49 +37,80 @@ def dataset_index(
     return read_dataset(rt.shared, req.path, glob=req.glob)
 
 
-def _absolute(shared: SharedRoot, paths: Any) -> Any:
-    if not isinstance(paths, list):
-        return paths
+def _shard_path(
+    rt: WorkerRuntime, path: Any, expected: dict[str, ShardExpectation], dataset: str
+) -> Any:
+    """A shard path as a hook reads it: an absolute path as given (a file on this worker,
+    protocol section 5.5; inside ``FLEET_DATA_ROOTS`` when that is set), a relative one
+    resolved under the shared root (a cached, verified copy on an object store)."""
+    if not isinstance(path, str):
+        return path
+    if os.path.isabs(path):
+        roots = rt.settings.data_roots
+        if roots and not any(Path(path).resolve().is_relative_to(r.resolve()) for r in roots):
+            raise DatasetPathError(dataset, path, data_roots=[str(r) for r in roots])
+        return path
     try:
-        return [str(shared.resolve(p)) if isinstance(p, str) else p for p in paths]
-    except PathOutsideRootError as exc:
-        raise DatasetPathError("(batches)", exc.path) from None
+        rel = rt.shared.relative(path)
+    except PathOutsideRootError:
+        raise DatasetPathError(dataset, path) from None
+    shard = expected.get(rel)
+    if shard is None:
+        return str(rt.shared.local_shard(rel, None, dataset=dataset, shard_id=rel))
+    return str(
+        rt.shared.local_shard(
+            rel, shard.content_hash, dataset=dataset, shard_id=shard.microshard_id
+        )
+    )
 
 
-def resolve_batches(shared: SharedRoot, batches: list[BatchRef]) -> list[dict[str, Any]]:
-    """The BatchRefs as JSON for a hook, with shard paths absolute on this worker.
+def local_batches(
+    rt: WorkerRuntime, batches: list[BatchRef], checks: ShardChecks | None = None
+) -> list[dict[str, Any]]:
+    """The BatchRefs as JSON for a hook, with every shard path local on this worker:
+    relative paths under the shared root (fetched into the worker cache and checked
+    against ``checks``' content hashes on an object store; hash-checked once per process
+    on a local root), absolute paths as given. Shards named by ``checks`` are checked
+    first, before any step.
 
     Raises:
-        DatasetPathError: a shard path escapes the shared root.
+        DatasetPathError: a relative path escapes the shared root, or an absolute one
+            lies outside ``FLEET_DATA_ROOTS``.
+        ShardHashMismatchError, ShardMissingError: a shard is corrupt or gone.
     """
+    dataset = checks.dataset if checks is not None else "(batches)"
+    expected: dict[str, ShardExpectation] = {}
+    for shard in checks.shards if checks is not None else []:
+        try:
+            rel = rt.shared.relative(shard.path)
+        except PathOutsideRootError:
+            raise DatasetPathError(dataset, shard.path) from None
+        expected[rel] = shard
+        rt.shared.local_shard(
+            rel, shard.content_hash, dataset=dataset, shard_id=shard.microshard_id
+        )
+
+    def local(paths: Any) -> Any:
+        if not isinstance(paths, list):
+            return paths
+        return [_shard_path(rt, p, expected, dataset) for p in paths]
+
     out = []
     for batch in batches:
         data = batch.model_dump(mode="json")
         if data["kind"] == "cached_microshard_group":
-            data["shard_paths"] = _absolute(shared, data["shard_paths"])
+            data["shard_paths"] = local(data["shard_paths"])
         elif isinstance(data.get("payload"), dict):
             payload = dict(data["payload"])
-            payload["shard_paths"] = _absolute(shared, payload.get("shard_paths"))
-            if isinstance(payload.get("dataset_root"), str):
-                payload["dataset_root"] = _absolute(shared, [payload["dataset_root"]])[0]
+            payload["shard_paths"] = local(payload.get("shard_paths"))
+            root = payload.get("dataset_root")
+            if isinstance(root, str) and not os.path.isabs(root) and rt.shared.is_local:
+                try:
+                    payload["dataset_root"] = str(rt.shared.resolve(root))  # type: ignore[attr-defined]
+                except PathOutsideRootError:
+                    raise DatasetPathError(dataset, root) from None
             data["payload"] = {
                 k: v for k, v in payload.items() if v is not None or k in data["payload"]
             }
         out.append(data)
     return out
-
-
-def check_shards(rt: WorkerRuntime, checks: ShardChecks | None) -> None:
-    """Check the content hash of each shard a call will read, once per worker process.
-
-    Raises:
-        ShardHashMismatchError, ShardMissingError, DatasetPathError: before any step.
-    """
-    if checks is None:
-        return
-    for shard in checks.shards:
-        try:
-            path = rt.shared.resolve(shard.path)
-        except PathOutsideRootError:
-            raise DatasetPathError(checks.dataset, shard.path) from None
-        rt.shards.check(checks.dataset, shard.microshard_id, path, shard.content_hash)

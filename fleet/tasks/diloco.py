@@ -4,14 +4,11 @@ collection of a run's superseded packs."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
-from fleet.codec.manifest import read_manifest
-from fleet.codec.pack import PackReader
 from fleet.diloco.outer import PackInput, inputs_digest, stream_outer_step
-from fleet.errors import CodecError
+from fleet.errors import CodecError, StorageError
 from fleet.protocol import (
     CollectGarbageRequest,
     CollectGarbageResult,
@@ -22,35 +19,37 @@ from fleet.protocol import (
     WorkloadRef,
 )
 from fleet.runtime import WorkerRuntime
-from fleet.storage import PackRef, remove_paths
+from fleet.storage import PackRef, Store
 from fleet.tasks.base import protocol_task
 
 
 def _input(rt: WorkerRuntime, ref: PackRef) -> PackInput:
-    return PackInput(rt.shared.resolve(ref.path), ref.layout_hash, ref.values_digest)
+    return PackInput(rt.shared.relative(ref.path), ref.layout_hash, ref.values_digest)
 
 
-def _published(path: Path, key: str) -> bool:
-    """True if ``path`` holds an intact pack an outer step computed from inputs ``key``
+def _published(store: Store, rel: str, key: str) -> bool:
+    """True if ``rel`` holds an intact pack an outer step computed from inputs ``key``
     (a corrupt one is computed again)."""
     try:
-        if (read_manifest(path).model_extra or {}).get("inputs_digest") != key:
+        if (store.read_manifest(rel).model_extra or {}).get("inputs_digest") != key:
             return False
-        verify(path)
-    except CodecError:
+        verify(store, rel)
+    except (CodecError, StorageError):
         return False
     return True
 
 
-def verify(path: Path, *, layout_hash: str | None = None, values_digest: str | None = None) -> None:
+def verify(
+    store: Store, rel: str, *, layout_hash: str | None = None, values_digest: str | None = None
+) -> None:
     """Read a pack once, 1 MiB at a time, checking its digest and finite values.
 
     Raises:
         CodecError: the pack is corrupt (naming it).
     """
     block = torch.empty(1 << 18, dtype=torch.float32)
-    with PackReader(
-        path, check_finite=True, layout_hash=layout_hash, values_digest=values_digest
+    with store.pack_reader(
+        rel, check_finite=True, layout_hash=layout_hash, values_digest=values_digest
     ) as reader:
         while reader.remaining:
             reader.read_into(block)
@@ -65,30 +64,33 @@ def outer_step(
     reading, and publishes the next global and momentum packs. Outputs already
     published from the same inputs are returned as they are (a redelivered or re-run
     merge does not compute twice)."""
-    out_global = rt.shared.resolve(req.output_global_path)
-    out_momentum = rt.shared.resolve(req.output_momentum_path)
+    store = rt.shared
+    global_rel = store.relative(req.output_global_path)
+    momentum_rel = store.relative(req.output_momentum_path)
     key = inputs_digest(req.model_dump(mode="json", exclude={"chunk_bytes"}))
-    if _published(out_global, key) and _published(out_momentum, key):
+    if _published(store, global_rel, key) and _published(store, momentum_rel, key):
         return OuterStepResult(
-            global_pack=rt.shared.pack_ref(out_global),
-            momentum=rt.shared.pack_ref(out_momentum),
+            global_pack=store.pack_ref(global_rel),
+            momentum=store.pack_ref(momentum_rel),
             bytes_read=0,
             bytes_written=0,
             seconds=0.0,
             reused=True,
         )
-    output = stream_outer_step(
-        _input(rt, req.global_pack),
-        [_input(rt, r.pack) for r in req.replicas],
-        [r.weight for r in req.replicas],
-        _input(rt, req.momentum) if req.momentum is not None else None,
-        req.outer,
-        req.merge_policy,
-        out_global,
-        out_momentum,
-        chunk_bytes=req.chunk_bytes,
-        inputs_key=key,
-    )
+    with store.output(global_rel) as out_global, store.output(momentum_rel) as out_momentum:
+        output = stream_outer_step(
+            _input(rt, req.global_pack),
+            [_input(rt, r.pack) for r in req.replicas],
+            [r.weight for r in req.replicas],
+            _input(rt, req.momentum) if req.momentum is not None else None,
+            req.outer,
+            req.merge_policy,
+            out_global,
+            out_momentum,
+            chunk_bytes=req.chunk_bytes,
+            inputs_key=key,
+            store=store,
+        )
     return OuterStepResult(
         global_pack=PackRef.of(req.output_global_path, output.global_manifest),
         momentum=PackRef.of(req.output_momentum_path, output.momentum_manifest),
@@ -110,7 +112,8 @@ def verify_pack(
     """
     started = time.perf_counter()
     verify(
-        rt.shared.resolve(req.pack.path),
+        rt.shared,
+        req.pack.path,
         layout_hash=req.pack.layout_hash,
         values_digest=req.pack.values_digest,
     )
@@ -123,7 +126,7 @@ def collect_garbage(
 ) -> CollectGarbageResult:
     """Delete the given files and directories under the shared root (missing ones are
     skipped), then each parent directory that became empty."""
-    paths = [rt.shared.resolve(rel) for rel in req.paths]
-    present = [rel for rel, path in zip(req.paths, paths, strict=True) if path.exists()]
-    freed = remove_paths(rt.shared.root, paths)
+    rels = [rt.shared.relative(rel) for rel in req.paths]
+    present = [rel for rel in rels if rt.shared.exists(rel)]
+    freed = rt.shared.remove(rels)
     return CollectGarbageResult(deleted=present, freed_bytes=freed)

@@ -38,7 +38,9 @@ def model_state(
     if model_id is not None and (pack is None or model_id in rt.models):
         return rt.held(model_id).state
     if pack is not None:
-        return state_from_pack(base.workload, base.device, rt.shared.resolve(pack.path), None, pack)
+        return state_from_pack(
+            base.workload, base.device, rt.shared.local_pack(pack.path, pack), None, pack
+        )
     raise RequestValidationError(
         method, [{"loc": ["model_id"], "msg": "give a model_id or a pack", "type": "missing"}]
     )

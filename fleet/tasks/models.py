@@ -9,6 +9,7 @@ from typing import Any
 from fleet.codec import load_pack_into, pack_plan, read_pack, write_pack
 from fleet.codec.convert import load_state_artifact, save_state_artifact
 from fleet.codec.filter import StateDictFilter
+from fleet.codec.manifest import read_manifest
 from fleet.codec.pack import is_pack
 from fleet.devices import resolve_device
 from fleet.protocol import (
@@ -35,37 +36,35 @@ CUSTOM_PACK_HOOKS = ("export_parameter_pack_path", "import_parameter_pack_path")
 
 
 def check_pack(path: Path, ref: PackRef | None) -> None:
-    """Check a pack against its PackRef before a custom hook reads it: the manifest's
-    layout hash and digest, then the values' digest and finiteness (one read).
+    """Check a pack before a custom hook reads it: against its PackRef if there is one
+    (the manifest's layout hash and digest), and always the values' digest and
+    finiteness (one read).
 
     Raises:
         LayoutMismatchError, DigestMismatchError, NonFiniteValuesError: a replaced or
             corrupt pack (naming its path).
     """
-    if ref is not None:
-        read_pack(
-            path,
-            verify=True,
-            check_finite=True,
-            layout_hash=ref.layout_hash,
-            values_digest=ref.values_digest,
-        )
+    read_pack(
+        path,
+        verify=True,
+        check_finite=True,
+        layout_hash=ref.layout_hash if ref is not None else None,
+        values_digest=ref.values_digest if ref is not None else None,
+    )
 
 
 def _load(path: Path, state: Any, sdf: StateDictFilter | None, ref: PackRef | None) -> None:
-    """Load a pack into a state, checked against its PackRef when there is one."""
-    if ref is None:
-        load_pack_into(path, state, state_dict_filter=sdf)
-    else:
-        load_pack_into(
-            path,
-            state,
-            state_dict_filter=sdf,
-            verify=True,
-            check_finite=True,
-            layout_hash=ref.layout_hash,
-            values_digest=ref.values_digest,
-        )
+    """Load a pack into a state: its values' digest and finiteness checked while they are
+    read (by PackRef or by path alike), and the manifest against the PackRef if any."""
+    load_pack_into(
+        path,
+        state,
+        state_dict_filter=sdf,
+        verify=True,
+        check_finite=True,
+        layout_hash=ref.layout_hash if ref is not None else None,
+        values_digest=ref.values_digest if ref is not None else None,
+    )
 
 
 def state_from_pack(
@@ -134,10 +133,11 @@ def load_parameter_pack(
     """fleet extension: load a pack into a held model in place (its optimizer and other
     state stay); the pack becomes the handle's last pack."""
     held = rt.held(req.model_id)
-    path = rt.shared.resolve(req.parameter_pack_path)
+    rel = rt.shared.relative(req.parameter_pack_path)
+    path = rt.shared.local_pack(rel, req.pack)
     load_pack_into_held(held, path, req.state_dict_filter, req.pack)
     rt.registry.touch(req.model_id, bump_generation=True)
-    rt.registry.publish_pack(req.model_id, rt.shared.pack_ref(path))
+    rt.registry.publish_pack(req.model_id, PackRef.of(rel, read_manifest(path)))
     return EmptyResult()
 
 
@@ -167,11 +167,12 @@ def export_parameter_pack(
     """Publish a held model as a pack at ``parameter_pack_path`` (shared-root relative)
     and record it as the handle's last pack. The result carries the PackRef."""
     held = rt.held(req.model_id)
-    dest = rt.shared.resolve(req.parameter_pack_path)
-    publish_state_pack(
-        held.workload, held.state, dest, req.model_schema_hash, req.state_dict_filter
-    )
-    pack = rt.shared.pack_ref(dest)
+    rel = rt.shared.relative(req.parameter_pack_path)
+    with rt.shared.output(rel) as dest:
+        publish_state_pack(
+            held.workload, held.state, dest, req.model_schema_hash, req.state_dict_filter
+        )
+        pack = PackRef.of(rel, read_manifest(dest))
     rt.registry.publish_pack(req.model_id, pack)
     return ExportResult(pack=pack)
 
@@ -182,11 +183,12 @@ def import_parameter_pack(
 ) -> ModelIdResult:
     """Hold a new model on ``device`` loaded from the pack at ``parameter_pack_path``."""
     workload = rt.workload(ref)
-    path = rt.shared.resolve(req.parameter_pack_path)
+    rel = rt.shared.relative(req.parameter_pack_path)
+    path = rt.shared.local_pack(rel, req.pack)
     device = resolve_device(req.device)
     state = state_from_pack(workload, device, path, req.state_dict_filter, req.pack)
     model_id = rt.add_model(state, workload, device)
-    rt.registry.publish_pack(model_id, rt.shared.pack_ref(path))
+    rt.registry.publish_pack(model_id, PackRef.of(rel, read_manifest(path)))
     return ModelIdResult(model_id=model_id)
 
 
@@ -221,7 +223,7 @@ def load_model_artifact(
     else fleet's default: the safetensors file of the model's state dict
     (docs/protocol.md section 5.6)."""
     held = rt.held(req.model_id)
-    path = rt.shared.resolve(req.artifact_path)
+    path = rt.shared.local_file(rt.shared.relative(req.artifact_path))
     if held.workload.has("load_model_artifact_path"):
         new_state = held.workload.call("load_model_artifact_path", held.state, str(path))
     elif held.workload.has("load_model_artifact"):
@@ -242,14 +244,14 @@ def materialize_model_artifact(
     then renamed), else the bytes of ``materialize_model_artifact(state)``, else fleet's
     default: the model's state dict as safetensors (docs/protocol.md section 5.6)."""
     held = rt.held(req.model_id)
-    path = rt.shared.resolve(req.artifact_path)
-    if held.workload.has("materialize_model_artifact_path"):
-        with publishing(path) as tmp:
-            held.workload.call("materialize_model_artifact_path", held.state, str(tmp))
-    elif held.workload.has("materialize_model_artifact"):
-        data = held.workload.call("materialize_model_artifact", held.state)
-        atomic_write_bytes(path, bytes(data))
-    else:
-        save_state_artifact(held.state, path)
+    with rt.shared.output(rt.shared.relative(req.artifact_path)) as path:
+        if held.workload.has("materialize_model_artifact_path"):
+            with publishing(path) as tmp:
+                held.workload.call("materialize_model_artifact_path", held.state, str(tmp))
+        elif held.workload.has("materialize_model_artifact"):
+            data = held.workload.call("materialize_model_artifact", held.state)
+            atomic_write_bytes(path, bytes(data))
+        else:
+            save_state_artifact(held.state, path)
     rt.registry.touch(req.model_id)
     return EmptyResult()

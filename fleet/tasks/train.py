@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fleet.errors import (
     DeadlineExceeded,
     MetricValueError,
     StepBudgetError,
+    StorageError,
 )
 from fleet.protocol import (
     EvaluateRequest,
@@ -34,9 +36,9 @@ from fleet.protocol import (
     WorkloadRef,
 )
 from fleet.runtime import HeldModel, WorkerRuntime
-from fleet.storage import atomic_write_bytes, publishing, result_marker
+from fleet.storage import PackRef, publishing, result_marker
 from fleet.tasks.base import protocol_task
-from fleet.tasks.data import check_shards, resolve_batches
+from fleet.tasks.data import local_batches
 from fleet.tasks.models import load_pack_into_held, publish_state_pack
 from fleet.torch_state import TORCH_OPTIMIZER_STATE, save_torch
 
@@ -81,8 +83,7 @@ def train_window(
 ) -> MetricsResult:
     """Run the workload's ``train_window(state, batches)`` on a held model."""
     held = rt.held(req.model_id)
-    check_shards(rt, req.shard_checks)
-    batches = resolve_batches(rt.shared, req.batches)
+    batches = local_batches(rt, req.batches, req.shard_checks)
     metrics = check_metrics("train_window", held.workload.call("train_window", held.state, batches))
     rt.registry.touch(req.model_id, bump_generation=True)
     monitor = progress.current()
@@ -170,58 +171,63 @@ def run_inner_loop(
         DeadlineExceeded: past the deadline with ``require_exact_steps``.
         TaskAborted: asked to abort.
     """
-    out_path = rt.shared.resolve(req.output_parameter_pack_path)
+    out_rel = rt.shared.relative(req.output_parameter_pack_path)
     key = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
-    recorded = _recorded_result(out_path, key)
+    recorded = _recorded_result(rt, out_rel, key)
     if recorded is not None:  # a redelivered message: it ran already, to completion
         log.info("already ran: returning the published %s", req.output_parameter_pack_path)
         return recorded
     held = rt.held(req.model_id)
     started_at = time.time()
     started = time.perf_counter()
-    check_shards(rt, req.shard_checks)
-    batches = resolve_batches(rt.shared, req.batches)
+    batches = local_batches(rt, req.batches, req.shard_checks)
     if req.input_parameter_pack is not None:
         pack = req.input_parameter_pack
-        load_pack_into_held(held, rt.shared.resolve(pack.path), req.state_dict_filter, pack)
-    opt_path = (
-        rt.shared.resolve(req.inner_optimizer_state_path)
+        local = rt.shared.local_pack(pack.path, pack)
+        load_pack_into_held(held, local, req.state_dict_filter, pack)
+    opt_rel = (
+        rt.shared.relative(req.inner_optimizer_state_path)
         if req.inner_optimizer_state_path
         else None
     )
-    if req.inner_optimizer_state_source_path is not None and opt_path is not None:
-        source = rt.shared.resolve(req.inner_optimizer_state_source_path)
-        with publishing(opt_path) as tmp:
-            shutil.copyfile(source, tmp)
-    loaded = time.perf_counter()
-    stamp = _pack_stamp(out_path)
-    if held.workload.has("run_inner_loop"):
-        params = req.model_dump(mode="json", by_alias=True, exclude={"shard_checks"})
-        params["batches"] = batches
-        params["output_parameter_pack_path"] = str(out_path)
-        params["inner_optimizer_state_path"] = str(opt_path) if opt_path else None
-        result = held.workload.call("run_inner_loop", held.state, params) or {}
-        if result.get("state") is not None:
-            held.state = result["state"]
-    else:
-        result = _fleet_inner_loop(held, req, batches, opt_path)
-    computed = time.perf_counter()
-    steps = int(result.get("steps_completed", req.num_inner_steps))
-    if req.require_exact_steps and steps != req.num_inner_steps:
-        raise StepBudgetError(steps, req.num_inner_steps)
-    if _pack_stamp(out_path) in (None, stamp):
-        publish_state_pack(
-            held.workload, held.state, out_path, req.model_schema_hash, req.state_dict_filter
+    with ExitStack() as outputs:
+        # local paths the loop writes; on an object store, staged and uploaded on exit
+        out_path = outputs.enter_context(rt.shared.output(out_rel))
+        opt_path = (
+            outputs.enter_context(rt.shared.output(opt_rel, required=False)) if opt_rel else None
         )
-    pack = rt.shared.pack_ref(out_path)
+        if opt_path is not None:
+            _stage_optimizer_state(rt, req, opt_rel, opt_path)
+        loaded = time.perf_counter()
+        stamp = _pack_stamp(out_path)
+        if held.workload.has("run_inner_loop"):
+            params = req.model_dump(mode="json", by_alias=True, exclude={"shard_checks"})
+            params["batches"] = batches
+            params["output_parameter_pack_path"] = str(out_path)
+            params["inner_optimizer_state_path"] = str(opt_path) if opt_path else None
+            result = held.workload.call("run_inner_loop", held.state, params) or {}
+            if result.get("state") is not None:
+                held.state = result["state"]
+        else:
+            result = _fleet_inner_loop(held, req, batches, opt_path)
+        computed = time.perf_counter()
+        steps = int(result.get("steps_completed", req.num_inner_steps))
+        if req.require_exact_steps and steps != req.num_inner_steps:
+            raise StepBudgetError(steps, req.num_inner_steps)
+        if _pack_stamp(out_path) in (None, stamp):
+            publish_state_pack(
+                held.workload, held.state, out_path, req.model_schema_hash, req.state_dict_filter
+            )
+        pack = PackRef.of(out_rel, read_manifest(out_path))
+        opt_out = result.get("inner_optimizer_state_path")
+        opt_out_rel = _optimizer_rel(rt, opt_out, opt_path, opt_rel)
     published = time.perf_counter()
     rt.registry.touch(req.model_id, bump_generation=True)
     rt.registry.publish_pack(req.model_id, pack)
-    opt_out = result.get("inner_optimizer_state_path")
     outcome = RunInnerLoopResult(
         steps_completed=steps,
         metrics=check_metrics("run_inner_loop", result.get("metrics")),
-        inner_optimizer_state_path=rt.shared.relative(opt_out) if opt_out else None,
+        inner_optimizer_state_path=opt_out_rel,
         inner_optimizer_state_encoding=result.get("inner_optimizer_state_encoding"),
         pack=pack,
         load_s=loaded - started,
@@ -231,20 +237,51 @@ def run_inner_loop(
         finished_at=started_at + (published - started),
     )
     record = {"request": key, "result": outcome.model_dump(mode="json")}
-    atomic_write_bytes(Path(result_marker(str(out_path))), json.dumps(record).encode())
+    rt.shared.write_bytes(result_marker(out_rel), json.dumps(record).encode())
     return outcome
 
 
-def _recorded_result(out_path: Path, key: str) -> RunInnerLoopResult | None:
+def _stage_optimizer_state(
+    rt: WorkerRuntime, req: RunInnerLoopRequest, rel: str | None, opt_path: Path
+) -> None:
+    """Put the state the loop starts from at ``opt_path``: a copy of
+    ``inner_optimizer_state_source_path`` (a replica's state of the last round), or on an
+    object store the state already at ``rel``."""
+    source_rel = req.inner_optimizer_state_source_path
+    if source_rel is None and (rt.shared.is_local or rel is None):
+        return
+    try:
+        source = rt.shared.local_file(rt.shared.relative(source_rel or rel or ""))
+    except FileNotFoundError:
+        if source_rel is None:
+            return
+        raise
+    if source != opt_path:
+        with publishing(opt_path) as tmp:
+            shutil.copyfile(source, tmp)
+
+
+def _optimizer_rel(
+    rt: WorkerRuntime, reported: Any, opt_path: Path | None, opt_rel: str | None
+) -> str | None:
+    """The shared-root path of the optimizer state the loop reported writing."""
+    if not reported:
+        return None
+    if opt_path is not None and Path(str(reported)) == opt_path:
+        return opt_rel
+    return rt.shared.relative(str(reported))
+
+
+def _recorded_result(rt: WorkerRuntime, out_rel: str, key: str) -> RunInnerLoopResult | None:
     """The result a previous run of this very request recorded beside its output pack,
     if that pack is still the one it published."""
     try:
-        recorded = json.loads(Path(result_marker(str(out_path))).read_text())
+        recorded = json.loads(rt.shared.read_bytes(result_marker(out_rel)))
         if recorded.get("request") != key:
             return None
         result = RunInnerLoopResult.model_validate(recorded["result"])
-        published = read_manifest(out_path)
-    except (OSError, ValueError, CodecError):
+        published = rt.shared.read_manifest(out_rel)
+    except (OSError, ValueError, CodecError, StorageError):
         return None
     if result.pack is None or published.values_digest != result.pack.values_digest:
         return None

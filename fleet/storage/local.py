@@ -1,6 +1,6 @@
-"""The shared root: where packs, optimizer states, datasets and artifacts live;
-PackRefs; and :func:`publishing`, the one way fleet writes a file or a directory
-atomically (temp sibling, fsync, rename).
+"""Local files: :func:`publishing`, the one way fleet writes a file or a directory
+atomically on a POSIX file system (temp sibling, fsync, rename), and
+:class:`SharedRoot`, which resolves shared-root-relative paths under a local mount.
 
 Paths in requests are relative to the shared root (an absolute path is accepted only
 if it lies inside the root); each worker resolves them under its own mount. Anything
@@ -18,50 +18,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-
-from fleet.codec.manifest import PackManifest, read_manifest
+from fleet.codec.manifest import read_manifest
 from fleet.errors import PathOutsideRootError, StorageError, storage_error
-
-
-class PackRef(BaseModel):
-    """A parameter pack by reference: ``path`` relative to the shared root, plus its
-    ``layout_hash``, ``values_digest`` (``xxh3_64:<hex>`` or None) and
-    ``model_schema_hash``, so a reader can check it without opening it first."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    path: str
-    layout_hash: str | None = None
-    values_digest: str | None = None
-    model_schema_hash: str | None = None
-    parameter_count: int | None = None
-
-    @classmethod
-    def of(cls, rel_path: str, manifest: PackManifest) -> PackRef:
-        """The PackRef of a pack at ``rel_path`` with this manifest."""
-        return cls(
-            path=rel_path,
-            layout_hash=manifest.layout_hash,
-            values_digest=manifest.values_digest,
-            model_schema_hash=manifest.model_schema_hash,
-            parameter_count=manifest.parameter_count,
-        )
-
-
-#: Marker in the names of temp siblings (``.<name>.tmp-<hex>``); ``fleet gc`` removes
-#: stale ones a crash left behind.
-TEMP_MARKER = ".tmp-"
-
-
-#: Suffix of the file beside a task's output that records the task's result, so a
-#: redelivered task returns it instead of running again (docs/design.md decision 5).
-RESULT_SUFFIX = ".result.json"
-
-
-def result_marker(path: str) -> str:
-    """The result file of the task whose output is ``path`` (shared-root relative)."""
-    return path + RESULT_SUFFIX
+from fleet.storage.refs import TEMP_MARKER, PackRef
 
 
 def temp_sibling(path: Path) -> Path:

@@ -1,0 +1,405 @@
+"""The storage layer: everything fleet keeps on the shared root (packs, momentum,
+optimizer states, datasets, artifacts, result markers, reports) goes through a
+:class:`Store`, addressed by shared-root-relative POSIX paths.
+
+Two backends (``FLEET_SHARED_ROOT``):
+
+- :class:`LocalStore`, a local path (a directory every worker mounts, NFS included):
+  files are read where they lie (no copy) and published by rename
+  (:func:`fleet.storage.local.publishing`);
+- :class:`~fleet.storage.object_store.ObjectStore`, an fsspec URL (``s3://bucket/prefix``,
+  tested against SeaweedFS's S3 API): reads are fetched once into the worker's
+  :class:`~fleet.storage.cache.WorkerCache` and verified, writes are staged locally and
+  uploaded, data objects first and the commit file (a pack's ``manifest.json``, a
+  dataset's ``fetch-manifest.json``) last (docs/protocol.md, "Publishing on an object
+  store").
+
+Hooks only ever see local paths: :meth:`Store.local_pack`, :meth:`Store.local_file` and
+:meth:`Store.local_shard` give a readable local copy, :meth:`Store.output` a local path
+to write that is published when the block ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from fleet.codec.manifest import MANIFEST_FILE, PackManifest, _manifest_from_json, read_manifest
+from fleet.errors import ManifestError, NotAPackError, PathOutsideRootError, ValuesLengthError
+from fleet.storage.local import SharedRoot, atomic_write_bytes, remove_paths
+from fleet.storage.refs import PackRef
+
+if TYPE_CHECKING:
+    from fleet.codec.pack import PackReader
+    from fleet.settings import FleetSettings
+
+#: Files that commit a directory: uploaded last, so a reader that finds one finds the
+#: whole directory (a pack's manifest, a burn_p2p dataset's fetch manifest).
+COMMIT_FILES = (MANIFEST_FILE, "fetch-manifest.json")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file or directory on a store: root-relative ``path``, ``size`` in bytes (0 for
+    a directory), modification time ``mtime`` (Unix seconds; 0 where unknown)."""
+
+    path: str
+    size: int
+    mtime: float
+    is_dir: bool
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+
+def parse_manifest(data: bytes, where: str) -> PackManifest:
+    """A pack manifest from the bytes of its ``manifest.json``.
+
+    Raises:
+        ManifestError: not JSON or not a valid manifest.
+    """
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(where, None, f"not valid JSON: {exc}") from exc
+    return _manifest_from_json(Path(where), raw)
+
+
+class Store(ABC):
+    """A shared root, local or remote. Paths are root-relative POSIX strings; one that
+    escapes the root is refused with :class:`~fleet.errors.PathOutsideRootError`."""
+
+    #: Where the root is, for messages and ``fleet cluster info``.
+    url: str
+    #: True for a local path (files are read where they lie).
+    is_local: bool
+
+    # ------------------------------------------------------------------ paths
+
+    @abstractmethod
+    def relative(self, path: str | os.PathLike[str]) -> str:
+        """``path`` as a normalised root-relative POSIX path.
+
+        Raises:
+            PathOutsideRootError: empty, or outside the root.
+        """
+
+    # ------------------------------------------------------------------ reads
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool:
+        """True if a file or a non-empty directory is at ``rel``."""
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes:
+        """The bytes of the file at ``rel``.
+
+        Raises:
+            FileNotFoundError: no such file.
+            StorageError: the store failed.
+        """
+
+    @abstractmethod
+    def listdir(self, rel: str) -> list[Entry]:
+        """The files and directories directly in ``rel``, sorted by name ([] if none)."""
+
+    @abstractmethod
+    def walk(self, rel: str = "") -> list[Entry]:
+        """Every file below ``rel`` (recursively), sorted by path ([] if none)."""
+
+    @abstractmethod
+    def open_read(self, rel: str, *, block_size: int = 1 << 22) -> IO[bytes]:
+        """A binary file object on ``rel`` (``readinto``, ``seek``); remote stores read it
+        in ranged requests of ``block_size`` bytes, so memory stays O(block).
+
+        Raises:
+            FileNotFoundError: no such file.
+        """
+
+    def read_manifest(self, rel: str) -> PackManifest:
+        """The manifest of the pack at ``rel``.
+
+        Raises:
+            NotAPackError: no ``manifest.json`` there (a pack whose upload did not finish
+                has none).
+            ManifestError, UnknownPackFormatError: an unreadable manifest.
+        """
+        where = posixpath.join(rel, MANIFEST_FILE)
+        try:
+            data = self.read_bytes(where)
+        except FileNotFoundError:
+            raise NotAPackError(f"{self.url}/{rel}", f"no {MANIFEST_FILE}") from None
+        return parse_manifest(data, f"{self.url}/{where}")
+
+    def pack_ref(self, rel: str) -> PackRef:
+        """The PackRef of the pack at ``rel``.
+
+        Raises:
+            PathOutsideRootError: outside the root.
+            CodecError: not a readable pack.
+        """
+        rel = self.relative(rel)
+        return PackRef.of(rel, self.read_manifest(rel))
+
+    @abstractmethod
+    def size(self, rel: str) -> int:
+        """The byte length of the file at ``rel``.
+
+        Raises:
+            FileNotFoundError: no such file.
+        """
+
+    def pack_reader(
+        self,
+        rel: str,
+        *,
+        block_size: int = 1 << 22,
+        check_finite: bool = False,
+        layout_hash: str | None = None,
+        values_digest: str | None = None,
+    ) -> PackReader:
+        """A :class:`~fleet.codec.pack.PackReader` streaming the pack at ``rel`` from the
+        store (ranged reads of ``block_size``), its digest checked while read.
+
+        Raises:
+            CodecError: see :class:`~fleet.codec.pack.PackReader`.
+        """
+        from fleet.codec.pack import PackReader
+
+        rel = self.relative(rel)
+        manifest = self.read_manifest(rel)
+        where = f"{self.url}/{rel}"
+        values_rel = f"{rel}/{manifest.values_f32_le}"
+        try:
+            size = self.size(values_rel)
+        except FileNotFoundError:
+            size = 0
+        if size != manifest.values_nbytes:
+            raise ValuesLengthError(f"{self.url}/{values_rel}", manifest.values_nbytes, size)
+        return PackReader(
+            where,
+            check_finite=check_finite,
+            layout_hash=layout_hash,
+            values_digest=values_digest,
+            manifest=manifest,
+            file=self.open_read(values_rel, block_size=block_size),
+        )
+
+    @abstractmethod
+    def local_pack(self, rel: str, ref: PackRef | None = None) -> Path:
+        """A local directory holding the pack at ``rel`` (the pack itself on a local
+        store; a verified cached copy on a remote one).
+
+        Raises:
+            CodecError: not a pack, or a remote pack whose values do not match its
+                digest (``DigestMismatchError``) or its ref (``LayoutMismatchError``).
+        """
+
+    @abstractmethod
+    def local_file(self, rel: str) -> Path:
+        """A local path holding the file at ``rel``.
+
+        Raises:
+            FileNotFoundError: no such file.
+        """
+
+    @abstractmethod
+    def local_shard(
+        self, rel: str, content_hash: str | None, *, dataset: str, shard_id: str
+    ) -> Path:
+        """A local path holding the microshard at ``rel``, its content hash checked the
+        first time it is read on this worker (when ``content_hash`` is given).
+
+        Raises:
+            ShardMissingError: no such file.
+            ShardHashMismatchError: its content differs from ``content_hash``.
+        """
+
+    # ------------------------------------------------------------------ writes
+
+    @abstractmethod
+    @contextmanager
+    def output(self, rel: str, *, required: bool = True) -> Iterator[Path]:
+        """A local path at which the block writes ``rel`` (a file or a directory), with
+        an atomic local writer (:func:`~fleet.storage.local.publishing`,
+        :func:`~fleet.codec.write_pack`); it is on the store when the block ends. On a
+        local store this is the destination itself; on a remote one a staging path,
+        uploaded with its commit file last. An exception publishes nothing; so does a
+        block that wrote nothing when not ``required``.
+
+        Raises:
+            StorageError: the upload or the file system failed, or ``required`` and the
+                block wrote nothing.
+        """
+        yield Path()
+
+    @abstractmethod
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a file atomically (a reader sees the old one, none, or the new one).
+
+        Raises:
+            StorageError: the store failed.
+        """
+
+    @abstractmethod
+    def remove(self, rels: list[str]) -> int:
+        """Delete files and directory trees (missing ones are skipped); return bytes freed."""
+
+    def stale_uploads(self, min_age_s: float) -> list[str]:
+        """Unfinished uploads older than ``min_age_s`` (for ``fleet gc``): none locally,
+        where a crash leaves temp siblings instead."""
+        return []
+
+    def abort_uploads(self, ids: list[str]) -> int:
+        """Abort the unfinished uploads ``ids``; return how many were aborted."""
+        return 0
+
+
+class LocalStore(Store):
+    """A shared root on a local path (see the module docstring)."""
+
+    is_local = True
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.shared = SharedRoot(root)
+        self.root = self.shared.root
+        self.url = str(self.root)
+        self._checker: Any = None  # a ShardChecker, made on first use
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """The absolute local path of ``path`` (see :meth:`SharedRoot.resolve`)."""
+        return self.shared.resolve(path)
+
+    def relative(self, path: str | os.PathLike[str]) -> str:
+        rel = self.shared.relative(path)
+        if rel == ".":
+            raise PathOutsideRootError(os.fspath(path), self.url)
+        return rel
+
+    def exists(self, rel: str) -> bool:
+        return self.resolve(rel).exists()
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.resolve(rel).read_bytes()
+        except IsADirectoryError:
+            raise FileNotFoundError(rel) from None
+
+    def _entry(self, path: Path) -> Entry:
+        stat = path.lstat()
+        is_dir = path.is_dir() and not path.is_symlink()
+        # not resolved: a symlink out of the root is listed, and refused where it is used
+        rel = path.relative_to(self.root).as_posix()
+        try:
+            size = 0 if is_dir else path.stat().st_size
+        except OSError:  # a dangling symlink
+            size = stat.st_size
+        return Entry(rel, size, stat.st_mtime, is_dir)
+
+    def listdir(self, rel: str) -> list[Entry]:
+        folder = self.resolve(rel)
+        if not folder.is_dir():
+            return []
+        return [self._entry(p) for p in sorted(folder.iterdir())]
+
+    def walk(self, rel: str = "") -> list[Entry]:
+        folder = self.resolve(rel) if rel else self.root
+        if not folder.is_dir():
+            return []
+        return [self._entry(p) for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink()]
+
+    def open_read(self, rel: str, *, block_size: int = 1 << 22) -> IO[bytes]:
+        return open(self.resolve(rel), "rb", buffering=0)
+
+    def read_manifest(self, rel: str) -> PackManifest:
+        return read_manifest(self.resolve(rel))
+
+    def local_pack(self, rel: str, ref: PackRef | None = None) -> Path:
+        return self.resolve(rel)
+
+    def size(self, rel: str) -> int:
+        path = self.resolve(rel)
+        if not path.is_file():
+            raise FileNotFoundError(rel)
+        return path.stat().st_size
+
+    def pack_reader(
+        self,
+        rel: str,
+        *,
+        block_size: int = 1 << 22,
+        check_finite: bool = False,
+        layout_hash: str | None = None,
+        values_digest: str | None = None,
+    ) -> PackReader:
+        from fleet.codec.pack import PackReader
+
+        return PackReader(
+            self.resolve(rel),
+            check_finite=check_finite,
+            layout_hash=layout_hash,
+            values_digest=values_digest,
+        )
+
+    def local_file(self, rel: str) -> Path:
+        path = self.resolve(rel)
+        if not path.is_file():
+            raise FileNotFoundError(rel)
+        return path
+
+    def local_shard(
+        self, rel: str, content_hash: str | None, *, dataset: str, shard_id: str
+    ) -> Path:
+        from fleet.data.dataset import ShardChecker
+
+        path = self.resolve(rel)
+        if content_hash is not None:
+            if self._checker is None:
+                self._checker = ShardChecker()
+            self._checker.check(dataset, shard_id, path, content_hash)
+        return path
+
+    @contextmanager
+    def output(self, rel: str, *, required: bool = True) -> Iterator[Path]:
+        yield self.resolve(rel)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        atomic_write_bytes(self.resolve(rel), data)
+
+    def remove(self, rels: list[str]) -> int:
+        return remove_paths(self.root, [self.resolve(r) for r in rels])
+
+
+def open_store(settings: FleetSettings, *, cache: bool = True) -> Store:
+    """The store of ``settings.shared_root``: a :class:`LocalStore` for a path, an
+    :class:`~fleet.storage.object_store.ObjectStore` for a URL (``scheme://...``), with
+    ``settings.storage_options`` and a cache at ``settings.cache_dir``.
+
+    Raises:
+        StorageError: the URL's file system is unknown or cannot be opened (e.g. s3fs
+            is not installed: ``pip install 'fleet-diloco[s3]'``).
+    """
+    root = os.fspath(settings.shared_root)
+    if root.startswith("file://"):
+        return LocalStore(root.removeprefix("file://"))
+    if not is_url(root):
+        return LocalStore(root)
+    from fleet.storage.cache import WorkerCache
+    from fleet.storage.object_store import ObjectStore
+
+    worker_cache = WorkerCache(settings.cache_dir, settings.cache_max_bytes) if cache else None
+    return ObjectStore(root, settings.storage_options, worker_cache)
+
+
+def is_url(root: str) -> bool:
+    """True if ``root`` names an fsspec file system (``scheme://...``), not a local path."""
+    scheme, sep, _ = root.partition("://")
+    return bool(sep) and scheme.isidentifier() and scheme != "file"
