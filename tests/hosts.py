@@ -1,0 +1,240 @@
+"""Hosts for multi-host tests, made of Linux namespaces.
+
+A :class:`Network` is a switch: a network namespace holding a bridge. Each
+:class:`Host` is a network namespace joined to the bridge by a veth pair (its
+``eth0``, an address in a private /24 picked at random) and a mount namespace with a
+private tmpfs at :attr:`Host.local_dir` for its cache and local files: two hosts share
+nothing but the network (the code they run is installed software, visible to all, as
+on real machines). A long-lived ``sleep`` holds each host's namespaces; commands enter
+them with ``nsenter``. The test process itself plays the operator's laptop: a veth in
+its own namespace (``ctl``) joins the bridge too, so it can read Redis on the storage
+host; it carries no workload traffic.
+
+Links are rate-limited with ``tc qdisc ... tbf`` in both directions (the host's
+``eth0`` and its switch port). This kernel has tbf and htb but no netem: no added
+delay, only bandwidth. Everything is torn down by :meth:`Network.close`.
+
+Needs root (``ip netns``); :func:`skip_reason` says why it cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def skip_reason() -> str | None:
+    """Why namespaces cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "multi-host tests need root (ip netns, unshare --mount)"
+    for tool in ("ip", "nsenter", "unshare", "tc"):
+        if shutil.which(tool) is None:
+            return f"multi-host tests need {tool}"
+    probe = f"flprobe{uuid.uuid4().hex[:6]}"
+    made = _run("ip", "netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"ip netns add is not permitted here: {made.stderr.strip()}"
+    _run("ip", "netns", "del", probe, check=False)
+    return None
+
+
+def _free_subnet() -> str:
+    routes = _run("ip", "-4", "route", "show", "table", "all").stdout
+    for _ in range(50):
+        subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
+        if f"{subnet}." not in routes:
+            return subnet
+    raise RuntimeError("no free 10.x.y.0/24 subnet")
+
+
+class Host:
+    """One host: network and mount namespaces, an address, a private tmpfs."""
+
+    def __init__(self, network: Network, name: str, index: int) -> None:
+        self.network = network
+        self.name = name
+        self.ns = f"{network.tag}-{name}"
+        self.ip = f"{network.subnet}.{index}"
+        self.port = f"{network.tag[-6:]}p{index}"  # its switch port (<= 15 chars)
+        self.local_dir = Path(tempfile.mkdtemp(prefix=f"host-{name}-", dir=network.base))
+        _run("ip", "netns", "add", self.ns)
+        _run(
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            self.ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.port,
+            "netns",
+            network.switch,
+        )
+        _run("ip", "-n", network.switch, "link", "set", self.port, "master", "br0", "up")
+        _run("ip", "-n", self.ns, "addr", "add", f"{self.ip}/24", "dev", "eth0")
+        _run("ip", "-n", self.ns, "link", "set", "eth0", "up")
+        _run("ip", "-n", self.ns, "link", "set", "lo", "up")
+        # the holder of the mount namespace: a private tmpfs at local_dir, then sleep
+        self._holder = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                'mount -t tmpfs -o size=4g tmpfs "$0" && echo ready && exec sleep infinity',
+                str(self.local_dir),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert self._holder.stdout is not None
+        if self._holder.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"host {name}: could not mount its tmpfs")
+
+    @property
+    def prefix(self) -> list[str]:
+        """Run a command on this host: ``[*host.prefix, cmd, ...]``."""
+        return ["nsenter", "-t", str(self._holder.pid), "-m", "-n", f"--wd={os.getcwd()}", "--"]
+
+    def run(self, *cmd: str, check: bool = True, timeout_s: float = 120.0) -> str:
+        """Run a command on this host; its stdout."""
+        out = subprocess.run(
+            [*self.prefix, *cmd], capture_output=True, text=True, timeout=timeout_s
+        )
+        if check and out.returncode != 0:
+            raise RuntimeError(f"{self.name}: {cmd} failed: {out.stdout}{out.stderr}")
+        return out.stdout
+
+    def popen(
+        self, *cmd: str, log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as f:
+            return subprocess.Popen(
+                [*self.prefix, *cmd],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def limit(self, mbit: float | None) -> None:
+        """Rate-limit this host's link both ways to ``mbit`` Mbit/s (tbf); None: unlimited."""
+        for ns, dev in ((self.ns, "eth0"), (self.network.switch, self.port)):
+            _run("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
+            if mbit is not None:
+                burst = max(32_000, int(mbit * 1e6 / 8 / 100))  # ~10 ms of traffic
+                _run(
+                    "tc",
+                    "-n",
+                    ns,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    dev,
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{mbit}mbit",
+                    "burst",
+                    str(burst),
+                    "latency",
+                    "100ms",
+                )
+
+    def link(self, up: bool) -> None:
+        """Bring this host's link up or down (a cable pulled)."""
+        _run("ip", "-n", self.ns, "link", "set", "eth0", "up" if up else "down")
+
+    def counters(self) -> tuple[int, int]:
+        """Bytes (sent, received) on this host's link so far."""
+        base = "/sys/class/net/eth0/statistics"
+        out = self.run("sh", "-c", f"cat {base}/tx_bytes {base}/rx_bytes").split()
+        return int(out[0]), int(out[1])
+
+    def close(self) -> None:
+        if self._holder.poll() is None:
+            os.killpg(self._holder.pid, signal.SIGKILL)
+            self._holder.wait()
+        _run("ip", "netns", "del", self.ns, check=False)
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+
+
+class Network:
+    """A bridge in its own namespace, hosts on it, and the test process's ``ctl`` port."""
+
+    def __init__(self, base: Path) -> None:
+        self.tag = f"fl{uuid.uuid4().hex[:6]}"
+        self.subnet = _free_subnet()
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.switch = f"{self.tag}-sw"
+        self.hosts: list[Host] = []
+        self.ctl = f"{self.tag}c"
+        _run("ip", "netns", "add", self.switch)
+        _run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", self.switch, "link", "set", "br0", "up")
+        # the operator's port: this namespace, address .1
+        _run(
+            "ip",
+            "link",
+            "add",
+            self.ctl,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ctl",
+            "netns",
+            self.switch,
+        )
+        _run("ip", "-n", self.switch, "link", "set", "ctl", "master", "br0", "up")
+        _run("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.ctl)
+        _run("ip", "link", "set", self.ctl, "up")
+
+    def host(self, name: str) -> Host:
+        host = Host(self, name, 10 + len(self.hosts))
+        self.hosts.append(host)
+        return host
+
+    def wait_reachable(self, host: Host, port: int, timeout_s: float = 60.0) -> None:
+        """Block until ``host:port`` accepts TCP connections from here."""
+        import socket
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection((host.ip, port), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.close()
+        _run("ip", "link", "del", self.ctl, check=False)
+        _run("ip", "netns", "del", self.switch, check=False)
+        shutil.rmtree(self.base, ignore_errors=True)
