@@ -33,7 +33,7 @@ def services(compose) -> dict:
 
 
 def _fleet_services(services: dict) -> dict:
-    return {name: s for name, s in services.items() if name != "redis"}
+    return {n: s for n, s in services.items() if n not in ("redis", "seaweedfs", "s3-bucket")}
 
 
 def test_services_and_volumes(compose, services):
@@ -45,14 +45,34 @@ def test_services_and_volumes(compose, services):
         "worker-cpu0",
         "worker-cpu1",
         "orchestrator",
+        "seaweedfs",
+        "s3-bucket",
     }
-    assert set(compose["volumes"]) == {"fleet-shared", "redis-data"}
+    assert set(compose["volumes"]) == {"fleet-shared", "redis-data", "seaweed-data"}
     for name, service in _fleet_services(services).items():
         assert f"fleet-shared:{SHARED}" in service["volumes"], f"{name} must mount the shared root"
-        assert service["environment"]["FLEET_SHARED_ROOT"] == SHARED
+        # the volume by default; .env may point every service at a bucket instead
+        assert service["environment"]["FLEET_SHARED_ROOT"] == f"${{FLEET_SHARED_ROOT:-{SHARED}}}"
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert service["environment"]["FLEET_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?")
         assert service["environment"]["FLEET_WORKLOAD_ALLOWLIST"].endswith(":-fleet.examples.*}")
+
+
+def test_the_s3_profile_brings_a_store_and_its_bucket(services):
+    """Hosts without NFS: SeaweedFS's S3 gateway behind the s3 profile, on this host's
+    loopback unless S3_ADDRESS says otherwise, healthchecked, and a one-shot that makes
+    the bucket once the store is healthy."""
+    store, bucket = services["seaweedfs"], services["s3-bucket"]
+    assert store["profiles"] == bucket["profiles"] == ["s3"]
+    assert "-s3" in store["command"] and "-s3.port=8333" in store["command"]
+    assert store["ports"] == ["${S3_ADDRESS:-127.0.0.1}:8333:8333"]
+    assert "seaweed-data:/data" in store["volumes"]
+    assert "8333" in " ".join(store["healthcheck"]["test"])
+    assert bucket["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+    assert "s3.bucket.create -name fleet" in bucket["entrypoint"][-1]
+    assert bucket["restart"] == "no"
+    dockerfile = (REPO / "ops" / "Dockerfile").read_text()
+    assert re.search(r"pip install \"\./\[[^]]*\bs3\b", dockerfile), "the image needs s3fs"
 
 
 def test_redis_is_durable_password_protected_and_checked(services):
@@ -193,7 +213,7 @@ def test_dockerfile_lints_clean_and_has_what_it_needs():
         'RUN pip install "./['
     ), "torch first"
     assert "COPY fleet ./fleet" in dockerfile and "COPY examples" not in dockerfile
-    assert 'RUN pip install "./[worker,demo,monitoring,tensorboard]"' in dockerfile
+    assert 'RUN pip install "./[worker,demo,monitoring,tensorboard,s3]"' in dockerfile
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
         "hadolint"
     )
