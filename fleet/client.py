@@ -17,6 +17,7 @@ attached; it is also a :class:`~fleet.errors.RemoteTaskError`.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar, overload
@@ -92,7 +93,7 @@ class Fleet(MergeCalls):
         view.job_id, view.fence = job_id, fence
         return view
 
-    @property
+    @functools.cached_property
     def shared(self) -> Store:
         """The shared root's store as seen from this machine (a local mount or an object
         store), for clients that read or write it (an orchestrator does not need it)."""

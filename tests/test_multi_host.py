@@ -215,18 +215,19 @@ def test_a_host_cut_off_mid_round_has_its_replica_re_run(cluster, worker_procs, 
     finally:
         cluster.workers[0].link(True)
     losses, _, rounds = _outcome(cluster, job_id)
-    # rounds 0 and 1 exactly as undisturbed: the re-run on w2 reproduced the lost attempt
-    # (later rounds may differ: charlm draws windows by a per-process count of each
-    # shard's uses, and with w1 gone both replicas of round 2 ran on w2)
-    assert losses[:2] == one_box[0][:2] and len(losses) == 3
-    lost = [r for r in rounds[1]["replicas"] if r["status"] == "lost"]
+    assert len(losses) == 3
+    # the round in which w1 was lost (round 1 unless its loop beat the cut, then 2)
+    cut_round = next(m for m in rounds if any(r["status"] == "lost" for r in m["replicas"]))
+    k = cut_round["round"]
+    lost = [r for r in cut_round["replicas"] if r["status"] == "lost"]
     assert [r["worker"] for r in lost] == [cut]
-    rerun = [r for r in rounds[1]["replicas"] if r["replica"] == lost[0]["replica"]][-1]
+    rerun = [r for r in cut_round["replicas"] if r["replica"] == lost[0]["replica"]][-1]
     assert rerun["status"] == "merged" and rerun["worker"] == worker_procs[1].name
     assert rerun["lease"]["shards"] == lost[0]["lease"]["shards"]  # the same microshards
-    statuses = [(r["worker"], r["status"]) for m in rounds[1:] for r in m["replicas"]]
-    assert any(w == cut and s != "merged" for w, s in statuses), statuses
-    assert any(w == worker_procs[1].name for w, s in statuses if s == "merged")
+    # up to that round exactly as undisturbed: the re-run reproduced the lost attempt
+    # (later rounds may differ: charlm draws windows by a per-process count of each
+    # shard's uses, and with w1 gone both replicas run on w2)
+    assert losses[: k + 1] == one_box[0][: k + 1]
 
 
 def test_a_host_that_joins_mid_run_is_used_from_the_next_round(cluster, worker_procs):

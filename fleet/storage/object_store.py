@@ -273,12 +273,17 @@ class ObjectStore(Store):
     def size(self, rel: str) -> int:
         return int(self._info(rel).get("size") or 0)
 
+    @staticmethod
+    def _file_key(rel: str, info: dict[str, Any]) -> str:
+        """The cache key of a file: its path and its version on the store (ETag, else
+        size and modification time)."""
+        version = info.get("ETag") or f"{info.get('size')}-{_mtime(info)}"
+        return hashlib.sha256(f"{rel}\0{version}".encode()).hexdigest()[:40]
+
     def local_file(self, rel: str) -> Path:
         rel = self.relative(rel)
         cache = self._need_cache()
-        info = self._info(rel)
-        version = info.get("ETag") or f"{info.get('size')}-{_mtime(info)}"
-        key = hashlib.sha256(f"{rel}\0{version}".encode()).hexdigest()[:40]
+        key = self._file_key(rel, self._info(rel))
         name = posixpath.basename(rel)
         if (hit := cache.get("files", key)) is not None:
             return hit / name
@@ -303,6 +308,9 @@ class ObjectStore(Store):
         expected = content_hash.lower()
         name = posixpath.basename(rel)
         if (hit := cache.get("shards", expected)) is not None:
+            if not (hit / name).exists():  # the same content under another name
+                with suppress(FileExistsError):
+                    os.link(next(hit.iterdir()), hit / name)
             return hit / name
         with cache.staging() as tmp:
             entry = tmp / "entry"
@@ -337,13 +345,20 @@ class ObjectStore(Store):
                     return
                 raise StorageError(f"nothing was written to publish at {self.url}/{rel}")
             self.upload(local, rel)
+            # what this worker just wrote is in its cache: its next read of it is local
+            # (its own replica pack, the global pack it merged, its optimizer state)
             manifest = local / MANIFEST_FILE
             if local.is_dir() and manifest.is_file():
                 from fleet.codec.manifest import read_manifest
 
                 digest = read_manifest(local).values_digest
-                if digest is not None:  # what this worker just wrote: its next read is local
+                if digest is not None:
                     cache.admit("packs", digest.replace(":", "-"), local)
+            elif local.is_file():
+                entry = local.parent / ".entry"
+                entry.mkdir()
+                os.rename(local, entry / local.name)
+                cache.admit("files", self._file_key(rel, self._info(rel)), entry)
 
     def upload(self, local: Path, rel: str) -> None:
         """Upload a local file or directory tree to ``rel``: data objects first, then the

@@ -25,6 +25,7 @@ from fleet.protocol import (
     WorkloadRef,
 )
 from fleet.runtime import WorkerRuntime
+from fleet.storage import LocalStore
 from fleet.tasks.base import protocol_task
 
 
@@ -104,9 +105,16 @@ def local_batches(
             payload = dict(data["payload"])
             payload["shard_paths"] = local(payload.get("shard_paths"))
             root = payload.get("dataset_root")
-            if isinstance(root, str) and not os.path.isabs(root) and rt.shared.is_local:
+            # a local directory only where there is one: on an object store the dataset
+            # has no local directory (its shards are cached one by one), so it stays
+            # shared-root relative
+            if (
+                isinstance(root, str)
+                and not os.path.isabs(root)
+                and isinstance(rt.shared, LocalStore)
+            ):
                 try:
-                    payload["dataset_root"] = str(rt.shared.resolve(root))  # type: ignore[attr-defined]
+                    payload["dataset_root"] = str(rt.shared.resolve(root))
                 except PathOutsideRootError:
                     raise DatasetPathError(dataset, root) from None
             data["payload"] = {
