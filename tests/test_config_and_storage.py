@@ -144,3 +144,25 @@ def test_worker_env_carries_every_setting(tmp_path, monkeypatch):
     assert {f"FLEET_{name.upper()}" for name in FleetSettings.model_fields} >= set(
         k for k in env if k.startswith("FLEET_")
     )
+
+
+def test_object_store_settings_from_the_environment(monkeypatch, tmp_path):
+    from fleet.errors import StorageError
+    from fleet.storage import LocalStore, open_store
+
+    monkeypatch.setenv("FLEET_SHARED_ROOT", "s3://bucket/prefix")
+    monkeypatch.setenv("FLEET_STORAGE_OPTIONS", '{"endpoint_url": "http://store:8333"}')
+    monkeypatch.setenv("FLEET_DATA_ROOTS", "/data, /mnt/more")
+    monkeypatch.setenv("FLEET_CACHE_MAX_BYTES", "1000")
+    s = FleetSettings.from_env()
+    assert s.shared_root_is_url and s.storage_options == {"endpoint_url": "http://store:8333"}
+    assert [str(p) for p in s.data_roots] == ["/data", "/mnt/more"] and s.cache_max_bytes == 1000
+    env = s.to_env()  # what a worker subprocess is given reads back the same
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert FleetSettings.from_env() == s
+    # a path, a file:// URL: the local store; an unknown scheme: a typed error
+    assert isinstance(open_store(FleetSettings(shared_root=str(tmp_path))), LocalStore)
+    assert isinstance(open_store(FleetSettings(shared_root=f"file://{tmp_path}")), LocalStore)
+    with pytest.raises(StorageError, match="cannot open the shared root"):
+        open_store(FleetSettings(shared_root="nosuchscheme://bucket/x"))
