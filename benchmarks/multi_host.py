@@ -1,0 +1,255 @@
+"""DiLoCo across hosts: what a round exchanges and what the exchange costs, per link rate.
+
+    sudo python benchmarks/multi_host.py [--models charlm,25M] [--rates 1000,100,20]
+                                         [--roots s3,local] [--rounds 3]
+
+Hosts are Linux namespaces (tests/hosts.py): a storage host with Redis and a real S3
+server (SeaweedFS), two worker hosts with private tmpfs caches, every host's link
+limited to the rate with tbf (no netem on this kernel: bandwidth only, no added delay).
+The orchestrator is this process. For each model, shared root and rate, one DiLoCo job
+(2 replicas, the charlm microshard dataset, no eval) and, per round:
+
+- bytes sent and received on each worker host's link (its ``eth0`` counters);
+- exchange time: round wall minus the slowest replica's inner loop (its compute);
+- overhead = (round wall - slowest inner loop) / round wall.
+
+Roots: ``s3`` (``s3://bucket/...`` on the storage host: packs, momentum, optimizer
+states and shards cross the links) against ``local`` (a directory both hosts see, as a
+local disk or an NFS mount with no network cost: only Redis crosses the links). Models:
+``charlm`` (fleet.examples.charlm's default size) and ``25M`` (charlm at d_model 512,
+8 layers: about 25M parameters, 100 MB packs). Round 0 (the first fetch of the dataset
+and of the initial pack) is left out of the medians; each job starts with empty worker
+caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fleet.client import Fleet  # noqa: E402
+from fleet.diloco import DiLoCoConfig, DiLoCoRun  # noqa: E402
+from fleet.diloco.config import DatasetConfig  # noqa: E402
+from fleet.diloco.state import RoundRecord  # noqa: E402
+from fleet.local import WorkerProcess  # noqa: E402
+from fleet.registry import Registry  # noqa: E402
+from fleet.settings import FleetSettings  # noqa: E402
+from fleet.storage import open_store  # noqa: E402
+from tests.hosts import Host, Network, skip_reason  # noqa: E402
+from tests.seaweed import SeaweedS3  # noqa: E402
+
+CHARLM = "fleet.examples.charlm:make"
+MODELS: dict[str, tuple[dict[str, Any], int]] = {
+    # (workload config, inner steps H): H sized so a round's compute is a few seconds
+    "charlm": ({"max_corpus_mb": 4}, 50),
+    "25M": (
+        {"d_model": 512, "n_layers": 8, "n_heads": 8, "batch_size": 4, "max_corpus_mb": 4},
+        6,
+    ),
+}
+REDIS_PORT = 6379
+
+
+def _settings(storage: Host, root: str, s3: SeaweedS3) -> FleetSettings:
+    return FleetSettings(
+        redis_url=f"redis://{storage.ip}:{REDIS_PORT}/0",
+        shared_root=root,
+        storage_options=s3.storage_options,
+        workload_allowlist=["fleet.examples.*"],
+        heartbeat_interval_s=1.0,
+        heartbeat_ttl_s=30.0,
+    )
+
+
+def _run_job(
+    settings: FleetSettings,
+    hosts: list[Host],
+    model: str,
+    rounds: int,
+) -> list[dict[str, Any]]:
+    config, steps = MODELS[model]
+    counters = {h.name: h.counters() for h in hosts}
+    per_round: list[dict[str, Any]] = []
+
+    def on_round(record: RoundRecord) -> None:
+        now = {h.name: h.counters() for h in hosts}
+        merged = record.merged
+        slowest = max(r.compute_s for r in merged)
+        per_round.append(
+            {
+                "round": record.round,
+                "wall_s": record.wall_s,
+                "slowest_inner_s": slowest,
+                "exchange_s": record.wall_s - slowest,
+                "overhead": (record.wall_s - slowest) / record.wall_s,
+                "bytes": {
+                    name: (now[name][0] - counters[name][0], now[name][1] - counters[name][1])
+                    for name in now
+                },
+                "pack_bytes": 4 * (record.global_pack.parameter_count or 0),
+            }
+        )
+        counters.update(now)
+
+    fleet = Fleet(settings)
+    try:
+        cfg = DiLoCoConfig(
+            workload=CHARLM,
+            config=config,
+            replicas=2,
+            rounds=rounds,
+            inner_steps=steps,
+            eval_every=0,
+            dataset=DatasetConfig(path="data/charlm", microshards_per_lease=2),
+        )
+        job = DiLoCoRun.start(fleet, cfg, on_round=on_round).run()
+        if job.status != "completed":
+            raise RuntimeError(f"job {job.job_id} {job.status}: {job.error}")
+    finally:
+        fleet.close()
+    return per_round
+
+
+def _workers(settings: FleetSettings, hosts: list[Host], logs: Path) -> list[WorkerProcess]:
+    procs = [
+        WorkerProcess(
+            settings.model_copy(update={"node": h.name, "cache_dir": h.local_dir / "cache"}),
+            0,
+            logs / h.name,
+            workload=CHARLM,
+            pythonpath=[str(REPO)],
+            cwd=REPO,
+            command_prefix=h.prefix,
+        )
+        for h in hosts
+    ]
+    registry = Registry.from_settings(settings)
+    for proc in procs:
+        proc.wait_alive(registry, timeout_s=120)
+    return procs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="charlm,25M")
+    parser.add_argument("--rates", default="1000,100,20", help="link rates, Mbit/s")
+    parser.add_argument("--roots", default="s3,local")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    reason = skip_reason()
+    if reason:
+        sys.exit(f"cannot make hosts here: {reason}")
+    base = Path(tempfile.mkdtemp(prefix="fleet-bench-hosts-"))
+    network = Network(base / "net")
+    rows: list[dict[str, Any]] = []
+    redis = s3 = None
+    try:
+        storage = network.host("storage")
+        workers = [network.host("w1"), network.host("w2")]
+        redis = storage.popen(
+            "redis-server", "--port", str(REDIS_PORT), "--bind", "0.0.0.0",
+            "--protected-mode", "no", "--save", "", "--appendonly", "no",
+            log=base / "redis.log",
+        )  # fmt: skip
+        s3 = SeaweedS3(  # its volumes on disk: the 25M runs write GBs (tmpfs is RAM)
+            base / "weed", ip=storage.ip, prefix=storage.prefix, log_path=base / "weed.log",
+        )  # fmt: skip
+        network.wait_reachable(storage, REDIS_PORT)
+        s3.wait_ready()
+        bucket = s3.new_bucket()
+        print(
+            "DiLoCo across 2 worker hosts, 2 replicas, every link tbf-limited (no added "
+            f"delay); medians over rounds 1..{args.rounds - 1}",
+            flush=True,
+        )
+        header = (
+            f"{'model':>7} {'params':>7} {'root':>5} {'link':>9} {'round s':>8} "
+            f"{'inner s':>8} {'exch s':>7} {'overhead':>8} {'w1 tx/rx MB':>12} "
+            f"{'w2 tx/rx MB':>12} {'pack MB':>8}"
+        )
+        print(header, flush=True)
+        for model in args.models.split(","):
+            for root_kind in args.roots.split(","):
+                if root_kind == "s3":
+                    root = f"s3://{bucket}/{model}-{time.time_ns()}"
+                else:  # a directory both hosts see (outside their private tmpfs)
+                    root = str(base / f"shared-{model}")
+                settings = _settings(storage, root, s3)
+                from fleet.examples.charlm import write_dataset
+
+                with open_store(settings).output("data/charlm") as staged:
+                    write_dataset(staged, 8, manifest=True)
+                procs = _workers(settings, workers, base / "logs")
+                try:
+                    for rate in (float(r) for r in args.rates.split(",")):
+                        for host in [storage, *workers]:
+                            host.limit(rate)
+                        for host in workers:  # every row starts cold: shards fetched again
+                            host.run("rm", "-rf", str(host.local_dir / "cache"))
+                        rounds = _run_job(settings, workers, model, args.rounds)
+                        later = rounds[1:] or rounds
+                        med = {
+                            k: statistics.median(r[k] for r in later)
+                            for k in ("wall_s", "slowest_inner_s", "exchange_s", "overhead")
+                        }
+                        mb = {
+                            h.name: tuple(
+                                statistics.median(r["bytes"][h.name][i] for r in later) / 1e6
+                                for i in (0, 1)
+                            )
+                            for h in workers
+                        }
+                        pack_mb = rounds[0]["pack_bytes"] / 1e6
+                        row = {
+                            "model": model,
+                            "parameters": rounds[0]["pack_bytes"] // 4,
+                            "root": root_kind,
+                            "link_mbit": rate,
+                            **med,
+                            "mb_per_round": mb,
+                            "pack_mb": pack_mb,
+                            "rounds": rounds,
+                        }
+                        rows.append(row)
+                        print(
+                            f"{model:>7} {row['parameters'] / 1e6:>6.1f}M {root_kind:>5} "
+                            f"{rate:>5.0f} Mb/s {med['wall_s']:>8.2f} "
+                            f"{med['slowest_inner_s']:>8.2f} {med['exchange_s']:>7.2f} "
+                            f"{100 * med['overhead']:>7.1f}% "
+                            f"{mb['w1'][0]:>5.1f}/{mb['w1'][1]:<6.1f} "
+                            f"{mb['w2'][0]:>5.1f}/{mb['w2'][1]:<6.1f} {pack_mb:>8.1f}",
+                            flush=True,
+                        )
+                finally:
+                    for proc in procs:
+                        proc.stop()
+                    for host in [storage, *workers]:
+                        host.limit(None)
+    finally:
+        if s3 is not None:
+            s3.stop()
+        if redis is not None:
+            redis.kill()
+            redis.wait()
+        network.close()
+        shutil.rmtree(base / "weed", ignore_errors=True)  # GBs of volumes; logs stay
+        print(f"logs: {base}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
