@@ -193,10 +193,9 @@ def run_inner_loop(
     with ExitStack() as outputs:
         # local paths the loop writes; on an object store, staged and uploaded on exit
         out_path = outputs.enter_context(rt.shared.output(out_rel))
-        opt_path = (
-            outputs.enter_context(rt.shared.output(opt_rel, required=False)) if opt_rel else None
-        )
-        if opt_path is not None:
+        opt_path = None
+        if opt_rel is not None:
+            opt_path = outputs.enter_context(rt.shared.output(opt_rel, required=False))
             _stage_optimizer_state(rt, req, opt_rel, opt_path)
         loaded = time.perf_counter()
         stamp = _pack_stamp(out_path)
@@ -242,18 +241,23 @@ def run_inner_loop(
 
 
 def _stage_optimizer_state(
-    rt: WorkerRuntime, req: RunInnerLoopRequest, rel: str | None, opt_path: Path
+    rt: WorkerRuntime, req: RunInnerLoopRequest, rel: str, opt_path: Path
 ) -> None:
-    """Put the state the loop starts from at ``opt_path``: a copy of
-    ``inner_optimizer_state_source_path`` (a replica's state of the last round), or on an
-    object store the state already at ``rel``."""
+    """Put the state the loop starts from at ``opt_path`` (the local path of ``rel``): a
+    copy of ``inner_optimizer_state_source_path`` (the replica's state of the last
+    round); without one, on an object store, the state already at ``rel`` if any (on a
+    local root the loop reads it there itself).
+
+    Raises:
+        FileNotFoundError: the source state is missing.
+    """
     source_rel = req.inner_optimizer_state_source_path
-    if source_rel is None and (rt.shared.is_local or rel is None):
+    if source_rel is None and rt.shared.is_local:
         return
     try:
-        source = rt.shared.local_file(rt.shared.relative(source_rel or rel or ""))
+        source = rt.shared.local_file(rt.shared.relative(source_rel or rel))
     except FileNotFoundError:
-        if source_rel is None:
+        if source_rel is None:  # no state yet: the loop starts a fresh optimizer
             return
         raise
     if source != opt_path:
