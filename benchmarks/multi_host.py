@@ -45,7 +45,7 @@ from fleet.local import WorkerProcess  # noqa: E402
 from fleet.registry import Registry  # noqa: E402
 from fleet.settings import FleetSettings  # noqa: E402
 from fleet.storage import open_store  # noqa: E402
-from tests.hosts import Host, Network, skip_reason  # noqa: E402
+from tests.hosts import Host, Network, StorageServices, skip_reason  # noqa: E402
 from tests.seaweed import SeaweedS3  # noqa: E402
 
 CHARLM = "fleet.examples.charlm:make"
@@ -57,12 +57,11 @@ MODELS: dict[str, tuple[dict[str, Any], int]] = {
         6,
     ),
 }
-REDIS_PORT = 6379
 
 
-def _settings(storage: Host, root: str, s3: SeaweedS3) -> FleetSettings:
+def _settings(services: StorageServices, root: str, s3: SeaweedS3) -> FleetSettings:
     return FleetSettings(
-        redis_url=f"redis://{storage.ip}:{REDIS_PORT}/0",
+        redis_url=services.redis_url,
         shared_root=root,
         storage_options=s3.storage_options,
         workload_allowlist=["fleet.examples.*"],
@@ -155,20 +154,14 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="fleet-bench-hosts-"))
     network = Network(base / "net")
     rows: list[dict[str, Any]] = []
-    redis = s3 = None
+    services = None
     try:
         storage = network.host("storage")
         workers = [network.host("w1"), network.host("w2")]
-        redis = storage.popen(
-            "redis-server", "--port", str(REDIS_PORT), "--bind", "0.0.0.0",
-            "--protected-mode", "no", "--save", "", "--appendonly", "no",
-            log=base / "redis.log",
-        )  # fmt: skip
-        s3 = SeaweedS3(  # its volumes on disk: the 25M runs write GBs (tmpfs is RAM)
-            base / "weed", ip=storage.ip, prefix=storage.prefix, log_path=base / "weed.log",
-        )  # fmt: skip
-        network.wait_reachable(storage, REDIS_PORT)
-        s3.wait_ready()
+        # SeaweedFS's volumes on disk: the 25M runs write GBs (a host's tmpfs is RAM)
+        services = StorageServices(storage, base, data_dir=base / "weed")
+        assert services.s3 is not None
+        s3 = services.s3
         bucket = s3.new_bucket()
         print(
             "DiLoCo across 2 worker hosts, 2 replicas, every link tbf-limited (no added "
@@ -187,7 +180,7 @@ def main() -> None:
                     root = f"s3://{bucket}/{model}-{time.time_ns()}"
                 else:  # a directory both hosts see (outside their private tmpfs)
                     root = str(base / f"shared-{model}")
-                settings = _settings(storage, root, s3)
+                settings = _settings(services, root, s3)
                 from fleet.examples.charlm import write_dataset
 
                 with open_store(settings).output("data/charlm") as staged:
@@ -239,11 +232,8 @@ def main() -> None:
                     for host in [storage, *workers]:
                         host.limit(None)
     finally:
-        if s3 is not None:
-            s3.stop()
-        if redis is not None:
-            redis.kill()
-            redis.wait()
+        if services is not None:
+            services.close()
         network.close()
         shutil.rmtree(base / "weed", ignore_errors=True)  # GBs of volumes; logs stay
         print(f"logs: {base}", flush=True)

@@ -238,3 +238,51 @@ class Network:
         _run("ip", "link", "del", self.ctl, check=False)
         _run("ip", "netns", "del", self.switch, check=False)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+class StorageServices:
+    """What a storage host runs: a Redis (no persistence) and SeaweedFS's S3 gateway
+    (tests/seaweed.py), both reachable from every host and from ``ctl``.
+
+    Args:
+        host: the storage host.
+        log_dir: where their logs go (outside the host's tmpfs).
+        data_dir: SeaweedFS's volumes (default: the host's tmpfs; a benchmark writing
+            GBs puts them on disk).
+    """
+
+    REDIS_PORT = 6379
+
+    def __init__(self, host: Host, log_dir: Path, data_dir: Path | None = None) -> None:
+        from tests.seaweed import SeaweedS3
+
+        self.host = host
+        self.s3: SeaweedS3 | None = None
+        self.redis = host.popen(
+            "redis-server", "--port", str(self.REDIS_PORT), "--bind", "0.0.0.0",
+            "--protected-mode", "no", "--save", "", "--appendonly", "no",
+            log=log_dir / "redis.log",
+        )  # fmt: skip
+        try:
+            self.s3 = SeaweedS3(
+                data_dir or host.local_dir / "weed",
+                ip=host.ip,
+                prefix=host.prefix,
+                log_path=log_dir / "weed.log",
+            )
+            host.network.wait_reachable(host, self.REDIS_PORT)
+            self.s3.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.host.ip}:{self.REDIS_PORT}/0"
+
+    def close(self) -> None:
+        if self.s3 is not None:
+            self.s3.stop()
+        if self.redis.poll() is None:
+            self.redis.kill()
+        self.redis.wait()

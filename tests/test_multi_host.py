@@ -20,13 +20,12 @@ from fleet.local import WorkerProcess
 from fleet.registry import Registry
 from fleet.settings import FleetSettings
 from tests.harness import CHARLM, REPO, SMALL_CHARLM, inner_loops_started, settings_for, wait_until
-from tests.hosts import Host, Network, skip_reason
+from tests.hosts import Host, Network, StorageServices, skip_reason
 from tests.seaweed import SeaweedS3
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
-REDIS_PORT = 6379
 
 
 @dataclass
@@ -92,28 +91,17 @@ class Cluster:
 def cluster(tmp_path_factory, artifacts_dir) -> Iterator[Cluster]:
     base = tmp_path_factory.mktemp("hosts")
     network = Network(base / "net")
-    redis = s3 = None
+    services = None
     try:
         storage = network.host("storage")
         orchestrator = network.host("orch")
         workers = [network.host("w1"), network.host("w2")]
-        redis = storage.popen(
-            "redis-server", "--port", str(REDIS_PORT), "--bind", "0.0.0.0",
-            "--protected-mode", "no", "--save", "", "--appendonly", "no",
-            log=base / "redis.log",
-        )  # fmt: skip
-        s3 = SeaweedS3(
-            storage.local_dir / "weed",
-            ip=storage.ip,
-            prefix=storage.prefix,
-            log_path=base / "weed.log",
-        )
-        network.wait_reachable(storage, REDIS_PORT)
-        s3.wait_ready()
-        bucket = s3.new_bucket()
+        services = StorageServices(storage, base)
+        assert services.s3 is not None
+        s3 = services.s3
         settings = settings_for(
-            f"redis://{storage.ip}:{REDIS_PORT}/0",
-            f"s3://{bucket}/root",  # type: ignore[arg-type]
+            services.redis_url,
+            f"s3://{s3.new_bucket()}/root",  # type: ignore[arg-type]
             storage_options=s3.storage_options,
             workload_allowlist=["fleet.examples.*"],
         )
@@ -123,11 +111,8 @@ def cluster(tmp_path_factory, artifacts_dir) -> Iterator[Cluster]:
         cluster.fleet("dataset", "write", "charlm", "data/charlm", "--microshards", "8")
         yield cluster
     finally:
-        if s3 is not None:
-            s3.stop()
-        if redis is not None:
-            redis.kill()
-            redis.wait()
+        if services is not None:
+            services.close()
         network.close()
 
 

@@ -331,24 +331,6 @@ class LocalStore(Store):
             raise FileNotFoundError(rel)
         return path.stat().st_size
 
-    def pack_reader(
-        self,
-        rel: str,
-        *,
-        block_size: int = 1 << 22,
-        check_finite: bool = False,
-        layout_hash: str | None = None,
-        values_digest: str | None = None,
-    ) -> PackReader:
-        from fleet.codec.pack import PackReader
-
-        return PackReader(
-            self.resolve(rel),
-            check_finite=check_finite,
-            layout_hash=layout_hash,
-            values_digest=values_digest,
-        )
-
     def local_file(self, rel: str) -> Path:
         path = self.resolve(rel)
         if not path.is_file():
