@@ -281,3 +281,68 @@ def test_diloco_on_an_s3_root_matches_a_local_root(
     (s3_losses, s3_digest), (local_losses, local_digest) = outcomes
     assert len(s3_losses) == 3 and s3_losses == local_losses
     assert s3_digest == local_digest
+
+
+def test_a_burn_p2p_style_workload_on_an_s3_root(s3_server, s3_root, redis_server, tmp_path):
+    """A workload unlike ours (no optimizer file, no artifact hooks, data read only from
+    its BatchRefs' shard_paths) under DiLoCo on an s3:// root: its hooks get local paths
+    of verified cached shards, nothing is uploaded for the optimizer state it never
+    writes, and every round merges."""
+    from fleet.client import Fleet
+    from fleet.diloco import DiLoCoConfig, DiLoCoRun
+    from fleet.diloco.config import DatasetConfig
+    from fleet.registry import Registry
+    from tests.workloads.shards import write_shards
+
+    shards = "tests.workloads.shards:make"
+    redis_url = redis_server.url.rsplit("/", 1)[0] + "/9"
+    settings = settings_for(
+        redis_url,
+        s3_root,  # type: ignore[arg-type]
+        storage_options=s3_server.storage_options,
+        pool_queue="fleet.s3-shards",
+        node="s3shards",
+    )
+    with open_store(settings).output("data/digits") as staged:
+        write_shards(staged, 8, manifest=True)
+    reads = tmp_path / "reads"
+    reads.mkdir()
+    workers = [
+        WorkerProcess(
+            settings.model_copy(update={"cache_dir": tmp_path / f"cache-{i}"}),
+            i,
+            tmp_path / "logs",
+            workload=shards,
+            pythonpath=[str(REPO)],
+            cwd=REPO,
+        )
+        for i in range(2)
+    ]
+    fleet = Fleet(settings)
+    try:
+        registry = Registry.from_settings(settings)
+        for w in workers:
+            w.wait_alive(registry)
+        cfg = DiLoCoConfig(
+            workload=shards,
+            config={"read_log": str(reads)},
+            replicas=2,
+            rounds=3,
+            inner_steps=8,
+            dataset=DatasetConfig(path="data/digits", microshards_per_lease=2),
+        )
+        run = DiLoCoRun.start(fleet, cfg)
+        job = run.run()
+        assert job.status == "completed", job.error
+        rounds = run.rounds()
+    finally:
+        fleet.close()
+        for w in workers:
+            w.stop()
+    assert all(r.status == "merged" for m in rounds for r in m.replicas)
+    assert all(r.opt_state is None for m in rounds for r in m.replicas)  # it keeps none
+    read = [p for f in reads.glob("*.jsonl") for line in f.read_text().splitlines()
+            for p in json.loads(line)["paths"]]  # fmt: skip
+    assert read and all(p.startswith(str(tmp_path / "cache-")) for p in read), read[:3]
+    store = open_store(settings)
+    assert not any(".pt" in e.path or "opt-" in e.path for e in store.walk("runs"))
