@@ -28,6 +28,10 @@ from fleet.workload import Workload, WorkloadCache
 log = logging.getLogger("fleet.runtime")
 
 
+#: Seconds shutdown paths keep retrying Redis (the fleet may be stopping with it).
+SHUTDOWN_REDIS_RETRY_S = 2.0
+
+
 @dataclass(frozen=True)
 class WorkerIdentity:
     """Who this worker is: Celery node ``name``, its own ``queue``, GPU index (None on
@@ -47,6 +51,9 @@ class HeldModel:
     state: Any
     workload: Workload
     device: str
+    loaded: tuple[str, str] | None = None
+    """``(values digest, filter)`` of the pack last loaded into ``state`` when nothing
+    changed it since, so the same pack is not loaded twice (None: unknown)."""
 
 
 def new_model_id() -> str:
@@ -124,8 +131,6 @@ class WorkerRuntime:
     def stop(self) -> list[str]:
         """Stop heartbeating, drop every model and deregister; return released ids (none
         if Redis cannot be reached within a few seconds: the records turn "lost")."""
-        from fleet.worker import SHUTDOWN_REDIS_RETRY_S
-
         self._stop.set()
         self.models.clear()
         registry = Registry.from_settings(self.settings, retry_s=SHUTDOWN_REDIS_RETRY_S)
@@ -160,8 +165,9 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ model store
 
-    def held(self, model_id: str) -> HeldModel:
-        """The state behind ``model_id`` in this process.
+    def held(self, model_id: str, *, reads_only: bool = False) -> HeldModel:
+        """The state behind ``model_id`` in this process. A caller that may change the
+        state (the default) forgets which pack it last held (:attr:`HeldModel.loaded`).
 
         Raises:
             HandleNotFound: not held here; carries the registry record if any.
@@ -174,6 +180,8 @@ class WorkerRuntime:
                 worker=self.identity.name,
                 record=record.model_dump(mode="json") if record else None,
             )
+        if not reads_only:
+            held.loaded = None
         return held
 
     def add_model(self, state: Any, workload: Workload, device: str) -> str:

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fleet.runtime import SHUTDOWN_REDIS_RETRY_S
 from fleet.settings import FleetSettings
 
 if TYPE_CHECKING:
@@ -37,9 +38,6 @@ if TYPE_CHECKING:
     from fleet.runtime import WorkerIdentity
 
 log = logging.getLogger("fleet.worker")
-
-#: Seconds shutdown paths keep retrying Redis (the fleet may be stopping with it).
-SHUTDOWN_REDIS_RETRY_S = 2.0
 
 
 def worker_names(settings: FleetSettings, gpu: int | None, slot: int) -> tuple[str, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -538,10 +539,11 @@ def load_pack_into(
     Each included tensor gets its values cast back to its own dtype and device. Without
     checks, a contiguous float32 CPU tensor is filled by ``readinto`` straight into its
     memory and others go through one float32 staging buffer the size of the largest
-    such tensor. With ``verify`` or ``check_finite`` the values are read once into a
-    float32 staging buffer ``[parameter_count]``, checked while reading, and copied
-    into the tensors only when every check passed. Either way a failed load leaves
-    ``state`` unchanged.
+    such tensor. With ``verify`` or ``check_finite`` the values file is first read
+    through once in blocks of ``CONVERT_CHUNK_NUMEL`` (hashed and checked, nothing
+    kept), then, from the same open file, into the tensors: no float32 copy of the
+    model is staged (it would be 28 GB at 7B parameters). Either way a failed load
+    leaves ``state`` unchanged.
 
     Args:
         state: ``nn.Module``, ``{"model": m, ...}``, ``{"modules": {...}}`` or
@@ -567,21 +569,28 @@ def load_pack_into(
     layout, tensors = layout_and_tensors(state, sdf)
     if layout.layout_hash != manifest.layout_hash:
         raise LayoutMismatchError(str(pack), manifest.layout_hash, layout.layout_hash)
-    if verify or check_finite:
-        _, flat = read_pack(pack, verify=verify, check_finite=check_finite)
-        offset = 0
-        with torch.no_grad():
-            for tensor in tensors:
-                n = tensor.numel()
-                tensor.detach().copy_(flat[offset : offset + n].view(tensor.shape))
-                offset += n
-        return manifest
     values_path = _values_file(pack, manifest)
+    with open(values_path, "rb", buffering=0) as f:
+        if verify or check_finite:
+            checked = os.fdopen(os.dup(f.fileno()), "rb", buffering=0)
+            with PackReader(
+                pack, verify=verify, check_finite=check_finite, manifest=manifest, file=checked
+            ) as reader:
+                block = torch.empty(min(CONVERT_CHUNK_NUMEL, max(reader.remaining, 1)))
+                while reader.remaining:
+                    reader.read_into(block)
+            f.seek(0)
+        _read_into_tensors(f, tensors, values_path, manifest.values_nbytes)
+    return manifest
+
+
+def _read_into_tensors(f: Any, tensors: list[torch.Tensor], values_path: Path, nbytes: int) -> None:
+    """Fill ``tensors`` in order from the values file ``f``: float32 CPU contiguous ones
+    straight into their memory, others through one staging buffer."""
     staged = [t.numel() for t in tensors if not _direct(t)]
     staging = torch.empty(max(staged, default=0), dtype=torch.float32)
     staging_bytes = _bytes_of(staging)
-    nbytes = manifest.values_nbytes
-    with open(values_path, "rb", buffering=0) as f, torch.no_grad():
+    with torch.no_grad():
         for tensor in tensors:
             n = tensor.numel()
             if n == 0:
@@ -595,7 +604,6 @@ def load_pack_into(
                 if not _LITTLE_ENDIAN:
                     block = torch.from_numpy(block.numpy().byteswap())
                 target.copy_(block.view(target.shape))
-    return manifest
 
 
 __all__ = [

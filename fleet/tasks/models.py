@@ -115,15 +115,23 @@ def load_pack_into_held(
     """Load the pack at ``path`` into a held model: in place with the codec, or through
     the workload's ``import_parameter_pack_path`` hook (which gives a new state). With
     ``ref`` the pack is checked against it; a refused pack leaves the model unchanged.
+    A pack whose digest the model holds already, unchanged since, is not loaded again.
 
     Raises:
         CodecError: not a pack, truncated, layout or digest mismatch, non-finite values.
     """
+    key = None
+    if ref is not None and ref.values_digest is not None:
+        key = (ref.values_digest, repr(state_dict_filter))
+        if held.loaded == key:
+            return  # this very pack is in the model already (its digest was checked then)
+    held.loaded = None
     if held.workload.has("import_parameter_pack_path"):
         check_pack(path, ref)
         held.state = held.workload.call("import_parameter_pack_path", held.device, str(path))
     else:
         _load(path, held.state, state_dict_filter, ref)
+    held.loaded = key
 
 
 @protocol_task("load_parameter_pack")
@@ -132,7 +140,7 @@ def load_parameter_pack(
 ) -> EmptyResult:
     """fleet extension: load a pack into a held model in place (its optimizer and other
     state stay); the pack becomes the handle's last pack."""
-    held = rt.held(req.model_id)
+    held = rt.held(req.model_id, reads_only=True)  # load_pack_into_held keeps track
     rel = rt.shared.relative(req.parameter_pack_path)
     path = rt.shared.local_pack(rel, req.pack)
     load_pack_into_held(held, path, req.state_dict_filter, req.pack)
@@ -166,7 +174,7 @@ def export_parameter_pack(
 ) -> ExportResult:
     """Publish a held model as a pack at ``parameter_pack_path`` (shared-root relative)
     and record it as the handle's last pack. The result carries the PackRef."""
-    held = rt.held(req.model_id)
+    held = rt.held(req.model_id, reads_only=True)
     rel = rt.shared.relative(req.parameter_pack_path)
     with rt.shared.output(rel) as dest:
         publish_state_pack(
