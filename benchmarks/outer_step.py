@@ -44,8 +44,10 @@ from pathlib import Path
 import torch
 from fleet.codec import read_pack
 from fleet.codec.pack import write_values_pack
+from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.outer import PackInput, average, outer_step, stream_outer_step
-from fleet.protocol import OuterOptimizer
+from fleet.protocol import OuterOptimizerConfig
+NESTEROV = outer_optimizer(OuterOptimizerConfig())
 
 mode, d, n, chunk = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if mode == "s3":
@@ -60,21 +62,23 @@ files = [d / "global", *(d / f"r{i}" for i in range(n)), d / "momentum"]
 start = time.perf_counter()
 if mode == "stream":
     stream_outer_step(PackInput(files[0]), [PackInput(f) for f in files[1:-1]], [1.0] * n,
-                      PackInput(files[-1]), OuterOptimizer(), "WeightedMean",
-                      d / "out-g", d / "out-m", chunk_bytes=chunk)
+                      {"momentum": PackInput(files[-1])}, NESTEROV, "WeightedMean",
+                      d / "out-g", {"momentum": d / "out-m"}, chunk_bytes=chunk)
 elif mode == "s3":
     names = ["global", *(f"r{i}" for i in range(n)), "momentum"]
     with store.output("out-g") as og, store.output("out-m") as om:
         stream_outer_step(PackInput(names[0]), [PackInput(x) for x in names[1:-1]], [1.0] * n,
-                          PackInput(names[-1]), OuterOptimizer(), "WeightedMean", og, om,
-                          chunk_bytes=chunk, store=store)
+                          {"momentum": PackInput(names[-1])}, NESTEROV, "WeightedMean", og,
+                          {"momentum": om}, chunk_bytes=chunk, store=store)
 elif mode == "memory":
     manifest, theta = read_pack(files[0], verify=True)
     replicas = [read_pack(f, verify=True)[1] for f in files[1:-1]]
     momentum = read_pack(files[-1], verify=True)[1]
-    new_theta, new_m = outer_step(theta, average(replicas, [1.0] * n), momentum, OuterOptimizer())
+    new_theta, new_state = outer_step(
+        theta, average(replicas, [1.0] * n), {"momentum": momentum}, OuterOptimizerConfig()
+    )
     write_values_pack(d / "out-g", new_theta, manifest)
-    write_values_pack(d / "out-m", new_m, manifest)
+    write_values_pack(d / "out-m", new_state["momentum"], manifest)
 else:  # raw file I/O of the same bytes
     buf = bytearray(chunk)
     view = memoryview(buf)

@@ -24,6 +24,7 @@ from celery.exceptions import BackendGetMetaError
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
+from pydantic import BaseModel
 
 from fleet.app import create_app
 from fleet.codec.filter import as_filter
@@ -237,7 +238,7 @@ class Dispatcher:
     def prepare(
         self,
         method: str,
-        fields: dict[str, Any],
+        fields: dict[str, Any] | BaseModel,
         parse: Callable[[Any], T],
         *,
         handle: HandleLike | None = None,
@@ -246,7 +247,8 @@ class Dispatcher:
         workload: str | None = None,
         config: dict[str, Any] | None = None,
     ) -> Call[T]:
-        """A call of ``method`` with request ``fields``: validated, and routed to the
+        """A call of ``method`` with request ``fields`` (a dict, validated here, or the
+        method's typed request model, used as it is), routed to the
         owner of ``handle`` (or of the id in the method's handle field), to ``worker``,
         to ``queue``, or to the pool queue. ``parse`` turns the raw JSON result into
         what the caller gets.
@@ -256,7 +258,13 @@ class Dispatcher:
             WorkerNotFound: see :class:`Fleet`.
         """
         spec = method_spec(method)
-        params = dict(fields)
+        typed = fields if isinstance(fields, spec.request) else None
+        if typed is not None:
+            params = {spec.handle: getattr(typed, spec.handle)} if spec.handle else {}
+        elif isinstance(fields, BaseModel):
+            params = fields.model_dump()
+        else:
+            params = dict(fields)
         if spec.handle is not None:
             model_id = model_id_of(handle) if handle is not None else params.get(spec.handle)
             if not isinstance(model_id, str):
@@ -271,7 +279,9 @@ class Dispatcher:
             target = self._worker_queue(worker)
         else:
             target = queue or self.settings.pool_queue
-        request = validate(method, spec.request, params)
+        if typed is not None and spec.handle is not None:
+            typed = typed.model_copy(update={spec.handle: params[spec.handle]})
+        request = typed if typed is not None else validate(method, spec.request, params)
         body = request.model_dump(mode="json", by_alias=True, exclude_none=True)
         ref = None if workload is None else {"spec": workload, "config": dict(config or {})}
         return Call(spec, body, target, ref, parse)

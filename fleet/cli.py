@@ -477,8 +477,8 @@ def jobs_show(job_id: str, as_json: bool) -> None:
     records = rounds_of(store, job_id)
     replicas = int(job.spec.get("replicas", 1))
     table = Table(
-        "round", "merged", "wall s", "inner s", "exchange s", "outer step s", "eval loss",
-        title="rounds",
+        "round", "merged", "wall s", "inner s", "exchange s", "exchange MB", "deadline s",
+        "outer step s", "eval loss", title="rounds",
     )  # fmt: skip
     for record in records:
         x = round_scalars(record, replicas)
@@ -489,6 +489,8 @@ def jobs_show(job_id: str, as_json: bool) -> None:
             f"{x['round/wall_s']:.2f}",
             f"{x['round/inner_loop_s']:.2f}",
             f"{x['round/exchange_s']:.3f}",
+            f"{record.exchange_bytes / 1e6:.2f}",
+            "-" if record.deadline_s is None else f"{record.deadline_s:.2f}",
             f"{x['round/outer_step_s']:.3f}",
             "-" if loss is None else f"{loss:.4f}",
         )

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from fleet.client import Fleet
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig
-from fleet.diloco.config import DatasetConfig
+from fleet.diloco.config import DatasetConfig, PseudoGradientConfig
 from fleet.diloco.state import RoundRecord
 from fleet.errors import RunConfigError
 from fleet.jobs import JobStore
@@ -157,7 +157,8 @@ def run_diloco_and_baseline(
         update={
             "replicas": 1,
             "rounds": 1_000_000,
-            "outer": OuterOptimizerConfig(lr=1.0, momentum=0.0),
+            "outer": OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0),
+            "pseudo_gradient": PseudoGradientConfig(codec="fp32"),
             "workers": [baseline_worker],
             "max_wall_s": budget_s,
             "dataset": leases(1),

@@ -4,7 +4,7 @@ A DiLoCo run deletes what each round supersedes as it goes; this finds what is l
 over anyway: packs and optimizer states of crashed or redelivered attempts, scratch
 packs in ``tmp/exchange/`` that no model handle refers to any more, and temp files a
 crash left behind. For a job known to Redis it keeps what the job still needs: the
-global and momentum packs of its last ``keep_rounds`` rounds, its artifacts
+global packs and outer optimizer buffers of its last ``keep_rounds`` rounds, its artifacts
 (checkpoints, final pack), and, while it can still be resumed, the inputs of its last
 committed round and the round in flight. Runs of jobs Redis does not know are left
 alone (reported). Only entries older than ``min_age_s`` are touched. On an object store
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.layout import RunLayout
+from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.state import rounds_of, state_of
 from fleet.errors import JobNotFound
 from fleet.jobs import JobStore
@@ -65,10 +66,14 @@ def _keep_for_job(jobs: JobStore, job_id: str) -> set[str]:
     if state is None:
         return keep | {RunLayout(job_id).run_dir}  # not started: leave it alone
     layout, config = RunLayout(job_id), DiLoCoConfig.model_validate(job.spec)
+    buffers = outer_optimizer(config.outer).buffers
     for index in range(max(0, state.next_round - config.keep_rounds + 1), state.next_round + 1):
-        keep |= {layout.global_pack(index), layout.momentum(index)}
+        keep.add(layout.global_pack(index))
+        keep |= {layout.outer_buffer(index, name) for name in buffers}
+    keep |= {p.path for p in state.outer_state.values()}
     if job.status != "completed":
         keep |= {o.path for o in state.replica_opt if o is not None}
+        keep |= {r.path for r in state.replica_residual if r is not None}
         records = rounds_of(jobs, job_id)
         if records:
             keep |= {r.pack.path for r in records[-1].merged if r.pack is not None}

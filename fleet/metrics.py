@@ -63,15 +63,46 @@ class FleetCollector(Collector):
             handles.add_metric([status], handle_counts[status])
         yield handles
 
+        recent = self.jobs.list_jobs(limit=JOBS_WINDOW)
         jobs = GaugeMetricFamily("fleet_jobs", "Recent fleet jobs", labels=["kind", "status"])
-        for (kind, status), n in Counter(
-            (j.kind, j.shown_status) for j in self.jobs.list_jobs(limit=JOBS_WINDOW)
-        ).items():
+        for (kind, status), n in Counter((j.kind, j.shown_status) for j in recent).items():
             jobs.add_metric([kind, status], n)
         yield jobs
+        yield from self._diloco_rounds(
+            [j for j in recent if j.kind == "diloco" and j.status == "running"]
+        )
 
         dead = GaugeMetricFamily(
             "fleet_deadletter_messages", "Messages workers refused (fleet:deadletter)"
         )
         dead.add_metric([], self.registry.dead_letter_count())
         yield dead
+
+    def _diloco_rounds(self, running: list[Any]) -> Iterator[Any]:
+        """The last committed round of each running DiLoCo job: its round index, the bytes
+        of the replicas' packs its outer step read, and its deadline."""
+        index = GaugeMetricFamily(
+            "fleet_diloco_round", "Last committed round of a running DiLoCo job", labels=["job"]
+        )
+        exchange = GaugeMetricFamily(
+            "fleet_diloco_round_exchange_bytes",
+            "Bytes of the merged replicas' packs in the last committed round",
+            labels=["job"],
+        )
+        deadline = GaugeMetricFamily(
+            "fleet_diloco_round_deadline_seconds",
+            "The last committed round's deadline (fixed or adaptive), if it had one",
+            labels=["job"],
+        )
+        for job in running:
+            metrics = self.jobs.metrics(job.job_id)
+            if not metrics:
+                continue
+            last = metrics[-1]
+            index.add_metric([job.job_id], float(last.get("round", 0)))
+            exchange.add_metric([job.job_id], float(last.get("exchange_bytes") or 0))
+            if last.get("deadline_s") is not None:
+                deadline.add_metric([job.job_id], float(last["deadline_s"]))
+        yield index
+        yield exchange
+        yield deadline

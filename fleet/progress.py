@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +33,42 @@ log = logging.getLogger("fleet.progress")
 PUBLISH_INTERVAL_S = 0.5
 #: Seconds between two looks at a running task's abort flag.
 ABORT_POLL_S = 0.2
+#: Seconds a long task may run on after it was asked to abort before its thread is
+#: interrupted (a hook stuck in a call that releases the GIL: a sleep, a socket read).
+ABORT_INTERRUPT_S = 5.0
+#: The signal that interrupts it (Celery's prefork children use SIGUSR1 for soft time
+#: limits; SIGUSR2 is free).
+INTERRUPT_SIGNAL = signal.SIGUSR2
+
+
+@contextmanager
+def interruptible(task_id: str | None) -> Iterator[Callable[[], None] | None]:
+    """While the block runs on the main thread, :data:`INTERRUPT_SIGNAL` raises
+    :class:`~fleet.errors.TaskAborted` in it; yields the function that sends the signal
+    (None off the main thread, where Python cannot deliver it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    ident = threading.main_thread().ident
+    armed = threading.Event()
+    armed.set()
+
+    def handler(signum: int, frame: object) -> None:
+        if armed.is_set():
+            armed.clear()
+            raise TaskAborted(task_id, -1)
+
+    def interrupt() -> None:
+        if armed.is_set() and ident is not None:
+            log.warning("task %s did not stop when asked to abort: interrupting it", task_id)
+            signal.pthread_kill(ident, INTERRUPT_SIGNAL)
+
+    previous = signal.signal(INTERRUPT_SIGNAL, handler)
+    try:
+        yield interrupt
+    finally:
+        armed.clear()
+        signal.signal(INTERRUPT_SIGNAL, previous)
 
 
 class TaskWatch:
@@ -46,8 +83,10 @@ class TaskWatch:
         self,
         abort_requested: Callable[[], bool],
         publish: Callable[[dict[str, Any]], None],
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
         self.aborted = threading.Event()
+        self._interrupt = interrupt
         self._abort_requested = abort_requested
         self._publish = publish
         self._pending: dict[str, Any] | None = None
@@ -88,6 +127,10 @@ class TaskWatch:
                     log.warning("cannot check the abort flag (%s); training on", exc)
                 failing = True
             self._stop.wait(ABORT_POLL_S)
+        # asked to abort: a task that does not reach its next step check in time is
+        # stuck in a call; interrupt it
+        if self._interrupt is not None and not self._stop.wait(ABORT_INTERRUPT_S):
+            self._interrupt()
 
     def _publish_loop(self) -> None:
         failing = False

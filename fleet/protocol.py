@@ -22,6 +22,8 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    field_validator,
+    model_validator,
 )
 
 from fleet.codec.filter import StateDictFilter
@@ -241,6 +243,30 @@ class ParameterPackPlanRequest(_Model):
     state_dict_filter: StateDictFilter | None = None
 
 
+class PseudoGradientOutput(_Model):
+    """fleet: how ``run_inner_loop`` publishes a DiLoCo replica's result: ``delta =
+    input_parameter_pack - trained parameters``, encoded by ``codec``
+    (docs/protocol.md section 4.4), with error feedback when ``error_feedback_path`` is
+    set: the residual ``r' = (delta + r) - decoded`` is published there and the next
+    round's call passes it back as ``error_feedback_source`` (Karimireddy et al. 2019,
+    "Error Feedback Fixes SignSGD", arXiv:1901.09847)."""
+
+    codec: Literal["fp16", "bf16", "int8"]
+    block_size: int = Field(default=256, ge=1, le=1 << 16)
+    """Values per int8 scale (a power of two)."""
+    error_feedback_source: PackRef | None = None
+    """The residual carried from the replica's last round (None: zero)."""
+    error_feedback_path: str | None = None
+    """Where the new residual is published (None: no error feedback)."""
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size must be a power of two, got {value}")
+        return value
+
+
 class RunInnerLoopRequest(_Model):
     """``run_inner_loop``: ``num_inner_steps`` steps from the model ``model_id``, then the
     result published as a pack at ``output_parameter_pack_path`` (DiLoCo's inner loop)."""
@@ -265,6 +291,15 @@ class RunInnerLoopRequest(_Model):
     never modified and a re-run starts from the same state."""
     shard_checks: ShardChecks | None = None
     """fleet: content hashes of the batches' shards, checked before the first step."""
+    pseudo_gradient: PseudoGradientOutput | None = None
+    """fleet: publish the encoded pseudo-gradient at ``output_parameter_pack_path``
+    instead of the parameters (needs ``input_parameter_pack``)."""
+
+    @model_validator(mode="after")
+    def _delta_needs_its_base(self) -> RunInnerLoopRequest:
+        if self.pseudo_gradient is not None and self.input_parameter_pack is None:
+            raise ValueError("pseudo_gradient needs input_parameter_pack (its base)")
+        return self
 
 
 class LoadParameterPackRequest(_Model):
@@ -325,16 +360,44 @@ class ReleaseModelRequest(_Model):
     model_id: str
 
 
-class OuterOptimizer(_Model):
-    """DiLoCo's outer optimizer: SGD with (Nesterov) momentum on the pseudo-gradient.
-    Defaults from the paper (Douillard et al. 2023): lr 0.7, momentum 0.9, Nesterov."""
+def _outer_optimizer_exists(name: str) -> bool:
+    """True if ``fleet/diloco/optim/<name>.py`` exists (looked up without importing it)."""
+    from importlib.resources import files
 
+    return name.isidentifier() and (files("fleet.diloco") / "optim" / f"{name}.py").is_file()
+
+
+class OuterOptimizerConfig(_Model):
+    """fleet: DiLoCo's outer optimizer, by name (a module of :mod:`fleet.diloco.optim`, or
+    a ``module:Class`` spec of the user's) and its hyperparameters. Defaults from the
+    paper (Douillard et al. 2023, arXiv:2311.08105): Nesterov, lr 0.7, momentum 0.9.
+    ``{"name": "sgd", "lr": 1, "momentum": 0}`` is model averaging. The older form
+    ``{"nesterov": false}`` reads as ``name: sgd``."""
+
+    name: str = "nesterov"
+    """``nesterov`` (SGD with Nesterov momentum), ``sgd`` (heavy-ball momentum, or none
+    with ``momentum: 0``), or ``package.module:Class``."""
     lr: float = Field(default=0.7, gt=0.0)
     """Outer learning rate."""
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    """Momentum coefficient (0: plain SGD on the pseudo-gradient)."""
-    nesterov: bool = True
-    """Nesterov momentum (as ``torch.optim.SGD(nesterov=True)``)."""
+    """Momentum coefficient (0: no momentum buffer)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_nesterov_flag(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "nesterov" in data:
+            data = dict(data)
+            nesterov = data.pop("nesterov")
+            if "name" not in data:
+                data["name"] = "nesterov" if nesterov else "sgd"
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if ":" not in value and not _outer_optimizer_exists(value):
+            raise ValueError(f"no outer optimizer {value!r} (built in: nesterov, sgd)")
+        return value
 
 
 class WeightedPack(_Model):
@@ -345,17 +408,19 @@ class WeightedPack(_Model):
 
 
 class OuterStepRequest(_Model):
-    """fleet: DiLoCo's outer step over packs, streamed (docs/protocol.md section 5.3)."""
+    """fleet: DiLoCo's outer step over packs, streamed (docs/protocol.md section 5.3).
+    Replica packs are v1 packs of parameters or pseudo-gradient packs (section 4.4)."""
 
     global_pack: PackRef
     """The global model entering the round."""
     replicas: list[WeightedPack] = Field(min_length=1)
-    momentum: PackRef | None = None
-    """The outer momentum after the last round (None in the first round)."""
-    outer: OuterOptimizer = Field(default_factory=OuterOptimizer)
+    state: dict[str, PackRef] = Field(default_factory=dict)
+    """The outer optimizer's buffers after the last round, by name (none in the first)."""
+    outer: OuterOptimizerConfig = Field(default_factory=OuterOptimizerConfig)
     merge_policy: Literal["WeightedMean", "NormClippedWeightedMean", "TrimmedMean"] = "WeightedMean"
     output_global_path: str
-    output_momentum_path: str
+    output_state_paths: dict[str, str] = Field(default_factory=dict)
+    """Where each buffer the outer optimizer keeps is written, by name."""
     chunk_bytes: int = Field(default=1 << 20, ge=4096)
     """Bytes of each pack held in memory at once."""
 
@@ -460,6 +525,10 @@ class RunInnerLoopResult(_Model):
     inner_optimizer_state_encoding: str | None = None
     pack: PackRef | None = None
     """fleet: the output pack."""
+    exchange_bytes: int | None = None
+    """fleet: bytes of the output pack's data files (what the outer step reads)."""
+    error_feedback: PackRef | None = None
+    """fleet: the residual published for the next round (error feedback)."""
     load_s: float = 0.0
     """fleet: seconds spent loading ``input_parameter_pack_path``."""
     compute_s: float = 0.0
@@ -473,15 +542,17 @@ class RunInnerLoopResult(_Model):
 
 
 class OuterStepResult(_Model):
-    """fleet: the published global and momentum packs of an outer step."""
+    """fleet: the published global pack and optimizer buffers of an outer step."""
 
     global_pack: PackRef
-    momentum: PackRef
+    state: dict[str, PackRef] = Field(default_factory=dict)
     bytes_read: int
     bytes_written: int
+    exchange_bytes: int = 0
+    """Bytes of the replicas' packs read (their values and scales)."""
     seconds: float
     reused: bool = False
-    """True if both packs were already published from the same inputs (a re-run)."""
+    """True if every output was already published from the same inputs (a re-run)."""
 
 
 class CollectGarbageResult(_Model):

@@ -75,7 +75,13 @@ def summarize(diloco: RunSummary, baseline: RunSummary) -> dict[str, Any]:
         "diloco_final_eval_loss": d_curve[-1][1] if d_curve else None,
         "baseline_final_eval_loss": b_curve[-1][1] if b_curve else None,
         "diloco_better": d_loss is not None and b_loss is not None and d_loss < b_loss,
+        "diloco_exchange_bytes_per_round": _mean([m.exchange_bytes for m in diloco.rounds]),
+        "diloco_deadlines_s": [m.deadline_s for m in diloco.rounds],
     }
+
+
+def _mean(values: list[int]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:
@@ -129,6 +135,9 @@ def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:
                 linewidth=0.3,
             )
         closed = m.closed_at - start
+        if m.deadline_s is not None:  # where the round would have stopped waiting
+            at = m.started_at - start + m.deadline_s
+            ax_time.plot([at, at], [-0.5, n - 0.5], color="tab:red", linewidth=0.8, alpha=0.6)
         ax_time.broken_barh(
             [(closed, max(m.merge_s, min_width))], (n - 0.4, 0.8), facecolors="tab:purple"
         )
@@ -139,7 +148,8 @@ def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:
     ax_time.invert_yaxis()
     ax_time.set_xlabel("wall-clock seconds (DiLoCo run)")
     ax_time.set_title(
-        "DiLoCo rounds: inner loops (green merged, orange aborted, red lost), merge, eval"
+        "DiLoCo rounds: inner loops (green merged, orange aborted, red lost), deadlines"
+        " (red lines), merge, eval"
     )
     ax_time.grid(axis="x", alpha=0.3)
     fig.tight_layout()

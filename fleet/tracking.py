@@ -12,6 +12,8 @@ scalars of :func:`round_scalars`, at step ``round + 1`` (the rounds completed):
 | ``round/inner_loop_s`` | the slowest merged replica's inner steps |
 | ``round/exchange_s`` | the slowest merged replica's pack load and publish |
 | ``round/outer_step_s``, ``round/eval_s`` | the outer step, the evaluation |
+| ``round/exchange_bytes`` | bytes of the merged replicas' published packs |
+| ``round/deadline_s`` | the round's deadline (fixed or adaptive), when it had one |
 | ``replicas/merged``, ``replicas/dropped`` | replicas in the outer step, and the others |
 
 Trackers, named on the command line as ``KIND:WHERE`` (:func:`parse_tracker`):
@@ -78,6 +80,9 @@ def round_scalars(record: RoundRecord, replicas: int) -> dict[str, float]:
     out["round/exchange_s"] = max((r.load_s + r.publish_s for r in merged), default=0.0)
     out["round/outer_step_s"] = record.merge_s
     out["round/eval_s"] = record.eval_s
+    out["round/exchange_bytes"] = float(record.exchange_bytes)
+    if record.deadline_s is not None:
+        out["round/deadline_s"] = record.deadline_s
     out["replicas/merged"] = float(len(merged))
     out["replicas/dropped"] = float(replicas - len(merged))
     return out

@@ -67,22 +67,28 @@ def test_a_config_file_sets_every_field_and_flags_override_it(kind, tmp_path):
         assert config.quorum.round_deadline_s == 30 and config.dataset.glob == "*.bin"
         assert config.dataset.seed == 5
     if kind == "yaml":
-        assert config.outer.nesterov is False and config.outer.lr == 0.5
+        assert config.outer.name == "sgd" and config.outer.lr == 0.5
         assert (config.replicas, config.keep_rounds, config.max_attempts) == (3, 4, 5)
 
 
 def test_flags_reach_nested_fields_and_defaults_come_from_the_model():
     code, out = _print(
         ["--workload", DIGITS, "--min-replicas", "1", "--round-deadline-s", "2.5",
-         "--no-nesterov", "--dataset", "d", "--dataset-seed", "4", "--worker", "a", "--worker", "b",
-         "--microshards-per-round", "6", "--any-step-count", "--keep-rounds", "3"]
+         "--outer-optimizer", "sgd", "--dataset", "d", "--dataset-seed", "4",
+         "--worker", "a", "--worker", "b",
+         "--microshards-per-round", "6", "--any-step-count", "--keep-rounds", "3",
+         "--pseudo-gradient", "int8", "--no-error-feedback", "--adaptive-deadline",
+         "--deadline-k", "2.5"]
     )  # fmt: skip
     assert code == 0, out
     config = DiLoCoConfig.model_validate_json(out)
     assert config.quorum.min_replicas == 1 and config.quorum.round_deadline_s == 2.5
-    assert config.outer.nesterov is False and config.workers == ["a", "b"]
+    assert config.outer.name == "sgd" and config.workers == ["a", "b"]
     assert config.dataset.seed == 4 and config.dataset.microshards_per_round == 6
     assert config.require_exact_steps is False and config.keep_rounds == 3
+    assert config.pseudo_gradient.codec == "int8" and not config.pseudo_gradient.error_feedback
+    adaptive = config.quorum.adaptive_deadline
+    assert adaptive.enabled and adaptive.tight and adaptive.k == 2.5
     plain = DiLoCoConfig.model_validate_json(_print(["--workload", DIGITS])[1])
     assert plain == DiLoCoConfig(workload=DIGITS), "no flag: the model's defaults"
     assert plain.device == "auto"

@@ -19,6 +19,7 @@ from fleet.diloco import (
     average,
     outer_step,
 )
+from fleet.diloco.config import PseudoGradientConfig
 from fleet.diloco.state import RoundRecord
 from fleet.jobs import JobStore
 from tests.harness import DIGITS, inner_loops_started, run_in_thread, running_workers, wait_until
@@ -30,21 +31,22 @@ def test_outer_step_is_a_hand_computed_nesterov_step():
     theta = torch.tensor([1.0, -2.0, 0.5, 4.0])
     replicas = [torch.tensor([0.8, -1.0, 0.5, 3.0]), torch.tensor([0.6, -1.6, 1.5, 3.0])]
     weights = [3.0, 1.0]
-    cfg = OuterOptimizerConfig(lr=0.7, momentum=0.9, nesterov=True)
+    cfg = OuterOptimizerConfig(name="nesterov", lr=0.7, momentum=0.9)
     avg = average(replicas, weights)
     assert torch.allclose(avg, torch.tensor([0.75, -1.15, 0.75, 3.0]))
     # round 1: buffer starts as delta
     delta = theta - avg  # [0.25, -0.85, -0.25, 1.0]
-    theta1, m1 = outer_step(theta, avg, None, cfg)
+    theta1, state1 = outer_step(theta, avg, None, cfg)
+    m1 = state1["momentum"]
     assert torch.allclose(m1, delta)
     assert torch.allclose(theta1, theta - 0.7 * (delta + 0.9 * delta))
     # round 2 with the momentum kept
     avg2 = torch.tensor([0.7, -1.0, 1.0, 2.5])
     delta2 = theta1 - avg2
-    theta2, m2 = outer_step(theta1, avg2, m1, cfg)
-    assert torch.allclose(m2, 0.9 * m1 + delta2)
+    theta2, state2 = outer_step(theta1, avg2, {"momentum": m1}, cfg)
+    assert torch.allclose(state2["momentum"], 0.9 * m1 + delta2)
     assert torch.allclose(theta2, theta1 - 0.7 * (delta2 + 0.9 * (0.9 * m1 + delta2)), atol=1e-6)
-    # and it is exactly torch's SGD(nesterov) on the pseudo-gradient
+    # and it is torch's SGD(nesterov) on the pseudo-gradient
     p = torch.nn.Parameter(theta.clone())
     sgd = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
     for target in (avg, avg2):
@@ -53,18 +55,43 @@ def test_outer_step_is_a_hand_computed_nesterov_step():
     assert torch.allclose(p.detach(), theta2, atol=1e-6)
 
 
+def test_the_optimizer_objects_give_the_bits_of_the_2023_formula():
+    """Nesterov through fleet.diloco.optim is bit for bit the formula fleet computed
+    before optimizers were objects (avg + (1 - lr) delta - lr mu m'), checked against
+    torch.optim.SGD above; plain SGD with lr 1 and no momentum is exactly the average."""
+    torch.manual_seed(0)
+    theta, avg, m = (torch.randn(100_003) for _ in range(3))
+    lr, mu = 0.7, 0.9
+    delta = theta - avg
+    new_m = m * mu + delta
+    expected = (avg + delta * (1.0 - lr)) - new_m * (lr * mu)
+    got, state = outer_step(theta, avg, {"momentum": m}, OuterOptimizerConfig())
+    assert torch.equal(got, expected) and torch.equal(state["momentum"], new_m)
+    heavy, _ = outer_step(
+        theta, avg, {"momentum": m}, OuterOptimizerConfig(name="sgd", lr=0.5, momentum=0.5)
+    )
+    assert torch.equal(heavy, theta - (m * 0.5 + delta) * 0.5)
+    averaged, none = outer_step(
+        theta, avg, None, OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0)
+    )
+    assert torch.equal(averaged, avg) and none == {}, "model averaging keeps no buffer"
+    assert OuterOptimizerConfig.model_validate({"nesterov": False}).name == "sgd"
+    with pytest.raises(ValueError, match="no outer optimizer"):
+        OuterOptimizerConfig(name="adamw")
+
+
 def test_heavy_ball_and_plain_averaging():
     theta, avg = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
-    new, m = outer_step(
+    new, state = outer_step(
         theta,
         avg,
-        torch.tensor([1.0, 1.0]),
-        OuterOptimizerConfig(lr=0.5, momentum=0.5, nesterov=False),
+        {"momentum": torch.tensor([1.0, 1.0])},
+        OuterOptimizerConfig(name="sgd", lr=0.5, momentum=0.5),
     )
-    assert torch.allclose(m, torch.tensor([1.5, 1.5])) and torch.allclose(
+    assert torch.allclose(state["momentum"], torch.tensor([1.5, 1.5])) and torch.allclose(
         new, torch.tensor([0.25, 1.25])
     )
-    exact, _ = outer_step(theta, avg, None, OuterOptimizerConfig(lr=1.0, momentum=0.0))
+    exact, _ = outer_step(theta, avg, None, OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0))
     assert torch.equal(exact, avg)
     trimmed = average(
         [torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([100.0])], [1, 1, 1], "TrimmedMean"
@@ -95,7 +122,7 @@ def test_three_rounds_eval_loss_falls_and_the_merge_is_exact(fleet, two_workers)
             return
         layout = run.layout
         theta = read_pack(root.resolve(layout.global_pack(1)))[1]
-        m0 = read_pack(root.resolve(layout.momentum(1)))[1]
+        m0 = read_pack(root.resolve(layout.outer_buffer(1, "momentum")))[1]
         packs = [r.pack.path for r in record.merged]
         avg = sum(read_pack(root.resolve(p))[1] for p in packs) / 2
         delta = theta - avg
@@ -104,7 +131,8 @@ def test_three_rounds_eval_loss_falls_and_the_merge_is_exact(fleet, two_workers)
         assert torch.allclose(
             read_pack(root.resolve(record.global_pack.path))[1], expected, atol=1e-6
         )
-        assert torch.allclose(read_pack(root.resolve(record.momentum.path))[1], m1, atol=1e-6)
+        momentum = record.outer_state["momentum"]
+        assert torch.allclose(read_pack(root.resolve(momentum.path))[1], m1, atol=1e-6)
         checked.append(record.round)
 
     cfg = DiLoCoConfig(workload=DIGITS, replicas=2, rounds=3, inner_steps=15)
@@ -123,7 +151,7 @@ def test_three_rounds_eval_loss_falls_and_the_merge_is_exact(fleet, two_workers)
         assert {r.worker for r in m.merged} == workers  # spread over both
         assert all(r.steps_completed == 15 and r.compute_s > 0 for r in m.merged)
         assert m.merge_worker in workers and m.merge_s > 0  # the outer step ran on a worker
-        assert m.global_pack.values_digest and m.momentum.values_digest
+        assert m.global_pack.values_digest and m.outer_state["momentum"].values_digest
     assert job.artifacts["final_pack"] == f"runs/{job.job_id}/round-0003/global"
     assert job.artifacts["checkpoint"] == job.artifacts["final_pack"]
     # logs: orchestrator and both workers, in order, with task ids
@@ -149,7 +177,8 @@ def test_one_replica_with_lr_1_and_no_momentum_is_plain_local_training(fleet, tw
         rounds=rounds,
         inner_steps=h,
         eval_every=0,
-        outer=OuterOptimizerConfig(lr=1.0, momentum=0.0),
+        outer=OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0),
+        pseudo_gradient=PseudoGradientConfig(codec="fp32"),
     )
     job = DiLoCoRun.start(fleet, cfg).run()
     final = read_pack(fleet.shared.resolve(job.artifacts["final_pack"]))[1]

@@ -18,6 +18,7 @@ import torch
 from fleet.codec import read_pack, write_pack
 from fleet.codec.pack import write_values_pack
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig, average, outer_step
+from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.outer import PackInput, stream_outer_step
 from fleet.diloco.state import RoundRecord
 from fleet.errors import DigestMismatchError, LayoutMismatchError, NonFiniteValuesError
@@ -45,8 +46,8 @@ def packs(tmp_path_factory):
     "outer",
     [
         OuterOptimizerConfig(),
-        OuterOptimizerConfig(lr=0.3, momentum=0.5, nesterov=False),
-        OuterOptimizerConfig(lr=1.0, momentum=0.0),
+        OuterOptimizerConfig(name="sgd", lr=0.3, momentum=0.5),
+        OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0),
     ],
     ids=["nesterov", "heavy-ball", "plain"],
 )
@@ -58,21 +59,29 @@ def test_the_streamed_step_is_bit_identical_to_the_in_memory_one(
     replicas = [read_pack(packs / f"r{i}")[1] for i in range(3)]
     momentum = read_pack(packs / "momentum")[1]
     weights = [3.0, 1.0, 2.0]
-    for m, m_input in ((None, None), (momentum, PackInput(packs / "momentum"))):
-        expected_theta, expected_m = outer_step(theta, average(replicas, weights, policy), m, outer)
+    optimizer = outer_optimizer(outer)
+    out_state = {name: tmp_path / name for name in optimizer.buffers}
+    for m, m_input in (
+        ({}, {}),
+        ({"momentum": momentum}, {"momentum": PackInput(packs / "momentum")}),
+    ):
+        expected_theta, expected_state = outer_step(
+            theta, average(replicas, weights, policy), m, outer
+        )
         stream_outer_step(
             PackInput(packs / "global"),
             [PackInput(packs / f"r{i}") for i in range(3)],
             weights,
-            m_input,
-            outer,
+            {k: v for k, v in m_input.items() if k in optimizer.buffers},
+            optimizer,
             policy,
             tmp_path / "g",
-            tmp_path / "m",
+            out_state,
             chunk_bytes=chunk_bytes,
         )
         assert torch.equal(read_pack(tmp_path / "g", verify=True)[1], expected_theta)
-        assert torch.equal(read_pack(tmp_path / "m", verify=True)[1], expected_m)
+        for name in optimizer.buffers:
+            assert torch.equal(read_pack(out_state[name], verify=True)[1], expected_state[name])
 
 
 def test_one_replica_with_lr_1_is_that_replica_exactly(packs, tmp_path):
@@ -80,11 +89,11 @@ def test_one_replica_with_lr_1_is_that_replica_exactly(packs, tmp_path):
         PackInput(packs / "global"),
         [PackInput(packs / "r1")],
         [7.0],
-        PackInput(packs / "momentum"),
-        OuterOptimizerConfig(lr=1.0, momentum=0.0),
+        {},
+        outer_optimizer(OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0)),
         "WeightedMean",
         tmp_path / "g",
-        tmp_path / "m",
+        {},
         chunk_bytes=4096,
     )
     assert torch.equal(read_pack(tmp_path / "g")[1], read_pack(packs / "r1")[1])
@@ -97,11 +106,11 @@ def test_a_corrupt_input_names_itself_and_publishes_nothing(packs, tmp_path):
             PackInput(packs / "global"),
             [PackInput(r) for r in replicas],
             [1.0] * len(replicas),
-            None,
-            OuterOptimizerConfig(),
+            {},
+            outer_optimizer(OuterOptimizerConfig()),
             "WeightedMean",
             tmp_path / "g",
-            tmp_path / "m",
+            {"momentum": tmp_path / "m"},
             **kwargs,
         )
 
@@ -137,7 +146,7 @@ def test_a_corrupt_input_names_itself_and_publishes_nothing(packs, tmp_path):
 
 def _expected_global(root, record: RoundRecord, state_global: str, state_momentum: str | None):
     theta = read_pack(root.resolve(state_global))[1]
-    momentum = read_pack(root.resolve(state_momentum))[1] if state_momentum else None
+    momentum = {"momentum": read_pack(root.resolve(state_momentum))[1]} if state_momentum else None
     replicas = [read_pack(root.resolve(r.pack.path))[1] for r in record.merged]
     weights = [float(r.steps_completed) for r in record.merged]
     return outer_step(theta, average(replicas, weights), momentum, OuterOptimizerConfig())[0]
@@ -180,7 +189,7 @@ def test_sigkill_of_the_merging_worker_mid_merge(fleet_settings, artifacts_dir, 
             if not caught or record.round != caught[0][0]:
                 return
             assert record.merge_worker is not None and record.merge_worker != caught[0][1]
-            momentum = run.layout.momentum(record.round) if record.round else None
+            momentum = run.layout.outer_buffer(record.round, "momentum") if record.round else None
             expected = _expected_global(
                 root, record, run.layout.global_pack(record.round), momentum
             )

@@ -7,14 +7,69 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fleet.devices import AUTO
-from fleet.protocol import EvalSplit, MergePolicy, OuterOptimizer
+from fleet.protocol import EvalSplit, MergePolicy, OuterOptimizerConfig
+
+__all__ = [
+    "OUTER_MERGE_POLICIES",
+    "AdaptiveDeadlineConfig",
+    "DatasetConfig",
+    "DiLoCoConfig",
+    "OuterOptimizerConfig",
+    "PseudoGradientConfig",
+    "QuorumConfig",
+]
 
 #: Merge policies that make sense for averaging replica models in the outer step.
 OUTER_MERGE_POLICIES = ("WeightedMean", "NormClippedWeightedMean", "TrimmedMean")
 
 
-#: The outer optimizer of a run (lr 0.7, momentum 0.9, Nesterov by default).
-OuterOptimizerConfig = OuterOptimizer
+class PseudoGradientConfig(BaseModel):
+    """What each replica publishes for the outer step (docs/protocol.md section 4.4)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    codec: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
+    """fp32: the replica's parameters, exactly (4 bytes a value); fp16 / bf16: its
+    pseudo-gradient in 2 bytes; int8: 1 byte plus a float32 scale per block."""
+    block_size: int = Field(default=256, ge=1, le=1 << 16)
+    """Values per int8 scale (a power of two)."""
+    error_feedback: bool = True
+    """Carry each replica's quantization residual into its next round (not for fp32)."""
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size must be a power of two, got {value}")
+        return value
+
+
+class AdaptiveDeadlineConfig(BaseModel):
+    """A round's deadline from the replicas' observed speed (:mod:`fleet.diloco.deadline`):
+    ``inner_steps * max(median + k * MAD, min_factor * median)`` of the seconds per inner
+    step of the attempts merged in the last ``window_rounds`` rounds, within
+    ``[floor_s, ceiling_s]`` (none in the first round). On by default and generous (a replica
+    stuck in a hook costs a few median rounds, never the task time limit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    enabled: bool = True
+    """Close a round at its adaptive deadline (false: wait for every replica, or for
+    quorum.round_deadline_s)."""
+    tight: bool = False
+    """Cut stragglers close to the median (k 3, min_factor 1.5) instead of only stuck
+    replicas (k 10, min_factor 3)."""
+    k: float | None = Field(default=None, ge=0.0)
+    """MADs above the median (None: 10, or 3 when tight)."""
+    min_factor: float | None = Field(default=None, ge=1.0)
+    """The deadline is at least this many median durations (None: 3, or 1.5 when tight)."""
+    window_rounds: int = Field(default=5, ge=1)
+    """Rounds of observations the deadline is computed from."""
+    floor_s: float | None = Field(default=None, ge=0.0)
+    """The deadline is never below this many seconds (None: 10, room for a cold worker's
+    start and a pack import; 0.5 when tight)."""
+    ceiling_s: float | None = Field(default=None, gt=0.0)
+    """Nor above this many (None: no ceiling)."""
 
 
 class QuorumConfig(BaseModel):
@@ -27,6 +82,8 @@ class QuorumConfig(BaseModel):
     round_deadline_s: float | None = Field(default=None, gt=0.0)
     """Close the round this many seconds after it started, with the replicas done by
     then (at least one; the round waits for the first if none is)."""
+    adaptive_deadline: AdaptiveDeadlineConfig = Field(default_factory=AdaptiveDeadlineConfig)
+    """A deadline from the replicas' observed speed (the earlier of the two applies)."""
 
 
 class DatasetConfig(BaseModel):
@@ -80,6 +137,8 @@ class DiLoCoConfig(BaseModel):
     """H: inner optimizer steps per replica per round."""
     outer: OuterOptimizerConfig = Field(default_factory=OuterOptimizerConfig)
     """The outer optimizer (SGD with Nesterov momentum on the pseudo-gradient)."""
+    pseudo_gradient: PseudoGradientConfig = Field(default_factory=PseudoGradientConfig)
+    """What each replica publishes for the outer step (codec, error feedback)."""
     merge_policy: MergePolicy = "WeightedMean"
     """How replica models are averaged (WeightedMean, NormClippedWeightedMean, TrimmedMean)."""
     device: str = AUTO
@@ -119,7 +178,8 @@ class DiLoCoConfig(BaseModel):
     data, sharded by the BatchRef's ``payload.replica`` (docs/protocol.md)."""
     merge_chunk_bytes: int = Field(default=1 << 20, ge=4096)
     """Bytes of each pack the outer step holds in memory at once (its extra memory is
-    about ``(2 * replicas + 6) * merge_chunk_bytes``, whatever the model's size)."""
+    about ``(2 * (replicas + buffers) + 6) * merge_chunk_bytes``, whatever the model's
+    size)."""
 
     @field_validator("merge_policy")
     @classmethod
@@ -128,6 +188,14 @@ class DiLoCoConfig(BaseModel):
             raise ValueError(
                 f"merge_policy for DiLoCo must be one of {OUTER_MERGE_POLICIES}, got {value!r}"
             )
+        return value
+
+    @field_validator("outer")
+    @classmethod
+    def _outer_builds(cls, value: OuterOptimizerConfig) -> OuterOptimizerConfig:
+        from fleet.diloco.optim import outer_optimizer
+
+        outer_optimizer(value)  # a user's module:Class must import and accept its config
         return value
 
     @model_validator(mode="after")

@@ -17,23 +17,23 @@ from collections.abc import Callable
 from typing import Any
 
 from fleet.client import Fleet
+from fleet.diloco.commit import collect_garbage, is_checkpoint
 from fleet.diloco.config import DiLoCoConfig
+from fleet.diloco.context import RunContext
 from fleet.diloco.data import RunData
 from fleet.diloco.layout import RunLayout, result_marker
+from fleet.diloco.merge import verify_checkpoint
 from fleet.diloco.placement import place_replicas
-from fleet.diloco.round import Round, RunContext, collect_garbage, is_checkpoint
+from fleet.diloco.round import Round
 from fleet.diloco.state import DriverState, Evaluation, HandleRef, RoundRecord, RunStore, rounds_of
 from fleet.errors import (
     BrokerUnavailableError,
-    CodecError,
-    CorruptCheckpointError,
     FleetError,
     JobCancelled,
     JobStateError,
     RunConfigError,
 )
 from fleet.jobs import Job, JobLease, JobStore
-from fleet.protocol import OuterStepResult, candidate_weight
 
 log = logging.getLogger("fleet.diloco")
 
@@ -177,9 +177,11 @@ class DiLoCoRun:
             self._log("resuming at round %d (global %s)", state.next_round, state.global_pack.path)
             if ctx.data is not None:
                 ctx.data.check(state)
-            self._verify_checkpoint(ctx, state)
+            verify_checkpoint(ctx, state, rounds_of(self.jobs, self.job_id))
         records = rounds_of(self.jobs, self.job_id)
         previous = records[-1] if records else None
+        for record in records[-self.config.quorum.adaptive_deadline.window_rounds :]:
+            ctx.deadline.observe(record)
         for index in range(state.next_round, self.config.rounds):
             record, state = Round(ctx, state, index, plan, previous).run()
             plan, previous = None, record
@@ -221,69 +223,6 @@ class DiLoCoRun:
         self._log("initial global model %s from %s", pack.path, worker)
         return state
 
-    def _verify_checkpoint(self, ctx: RunContext, state: DriverState) -> None:
-        """Before resuming, check the committed global and momentum packs (digest, length,
-        finite values) on a worker; a corrupt one is recomputed from its round's inputs
-        (the outer step again: the same bits), or the job fails naming the round.
-
-        Raises:
-            CorruptCheckpointError: corrupt, and its inputs are not intact either.
-        """
-        packs = [p for p in (state.global_pack, state.momentum) if p is not None]
-        try:
-            for pack in packs:
-                fields = {"pack": pack.model_dump(), "check_finite": True}
-                ctx.fleet.run(ctx.fleet.prepare("verify_pack", fields, dict), True, None)
-            return
-        except CodecError as exc:
-            bad = exc
-        round_index = state.next_round
-        self._log(
-            "round %d's checkpoint is corrupt (%s); recomputing it",
-            round_index,
-            bad,
-            level=logging.WARNING,
-        )
-        records = rounds_of(self.jobs, self.job_id)
-        last = records[-1] if records else None
-        if last is None or last.input_global is None:
-            raise CorruptCheckpointError(self.job_id, round_index, state.global_pack.path, str(bad))
-        fields = {
-            "global_pack": last.input_global.model_dump(),
-            "replicas": [
-                {
-                    "pack": r.pack.model_dump(),
-                    "weight": candidate_weight(
-                        self.config.merge_policy, float(r.steps_completed or 0), 1.0
-                    ),
-                }
-                for r in last.merged
-                if r.pack is not None
-            ],
-            "momentum": last.input_momentum.model_dump() if last.input_momentum else None,
-            "outer": self.config.outer.model_dump(),
-            "merge_policy": self.config.merge_policy,
-            "output_global_path": last.global_pack.path,
-            "output_momentum_path": last.momentum.path,
-            "chunk_bytes": self.config.merge_chunk_bytes,
-        }
-        try:
-            result = ctx.fleet.run(
-                ctx.fleet.prepare("outer_step", fields, OuterStepResult.model_validate), True, None
-            )
-        except CodecError as exc:
-            raise CorruptCheckpointError(
-                self.job_id, round_index, state.global_pack.path, f"{bad}; its inputs: {exc}"
-            ) from exc
-        if result.global_pack != last.global_pack or result.momentum != last.momentum:
-            raise CorruptCheckpointError(
-                self.job_id,
-                round_index,
-                state.global_pack.path,
-                "the recomputed packs differ from the committed ones",
-            )
-        self._log("round %d's checkpoint recomputed: the same bits", round_index)
-
     def _committed(self, record: RoundRecord) -> None:
         self.jobs.add_artifact(self.job_id, "checkpoint", record.global_pack.path)
         if is_checkpoint(self.config, record.round + 1):
@@ -305,15 +244,17 @@ class DiLoCoRun:
             self.on_round(record)
 
     def _finish(self, ctx: RunContext, state: DriverState, last: RoundRecord | None) -> Job:
-        """Final artifacts; the last round's replica packs and optimizer states deleted
-        (only global and momentum packs stay, per ``keep_rounds``); handles released."""
+        """Final artifacts; the last round's replica packs, optimizer states and residuals
+        deleted (only global packs and outer buffers stay, per ``keep_rounds``); handles
+        released."""
         self.jobs.add_artifact(self.job_id, "final_pack", state.global_pack.path)
         self.jobs.add_artifact(self.job_id, "run_dir", self.layout.run_dir)
         if last is not None:
             packs = [o.pack.path for o in last.merged if o.pack is not None]
             markers = [result_marker(p) for p in packs]
             opts = [o.path for o in state.replica_opt if o is not None]
-            collect_garbage(ctx.fleet, packs + markers + opts)
+            residuals = [r.path for r in state.replica_residual if r is not None]
+            collect_garbage(ctx.fleet, packs + markers + opts + residuals)
         self._release_handles(ctx, state)
         return self.jobs.set_status(self.job_id, "completed", token=ctx.lease.token)
 

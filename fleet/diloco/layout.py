@@ -5,9 +5,12 @@ over another attempt's output.
 ::
 
     runs/<job>/round-RRRR/global            the global model entering round R (R = 0: initial)
-    runs/<job>/round-RRRR/momentum          the outer momentum after round R - 1
+    runs/<job>/round-RRRR/<buffer>          an outer optimizer buffer after round R - 1
+                                            (``momentum`` for Nesterov and SGD)
     runs/<job>/round-RRRR/replica-I-aA      replica I's pack of round R, attempt A
+                                            (parameters, or its pseudo-gradient)
     runs/<job>/round-RRRR/opt-I-aA.pt       the inner optimizer state that attempt wrote
+    runs/<job>/round-RRRR/ef-I-aA           its error-feedback residual
     runs/<job>/round-RRRR/replica-I-aA.result.json   that attempt's result (exactly once)
 
 Attempt numbers are unique per (round, replica) across orchestrators: the round's plan
@@ -40,9 +43,11 @@ class RunLayout:
         """The global model entering round ``round_index``."""
         return f"{self.round_dir(round_index)}/global"
 
-    def momentum(self, round_index: int) -> str:
-        """The outer momentum after round ``round_index - 1``."""
-        return f"{self.round_dir(round_index)}/momentum"
+    def outer_buffer(self, round_index: int, name: str) -> str:
+        """The outer optimizer's buffer ``name`` after round ``round_index - 1``."""
+        if not name.isidentifier() or name == "global":
+            raise ValueError(f"not a buffer name: {name!r}")
+        return f"{self.round_dir(round_index)}/{name}"
 
     def replica_pack(self, round_index: int, replica: int, attempt: int) -> str:
         """Replica ``replica``'s pack of round ``round_index``, attempt ``attempt``."""
@@ -51,3 +56,7 @@ class RunLayout:
     def opt_state(self, round_index: int, replica: int, attempt: int) -> str:
         """The inner optimizer state that attempt writes (if its loop keeps one)."""
         return f"{self.round_dir(round_index)}/opt-{replica}-a{attempt}.pt"
+
+    def residual(self, round_index: int, replica: int, attempt: int) -> str:
+        """The error-feedback residual that attempt writes (a v1 pack)."""
+        return f"{self.round_dir(round_index)}/ef-{replica}-a{attempt}"

@@ -2,15 +2,16 @@
 
 Source: Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language
 Models", arXiv:2311.08105, Algorithm 1. With ``theta`` the global parameters (flat
-float32 ``[P]``) and ``theta_i`` replica ``i``'s after its inner steps:
+float32 ``[P]``) and replica ``i``'s contribution either its parameters ``theta_i``
+(a v1 pack: the exact ``fp32`` exchange) or its pseudo-gradient ``delta_i = theta -
+theta_i`` (a pseudo-gradient pack, :mod:`fleet.codec.pseudo_gradient`)::
 
-    delta   = theta - sum_i w_i * theta_i          (pseudo-gradient, w normalised)
-    m'      = mu * m + delta                         (momentum buffer, as torch SGD)
-    update  = delta + mu * m'  (Nesterov)  or  m'   (heavy ball)
-    theta'  = theta - lr * update
+    average = sum_i w_i * theta_i             delta = theta - average      (parameters)
+    delta   = sum_i w_i * delta_i             average = theta - delta      (pseudo-gradients)
+    theta'  = outer optimizer step (theta, average, delta, buffers)
 
-computed as ``theta' = avg + (1 - lr) * delta - (lr * mu) * m'`` (Nesterov), so that
-one replica with ``lr = 1`` and ``mu = 0`` gives exactly the replica's parameters.
+with ``w`` normalised (or a coordinate-wise trimmed mean). The outer optimizer is an
+object (:mod:`fleet.diloco.optim`: Nesterov, SGD, ...) that names its state buffers.
 
 Every operation is one elementwise IEEE operation (a multiply, or an add), never a
 fused multiply-add: the result of an element then does not depend on how a vector is
@@ -23,19 +24,21 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from fleet.codec.manifest import PackManifest
 from fleet.codec.pack import PackReader, writing_pack
+from fleet.codec.pseudo_gradient import PseudoGradientReader, open_reader
+from fleet.diloco.optim import OuterOptimizer, outer_optimizer
 from fleet.errors import LayoutMismatchError
-from fleet.protocol import OuterOptimizer
+from fleet.protocol import OuterOptimizerConfig
 
 if TYPE_CHECKING:
     from fleet.storage import Store
@@ -43,6 +46,9 @@ if TYPE_CHECKING:
 #: Default bytes of each pack held at once by :func:`stream_outer_step` (1 MiB: blocks
 #: that stay in cache while the step runs over them; measured by benchmarks/outer_step.py).
 CHUNK_BYTES = 1 << 20
+#: Chunks hold a multiple of this many values, so every chunk but the last starts at a
+#: SIMD-aligned offset, as the whole vector does.
+ALIGN_NUMEL = 1024
 
 
 def _weights(weights: Sequence[float]) -> list[float]:
@@ -89,63 +95,43 @@ def average(
     return _average_into([r.clone() for r in replicas], weights, policy)
 
 
-def _step_into(
-    theta: torch.Tensor,
-    avg: torch.Tensor,
-    momentum: torch.Tensor | None,
-    config: OuterOptimizer,
-    scratch: torch.Tensor,
-    new_momentum: torch.Tensor,
-) -> torch.Tensor:
-    """The outer step written into buffers: ``new_momentum`` receives m' and the returned
-    tensor (``avg`` or ``theta``, reused) theta'. ``scratch`` is clobbered."""
-    mu, lr = config.momentum, config.lr
-    delta = torch.sub(theta, avg, out=scratch)
-    if momentum is None:
-        new_momentum.copy_(delta)
-    else:
-        torch.mul(momentum, mu, out=new_momentum).add_(delta)
-    if config.nesterov or mu == 0.0:
-        new_theta = avg.add_(delta.mul_(1.0 - lr))
-        if mu:
-            new_theta.sub_(torch.mul(new_momentum, lr * mu, out=scratch))
-        return new_theta
-    return theta.sub_(torch.mul(new_momentum, lr, out=scratch))
-
-
 def outer_step(
     theta: torch.Tensor,
     avg: torch.Tensor,
-    momentum: torch.Tensor | None,
-    config: OuterOptimizer,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One outer optimizer step (see the module docstring); the inputs are not changed.
+    state: Mapping[str, torch.Tensor] | None,
+    config: OuterOptimizerConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One outer optimizer step on whole vectors (see the module docstring); the inputs
+    are not changed.
 
     Args:
         theta: global parameters, float32 ``[P]``.
         avg: averaged replica parameters, float32 ``[P]``.
-        momentum: momentum buffer ``[P]`` from the last round, or None (first round:
-            the buffer starts as ``delta``, as in ``torch.optim.SGD``).
+        state: the optimizer's buffers after the last round (each ``[P]``), or None in
+            the first round (a momentum buffer starts as ``delta``, as in torch SGD).
 
     Returns:
-        ``(new_theta, new_momentum)``, both float32 ``[P]``.
+        ``(new_theta, new_state)``, all float32 ``[P]``.
     """
-    new_momentum = torch.empty_like(theta)
-    new_theta = _step_into(
-        theta.clone(), avg.clone(), momentum, config, torch.empty_like(theta), new_momentum
-    )
-    return new_theta, new_momentum
+    optimizer = outer_optimizer(config)
+    new_state = {name: torch.empty_like(theta) for name in optimizer.buffers}
+    old = {name: (state or {}).get(name) for name in optimizer.buffers}
+    delta = torch.sub(theta, avg)
+    new_theta = optimizer.step(theta.clone(), avg.clone(), delta, old, new_state)
+    return new_theta, new_state
 
 
 @dataclass(frozen=True)
 class OuterStepOutput:
-    """What :func:`stream_outer_step` published: both manifests, the bytes it read and
-    wrote, and the seconds it took."""
+    """What :func:`stream_outer_step` published: the manifests of the new global pack and
+    of each optimizer buffer, the bytes it read (``exchange_bytes`` of them the
+    replicas'), wrote, and the seconds it took."""
 
     global_manifest: PackManifest
-    momentum_manifest: PackManifest
+    state_manifests: dict[str, PackManifest]
     bytes_read: int
     bytes_written: int
+    exchange_bytes: int
     seconds: float
 
 
@@ -165,27 +151,54 @@ def inputs_digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _open(
+    ref: PackInput, store: Store | None, block_bytes: int
+) -> PackReader | PseudoGradientReader:
+    checks: dict[str, Any] = {
+        "check_finite": True,
+        "layout_hash": ref.layout_hash,
+        "values_digest": ref.values_digest,
+    }
+    if store is None:
+        return open_reader(Path(ref.path), **checks)
+    return store.pack_reader(str(ref.path), block_size=max(block_bytes, 1 << 20), **checks)
+
+
+def _nbytes(reader: PackReader | PseudoGradientReader) -> int:
+    manifest = reader.manifest
+    if isinstance(manifest, PackManifest):
+        return manifest.values_nbytes
+    return manifest.exchange_bytes
+
+
 def stream_outer_step(
     global_pack: PackInput,
     replicas: Sequence[PackInput],
     weights: Sequence[float],
-    momentum: PackInput | None,
-    config: OuterOptimizer,
+    state: Mapping[str, PackInput],
+    optimizer: OuterOptimizer,
     policy: str,
     out_global: Path,
-    out_momentum: Path,
+    out_state: Mapping[str, Path],
     *,
     chunk_bytes: int = CHUNK_BYTES,
     inputs_key: str | None = None,
     store: Store | None = None,
 ) -> OuterStepOutput:
     """The outer step over packs, streamed: every input is read ``chunk_bytes`` at a time
-    (its digest and, for replicas, finiteness checked as it is read), the step is
-    applied to the chunk, and the new global and momentum packs are written and hashed
-    as they go, then published atomically. A reader thread fills the next row of
-    blocks while the current one is computed, so extra memory is about ``(2N + 6) *
-    chunk_bytes`` for N replicas, whatever the parameter count P. The result is
-    bit-identical to :func:`average` + :func:`outer_step` on whole vectors.
+    (its digest and finiteness checked as it is read), the step is applied to the
+    chunk, and the new global pack and optimizer buffers are written and hashed as they
+    go, then published atomically. Replica inputs are v1 packs of parameters or
+    pseudo-gradient packs (decoded as read), in any mix. A reader thread fills the next
+    row of blocks while the current one is computed, so extra memory is about
+    ``(2 (N + B) + 6) * chunk_bytes`` for N replicas and B buffers, whatever the
+    parameter count P. The result is bit-identical to :func:`average` +
+    :func:`outer_step` on whole vectors.
+
+    Args:
+        state: the optimizer's buffers after the last round, by name (empty in the
+            first round).
+        out_state: where each of ``optimizer.buffers`` is written.
 
     With ``store``, the inputs' paths are on it and are read from it in ranged requests
     of ``chunk_bytes`` (an object store: memory stays O(chunk)); the outputs are local
@@ -195,14 +208,19 @@ def stream_outer_step(
         LayoutMismatchError: an input's layout differs from the global pack's.
         DigestMismatchError, NonFiniteValuesError, ValuesLengthError, NotAPackError: an
             input is corrupt (the error names its path); nothing is published.
-        ValueError: no replicas, or weights that sum to <= 0.
+        ValueError: no replicas, weights that sum to <= 0, or buffers that are not the
+            optimizer's.
     """
     if not replicas or len(replicas) != len(weights):
         raise ValueError(f"{len(replicas)} replicas with {len(weights)} weights")
     if policy != "TrimmedMean":
         _weights(weights)  # refuse weights that cannot be normalised before reading
+    names = optimizer.buffers
+    if set(state) - set(names) or set(out_state) != set(names):
+        raise ValueError(
+            f"buffers {sorted(state)} in, {sorted(out_state)} out; the optimizer keeps {names}"
+        )
     started = time.perf_counter()
-    n = max(1, chunk_bytes // 4)
     extra = {"inputs_digest": inputs_key} if inputs_key else None
     with ExitStack() as stack:
         # The arithmetic runs on one torch thread: the blocks are cache-sized, and the
@@ -212,35 +230,36 @@ def stream_outer_step(
         torch.set_num_threads(1)
         stack.callback(torch.set_num_threads, threads)
 
-        # Global pack, replicas, momentum: each checked against its ref (layout hash,
+        # Global pack, replicas, buffers: each checked against its ref (layout hash,
         # digest, finite values) while read, and against the global pack's layout.
-        inputs = [global_pack, *replicas, *([momentum] if momentum is not None else [])]
-        readers: list[PackReader] = []
+        buffer_names = [name for name in names if name in state]
+        inputs = [global_pack, *replicas, *(state[name] for name in buffer_names)]
+        readers: list[PackReader | PseudoGradientReader] = []
         for ref in inputs:
-            checks: dict[str, Any] = {
-                "check_finite": True,
-                "layout_hash": ref.layout_hash,
-                "values_digest": ref.values_digest,
-            }
-            reader = stack.enter_context(
-                PackReader(ref.path, **checks)
-                if store is None
-                else store.pack_reader(
-                    str(ref.path), block_size=max(chunk_bytes, 1 << 20), **checks
-                )
-            )
+            reader = _open(ref, store, chunk_bytes)
+            stack.callback(reader.close)
             if readers and reader.manifest.layout_hash != readers[0].manifest.layout_hash:
                 raise LayoutMismatchError(
                     str(ref.path), reader.manifest.layout_hash, readers[0].manifest.layout_hash
                 )
             readers.append(reader)
         theta_reader, like = readers[0], readers[0].manifest
+        if not isinstance(like, PackManifest):
+            raise LayoutMismatchError(str(global_pack.path), "pseudo-gradient", "a v1 pack")
+        is_delta = [isinstance(r, PseudoGradientReader) for r in readers[1 : 1 + len(replicas)]]
+        align = max(
+            [ALIGN_NUMEL] + [r.block_size for r in readers if isinstance(r, PseudoGradientReader)]
+        )
+        n = max(align, (chunk_bytes // 4) // align * align)
         size = min(n, max(like.parameter_count, 1))
         rows = [[torch.empty(size, dtype=torch.float32) for _ in readers] for _ in range(2)]
         scratch = torch.empty(size, dtype=torch.float32)
-        new_mom = torch.empty(size, dtype=torch.float32)
+        new_blocks = {name: torch.empty(size, dtype=torch.float32) for name in names}
         global_sink = stack.enter_context(writing_pack(out_global, like, extra=extra))
-        momentum_sink = stack.enter_context(writing_pack(out_momentum, like, extra=extra))
+        sinks = {
+            name: stack.enter_context(writing_pack(out_state[name], like, extra=extra))
+            for name in names
+        }
 
         def read_row(row: list[torch.Tensor]) -> list[torch.Tensor]:
             return [reader.read_into(block) for reader, block in zip(readers, row, strict=True)]
@@ -261,19 +280,32 @@ def stream_outer_step(
             else:
                 pending = pool.submit(lambda: [torch.empty(0)])
             t, parts = row[0], row[1 : 1 + len(replicas)]
-            m = row[-1] if momentum is not None else None
             k = t.numel()
-            avg = _average_into(parts, weights, policy)
-            new_theta = _step_into(t, avg, m, config, scratch[:k], new_mom[:k])
-            global_sink.write(new_theta)
-            momentum_sink.write(new_mom[:k])
+            old = dict.fromkeys(names)
+            old.update(zip(buffer_names, row[1 + len(replicas) :], strict=True))
+            new = {name: block[:k] for name, block in new_blocks.items()}
+            if any(is_delta):
+                for part, delta_given in zip(parts, is_delta, strict=True):
+                    if not delta_given:
+                        torch.sub(t, part, out=part)  # parameters -> pseudo-gradient
+                delta = _average_into(parts, weights, policy)
+                avg = torch.sub(t, delta, out=scratch[:k])
+            else:
+                avg = _average_into(parts, weights, policy)
+                delta = torch.sub(t, avg, out=scratch[:k])
+            global_sink.write(optimizer.step(t, avg, delta, old, new))
+            for name, sink in sinks.items():
+                sink.write(new[name])
         for reader in readers:
             reader.finish()
-    assert global_sink.manifest is not None and momentum_sink.manifest is not None
+    assert global_sink.manifest is not None
+    state_manifests = {name: sink.manifest for name, sink in sinks.items()}
+    assert all(m is not None for m in state_manifests.values())
     return OuterStepOutput(
         global_manifest=global_sink.manifest,
-        momentum_manifest=momentum_sink.manifest,
-        bytes_read=len(inputs) * like.values_nbytes,
-        bytes_written=2 * like.values_nbytes,
+        state_manifests=cast(dict[str, PackManifest], state_manifests),
+        bytes_read=sum(_nbytes(r) for r in readers),
+        bytes_written=(1 + len(names)) * like.values_nbytes,
+        exchange_bytes=sum(_nbytes(r) for r in readers[1 : 1 + len(replicas)]),
         seconds=time.perf_counter() - started,
     )

@@ -2,7 +2,8 @@
 only, each write checked against the owner's fencing token (:class:`RunStore`):
 
 - :class:`DriverState`: what the driver needs to run the next round (the committed
-  global and momentum packs, each replica's committed optimizer state and warm handle,
+  global pack and outer optimizer buffers, each replica's committed optimizer state,
+  error-feedback residual and warm handle,
   the data cursor), replaced atomically when a round commits;
 - :class:`RoundPlan`: the round in flight (its leases and every attempt launched), so a
   resumed run aborts those attempts, reuses the leases and numbers attempts on;
@@ -68,6 +69,7 @@ class Attempt(BaseModel):
     task_id: str
     pack_path: str
     opt_path: str
+    residual_path: str | None = None
     started_at: float
     result: RunInnerLoopResult | None = None
 
@@ -88,6 +90,10 @@ class ReplicaOutcome(BaseModel):
     publish_s: float = 0.0
     pack: PackRef | None = None
     opt_state: OptState | None = None
+    residual: PackRef | None = None
+    """The error-feedback residual this attempt published."""
+    exchange_bytes: int | None = None
+    """Bytes of the pack it published."""
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
     error: str | None = None
     lease: Lease | None = None
@@ -126,12 +132,19 @@ class RoundRecord(BaseModel):
     merge_worker: str | None = None
     input_global: PackRef | None = None
     """The global model that entered the round (an input of the outer step)."""
-    input_momentum: PackRef | None = None
+    input_state: dict[str, PackRef] = Field(default_factory=dict)
+    """The outer optimizer's buffers that entered the round, by name."""
     global_pack: PackRef
-    momentum: PackRef
+    outer_state: dict[str, PackRef] = Field(default_factory=dict)
+    """The outer optimizer's buffers after the round, by name (e.g. ``momentum``)."""
     replicas: list[ReplicaOutcome]
     eval: Evaluation | None = None
     data: DataCursor | None = None
+    exchange_bytes: int = 0
+    """Bytes of the merged replicas' published packs (what the outer step read of them)."""
+    deadline_s: float | None = None
+    """Seconds after the round's start at which it would close without its stragglers
+    (fixed, or adaptive: :mod:`fleet.diloco.deadline`); None: it waited for all."""
 
     @property
     def merged(self) -> list[ReplicaOutcome]:
@@ -145,10 +158,18 @@ class DriverState(BaseModel):
     next_round: int
     global_pack: PackRef
     """The global model entering ``next_round``."""
-    momentum: PackRef | None = None
+    outer_state: dict[str, PackRef] = Field(default_factory=dict)
+    """The outer optimizer's buffers after the last round, by name (none at first)."""
     replica_opt: list[OptState | None]
     """Each replica's last committed inner optimizer state (None: the workload builds
     its optimizer, e.g. a workload that keeps no optimizer file)."""
+    replica_residual: list[PackRef | None] = Field(default_factory=list)
+    """Each replica's last committed error-feedback residual (empty or None: zero)."""
+
+    def residual_of(self, replica: int) -> PackRef | None:
+        """Replica ``replica``'s committed residual, if any."""
+        return self.replica_residual[replica] if replica < len(self.replica_residual) else None
+
     handles: list[HandleRef | None]
     abandoned: list[HandleRef] = Field(default_factory=list)
     """Handles of attempts given up on (their worker seemed lost), released once their

@@ -23,6 +23,7 @@ reused while the digest matches. The outer step reads packs in ranged requests
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import posixpath
 import threading
@@ -33,7 +34,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import xxhash
 
-from fleet.codec.manifest import DIGEST_ALGORITHM, MANIFEST_FILE, PackManifest
+from fleet.codec.manifest import DIGEST_ALGORITHM, MANIFEST_FILE, PACK_FORMAT_V1, PackManifest
 from fleet.errors import (
     DigestMismatchError,
     PathOutsideRootError,
@@ -49,6 +50,7 @@ from fleet.storage.store import COMMIT_FILES, Entry, Store
 
 if TYPE_CHECKING:
     from fleet.codec.pack import PackReader
+    from fleet.codec.pseudo_gradient import PseudoGradientReader
 
 #: Bytes per read when fetching into the cache.
 FETCH_BLOCK_BYTES = 8 << 20
@@ -239,7 +241,7 @@ class ObjectStore(Store):
         check_finite: bool = False,
         layout_hash: str | None = None,
         values_digest: str | None = None,
-    ) -> PackReader:
+    ) -> PackReader | PseudoGradientReader:
         """As :meth:`Store.pack_reader`; a pack this worker holds in its cache under the
         expected digest (it wrote it, or read it before) is read from there, checked
         all the same."""
@@ -349,10 +351,9 @@ class ObjectStore(Store):
             # (its own replica pack, the global pack it merged, its optimizer state)
             manifest = local / MANIFEST_FILE
             if local.is_dir() and manifest.is_file():
-                from fleet.codec.manifest import read_manifest
-
-                digest = read_manifest(local).values_digest
-                if digest is not None:
+                raw = json.loads(manifest.read_bytes())
+                digest = raw.get("values_digest") if raw.get("format") == PACK_FORMAT_V1 else None
+                if isinstance(digest, str):
                     cache.admit("packs", digest.replace(":", "-"), local)
             elif local.is_file():
                 entry = local.parent / ".entry"

@@ -38,6 +38,7 @@ from fleet.storage.refs import PackRef
 
 if TYPE_CHECKING:
     from fleet.codec.pack import PackReader
+    from fleet.codec.pseudo_gradient import PseudoGradientReader
     from fleet.settings import FleetSettings
 
 #: Files that commit a directory: uploaded last, so a reader that finds one finds the
@@ -165,25 +166,43 @@ class Store(ABC):
         check_finite: bool = False,
         layout_hash: str | None = None,
         values_digest: str | None = None,
-    ) -> PackReader:
-        """A :class:`~fleet.codec.pack.PackReader` streaming the pack at ``rel`` from the
-        store (ranged reads of ``block_size``), its digest checked while read.
+    ) -> PackReader | PseudoGradientReader:
+        """A reader streaming the pack at ``rel`` from the store (ranged reads of
+        ``block_size``), its digest checked while read: a
+        :class:`~fleet.codec.pack.PackReader` for a v1 pack, a
+        :class:`~fleet.codec.pseudo_gradient.PseudoGradientReader` (decoding to float32)
+        for a pseudo-gradient pack.
 
         Raises:
             CodecError: see :class:`~fleet.codec.pack.PackReader`.
         """
-        from fleet.codec.pack import PackReader
+        from fleet.codec.pack import PackReader, check_expected
+        from fleet.codec.pseudo_gradient import PseudoGradientReader, is_pseudo_gradient
 
         rel = self.relative(rel)
-        manifest = self.read_manifest(rel)
         where = f"{self.url}/{rel}"
+        raw = self.read_manifest_json(rel)
+        if is_pseudo_gradient(raw):
+            from fleet.codec.pseudo_gradient import parse_pseudo_gradient_manifest
+
+            pg = parse_pseudo_gradient_manifest(raw, f"{where}/{MANIFEST_FILE}")
+            check_expected(pg, where, layout_hash=layout_hash, values_digest=values_digest)  # type: ignore[arg-type]
+            files = [(pg.values_file, pg.values_nbytes)]
+            if pg.scales_file is not None:
+                files.append((pg.scales_file, pg.scales_nbytes))
+            for name, nbytes in files:
+                self._check_size(f"{rel}/{name}", nbytes)
+            opened = [self.open_read(f"{rel}/{name}", block_size=block_size) for name, _ in files]
+            return PseudoGradientReader(
+                pg,
+                opened[0],
+                opened[1] if len(opened) > 1 else None,
+                where,
+                check_finite=check_finite,
+            )
+        manifest = _manifest_from_json(Path(f"{where}/{MANIFEST_FILE}"), raw)
         values_rel = f"{rel}/{manifest.values_f32_le}"
-        try:
-            size = self.size(values_rel)
-        except FileNotFoundError:
-            size = 0
-        if size != manifest.values_nbytes:
-            raise ValuesLengthError(f"{self.url}/{values_rel}", manifest.values_nbytes, size)
+        self._check_size(values_rel, manifest.values_nbytes)
         return PackReader(
             where,
             check_finite=check_finite,
@@ -192,6 +211,31 @@ class Store(ABC):
             manifest=manifest,
             file=self.open_read(values_rel, block_size=block_size),
         )
+
+    def read_manifest_json(self, rel: str) -> Any:
+        """The parsed ``manifest.json`` of the pack at ``rel``, of any format.
+
+        Raises:
+            NotAPackError: no manifest there.
+            ManifestError: not JSON.
+        """
+        where = posixpath.join(rel, MANIFEST_FILE)
+        try:
+            data = self.read_bytes(where)
+        except FileNotFoundError:
+            raise NotAPackError(f"{self.url}/{rel}", f"no {MANIFEST_FILE}") from None
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"{self.url}/{where}", None, f"not valid JSON: {exc}") from exc
+
+    def _check_size(self, rel: str, nbytes: int) -> None:
+        try:
+            size = self.size(rel)
+        except FileNotFoundError:
+            size = 0
+        if size != nbytes:
+            raise ValuesLengthError(f"{self.url}/{rel}", nbytes, size)
 
     @abstractmethod
     def local_pack(self, rel: str, ref: PackRef | None = None) -> Path:

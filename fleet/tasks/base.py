@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from fleet.errors import FencedOutError, FleetError, RequestValidationError, storage_error
 from fleet.jobs import JobStore, job_log
-from fleet.progress import StepMonitor, TaskWatch, monitoring
+from fleet.progress import StepMonitor, TaskWatch, interruptible, monitoring
 from fleet.protocol import METHODS, MethodSpec, WorkloadRef, validate
 from fleet.runtime import WorkerRuntime
 
@@ -115,24 +115,26 @@ def _execute(
             if not spec.long:
                 return _run(fn, runtime, request, ref)
             task_id = task.request.id
-            watch = TaskWatch(
-                abort_requested=lambda: (
-                    task_id is not None and runtime.quick_registry.abort_requested(task_id)
-                ),
-                publish=_progress_publisher(task),
-            )
-            monitor = StepMonitor(
-                task_id,
-                publish=watch.offer,
-                abort_requested=watch.aborted.is_set,
-                deadline_unix_s=getattr(request, "deadline_unix_s", None),
-                total_steps=getattr(request, "num_inner_steps", None),
-            )
-            with watch, monitoring(monitor):
-                if task_id is not None and runtime.registry.abort_requested(task_id):
-                    watch.aborted.set()  # asked to stop before it started (e.g. redelivered)
-                monitor.check()
-                return _run(fn, runtime, request, ref)
+            with interruptible(task_id) as interrupt:
+                watch = TaskWatch(
+                    abort_requested=lambda: (
+                        task_id is not None and runtime.quick_registry.abort_requested(task_id)
+                    ),
+                    publish=_progress_publisher(task),
+                    interrupt=interrupt,
+                )
+                monitor = StepMonitor(
+                    task_id,
+                    publish=watch.offer,
+                    abort_requested=watch.aborted.is_set,
+                    deadline_unix_s=getattr(request, "deadline_unix_s", None),
+                    total_steps=getattr(request, "num_inner_steps", None),
+                )
+                with watch, monitoring(monitor):
+                    if task_id is not None and runtime.registry.abort_requested(task_id):
+                        watch.aborted.set()  # asked to stop before it started (redelivered)
+                    monitor.check()
+                    return _run(fn, runtime, request, ref)
     except FleetError as exc:
         # Celery stores exc.args on the wire: carry the typed data with the message.
         exc.args = (exc.message, exc.to_dict()["data"])

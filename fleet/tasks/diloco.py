@@ -4,11 +4,13 @@ collection of a run's superseded packs."""
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 
 import torch
 
+from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.outer import PackInput, inputs_digest, stream_outer_step
-from fleet.errors import CodecError, StorageError
+from fleet.errors import CodecError, RequestValidationError, StorageError
 from fleet.protocol import (
     CollectGarbageRequest,
     CollectGarbageResult,
@@ -60,42 +62,66 @@ def outer_step(
     rt: WorkerRuntime, req: OuterStepRequest, ref: WorkloadRef | None
 ) -> OuterStepResult:
     """DiLoCo's outer step (:func:`fleet.diloco.outer.stream_outer_step`): reads the
-    global, replica and momentum packs chunk by chunk, checks their digests while
-    reading, and publishes the next global and momentum packs. Outputs already
+    global, replica and optimizer-buffer packs chunk by chunk, checks their digests
+    while reading, and publishes the next global pack and buffers. Outputs already
     published from the same inputs are returned as they are (a redelivered or re-run
-    merge does not compute twice)."""
+    merge does not compute twice).
+
+    Raises:
+        RequestValidationError: ``output_state_paths`` are not the optimizer's buffers.
+        CodecError: an input is corrupt (the error names it).
+    """
     store = rt.shared
-    global_rel = store.relative(req.output_global_path)
-    momentum_rel = store.relative(req.output_momentum_path)
+    optimizer = outer_optimizer(req.outer)
+    if set(req.output_state_paths) != set(optimizer.buffers):
+        raise RequestValidationError(
+            "outer_step",
+            [
+                {
+                    "loc": ["output_state_paths"],
+                    "msg": f"the outer optimizer keeps {list(optimizer.buffers)}",
+                    "type": "value_error",
+                }
+            ],
+        )
+    outputs = {
+        "": store.relative(req.output_global_path),
+        **{name: store.relative(path) for name, path in req.output_state_paths.items()},
+    }
     key = inputs_digest(req.model_dump(mode="json", exclude={"chunk_bytes"}))
-    if _published(store, global_rel, key) and _published(store, momentum_rel, key):
+    if all(_published(store, rel, key) for rel in outputs.values()):
         return OuterStepResult(
-            global_pack=store.pack_ref(global_rel),
-            momentum=store.pack_ref(momentum_rel),
+            global_pack=store.pack_ref(outputs[""]),
+            state={name: store.pack_ref(rel) for name, rel in outputs.items() if name},
             bytes_read=0,
             bytes_written=0,
             seconds=0.0,
             reused=True,
         )
-    with store.output(global_rel) as out_global, store.output(momentum_rel) as out_momentum:
+    with ExitStack() as stack:
+        local = {name: stack.enter_context(store.output(rel)) for name, rel in outputs.items()}
         output = stream_outer_step(
             _input(rt, req.global_pack),
             [_input(rt, r.pack) for r in req.replicas],
             [r.weight for r in req.replicas],
-            _input(rt, req.momentum) if req.momentum is not None else None,
-            req.outer,
+            {name: _input(rt, pack) for name, pack in req.state.items()},
+            optimizer,
             req.merge_policy,
-            out_global,
-            out_momentum,
+            local[""],
+            {name: path for name, path in local.items() if name},
             chunk_bytes=req.chunk_bytes,
             inputs_key=key,
             store=store,
         )
     return OuterStepResult(
         global_pack=PackRef.of(req.output_global_path, output.global_manifest),
-        momentum=PackRef.of(req.output_momentum_path, output.momentum_manifest),
+        state={
+            name: PackRef.of(req.output_state_paths[name], manifest)
+            for name, manifest in output.state_manifests.items()
+        },
         bytes_read=output.bytes_read,
         bytes_written=output.bytes_written,
+        exchange_bytes=output.exchange_bytes,
         seconds=output.seconds,
     )
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -95,7 +96,7 @@ def train_window(
 @protocol_task("evaluate")
 def evaluate(rt: WorkerRuntime, req: EvaluateRequest, ref: WorkloadRef | None) -> MetricsResult:
     """Run the workload's ``evaluate(state, split)`` on a held model."""
-    held = rt.held(req.model_id)
+    held = rt.held(req.model_id, reads_only=True)
     split = req.split if isinstance(req.split, str) else req.split.model_dump()
     metrics = check_metrics("evaluate", held.workload.call("evaluate", held.state, split))
     rt.registry.touch(req.model_id)
@@ -177,7 +178,7 @@ def run_inner_loop(
     if recorded is not None:  # a redelivered message: it ran already, to completion
         log.info("already ran: returning the published %s", req.output_parameter_pack_path)
         return recorded
-    held = rt.held(req.model_id)
+    held = rt.held(req.model_id, reads_only=True)
     started_at = time.time()
     started = time.perf_counter()
     batches = local_batches(rt, req.batches, req.shard_checks)
@@ -185,6 +186,7 @@ def run_inner_loop(
         pack = req.input_parameter_pack
         local = rt.shared.local_pack(pack.path, pack)
         load_pack_into_held(held, local, req.state_dict_filter, pack)
+    held.loaded = None  # the steps change it
     opt_rel = (
         rt.shared.relative(req.inner_optimizer_state_path)
         if req.inner_optimizer_state_path
@@ -193,16 +195,22 @@ def run_inner_loop(
     with ExitStack() as outputs:
         # local paths the loop writes; on an object store, staged and uploaded on exit
         out_path = outputs.enter_context(rt.shared.output(out_rel))
+        params_path = out_path
+        if req.pseudo_gradient is not None:  # the parameters stay on this worker
+            scratch = outputs.enter_context(tempfile.TemporaryDirectory(prefix="fleet-delta-"))
+            params_path = Path(scratch) / "parameters"
         opt_path = None
         if opt_rel is not None:
             opt_path = outputs.enter_context(rt.shared.output(opt_rel, required=False))
             _stage_optimizer_state(rt, req, opt_rel, opt_path)
         loaded = time.perf_counter()
-        stamp = _pack_stamp(out_path)
+        stamp = _pack_stamp(params_path)
         if held.workload.has("run_inner_loop"):
-            params = req.model_dump(mode="json", by_alias=True, exclude={"shard_checks"})
+            params = req.model_dump(
+                mode="json", by_alias=True, exclude={"shard_checks", "pseudo_gradient"}
+            )
             params["batches"] = batches
-            params["output_parameter_pack_path"] = str(out_path)
+            params["output_parameter_pack_path"] = str(params_path)
             params["inner_optimizer_state_path"] = str(opt_path) if opt_path else None
             result = held.workload.call("run_inner_loop", held.state, params) or {}
             if result.get("state") is not None:
@@ -213,22 +221,32 @@ def run_inner_loop(
         steps = int(result.get("steps_completed", req.num_inner_steps))
         if req.require_exact_steps and steps != req.num_inner_steps:
             raise StepBudgetError(steps, req.num_inner_steps)
-        if _pack_stamp(out_path) in (None, stamp):
+        if _pack_stamp(params_path) in (None, stamp):
             publish_state_pack(
-                held.workload, held.state, out_path, req.model_schema_hash, req.state_dict_filter
+                held.workload, held.state, params_path, req.model_schema_hash, req.state_dict_filter
             )
-        pack = PackRef.of(out_rel, read_manifest(out_path))
+        error_feedback = None
+        if req.pseudo_gradient is None:
+            manifest = read_manifest(out_path)
+            pack, exchange_bytes = PackRef.of(out_rel, manifest), manifest.values_nbytes
+        else:
+            pack, error_feedback, exchange_bytes = _publish_delta(
+                rt, req, params_path, out_path, out_rel, outputs
+            )
         opt_out = result.get("inner_optimizer_state_path")
         opt_out_rel = _optimizer_rel(rt, opt_out, opt_path, opt_rel)
     published = time.perf_counter()
     rt.registry.touch(req.model_id, bump_generation=True)
-    rt.registry.publish_pack(req.model_id, pack)
+    if req.pseudo_gradient is None:
+        rt.registry.publish_pack(req.model_id, pack)
     outcome = RunInnerLoopResult(
         steps_completed=steps,
         metrics=check_metrics("run_inner_loop", result.get("metrics")),
         inner_optimizer_state_path=opt_out_rel,
         inner_optimizer_state_encoding=result.get("inner_optimizer_state_encoding"),
         pack=pack,
+        exchange_bytes=exchange_bytes,
+        error_feedback=error_feedback,
         load_s=loaded - started,
         compute_s=computed - loaded,
         publish_s=published - computed,
@@ -238,6 +256,50 @@ def run_inner_loop(
     record = {"request": key, "result": outcome.model_dump(mode="json")}
     rt.shared.write_bytes(result_marker(out_rel), json.dumps(record).encode())
     return outcome
+
+
+def _publish_delta(
+    rt: WorkerRuntime,
+    req: RunInnerLoopRequest,
+    params_path: Path,
+    out_path: Path,
+    out_rel: str,
+    outputs: ExitStack,
+) -> tuple[PackRef, PackRef | None, int]:
+    """Encode the replica's pseudo-gradient (and residual) from its local parameter pack
+    (:func:`fleet.diloco.exchange.publish_pseudo_gradient`) into ``out_path``; the
+    pack's ref, the residual's ref and the pack's data bytes."""
+    from fleet.diloco.exchange import publish_pseudo_gradient
+
+    spec, base = req.pseudo_gradient, req.input_parameter_pack
+    assert spec is not None and base is not None  # the request's validator
+    source = spec.error_feedback_source
+    residual_rel = (
+        rt.shared.relative(spec.error_feedback_path) if spec.error_feedback_path else None
+    )
+    out_residual = outputs.enter_context(rt.shared.output(residual_rel)) if residual_rel else None
+    published = publish_pseudo_gradient(
+        rt.shared.local_pack(base.path, base),
+        params_path,
+        out_path,
+        spec.codec,
+        block_size=spec.block_size,
+        residual=rt.shared.local_pack(source.path, source) if source and residual_rel else None,
+        out_residual=out_residual,
+        base_digest=base.values_digest,
+    )
+    pg = published.pseudo_gradient
+    ref = PackRef(
+        path=out_rel,
+        layout_hash=pg.layout_hash,
+        values_digest=pg.values_digest,
+        model_schema_hash=pg.model_schema_hash,
+        parameter_count=pg.parameter_count,
+    )
+    residual = None
+    if published.residual is not None and residual_rel is not None:
+        residual = PackRef.of(residual_rel, published.residual)
+    return ref, residual, pg.exchange_bytes
 
 
 def _stage_optimizer_state(
@@ -284,9 +346,10 @@ def _recorded_result(rt: WorkerRuntime, out_rel: str, key: str) -> RunInnerLoopR
         if recorded.get("request") != key:
             return None
         result = RunInnerLoopResult.model_validate(recorded["result"])
-        published = rt.shared.read_manifest(out_rel)
+        published = rt.shared.read_manifest_json(out_rel)
     except (OSError, ValueError, CodecError, StorageError):
         return None
-    if result.pack is None or published.values_digest != result.pack.values_digest:
+    digest = published.get("values_digest") if isinstance(published, dict) else None
+    if result.pack is None or digest != result.pack.values_digest:
         return None
     return result

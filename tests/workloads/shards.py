@@ -12,7 +12,11 @@ Config: ``hidden`` (32), ``lr`` (0.1, SGD), ``batch_size`` (16), ``fake_speed``
 (reported as ``work_units_per_second``), ``short_by`` (the inner loop stops this many
 steps early), ``step_sleep_s`` (slow steps; only for replica ``slow_replica`` of a
 ``micro_epoch`` payload when that is set), ``read_log`` (a directory: each process
-appends the shard paths it reads to ``<pid>.jsonl`` there).
+appends the shard paths it reads to ``<pid>.jsonl`` there), ``straggler`` (``{"replica":
+i, "factor": 3, "rounds": [...]}``: that replica's steps take ``factor`` times longer in
+those rounds, the others at ``step_sleep_s``), ``stuck`` (``{"replica": i, "round": r}``:
+that replica's first step of that round sleeps for an hour, releasing the GIL, as a
+hung collective or a stalled read does).
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class ShardWorkload:
         self.step_sleep_s = float(config.get("step_sleep_s", 0.0))
         self.slow_replica = config.get("slow_replica")
         self.read_log = config.get("read_log")
+        self.straggler = config.get("straggler")
+        self.stuck = config.get("stuck")
         images, labels = digit_arrays()
         self.eval_images, self.eval_labels = images[1400:], labels[1400:]
 
@@ -76,7 +82,7 @@ class ShardWorkload:
         speed = self.config.get("fake_speed")
         if speed is None:
             state, start = self.init_model("cpu"), time.perf_counter()
-            self._step(state, torch.rand(64, 64), torch.randint(0, 10, (64,)))
+            self._step(state, torch.rand(64, 64), torch.randint(0, 10, (64,)), 0.0)
             speed = 64 / (time.perf_counter() - start)
         return {
             "preferred_backends": ["cpu"],
@@ -107,11 +113,23 @@ class ShardWorkload:
             with open(Path(self.read_log) / f"{os.getpid()}.jsonl", "a") as f:
                 f.write(json.dumps({"paths": paths}) + "\n")
 
+    def _step_sleep_s(self, payload: dict[str, Any], first: bool) -> float:
+        """Seconds each step of this batch sleeps: ``step_sleep_s``, times the
+        ``straggler`` factor in its rounds; the ``stuck`` knob sleeps an hour here."""
+        replica, round_index = payload.get("replica"), payload.get("round")
+        stuck = self.stuck
+        if stuck and first and (replica, round_index) == (stuck["replica"], stuck["round"]):
+            time.sleep(3600)
+        lag = self.straggler
+        if lag and replica == lag["replica"] and round_index in lag.get("rounds", []):
+            return self.step_sleep_s * float(lag.get("factor", 3))
+        return self.step_sleep_s
+
     def _step(
-        self, state: dict[str, Any], x: torch.Tensor, y: torch.Tensor, slow: bool = True
+        self, state: dict[str, Any], x: torch.Tensor, y: torch.Tensor, sleep_s: float
     ) -> float:
-        if self.step_sleep_s and slow:
-            time.sleep(self.step_sleep_s)
+        if sleep_s:
+            time.sleep(sleep_s)
         state["model"].train()
         loss = torch.nn.functional.cross_entropy(state["model"](x), y)
         state["optimizer"].zero_grad()
@@ -130,6 +148,7 @@ class ShardWorkload:
                 self._log_reads(paths)
                 payload = batch.get("payload") if isinstance(batch.get("payload"), dict) else {}
                 slow = self.slow_replica is None or payload.get("replica") == self.slow_replica
+                sleep_s = self._step_sleep_s(payload, first=steps == 0) if slow else 0.0
                 for path in paths:
                     shard = load_file(path)
                     for start in range(0, len(shard["labels"]), self.batch_size):
@@ -137,7 +156,7 @@ class ShardWorkload:
                             break
                         end = start + self.batch_size
                         total += self._step(
-                            state, shard["images"][start:end], shard["labels"][start:end], slow
+                            state, shard["images"][start:end], shard["labels"][start:end], sleep_s
                         )
                         steps, progressed = steps + 1, True
             if max_steps is None:

@@ -1,0 +1,308 @@
+"""A round's attempts: each replica's warm handle, every ``run_inner_loop`` launched
+(recorded in the round's plan first, so a new owner of the job adopts or aborts it),
+re-runs on another worker, aborts, and the outcome of each.
+
+A replica's attempt runs from the round's global pack and the replica's committed inner
+optimizer state and error-feedback residual, on its lease of microshards, and writes
+to paths unique to (round, replica, attempt) (:class:`~fleet.diloco.layout.RunLayout`),
+so a re-run reproduces the same bits and never overwrites another attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fleet.calls import FleetFuture
+from fleet.data.batches import synthetic_batches
+from fleet.diloco.context import FATAL, RunContext
+from fleet.diloco.placement import replacement_worker
+from fleet.diloco.state import (
+    Attempt,
+    DriverState,
+    HandleRef,
+    OptState,
+    ReplicaOutcome,
+    ReplicaStatus,
+    RoundPlan,
+)
+from fleet.errors import CodecError, FleetError
+from fleet.protocol import PseudoGradientOutput, RunInnerLoopRequest, RunInnerLoopResult
+
+
+@dataclass
+class Running:
+    """An attempt in flight and the future of its task."""
+
+    attempt: Attempt
+    future: FleetFuture[RunInnerLoopResult]
+
+
+class Attempts:
+    """The attempts of round ``index`` (and the plan of a previous owner, if it left the
+    round in flight: its finished attempts are adopted, its running ones aborted)."""
+
+    def __init__(
+        self, ctx: RunContext, state: DriverState, index: int, inherited: RoundPlan | None
+    ) -> None:
+        self.ctx, self.cfg, self.state, self.index = ctx, ctx.config, state, index
+        self.handles: list[HandleRef | None] = list(state.handles)
+        self.abandoned: list[HandleRef] = list(state.abandoned)
+        self.outcomes: list[ReplicaOutcome] = []
+        self.finished: list[str] = []
+        """Workers whose attempt finished, in order (the outer step runs on the first)."""
+        self.adopted: dict[int, tuple[Attempt, RunInnerLoopResult]] = {}
+        self.plan = self._adopt(inherited)
+
+    def _adopt(self, inherited: RoundPlan | None) -> RoundPlan:
+        if inherited is None or inherited.round != self.index:
+            return RoundPlan(round=self.index, started_at=time.time())
+        self.plan = inherited
+        for attempt in inherited.attempts:
+            result = attempt.result or self.ctx.fleet.finished_result(
+                "run_inner_loop", attempt.task_id, RunInnerLoopResult.model_validate
+            )
+            if result is not None and attempt.replica not in self.adopted:
+                self.adopted[attempt.replica] = (attempt, result)
+        stale = [a for a in inherited.attempts if self.adopted.get(a.replica, (None,))[0] != a]
+        if stale:
+            self.ctx.fleet.registry.request_abort(*(a.task_id for a in stale))
+            self.outcomes += [self.outcome(a, "aborted", error="previous owner") for a in stale]
+        if inherited.attempts:
+            self.ctx.log(
+                "round %d: adopted %d finished and aborted %d running attempts of a previous owner",
+                self.index,
+                len(self.adopted),
+                len(stale),
+            )
+        return inherited
+
+    # ------------------------------------------------------------------ handles
+
+    def ensure_handles(self, placement: list[str]) -> None:
+        """A live handle on its placed worker for every replica: warm ones are kept, the
+        others import the global pack there, in parallel; abandoned handles are released."""
+        futures: dict[int, FleetFuture[Any]] = {}
+        for i, worker in enumerate(placement):
+            handle = self.handles[i]
+            if i in self.adopted:
+                continue
+            record = self.ctx.fleet.handle_record(handle.model_id) if handle else None
+            if handle is not None and record is not None and record.status == "live":
+                if handle.worker == worker:
+                    continue
+                self.release(handle)
+            self.handles[i] = None
+            futures[i] = self._import(worker, wait=False)
+        for i, future in futures.items():
+            try:
+                handle = future.result(self.cfg.replica_call_timeout_s)
+                self.handles[i] = HandleRef(model_id=handle.model_id, worker=handle.worker)
+            except FleetError as exc:
+                if isinstance(exc, (*FATAL, CodecError)):
+                    raise
+                self.ctx.log(
+                    "replica %d: import on %s failed (%s)",
+                    i,
+                    placement[i],
+                    exc,
+                    level=logging.WARNING,
+                )
+
+    def _import(self, worker: str, *, wait: bool) -> Any:
+        cfg = self.cfg
+        if not wait:
+            return self.ctx.fleet.import_parameter_pack(
+                self.state.global_pack,
+                cfg.device,
+                workload=cfg.workload,
+                config=cfg.config,
+                worker=worker,
+                wait=False,
+            )
+        return self.ctx.fleet.import_parameter_pack(
+            self.state.global_pack,
+            cfg.device,
+            workload=cfg.workload,
+            config=cfg.config,
+            worker=worker,
+            timeout_s=cfg.replica_call_timeout_s,
+        )
+
+    def release_abandoned(self) -> None:
+        """Release the handles of attempts given up on whose worker answers again (a
+        partitioned worker that came back); forget those whose owner is gone for good."""
+        kept = []
+        for handle in self.abandoned:
+            record = self.ctx.fleet.handle_record(handle.model_id)
+            if record is None:
+                continue
+            if record.status == "live":
+                self.release(handle)
+                self.ctx.log("released %s, abandoned on %s", handle.model_id, handle.worker)
+            elif self.ctx.fleet.registry.worker(handle.worker) is not None:
+                kept.append(handle)  # its worker may still come back
+        self.abandoned = kept
+
+    def release(self, handle: HandleRef) -> None:
+        with contextlib.suppress(FleetError):  # its worker may be gone with it
+            self.ctx.fleet.release_model(handle.model_id, timeout_s=30)
+
+    def abandon(self, replica: int) -> None:
+        """Give up on ``replica``'s handle (its worker seems lost)."""
+        handle = self.handles[replica]
+        if handle is not None:
+            self.abandoned.append(handle)
+        self.handles[replica] = None
+
+    # ------------------------------------------------------------------ launch
+
+    def start(self, replica: int, worker: str, exclude: Iterable[str] = ()) -> Running:
+        """Launch an attempt of ``replica`` on ``worker`` (importing a handle there if it
+        has none); when that fails, on each other alive worker in turn.
+
+        Raises:
+            FleetError: no alive worker could start it (the last error).
+        """
+        tried = set(exclude)
+        while True:
+            try:
+                handle = self.handles[replica]
+                if handle is None or handle.worker != worker:
+                    imported = self._import(worker, wait=True)
+                    handle = HandleRef(model_id=imported.model_id, worker=imported.worker)
+                    self.handles[replica] = handle
+                return self._launch(replica, handle)
+            except FleetError as exc:
+                if isinstance(exc, (*FATAL, CodecError)):
+                    raise
+                self.ctx.log(
+                    "replica %d: cannot start on %s (%s)",
+                    replica,
+                    worker,
+                    exc,
+                    level=logging.WARNING,
+                )
+                self.handles[replica] = None
+                tried.add(worker)
+                alive = [w.name for w in self.ctx.fleet.workers() if w.name not in tried]
+                nxt = replacement_worker(alive, {}, set(), self.cfg.workers)
+                if nxt is None:
+                    raise
+                worker = nxt
+
+    def request(self, replica: int, handle: HandleRef, attempt_no: int) -> RunInnerLoopRequest:
+        """The ``run_inner_loop`` request of that attempt."""
+        cfg, layout, data = self.cfg, self.ctx.layout, self.ctx.data
+        lease = self.plan.lease_of(replica)
+        if data is None:
+            batches = synthetic_batches(self.ctx.store.job_id, cfg, self.index, replica)
+        else:
+            batches = data.batches(self.index, replica, lease)
+        committed = self.state.replica_opt[replica]
+        exchange = cfg.pseudo_gradient
+        delta = None
+        if exchange.codec != "fp32":
+            delta = PseudoGradientOutput(
+                codec=exchange.codec,
+                block_size=exchange.block_size,
+                error_feedback_source=self.state.residual_of(replica)
+                if exchange.error_feedback
+                else None,
+                error_feedback_path=layout.residual(self.index, replica, attempt_no)
+                if exchange.error_feedback
+                else None,
+            )
+        return RunInnerLoopRequest.model_validate(
+            {
+                "model_id": handle.model_id,
+                "batches": batches,
+                "num_inner_steps": cfg.inner_steps,
+                "output_parameter_pack_path": layout.replica_pack(self.index, replica, attempt_no),
+                "model_schema_hash": cfg.model_schema_hash,
+                "inner_optimizer_state_path": layout.opt_state(self.index, replica, attempt_no),
+                "inner_optimizer_state_source_path": committed.path if committed else None,
+                "input_parameter_pack": self.state.global_pack,
+                "require_exact_steps": cfg.require_exact_steps,
+                "shard_checks": data.shard_checks(lease) if data is not None else None,
+                "pseudo_gradient": delta,
+            }
+        )
+
+    def _launch(self, replica: int, handle: HandleRef) -> Running:
+        attempt_no = self.plan.next_attempt(replica)
+        req = self.request(replica, handle, attempt_no)
+        fleet = self.ctx.fleet
+        future = fleet.submit(
+            fleet.prepare("run_inner_loop", req, RunInnerLoopResult.model_validate)
+        )
+        attempt = Attempt(
+            replica=replica,
+            attempt=attempt_no,
+            worker=handle.worker,
+            task_id=future.task_id,
+            pack_path=req.output_parameter_pack_path,
+            opt_path=req.inner_optimizer_state_path or "",
+            residual_path=req.pseudo_gradient.error_feedback_path if req.pseudo_gradient else None,
+            started_at=time.time(),
+        )
+        self.plan.attempts.append(attempt)
+        self.ctx.store.save_plan(self.plan)
+        return Running(attempt, future)
+
+    def abort(self, running: Iterable[Running], error: str | None) -> None:
+        """Abort these attempts (their tasks stop at their next step, or are
+        interrupted: :mod:`fleet.progress`) and record them ``aborted``."""
+        running = list(running)
+        self.ctx.fleet.registry.request_abort(*(r.attempt.task_id for r in running))
+        self.outcomes += [self.outcome(r.attempt, "aborted", error=error) for r in running]
+
+    # ------------------------------------------------------------------ outcomes
+
+    def outcome(
+        self,
+        attempt: Attempt,
+        status: ReplicaStatus,
+        *,
+        result: RunInnerLoopResult | None = None,
+        error: str | None = None,
+    ) -> ReplicaOutcome:
+        """The record of ``attempt`` ending with ``status``."""
+        outcome = ReplicaOutcome(
+            replica=attempt.replica,
+            attempt=attempt.attempt,
+            worker=attempt.worker,
+            status=status,
+            started_at=attempt.started_at,
+            finished_at=time.time(),
+            error=error,
+            lease=self.plan.lease_of(attempt.replica),
+        )
+        if result is None:
+            return outcome
+        loss = result.metrics.get("mean_loss", result.metrics.get("loss"))
+        opt = result.inner_optimizer_state_path
+        return outcome.model_copy(
+            update={
+                "started_at": result.started_at or attempt.started_at,
+                "finished_at": result.finished_at or outcome.finished_at,
+                "steps_completed": result.steps_completed,
+                "loss": float(loss)
+                if isinstance(loss, int | float) and not isinstance(loss, bool)
+                else None,
+                "compute_s": result.compute_s,
+                "load_s": result.load_s,
+                "publish_s": result.publish_s,
+                "pack": result.pack,
+                "opt_state": OptState(path=opt, encoding=result.inner_optimizer_state_encoding)
+                if opt
+                else None,
+                "residual": result.error_feedback,
+                "exchange_bytes": result.exchange_bytes,
+                "metrics": result.metrics,
+            }
+        )
