@@ -66,3 +66,19 @@ class OuterOptimizer(ABC):
             The new parameters, float32 ``[k]``: any of the three inputs may be
             overwritten and returned (they are scratch to the caller).
         """
+
+
+def momentum_step(
+    delta: torch.Tensor,
+    state: Mapping[str, torch.Tensor | None],
+    new_state: Mapping[str, torch.Tensor],
+    mu: float,
+) -> torch.Tensor:
+    """``m' = mu * m + delta`` into ``new_state["momentum"]`` (``m' = delta`` in the first
+    round, as ``torch.optim.SGD``); returns ``m'`` (float32 ``[k]``)."""
+    import torch
+
+    m, new_m = state["momentum"], new_state["momentum"]
+    if m is None:
+        return new_m.copy_(delta)
+    return torch.mul(m, mu, out=new_m).add_(delta)

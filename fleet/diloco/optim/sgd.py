@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from fleet.diloco.optim.base import OuterOptimizer
+from fleet.diloco.optim.base import OuterOptimizer, momentum_step
 
 if TYPE_CHECKING:
     import torch
@@ -38,11 +38,7 @@ class SGD(OuterOptimizer):
         mu, lr = self.config.momentum, self.config.lr
         if not mu:
             return average.add_(delta.mul_(1.0 - lr))
-        m, new_m = state["momentum"], new_state["momentum"]
-        if m is None:
-            new_m.copy_(delta)
-        else:
-            torch.mul(m, mu, out=new_m).add_(delta)
+        new_m = momentum_step(delta, state, new_state, mu)
         return theta.sub_(torch.mul(new_m, lr, out=delta))
 
 
