@@ -71,7 +71,12 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-straggler-"))
     server = RedisServer(work / "redis")
-    settings = FleetSettings(redis_url=server.url, shared_root=work / "shared", node="bench")
+    settings = FleetSettings(
+        redis_url=server.url,
+        shared_root=work / "shared",
+        node="bench",
+        workload_allowlist=["tests.workloads.*"],
+    )
     write_shards(work / "shared" / "datasets" / "digits", 24)
     rows = []
     try:

@@ -51,6 +51,7 @@ CONFIG_FLAGS = (
     ),
     ConfigFlag("--pseudo-gradient-block-size", "pseudo_gradient.block_size", int),
     ConfigFlag("--error-feedback/--no-error-feedback", "pseudo_gradient.error_feedback"),
+    ConfigFlag("--overlap/--no-overlap", "overlap"),
     ConfigFlag("--merge-policy", "merge_policy", click.Choice(OUTER_MERGE_POLICIES)),
     ConfigFlag("--device", "device"),
     ConfigFlag("--eval-every", "eval_every", int),

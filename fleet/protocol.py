@@ -251,7 +251,7 @@ class PseudoGradientOutput(_Model):
     round's call passes it back as ``error_feedback_source`` (Karimireddy et al. 2019,
     "Error Feedback Fixes SignSGD", arXiv:1901.09847)."""
 
-    codec: Literal["fp16", "bf16", "int8"]
+    codec: Literal["fp32", "fp16", "bf16", "int8"]
     block_size: int = Field(default=256, ge=1, le=1 << 16)
     """Values per int8 scale (a power of two)."""
     error_feedback_source: PackRef | None = None
@@ -293,12 +293,46 @@ class RunInnerLoopRequest(_Model):
     """fleet: content hashes of the batches' shards, checked before the first step."""
     pseudo_gradient: PseudoGradientOutput | None = None
     """fleet: publish the encoded pseudo-gradient at ``output_parameter_pack_path``
-    instead of the parameters (needs ``input_parameter_pack``)."""
+    instead of the parameters, relative to the start point (``input_parameter_pack``
+    or ``eager_start``)."""
+    eager_start: EagerStart | None = None
+    """fleet: start from this eager start point (an overlapped DiLoCo round) instead of
+    ``input_parameter_pack``."""
+    outer_step: OuterStepRequest | None = None
+    """fleet: run this outer step (the previous round's, in an overlapped DiLoCo run)
+    beside the inner steps, in a thread of this worker; its result or error comes back
+    in the result's ``outer_step`` / ``outer_step_error``."""
 
     @model_validator(mode="after")
     def _delta_needs_its_base(self) -> RunInnerLoopRequest:
-        if self.pseudo_gradient is not None and self.input_parameter_pack is None:
-            raise ValueError("pseudo_gradient needs input_parameter_pack (its base)")
+        if self.input_parameter_pack is not None and self.eager_start is not None:
+            raise ValueError("give input_parameter_pack or eager_start, not both")
+        if self.pseudo_gradient is not None and (
+            self.input_parameter_pack is None and self.eager_start is None
+        ):
+            raise ValueError("pseudo_gradient needs input_parameter_pack or eager_start")
+        return self
+
+
+class EagerStart(_Model):
+    """fleet: an overlapped DiLoCo replica's start point (docs/protocol.md section 5.4;
+    Kale et al. 2025, arXiv:2502.12996): ``prediction - scale * (fresh - stale)``, with
+    ``prediction`` the outer step's one-step-delayed estimate of the round's global
+    model, ``fresh`` the replica's pseudo-gradient of the round before (not yet in the
+    global model) and ``stale`` its share already in the prediction; computed on the
+    worker, float32, chunk by chunk."""
+
+    prediction: PackRef
+    fresh: PackRef | None = None
+    stale: PackRef | None = None
+    scale: float = 0.0
+    """``g * w``: the outer optimizer's gain on the pseudo-gradient times the replica's
+    weight in the average."""
+
+    @model_validator(mode="after")
+    def _stale_needs_fresh(self) -> EagerStart:
+        if self.stale is not None and self.fresh is None:
+            raise ValueError("stale needs fresh")
         return self
 
 
@@ -423,6 +457,9 @@ class OuterStepRequest(_Model):
     """Where each buffer the outer optimizer keeps is written, by name."""
     chunk_bytes: int = Field(default=1 << 20, ge=4096)
     """Bytes of each pack held in memory at once."""
+    output_prediction_path: str | None = None
+    """Where the eager prediction of the round after next's start point is published
+    (an overlapped run; :func:`fleet.diloco.outer.stream_outer_step`)."""
 
 
 class VerifyPackRequest(_Model):
@@ -539,6 +576,11 @@ class RunInnerLoopResult(_Model):
     """fleet: the worker's clock (unix s) when the task began."""
     finished_at: float = 0.0
     """fleet: the worker's clock (unix s) when the output pack was published."""
+    outer_step: OuterStepResult | None = None
+    """fleet: the result of the request's ``outer_step``, run beside the inner steps."""
+    outer_step_error: str | None = None
+    """fleet: why that outer step failed (``Type: message``); the orchestrator runs it
+    again on its own."""
 
 
 class OuterStepResult(_Model):
@@ -546,6 +588,8 @@ class OuterStepResult(_Model):
 
     global_pack: PackRef
     state: dict[str, PackRef] = Field(default_factory=dict)
+    prediction: PackRef | None = None
+    """The eager prediction, if the request asked for one."""
     bytes_read: int
     bytes_written: int
     exchange_bytes: int = 0
@@ -691,3 +735,7 @@ def validate(method: str, model: type[Req], body: object) -> Req:
         raise RequestValidationError(
             method, [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
         ) from None
+
+
+RunInnerLoopRequest.model_rebuild()
+RunInnerLoopResult.model_rebuild()

@@ -13,9 +13,13 @@ block of ``block_size`` values). Codecs, with ``x`` a float32 value:
   ``scale_b = max|x| / 127`` per block, ``q = round(x / scale_b)`` in ``[-127, 127]``;
   decoded ``q * scale_b`` (absolute error <= ``scale_b / 2``). 1 byte + 4/block_size.
 
-The exact ``fp32`` choice is no pseudo-gradient pack: the replica publishes its
-parameters as a v1 pack and the outer step forms the pseudo-gradient itself, bit for
-bit as the 2023 algorithm. ``values_digest`` is xxh3_64 over the bytes of
+- ``fp32``: IEEE binary32 little-endian (4 bytes, exact). A synchronous run's exact
+  exchange sends no pseudo-gradient pack (the replica publishes its parameters as a v1
+  pack and the outer step forms the pseudo-gradient itself, bit for bit as the 2023
+  algorithm); an overlapped run (:mod:`fleet.diloco.pipeline`) sends ``fp32``
+  pseudo-gradients, relative to each replica's own start point.
+
+``values_digest`` is xxh3_64 over the bytes of
 ``values.bin`` then ``scales.f32le``; ``base_values_digest`` names the global pack the
 delta is relative to.
 """
@@ -50,9 +54,16 @@ if TYPE_CHECKING:
 PSEUDO_GRADIENT_FORMAT_V1 = "fleet-pseudo-gradient-v1"
 VALUES_BIN = "values.bin"
 SCALES_FILE = "scales.f32le"
-#: Codecs of pseudo-gradient packs (``fp32`` is sent as parameters, a v1 pack).
-Codec = Literal["fp16", "bf16", "int8"]
-_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+#: Codecs of pseudo-gradient packs.
+Codec = Literal["fp32", "fp16", "bf16", "int8"]
+_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+#: Bytes per encoded value.
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+_RAW_DTYPE = {"fp32": torch.int32, "fp16": torch.int16, "bf16": torch.int16}
 _INT8_MAX = 127.0
 
 
@@ -77,7 +88,7 @@ class PseudoGradientManifest(BaseModel):
 
     @property
     def values_nbytes(self) -> int:
-        return self.parameter_count * (1 if self.codec == "int8" else 2)
+        return self.parameter_count * ITEMSIZE[self.codec]
 
     @property
     def scales_nbytes(self) -> int:
@@ -288,7 +299,7 @@ class PseudoGradientReader:
         self._check_finite = check_finite
         self._hasher, self._scale_hasher = xxhash.xxh3_64(), xxhash.xxh3_64()
         self._bad = 0
-        self._itemsize = 1 if manifest.codec == "int8" else 2
+        self._itemsize = ITEMSIZE[manifest.codec]
         self.block_size = manifest.block_size or 1
 
     def _read(self, f: IO[bytes], nbytes: int, name: str, expected: int) -> bytes:
@@ -317,7 +328,8 @@ class PseudoGradientReader:
             scales = torch.frombuffer(bytearray(raw), dtype=torch.float32)
             values = torch.frombuffer(bytearray(data), dtype=torch.int8)
         else:
-            values = torch.frombuffer(bytearray(data), dtype=torch.int16).view(_DTYPES[m.codec])
+            raw_dtype = _RAW_DTYPE[m.codec]
+            values = torch.frombuffer(bytearray(data), dtype=raw_dtype).view(_DTYPES[m.codec])
         block = decode_into(values, scales, self.block_size, out.view(-1))
         if self._check_finite and not math.isfinite(float(block.sum())):
             self._bad += int((~torch.isfinite(block)).sum())

@@ -31,7 +31,13 @@ from fleet.diloco.state import (
     RoundPlan,
 )
 from fleet.errors import CodecError, FleetError
-from fleet.protocol import PseudoGradientOutput, RunInnerLoopRequest, RunInnerLoopResult
+from fleet.protocol import (
+    EagerStart,
+    OuterStepRequest,
+    PseudoGradientOutput,
+    RunInnerLoopRequest,
+    RunInnerLoopResult,
+)
 
 
 @dataclass
@@ -56,6 +62,12 @@ class Attempts:
         self.finished: list[str] = []
         """Workers whose attempt finished, in order (the outer step runs on the first)."""
         self.adopted: dict[int, tuple[Attempt, RunInnerLoopResult]] = {}
+        self.starts: dict[int, EagerStart] = {}
+        """Overlapped rounds: each replica's eager start point (others start from the
+        global pack)."""
+        self.carry: tuple[int, OuterStepRequest] | None = None
+        """Overlapped rounds: the replica whose attempts run the last round's outer step
+        beside their inner steps, and that step."""
         self.plan = self._adopt(inherited)
 
     def _adopt(self, inherited: RoundPlan | None) -> RoundPlan:
@@ -205,18 +217,19 @@ class Attempts:
             batches = data.batches(self.index, replica, lease)
         committed = self.state.replica_opt[replica]
         exchange = cfg.pseudo_gradient
+        feedback = exchange.error_feedback and exchange.codec != "fp32"
         delta = None
-        if exchange.codec != "fp32":
+        if exchange.codec != "fp32" or cfg.overlap:  # exact and synchronous: parameters
             delta = PseudoGradientOutput(
                 codec=exchange.codec,
                 block_size=exchange.block_size,
-                error_feedback_source=self.state.residual_of(replica)
-                if exchange.error_feedback
-                else None,
+                error_feedback_source=self.state.residual_of(replica) if feedback else None,
                 error_feedback_path=layout.residual(self.index, replica, attempt_no)
-                if exchange.error_feedback
+                if feedback
                 else None,
             )
+        start = self.starts.get(replica)
+        carried = self.carry[1] if self.carry and self.carry[0] == replica else None
         return RunInnerLoopRequest.model_validate(
             {
                 "model_id": handle.model_id,
@@ -226,7 +239,9 @@ class Attempts:
                 "model_schema_hash": cfg.model_schema_hash,
                 "inner_optimizer_state_path": layout.opt_state(self.index, replica, attempt_no),
                 "inner_optimizer_state_source_path": committed.path if committed else None,
-                "input_parameter_pack": self.state.global_pack,
+                "input_parameter_pack": None if start else self.state.global_pack,
+                "eager_start": start,
+                "outer_step": carried,
                 "require_exact_steps": cfg.require_exact_steps,
                 "shard_checks": data.shard_checks(lease) if data is not None else None,
                 "pseudo_gradient": delta,

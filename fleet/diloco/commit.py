@@ -52,31 +52,16 @@ def commit(
         FencedOutError: another orchestrator owns the job now.
     """
     state, plan = attempts.state, attempts.plan
-    replica_opt = list(state.replica_opt)
-    residuals = list(state.replica_residual) or [None] * ctx.config.replicas
-    for i, (_, res) in done.items():
-        path = res.inner_optimizer_state_path
-        replica_opt[i] = (
-            OptState(path=path, encoding=res.inner_optimizer_state_encoding) if path else None
-        )
-        residuals[i] = res.error_feedback
     merged = [attempts.outcome(a, "merged", result=r) for a, r in done.values()]
     outcomes = sorted(merged + attempts.outcomes, key=lambda o: (o.replica, o.attempt))
-    data = plan.cursor_after
-    if data is not None and plan.leases is not None:
-        data = give_back(data, [lease for lease in plan.leases if lease.replica not in done])
-    new_state = state.model_copy(
+    new_state = advance(ctx.config, attempts, done).model_copy(
         update={
-            "next_round": attempts.index + 1,
             "global_pack": result.global_pack,
             "outer_state": result.state,
-            "replica_opt": replica_opt,
-            "replica_residual": residuals,
-            "handles": attempts.handles,
-            "abandoned": attempts.abandoned,
-            "data": data,
+            "prediction": result.prediction,
         }
     )
+    data = new_state.data
     record = RoundRecord(
         round=attempts.index,
         started_at=timing.started_at,
@@ -101,6 +86,36 @@ def commit(
     return record, new_state
 
 
+def advance(config: DiLoCoConfig, attempts: Attempts, done: Done) -> DriverState:
+    """The state after the round's replicas, all but its outer step's outputs (the
+    global pack, buffers and prediction stay those entering the round): each merged
+    replica's optimizer state and residual, the handles, the data cursor (with the
+    leases of replicas not merged given back). An overlapped run launches the next
+    round from it before the outer step is done (:mod:`fleet.diloco.pipeline`)."""
+    state, plan = attempts.state, attempts.plan
+    replica_opt = list(state.replica_opt)
+    residuals = list(state.replica_residual) or [None] * config.replicas
+    for i, (_, res) in done.items():
+        path = res.inner_optimizer_state_path
+        replica_opt[i] = (
+            OptState(path=path, encoding=res.inner_optimizer_state_encoding) if path else None
+        )
+        residuals[i] = res.error_feedback
+    data = plan.cursor_after
+    if data is not None and plan.leases is not None:
+        data = give_back(data, [lease for lease in plan.leases if lease.replica not in done])
+    return state.model_copy(
+        update={
+            "next_round": attempts.index + 1,
+            "replica_opt": replica_opt,
+            "replica_residual": residuals,
+            "handles": attempts.handles,
+            "abandoned": attempts.abandoned,
+            "data": data,
+        }
+    )
+
+
 def superseded(
     ctx: RunContext,
     attempts: Attempts,
@@ -117,6 +132,8 @@ def superseded(
     kept = {o.path for o in state.replica_opt if o is not None}
     kept |= {r.path for r in state.replica_residual if r is not None}
     paths: list[str | None] = []
+    if attempts.state.prediction is not None:  # the start points it predicted are run
+        paths.append(attempts.state.prediction.path)
     for a in attempts.plan.attempts:
         if (a.replica, a.attempt) not in merged:
             paths += [a.pack_path, result_marker(a.pack_path), a.opt_path, a.residual_path]

@@ -139,6 +139,12 @@ class DiLoCoConfig(BaseModel):
     """The outer optimizer (SGD with Nesterov momentum on the pseudo-gradient)."""
     pseudo_gradient: PseudoGradientConfig = Field(default_factory=PseudoGradientConfig)
     """What each replica publishes for the outer step (codec, error feedback)."""
+    overlap: bool = False
+    """Overlap each round's outer step with the next round's inner steps, with eager
+    updates (Kale et al. 2025, arXiv:2502.12996; :mod:`fleet.diloco.pipeline`): no
+    replica waits for the outer step. Replicas publish pseudo-gradients (``fp32`` ones
+    for the exact codec); the outer optimizer must be linear in the pseudo-gradient
+    (``delta_gain``: SGD, Nesterov)."""
     merge_policy: MergePolicy = "WeightedMean"
     """How replica models are averaged (WeightedMean, NormClippedWeightedMean, TrimmedMean)."""
     device: str = AUTO
@@ -197,6 +203,17 @@ class DiLoCoConfig(BaseModel):
 
         outer_optimizer(value)  # a user's module:Class must import and accept its config
         return value
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> DiLoCoConfig:
+        from fleet.diloco.optim import outer_optimizer
+
+        if self.overlap and outer_optimizer(self.outer).delta_gain is None:
+            raise ValueError(
+                f"overlap needs an outer optimizer linear in the pseudo-gradient "
+                f"(delta_gain); {self.outer.name!r} has none"
+            )
+        return self
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> DiLoCoConfig:

@@ -23,6 +23,7 @@ from fleet.diloco.context import RunContext
 from fleet.diloco.data import RunData
 from fleet.diloco.layout import RunLayout, result_marker
 from fleet.diloco.merge import verify_checkpoint
+from fleet.diloco.pipeline import Pipeline
 from fleet.diloco.placement import place_replicas
 from fleet.diloco.round import Round
 from fleet.diloco.state import DriverState, Evaluation, HandleRef, RoundRecord, RunStore, rounds_of
@@ -182,13 +183,13 @@ class DiLoCoRun:
         previous = records[-1] if records else None
         for record in records[-self.config.quorum.adaptive_deadline.window_rounds :]:
             ctx.deadline.observe(record)
+        if self.config.overlap:
+            state, previous = Pipeline(ctx, self._committed).run(state, plan, previous)
+            return self._finish(ctx, state, previous)
         for index in range(state.next_round, self.config.rounds):
             record, state = Round(ctx, state, index, plan, previous).run()
             plan, previous = None, record
-            self._committed(record)
-            budget = self.config.max_wall_s
-            if budget is not None and time.time() - state.started_at >= budget:
-                self._log("wall-clock budget of %.1fs reached after round %d", budget, index)
+            if not self._committed(record, state):
                 break
         return self._finish(ctx, state, previous)
 
@@ -223,7 +224,8 @@ class DiLoCoRun:
         self._log("initial global model %s from %s", pack.path, worker)
         return state
 
-    def _committed(self, record: RoundRecord) -> None:
+    def _committed(self, record: RoundRecord, state: DriverState) -> bool:
+        """Record a committed round; False once the wall-clock budget is spent."""
         self.jobs.add_artifact(self.job_id, "checkpoint", record.global_pack.path)
         if is_checkpoint(self.config, record.round + 1):
             self.jobs.add_artifact(
@@ -242,6 +244,11 @@ class DiLoCoRun:
         )
         if self.on_round is not None:
             self.on_round(record)
+        budget = self.config.max_wall_s
+        if budget is not None and time.time() - state.started_at >= budget:
+            self._log("wall-clock budget of %.1fs reached after round %d", budget, record.round)
+            return False
+        return True
 
     def _finish(self, ctx: RunContext, state: DriverState, last: RoundRecord | None) -> Job:
         """Final artifacts; the last round's replica packs, optimizer states and residuals
@@ -254,7 +261,8 @@ class DiLoCoRun:
             markers = [result_marker(p) for p in packs]
             opts = [o.path for o in state.replica_opt if o is not None]
             residuals = [r.path for r in state.replica_residual if r is not None]
-            collect_garbage(ctx.fleet, packs + markers + opts + residuals)
+            predicted = [state.prediction.path] if state.prediction is not None else []
+            collect_garbage(ctx.fleet, packs + markers + opts + residuals + predicted)
         self._release_handles(ctx, state)
         return self.jobs.set_status(self.job_id, "completed", token=ctx.lease.token)
 

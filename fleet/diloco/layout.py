@@ -7,6 +7,9 @@ over another attempt's output.
     runs/<job>/round-RRRR/global            the global model entering round R (R = 0: initial)
     runs/<job>/round-RRRR/<buffer>          an outer optimizer buffer after round R - 1
                                             (``momentum`` for Nesterov and SGD)
+    runs/<job>/round-RRRR/prediction        an overlapped run's eager prediction of the
+                                            start point of round R (by round R - 2's
+                                            outer step)
     runs/<job>/round-RRRR/replica-I-aA      replica I's pack of round R, attempt A
                                             (parameters, or its pseudo-gradient)
     runs/<job>/round-RRRR/opt-I-aA.pt       the inner optimizer state that attempt wrote
@@ -48,6 +51,10 @@ class RunLayout:
         if not name.isidentifier() or name == "global":
             raise ValueError(f"not a buffer name: {name!r}")
         return f"{self.round_dir(round_index)}/{name}"
+
+    def prediction(self, round_index: int) -> str:
+        """The eager prediction of round ``round_index``'s start point."""
+        return f"{self.round_dir(round_index)}/prediction"
 
     def replica_pack(self, round_index: int, replica: int, attempt: int) -> str:
         """Replica ``replica``'s pack of round ``round_index``, attempt ``attempt``."""

@@ -46,7 +46,8 @@ def outer_step_request(
 ) -> OuterStepRequest:
     """The outer step of round ``round_index``: the global pack that entered it, the
     merged replicas' packs with their completed steps, the optimizer's buffers after
-    the last round; it publishes round ``round_index + 1``'s global pack and buffers."""
+    the last round; it publishes round ``round_index + 1``'s global pack and buffers
+    (and, in an overlapped run, the eager prediction of round ``round_index + 2``)."""
     buffers = outer_optimizer(config.outer).buffers
     return OuterStepRequest(
         global_pack=global_pack,
@@ -60,6 +61,7 @@ def outer_step_request(
         output_global_path=layout.global_pack(round_index + 1),
         output_state_paths={name: layout.outer_buffer(round_index + 1, name) for name in buffers},
         chunk_bytes=config.merge_chunk_bytes,
+        output_prediction_path=layout.prediction(round_index + 2) if config.overlap else None,
     )
 
 
@@ -141,6 +143,7 @@ def verify_checkpoint(ctx: RunContext, state: DriverState, records: list[RoundRe
         CorruptCheckpointError: corrupt, and its inputs are not intact either.
     """
     packs = [state.global_pack, *state.outer_state.values()]
+    packs += [state.prediction] if state.prediction is not None else []
     try:
         for pack in packs:
             fields = {"pack": pack.model_dump(), "check_finite": True}

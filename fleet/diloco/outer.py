@@ -123,12 +123,13 @@ def outer_step(
 
 @dataclass(frozen=True)
 class OuterStepOutput:
-    """What :func:`stream_outer_step` published: the manifests of the new global pack and
-    of each optimizer buffer, the bytes it read (``exchange_bytes`` of them the
-    replicas'), wrote, and the seconds it took."""
+    """What :func:`stream_outer_step` published: the manifests of the new global pack,
+    of each optimizer buffer and of the eager prediction (if asked for), the bytes it
+    read (``exchange_bytes`` of them the replicas'), wrote, and the seconds it took."""
 
     global_manifest: PackManifest
     state_manifests: dict[str, PackManifest]
+    prediction_manifest: PackManifest | None
     bytes_read: int
     bytes_written: int
     exchange_bytes: int
@@ -171,6 +172,35 @@ def _nbytes(reader: PackReader | PseudoGradientReader) -> int:
     return manifest.exchange_bytes
 
 
+class _Prediction:
+    """The eager prediction's scratch blocks and sink (see :func:`stream_outer_step`)."""
+
+    def __init__(self, sink: Any, names: Sequence[str], size: int) -> None:
+        self.sink = sink
+        self.delta = torch.empty(size, dtype=torch.float32)
+        self.theta = torch.empty(size, dtype=torch.float32)
+        self.average = torch.empty(size, dtype=torch.float32)
+        self.state = {name: torch.empty(size, dtype=torch.float32) for name in names}
+
+    def keep(self, delta: torch.Tensor) -> torch.Tensor:
+        """A copy of this chunk's pseudo-gradient (the step may overwrite its input)."""
+        return self.delta[: delta.numel()].copy_(delta)
+
+    def write(
+        self,
+        optimizer: OuterOptimizer,
+        new_theta: torch.Tensor,
+        delta: torch.Tensor,
+        new_state: Mapping[str, torch.Tensor],
+    ) -> None:
+        """``step(theta', delta; m')`` on this chunk, written to the prediction pack."""
+        k = delta.numel()
+        theta = self.theta[:k].copy_(new_theta)
+        average = torch.sub(theta, delta, out=self.average[:k])
+        scratch = {name: block[:k] for name, block in self.state.items()}
+        self.sink.write(optimizer.step(theta, average, delta, dict(new_state), scratch))
+
+
 def stream_outer_step(
     global_pack: PackInput,
     replicas: Sequence[PackInput],
@@ -184,6 +214,8 @@ def stream_outer_step(
     chunk_bytes: int = CHUNK_BYTES,
     inputs_key: str | None = None,
     store: Store | None = None,
+    out_prediction: Path | None = None,
+    single_thread: bool = True,
 ) -> OuterStepOutput:
     """The outer step over packs, streamed: every input is read ``chunk_bytes`` at a time
     (its digest and finiteness checked as it is read), the step is applied to the
@@ -199,6 +231,17 @@ def stream_outer_step(
         state: the optimizer's buffers after the last round, by name (empty in the
             first round).
         out_state: where each of ``optimizer.buffers`` is written.
+
+    With ``out_prediction``, also publish the *eager prediction* of the round after
+    next's start point there: the same step applied once more, to the new parameters and
+    buffers with this round's pseudo-gradient again, ``P = step(theta', delta; m')``
+    (the one-step-delayed estimate of Kale et al. 2025, "Eager Updates For Overlapped
+    Communication and Computation in DiLoCo", arXiv:2502.12996; each replica corrects
+    it with its own fresh pseudo-gradient: :mod:`fleet.diloco.pipeline`).
+
+    ``single_thread``: run the arithmetic on one torch thread (restored after); False
+    when the step runs beside training in the same process (torch's thread count is
+    process-wide).
 
     With ``store``, the inputs' paths are on it and are read from it in ranged requests
     of ``chunk_bytes`` (an object store: memory stays O(chunk)); the outputs are local
@@ -226,9 +269,10 @@ def stream_outer_step(
         # The arithmetic runs on one torch thread: the blocks are cache-sized, and the
         # reader thread prefetching the next row uses the other core (benchmarks/
         # outer_step.py measured torch's intra-op threads slowing this down).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        stack.callback(torch.set_num_threads, threads)
+        if single_thread:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, threads)
 
         # Global pack, replicas, buffers: each checked against its ref (layout hash,
         # digest, finite values) while read, and against the global pack's layout.
@@ -260,6 +304,11 @@ def stream_outer_step(
             name: stack.enter_context(writing_pack(out_state[name], like, extra=extra))
             for name in names
         }
+        predict = None
+        if out_prediction is not None:
+            predict = _Prediction(
+                stack.enter_context(writing_pack(out_prediction, like, extra=extra)), names, size
+            )
 
         def read_row(row: list[torch.Tensor]) -> list[torch.Tensor]:
             return [reader.read_into(block) for reader, block in zip(readers, row, strict=True)]
@@ -293,9 +342,13 @@ def stream_outer_step(
             else:
                 avg = _average_into(parts, weights, policy)
                 delta = torch.sub(t, avg, out=scratch[:k])
-            global_sink.write(optimizer.step(t, avg, delta, old, new))
+            kept = predict.keep(delta) if predict is not None else None
+            new_theta = optimizer.step(t, avg, delta, old, new)
+            global_sink.write(new_theta)
             for name, sink in sinks.items():
                 sink.write(new[name])
+            if predict is not None and kept is not None:
+                predict.write(optimizer, new_theta, kept, new)
         for reader in readers:
             reader.finish()
     assert global_sink.manifest is not None
@@ -304,8 +357,9 @@ def stream_outer_step(
     return OuterStepOutput(
         global_manifest=global_sink.manifest,
         state_manifests=cast(dict[str, PackManifest], state_manifests),
+        prediction_manifest=predict.sink.manifest if predict is not None else None,
         bytes_read=sum(_nbytes(r) for r in readers),
-        bytes_written=(1 + len(names)) * like.values_nbytes,
+        bytes_written=(1 + len(names) + (predict is not None)) * like.values_nbytes,
         exchange_bytes=sum(_nbytes(r) for r in readers[1 : 1 + len(replicas)]),
         seconds=time.perf_counter() - started,
     )

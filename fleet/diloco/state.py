@@ -165,6 +165,10 @@ class DriverState(BaseModel):
     its optimizer, e.g. a workload that keeps no optimizer file)."""
     replica_residual: list[PackRef | None] = Field(default_factory=list)
     """Each replica's last committed error-feedback residual (empty or None: zero)."""
+    prediction: PackRef | None = None
+    """An overlapped run's eager prediction of the start point of round
+    ``next_round + 1``, published by the last round's outer step
+    (:mod:`fleet.diloco.eager`); None in a synchronous run."""
 
     def residual_of(self, replica: int) -> PackRef | None:
         """Replica ``replica``'s committed residual, if any."""

@@ -24,6 +24,9 @@ from fleet.runtime import WorkerRuntime
 from fleet.storage import PackRef, Store
 from fleet.tasks.base import protocol_task
 
+#: The key of the eager prediction among an outer step's outputs (no buffer's name).
+PREDICTION = "<prediction>"
+
 
 def _input(rt: WorkerRuntime, ref: PackRef) -> PackInput:
     return PackInput(rt.shared.relative(ref.path), ref.layout_hash, ref.values_digest)
@@ -61,11 +64,20 @@ def verify(
 def outer_step(
     rt: WorkerRuntime, req: OuterStepRequest, ref: WorkloadRef | None
 ) -> OuterStepResult:
+    """DiLoCo's outer step (:func:`compute_outer_step`)."""
+    return compute_outer_step(rt, req)
+
+
+def compute_outer_step(
+    rt: WorkerRuntime, req: OuterStepRequest, *, single_thread: bool = True
+) -> OuterStepResult:
     """DiLoCo's outer step (:func:`fleet.diloco.outer.stream_outer_step`): reads the
     global, replica and optimizer-buffer packs chunk by chunk, checks their digests
-    while reading, and publishes the next global pack and buffers. Outputs already
-    published from the same inputs are returned as they are (a redelivered or re-run
-    merge does not compute twice).
+    while reading, and publishes the next global pack and buffers (and the eager
+    prediction, with ``output_prediction_path``). Outputs already published from the
+    same inputs are returned as they are (a redelivered or re-run merge does not compute
+    twice). Also run beside an overlapped round's inner steps
+    (``RunInnerLoopRequest.outer_step``; ``single_thread=False`` there).
 
     Raises:
         RequestValidationError: ``output_state_paths`` are not the optimizer's buffers.
@@ -88,18 +100,23 @@ def outer_step(
         "": store.relative(req.output_global_path),
         **{name: store.relative(path) for name, path in req.output_state_paths.items()},
     }
-    key = inputs_digest(req.model_dump(mode="json", exclude={"chunk_bytes"}))
-    if all(_published(store, rel, key) for rel in outputs.values()):
+    predicted = store.relative(req.output_prediction_path) if req.output_prediction_path else None
+    published = dict(outputs, **({PREDICTION: predicted} if predicted else {}))
+    key = inputs_digest(
+        req.model_dump(mode="json", exclude={"chunk_bytes", "output_prediction_path"})
+    )
+    if all(_published(store, rel, key) for rel in published.values()):
         return OuterStepResult(
             global_pack=store.pack_ref(outputs[""]),
             state={name: store.pack_ref(rel) for name, rel in outputs.items() if name},
+            prediction=store.pack_ref(predicted) if predicted else None,
             bytes_read=0,
             bytes_written=0,
             seconds=0.0,
             reused=True,
         )
     with ExitStack() as stack:
-        local = {name: stack.enter_context(store.output(rel)) for name, rel in outputs.items()}
+        local = {name: stack.enter_context(store.output(rel)) for name, rel in published.items()}
         output = stream_outer_step(
             _input(rt, req.global_pack),
             [_input(rt, r.pack) for r in req.replicas],
@@ -108,17 +125,23 @@ def outer_step(
             optimizer,
             req.merge_policy,
             local[""],
-            {name: path for name, path in local.items() if name},
+            {name: path for name, path in local.items() if name and name != PREDICTION},
             chunk_bytes=req.chunk_bytes,
             inputs_key=key,
             store=store,
+            out_prediction=local.get(PREDICTION),
+            single_thread=single_thread,
         )
+    prediction = None
+    if predicted is not None and output.prediction_manifest is not None:
+        prediction = PackRef.of(predicted, output.prediction_manifest)
     return OuterStepResult(
         global_pack=PackRef.of(req.output_global_path, output.global_manifest),
         state={
             name: PackRef.of(req.output_state_paths[name], manifest)
             for name, manifest in output.state_manifests.items()
         },
+        prediction=prediction,
         bytes_read=output.bytes_read,
         bytes_written=output.bytes_written,
         exchange_bytes=output.exchange_bytes,

@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,6 +32,8 @@ from fleet.errors import (
 from fleet.protocol import (
     EvaluateRequest,
     MetricsResult,
+    OuterStepRequest,
+    OuterStepResult,
     RunInnerLoopRequest,
     RunInnerLoopResult,
     TrainWindowRequest,
@@ -181,18 +184,16 @@ def run_inner_loop(
     held = rt.held(req.model_id, reads_only=True)
     started_at = time.time()
     started = time.perf_counter()
+    beside = BackgroundOuterStep(rt, req.outer_step) if req.outer_step is not None else None
     batches = local_batches(rt, req.batches, req.shard_checks)
-    if req.input_parameter_pack is not None:
-        pack = req.input_parameter_pack
-        local = rt.shared.local_pack(pack.path, pack)
-        load_pack_into_held(held, local, req.state_dict_filter, pack)
-    held.loaded = None  # the steps change it
     opt_rel = (
         rt.shared.relative(req.inner_optimizer_state_path)
         if req.inner_optimizer_state_path
         else None
     )
     with ExitStack() as outputs:
+        base = _start_point(rt, req, held, outputs)
+        held.loaded = None  # the steps change it
         # local paths the loop writes; on an object store, staged and uploaded on exit
         out_path = outputs.enter_context(rt.shared.output(out_rel))
         params_path = out_path
@@ -207,7 +208,9 @@ def run_inner_loop(
         stamp = _pack_stamp(params_path)
         if held.workload.has("run_inner_loop"):
             params = req.model_dump(
-                mode="json", by_alias=True, exclude={"shard_checks", "pseudo_gradient"}
+                mode="json",
+                by_alias=True,
+                exclude={"shard_checks", "pseudo_gradient", "eager_start", "outer_step"},
             )
             params["batches"] = batches
             params["output_parameter_pack_path"] = str(params_path)
@@ -230,12 +233,14 @@ def run_inner_loop(
             manifest = read_manifest(out_path)
             pack, exchange_bytes = PackRef.of(out_rel, manifest), manifest.values_nbytes
         else:
+            assert base is not None  # the request's validator
             pack, error_feedback, exchange_bytes = _publish_delta(
-                rt, req, params_path, out_path, out_rel, outputs
+                rt, req, base, params_path, out_path, out_rel, outputs
             )
         opt_out = result.get("inner_optimizer_state_path")
         opt_out_rel = _optimizer_rel(rt, opt_out, opt_path, opt_rel)
     published = time.perf_counter()
+    outer_result, outer_error = beside.join() if beside is not None else (None, None)
     rt.registry.touch(req.model_id, bump_generation=True)
     if req.pseudo_gradient is None:
         rt.registry.publish_pack(req.model_id, pack)
@@ -252,15 +257,69 @@ def run_inner_loop(
         publish_s=published - computed,
         started_at=started_at,
         finished_at=started_at + (published - started),
+        outer_step=outer_result,
+        outer_step_error=outer_error,
     )
     record = {"request": key, "result": outcome.model_dump(mode="json")}
     rt.shared.write_bytes(result_marker(out_rel), json.dumps(record).encode())
     return outcome
 
 
+class BackgroundOuterStep:
+    """An overlapped run's outer step, run in a thread beside the inner steps
+    (``RunInnerLoopRequest.outer_step``). Its arithmetic, file reads and hashing release
+    the GIL; its outputs are published atomically, so one cut short by an abort leaves
+    nothing a reader would take."""
+
+    def __init__(self, rt: WorkerRuntime, req: OuterStepRequest) -> None:
+        from fleet.tasks.diloco import compute_outer_step
+
+        self._result: OuterStepResult | None = None
+        self._error: str | None = None
+
+        def run() -> None:
+            try:
+                self._result = compute_outer_step(rt, req, single_thread=False)
+            except Exception as exc:  # reported to the orchestrator, which runs it again
+                log.warning("the outer step beside the inner steps failed: %s", exc)
+                self._error = f"{type(exc).__name__}: {exc}"
+
+        self._thread = threading.Thread(target=run, name="fleet-outer-step", daemon=True)
+        self._thread.start()
+
+    def join(self) -> tuple[OuterStepResult | None, str | None]:
+        """Wait for it; its result, or why it failed."""
+        self._thread.join()
+        return self._result, self._error
+
+
+def _start_point(
+    rt: WorkerRuntime, req: RunInnerLoopRequest, held: HeldModel, outputs: ExitStack
+) -> tuple[Path, str | None] | None:
+    """Load the attempt's start point into the model: ``input_parameter_pack``, or the
+    eager start point computed here (:func:`fleet.diloco.eager.eager_start_point`,
+    into a scratch directory of ``outputs``). Returns the start pack's local path and
+    digest (the base of a pseudo-gradient), or None when the model starts as it is."""
+    if req.input_parameter_pack is not None:
+        pack = req.input_parameter_pack
+        local = rt.shared.local_pack(pack.path, pack)
+        load_pack_into_held(held, local, req.state_dict_filter, pack)
+        return local, pack.values_digest
+    if req.eager_start is None:
+        return None
+    from fleet.diloco.eager import eager_start_point
+
+    scratch = outputs.enter_context(tempfile.TemporaryDirectory(prefix="fleet-start-"))
+    local = Path(scratch) / "start"
+    manifest = eager_start_point(rt.shared, req.eager_start, local)
+    load_pack_into_held(held, local, req.state_dict_filter, PackRef.of("start", manifest))
+    return local, manifest.values_digest
+
+
 def _publish_delta(
     rt: WorkerRuntime,
     req: RunInnerLoopRequest,
+    base: tuple[Path, str | None],
     params_path: Path,
     out_path: Path,
     out_rel: str,
@@ -271,22 +330,23 @@ def _publish_delta(
     pack's ref, the residual's ref and the pack's data bytes."""
     from fleet.diloco.exchange import publish_pseudo_gradient
 
-    spec, base = req.pseudo_gradient, req.input_parameter_pack
-    assert spec is not None and base is not None  # the request's validator
+    spec = req.pseudo_gradient
+    assert spec is not None
+    base_path, base_digest = base
     source = spec.error_feedback_source
     residual_rel = (
         rt.shared.relative(spec.error_feedback_path) if spec.error_feedback_path else None
     )
     out_residual = outputs.enter_context(rt.shared.output(residual_rel)) if residual_rel else None
     published = publish_pseudo_gradient(
-        rt.shared.local_pack(base.path, base),
+        base_path,
         params_path,
         out_path,
         spec.codec,
         block_size=spec.block_size,
         residual=rt.shared.local_pack(source.path, source) if source and residual_rel else None,
         out_residual=out_residual,
-        base_digest=base.values_digest,
+        base_digest=base_digest,
     )
     pg = published.pseudo_gradient
     ref = PackRef(
