@@ -132,7 +132,8 @@ def main() -> None:
             verdict = "ok" if medians[True] <= 0.003 and abs(rel) <= 0.01 else "MISSED"
             print(
                 f"overlapped: overhead {100 * medians[True]:.2f}% "
-                f"(sync {100 * medians[False]:.2f}%), loss {100 * rel:+.2f}% (target: <= 0.3% and within 1%: {verdict})"
+                f"(sync {100 * medians[False]:.2f}%), loss {100 * rel:+.2f}% "
+                f"(target: <= 0.3% and within 1%: {verdict})"
             )
 
 
