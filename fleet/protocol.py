@@ -315,7 +315,7 @@ class RunInnerLoopRequest(_Model):
 
 
 class EagerStart(_Model):
-    """fleet: an overlapped DiLoCo replica's start point (docs/protocol.md section 5.4;
+    """fleet: an overlapped DiLoCo replica's start point (docs/protocol.md section 5.2;
     Kale et al. 2025, arXiv:2502.12996): ``prediction - scale * (fresh - stale)``, with
     ``prediction`` the outer step's one-step-delayed estimate of the round's global
     model, ``fresh`` the replica's pseudo-gradient of the round before (not yet in the

@@ -155,6 +155,18 @@ def test_overlap_from_the_cli_on_a_workload_not_ours(fleet_settings, fleet, two_
             assert all(w is not None and w.startswith("fleet-") for w in beside), beside
             state = DiLoCoRun.resume(fleet, job_id).state()
             assert state is not None and state.prediction is not None
+            # what each commit superseded is deleted: no replica pack, optimizer state or
+            # prediction outlives the run (the collection runs on a worker, after it)
+            run_dir = Path(fleet_settings.shared_root) / "runs" / job_id
+
+            def leftovers() -> list[str]:
+                return sorted(
+                    p.name
+                    for p in run_dir.glob("round-*/*")
+                    if p.name.startswith(("replica-", "opt-", "ef-", "prediction"))
+                )
+
+            wait_until(lambda: not leftovers(), timeout_s=30, what="superseded files deleted")
     # each replica starts from others' pseudo-gradients one round late: on this tiny
     # workload, whose loss still halves every two rounds, that costs a little (the
     # benchmark's charlm at H=50 measures it at scale: benchmarks/diloco_round.py)

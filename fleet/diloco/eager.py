@@ -1,6 +1,6 @@
 """An overlapped DiLoCo replica's start point, computed on its worker (Kale et al. 2025,
 "Eager Updates For Overlapped Communication and Computation in DiLoCo",
-arXiv:2502.12996; docs/protocol.md section 5.4).
+arXiv:2502.12996; docs/protocol.md section 5.2).
 
 In an overlapped run the outer step of round ``r - 1`` runs while round ``r``'s inner
 steps do, so a replica cannot start round ``r`` from the global model ``theta(r)``.

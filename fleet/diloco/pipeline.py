@@ -112,6 +112,7 @@ class Pipeline:
             if pending is not None:
                 last, committed = self._commit(pending, current, done)
                 current.attempts.state = committed  # its outer step starts from here
+                current.previous = last  # what its commit supersedes
                 self.ctx.store.save_plan(current.attempts.plan)  # the commit dropped it
                 going = self.on_commit(last, committed)
             pending = (current, done)
