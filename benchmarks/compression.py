@@ -71,10 +71,10 @@ def main() -> None:
                 rounds = run.rounds()
                 final = rounds[-1].eval
                 assert final is not None and final.loss is not None
-                results.append(
-                    (codec, feedback, final.loss, statistics.mean(r.exchange_bytes for r in rounds))
-                )
-                print(f"  {codec} ef={feedback}: loss {final.loss:.4f}", flush=True)
+                stderr = float(final.metrics.get("loss_stderr", 0.0))
+                nbytes = statistics.mean(r.exchange_bytes for r in rounds)
+                results.append((codec, feedback, final.loss, stderr, nbytes))
+                print(f"  {codec} ef={feedback}: loss {final.loss:.4f} ± {stderr:.4f}", flush=True)
             fleet.close()
     finally:
         server.stop()
@@ -84,18 +84,19 @@ def main() -> None:
         f"{args.rounds} rounds; one CPU worker per replica"
     )
     print(
-        f"{'codec':>6}{'error fb':>10}{'eval loss':>11}{'vs fp32':>9}{'MB/round':>10}{'bytes':>8}"
+        f"{'codec':>6}{'error fb':>10}{'eval loss':>11}{'± s.e.':>8}{'vs fp32':>9}"
+        f"{'MB/round':>10}{'bytes':>8}"
     )
-    base_loss, base_bytes = results[0][2], results[0][3]
-    for codec, feedback, loss, nbytes in results:
+    base_loss, base_bytes = results[0][2], results[0][4]
+    for codec, feedback, loss, stderr, nbytes in results:
         print(
             f"{codec:>6}{('yes' if feedback else 'no') if codec != 'fp32' else '-':>10}"
-            f"{loss:>11.4f}{100 * (loss - base_loss) / base_loss:>+8.2f}%"
+            f"{loss:>11.4f}{stderr:>8.4f}{100 * (loss - base_loss) / base_loss:>+8.2f}%"
             f"{nbytes / 1e6:>10.3f}{nbytes / base_bytes:>7.3f}x"
         )
     int8 = next(r for r in results if r[0] == "int8" and r[1])
     within = abs(int8[2] - base_loss) / base_loss <= 0.01
-    ratio = int8[3] / base_bytes
+    ratio = int8[4] / base_bytes
     verdict = "ok" if within and 0.25 <= ratio <= 0.3 else "MISSED"
     print(f"\nint8 + error feedback: {ratio:.3f}x the bytes, {within=}")
     print(f"(target: within 1 % of fp32's loss at 0.25-0.3x the bytes: {verdict})")

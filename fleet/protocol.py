@@ -316,24 +316,17 @@ class RunInnerLoopRequest(_Model):
 
 class EagerStart(_Model):
     """fleet: an overlapped DiLoCo replica's start point (docs/protocol.md section 5.2;
-    Kale et al. 2025, arXiv:2502.12996): ``prediction - scale * (fresh - stale)``, with
-    ``prediction`` the outer step's one-step-delayed estimate of the round's global
-    model, ``fresh`` the replica's pseudo-gradient of the round before (not yet in the
-    global model) and ``stale`` its share already in the prediction; computed on the
-    worker, float32, chunk by chunk."""
+    Kale et al. 2025, arXiv:2502.12996): ``prediction - scale * fresh``, with
+    ``prediction`` the outer step's estimate of the round's global model before the
+    last round's pseudo-gradients (a v1 pack) and ``fresh`` the replica's own
+    pseudo-gradient of that round (a pseudo-gradient pack); computed on the worker,
+    float32, chunk by chunk."""
 
     prediction: PackRef
     fresh: PackRef | None = None
-    stale: PackRef | None = None
     scale: float = 0.0
     """``g * w``: the outer optimizer's gain on the pseudo-gradient times the replica's
     weight in the average."""
-
-    @model_validator(mode="after")
-    def _stale_needs_fresh(self) -> EagerStart:
-        if self.stale is not None and self.fresh is None:
-            raise ValueError("stale needs fresh")
-        return self
 
 
 class LoadParameterPackRequest(_Model):

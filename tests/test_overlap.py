@@ -1,4 +1,4 @@
-"""Overlapped rounds with eager updates (fleet.diloco.pipeline): the outer step's eager
+"""Overlapped rounds with eager updates (fleet.diloco.pipeline): the outer step's
 prediction and a replica's start point against torch on whole vectors; on the fleet,
 `fleet diloco --overlap` on a workload that is not ours (int8 pseudo-gradients, the
 tight adaptive deadline), each outer step run beside the next round's inner steps;
@@ -24,6 +24,7 @@ from fleet.diloco.exchange import publish_pseudo_gradient
 from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.outer import PackInput, stream_outer_step
 from fleet.diloco.state import rounds_of
+from fleet.errors import DigestMismatchError
 from fleet.jobs import JobStore
 from fleet.local import worker_env
 from fleet.protocol import EagerStart
@@ -36,10 +37,12 @@ SHARDS = "tests.workloads.shards:make"
 P = 30_011
 
 
-def test_the_prediction_is_the_step_applied_again_and_the_start_point_corrects_it(tmp_path):
-    """The outer step's prediction is ``step(theta', delta; m')``, bit for bit with torch
-    on whole vectors; a replica's eager start point is ``prediction - g w (fresh -
-    stale)`` with ``g = lr (1 + mu)`` for Nesterov, its pseudo-gradients int8-decoded."""
+def test_the_prediction_and_the_eager_start_point_against_torch(tmp_path):
+    """The outer step's prediction is ``step(theta', 0; m')``, with torch on whole
+    vectors (for Nesterov ``theta' - lr mu^2 m'``); a replica's eager start point is
+    ``prediction - g w fresh`` with ``g = lr (1 + mu)``, which is the step from
+    ``theta'`` with the replica's share ``w fresh`` as the pseudo-gradient; its int8
+    pseudo-gradient decoded as read, a corrupt one refused by name."""
     torch.manual_seed(3)
     like = write_pack(tmp_path / "like", {"w": torch.zeros(P)}, "s")
     theta, m = torch.randn(P), torch.randn(P)
@@ -48,8 +51,7 @@ def test_the_prediction_is_the_step_applied_again_and_the_start_point_corrects_i
     replicas = [theta - 0.01 * torch.randn(P) for _ in range(2)]
     for i, local in enumerate(replicas):
         write_values_pack(tmp_path / f"r{i}", local, like)
-    config = OuterOptimizerConfig(lr=0.7, momentum=0.9)
-    optimizer = outer_optimizer(config)
+    optimizer = outer_optimizer(OuterOptimizerConfig(lr=0.7, momentum=0.9))
     stream_outer_step(
         PackInput(tmp_path / "global"),
         [PackInput(tmp_path / "r0"), PackInput(tmp_path / "r1")],
@@ -66,46 +68,36 @@ def test_the_prediction_is_the_step_applied_again_and_the_start_point_corrects_i
     new_m = m * 0.9 + delta
     new_theta = read_pack(tmp_path / "out" / "g", verify=True)[1]
     assert torch.allclose(new_theta, theta - 0.7 * (delta + 0.9 * new_m), atol=1e-6)
-    scratch = {"momentum": torch.empty(P)}
-    expected = optimizer.step(
-        new_theta.clone(),
-        new_theta - delta,
-        delta.clone(),
-        {"momentum": read_pack(tmp_path / "out" / "m")[1]},
-        scratch,
-    )
     prediction = read_pack(tmp_path / "out" / "p", verify=True)[1]
-    assert torch.allclose(prediction, expected, atol=1e-6)
-    closed = new_theta - 0.7 * (delta + 0.9 * (0.9 * new_m + delta))
-    assert torch.allclose(prediction, closed, atol=1e-5)
+    assert torch.allclose(prediction, new_theta - 0.7 * 0.81 * new_m, atol=1e-5)
 
-    # the replica's correction: its fresh int8 pseudo-gradient for its stale share
+    # the replica's own share of its fresh int8 pseudo-gradient, at once
     store = LocalStore(tmp_path)
-    refs = {"out/p": store.pack_ref("out/p")}
-    for name, shift in (("fresh", 0.02), ("stale", 0.01)):
-        write_values_pack(tmp_path / f"{name}-base", theta, like)
-        write_values_pack(tmp_path / f"{name}-local", theta - shift * torch.randn(P), like)
-        pg = publish_pseudo_gradient(
-            tmp_path / f"{name}-base", tmp_path / f"{name}-local", tmp_path / name, "int8"
-        ).pseudo_gradient
-        refs[name] = PackRef(path=name, layout_hash=pg.layout_hash, values_digest=pg.values_digest)
+    write_values_pack(tmp_path / "base", theta, like)
+    write_values_pack(tmp_path / "local", theta - 0.02 * torch.randn(P), like)
+    pg = publish_pseudo_gradient(
+        tmp_path / "base", tmp_path / "local", tmp_path / "fresh", "int8"
+    ).pseudo_gradient
+    fresh_ref = PackRef(path="fresh", layout_hash=pg.layout_hash, values_digest=pg.values_digest)
     gain = optimizer.delta_gain
     assert gain == pytest.approx(0.7 * 1.9)
-    start = EagerStart(
-        prediction=refs["out/p"], fresh=refs["fresh"], stale=refs["stale"], scale=gain / 2
-    )
+    start = EagerStart(prediction=store.pack_ref("out/p"), fresh=fresh_ref, scale=gain / 2)
     eager_start_point(store, start, tmp_path / "start", chunk_numel=4096)
-    fresh, stale = (store.pack_reader(n) for n in ("fresh", "stale"))
-    d_fresh, d_stale = torch.empty(P), torch.empty(P)
-    fresh.read_into(d_fresh), stale.read_into(d_stale)
-    want = prediction - (gain / 2) * (d_fresh - d_stale)
-    assert torch.allclose(read_pack(tmp_path / "start", verify=True)[1], want, atol=1e-6)
+    fresh = torch.empty(P)
+    store.pack_reader("fresh").read_into(fresh)
+    scratch = {"momentum": torch.empty(P)}
+    stepped = optimizer.step(
+        new_theta.clone(), new_theta - fresh / 2, fresh / 2, {"momentum": new_m}, scratch
+    )
+    got = read_pack(tmp_path / "start", verify=True)[1]
+    assert torch.allclose(got, prediction - (gain / 2) * fresh, atol=1e-6)
+    assert torch.allclose(got, stepped, atol=1e-5)
     # a corrupt input is refused by name, and nothing is written
     values = tmp_path / "fresh" / "values.bin"
     data = bytearray(values.read_bytes())
     data[5] ^= 1
     values.write_bytes(bytes(data))
-    with pytest.raises(Exception, match="fresh"):
+    with pytest.raises(DigestMismatchError, match="fresh"):
         eager_start_point(store, start, tmp_path / "start2")
     assert not (tmp_path / "start2").exists()
 
@@ -159,7 +151,7 @@ def test_overlap_from_the_cli_on_a_workload_not_ours(fleet_settings, fleet, two_
             # prediction outlives the run (the collection runs on a worker, after it)
             run_dir = Path(fleet_settings.shared_root) / "runs" / job_id
 
-            def leftovers() -> list[str]:
+            def leftovers(run_dir: Path = run_dir) -> list[str]:
                 return sorted(
                     p.name
                     for p in run_dir.glob("round-*/*")

@@ -2,19 +2,20 @@
 "Eager Updates For Overlapped Communication and Computation in DiLoCo",
 arXiv:2502.12996; docs/protocol.md section 5.2).
 
-In an overlapped run the outer step of round ``r - 1`` runs while round ``r``'s inner
-steps do, so a replica cannot start round ``r`` from the global model ``theta(r)``.
-The outer step of round ``r - 2`` published a *prediction* of it, the step applied once
-more with its pseudo-gradient ``delta(r - 2)`` (the one-step-delayed estimate). The
-replica corrects the prediction with its own fresh pseudo-gradient ``delta_i(r - 1)``
-in place of its stale share ``w * delta_i(r - 2)``; for an outer step linear in the
-pseudo-gradient (``theta' = f - g * delta``: SGD, Nesterov) that is::
+In an overlapped run the outer step of round ``r`` runs while round ``r + 1``'s inner
+steps do, so a replica cannot start round ``r + 1`` from the global model
+``theta(r + 1) = step(theta(r), delta(r); m(r))``. The outer step of round ``r - 1``
+published the *prediction* ``P = step(theta(r), 0; m(r))``: where the global model
+goes before round ``r``'s pseudo-gradients are known (the momentum's share of the
+step). The *eager update* adds the replica's own fresh pseudo-gradient, its weight
+``w`` in the average, at once; the other replicas' shares reach it through the global
+model one round later. For an outer step linear in the pseudo-gradient (``theta' = f -
+g * delta``: SGD, Nesterov) that is::
 
-    start_i(r) = prediction(r) - g * w * (delta_i(r - 1) - delta_i(r - 2))
+    start_i(r + 1) = step(theta(r), w * delta_i(r); m(r)) = P - g * w * delta_i(r)
 
-(the ``eager`` update of the paper: each replica's own share of the outer gradient is
-fresh, the others' one round late). Streamed: memory O(chunk), every input's digest
-and finiteness checked while read.
+(the naive one-step-delayed start, ``P`` alone, is worse: the paper). Streamed: memory
+O(chunk), every input's digest and finiteness checked while read.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ CHUNK_NUMEL = 1 << 18
 def eager_start_point(
     store: Store, start: EagerStart, out: Path, *, chunk_numel: int = CHUNK_NUMEL
 ) -> PackManifest:
-    """Write ``prediction - scale * (fresh - stale)`` as a v1 pack at ``out`` (a local
-    directory); return its manifest. Inputs are read from ``store`` (``fresh`` and
-    ``stale`` are pseudo-gradient packs of any codec, decoded to float32).
+    """Write ``prediction - scale * fresh`` as a v1 pack at ``out`` (a local directory);
+    return its manifest. Inputs are read from ``store`` (``fresh`` a pseudo-gradient
+    pack of any codec, decoded to float32).
 
     Raises:
         LayoutMismatchError: the prediction is not a v1 pack, or the inputs' layouts
@@ -65,28 +66,23 @@ def eager_start_point(
         like = base.manifest
         if not isinstance(like, PackManifest):
             raise LayoutMismatchError(start.prediction.path, "pseudo-gradient", "a v1 pack")
-        corrections = [
-            stack.enter_context(reader(ref))
-            for ref in (start.fresh, start.stale)
-            if ref is not None
-        ]
-        for other in corrections:
-            if other.manifest.layout_hash != like.layout_hash:
-                raise LayoutMismatchError(
-                    str(other.path), other.manifest.layout_hash, like.layout_hash
-                )
+        fresh = stack.enter_context(reader(start.fresh)) if start.fresh is not None else None
+        if fresh is not None and fresh.manifest.layout_hash != like.layout_hash:
+            raise LayoutMismatchError(
+                str(start.fresh.path if start.fresh else ""),
+                fresh.manifest.layout_hash,
+                like.layout_hash,
+            )
         size = min(chunk_numel, max(like.parameter_count, 1))
-        blocks = [torch.empty(size, dtype=torch.float32) for _ in range(1 + len(corrections))]
+        block, scratch = torch.empty(size), torch.empty(size)
         sink = stack.enter_context(writing_pack(out, like))
         while base.remaining:
-            theta = base.read_into(blocks[0])
-            if corrections:
-                fresh = corrections[0].read_into(blocks[1])
-                if len(corrections) > 1:
-                    fresh.sub_(corrections[1].read_into(blocks[2]))
-                theta.sub_(fresh.mul_(start.scale))
+            theta = base.read_into(block)
+            if fresh is not None:
+                theta.sub_(fresh.read_into(scratch).mul_(start.scale))
             sink.write(theta)
-        for r in (base, *corrections):
-            r.finish()
+        for r in (base, fresh):
+            if r is not None:
+                r.finish()
     assert sink.manifest is not None
     return sink.manifest

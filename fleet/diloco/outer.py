@@ -173,7 +173,7 @@ def _nbytes(reader: PackReader | PseudoGradientReader) -> int:
 
 
 class _Prediction:
-    """The eager prediction's scratch blocks and sink (see :func:`stream_outer_step`)."""
+    """The prediction's scratch blocks and sink (see :func:`stream_outer_step`)."""
 
     def __init__(self, sink: Any, names: Sequence[str], size: int) -> None:
         self.sink = sink
@@ -182,21 +182,17 @@ class _Prediction:
         self.average = torch.empty(size, dtype=torch.float32)
         self.state = {name: torch.empty(size, dtype=torch.float32) for name in names}
 
-    def keep(self, delta: torch.Tensor) -> torch.Tensor:
-        """A copy of this chunk's pseudo-gradient (the step may overwrite its input)."""
-        return self.delta[: delta.numel()].copy_(delta)
-
     def write(
         self,
         optimizer: OuterOptimizer,
         new_theta: torch.Tensor,
-        delta: torch.Tensor,
         new_state: Mapping[str, torch.Tensor],
     ) -> None:
-        """``step(theta', delta; m')`` on this chunk, written to the prediction pack."""
-        k = delta.numel()
+        """``step(theta', 0; m')`` on this chunk, written to the prediction pack."""
+        k = new_theta.numel()
         theta = self.theta[:k].copy_(new_theta)
-        average = torch.sub(theta, delta, out=self.average[:k])
+        average = self.average[:k].copy_(new_theta)
+        delta = self.delta[:k].zero_()
         scratch = {name: block[:k] for name, block in self.state.items()}
         self.sink.write(optimizer.step(theta, average, delta, dict(new_state), scratch))
 
@@ -232,12 +228,13 @@ def stream_outer_step(
             first round).
         out_state: where each of ``optimizer.buffers`` is written.
 
-    With ``out_prediction``, also publish the *eager prediction* of the round after
-    next's start point there: the same step applied once more, to the new parameters and
-    buffers with this round's pseudo-gradient again, ``P = step(theta', delta; m')``
-    (the one-step-delayed estimate of Kale et al. 2025, "Eager Updates For Overlapped
-    Communication and Computation in DiLoCo", arXiv:2502.12996; each replica corrects
-    it with its own fresh pseudo-gradient: :mod:`fleet.diloco.pipeline`).
+    With ``out_prediction``, also publish the *prediction* of the round after next's
+    start point there: the same step applied once more, to the new parameters and
+    buffers with a zero pseudo-gradient, ``P = step(theta', 0; m')`` (where the global
+    model goes before the next round's pseudo-gradients are known; each replica of an
+    overlapped round adds its own fresh share to it, the *eager update* of Kale et al.
+    2025, "Eager Updates For Overlapped Communication and Computation in DiLoCo",
+    arXiv:2502.12996: :mod:`fleet.diloco.eager`).
 
     ``single_thread``: run the arithmetic on one torch thread (restored after); False
     when the step runs beside training in the same process (torch's thread count is
@@ -342,13 +339,12 @@ def stream_outer_step(
             else:
                 avg = _average_into(parts, weights, policy)
                 delta = torch.sub(t, avg, out=scratch[:k])
-            kept = predict.keep(delta) if predict is not None else None
             new_theta = optimizer.step(t, avg, delta, old, new)
             global_sink.write(new_theta)
             for name, sink in sinks.items():
                 sink.write(new[name])
-            if predict is not None and kept is not None:
-                predict.write(optimizer, new_theta, kept, new)
+            if predict is not None:
+                predict.write(optimizer, new_theta, new)
         for reader in readers:
             reader.finish()
     assert global_sink.manifest is not None

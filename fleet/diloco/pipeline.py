@@ -6,12 +6,10 @@ DiLoCo", arXiv:2502.12996), so no replica waits for the outer step.
 Two rounds are in flight. Once round ``r``'s quorum closes, round ``r + 1`` is launched
 at once:
 
-- each replica starts from its *eager start point* (:mod:`fleet.diloco.eager`): the
-  prediction the outer step of round ``r - 1`` published, corrected with the replica's
-  own fresh pseudo-gradient of round ``r`` in place of its share of round ``r - 1``'s
-  (the first round after a start or a resume starts from the committed global model;
-  the next one, with no prediction yet, from that model moved by the replica's own
-  pseudo-gradient);
+- each replica starts from its *eager start point* (:mod:`fleet.diloco.eager`): where
+  the outer step of round ``r - 1`` predicted the global model goes before round
+  ``r``'s pseudo-gradients, moved by the replica's own share of round ``r``'s (the
+  first round after a start or a resume starts from the committed global model);
 - one of its attempts (the replica of round ``r``'s first finished worker) runs round
   ``r``'s outer step beside its inner steps, on the same worker, in a thread
   (``RunInnerLoopRequest.outer_step``): the merge work stays on the fleet's workers.
@@ -47,37 +45,28 @@ from fleet.diloco.state import DriverState, RoundPlan, RoundRecord
 from fleet.protocol import EagerStart, OuterStepResult
 
 
-def eager_starts(
-    config: DiLoCoConfig, committed: DriverState, last: RoundRecord | None, done: Done
-) -> dict[int, EagerStart]:
+def eager_starts(config: DiLoCoConfig, committed: DriverState, done: Done) -> dict[int, EagerStart]:
     """Each replica's start point for the round after the one whose attempts ``done``
-    holds (not yet committed), with ``committed`` the state before it and ``last`` the
-    last committed round.
+    holds (not yet committed), with ``committed`` the state entering that round.
 
-    With ``g`` the outer optimizer's :attr:`~fleet.diloco.optim.OuterOptimizer.
-    delta_gain` and ``w`` a replica's share of the last outer step (equal shares):
-    ``prediction - g * w * (fresh - stale)``; with no prediction yet (the first
-    overlapped round), ``global - g * fresh``; a replica not in ``done`` starts from the
-    prediction (or the global model) as it is.
+    ``prediction - g * w * fresh`` (:mod:`fleet.diloco.eager`), with ``g`` the outer
+    optimizer's :attr:`~fleet.diloco.optim.OuterOptimizer.delta_gain`, ``w = 1 /
+    len(done)`` (equal shares) and ``fresh`` the replica's pseudo-gradient in ``done``;
+    a replica not in ``done`` starts from the prediction as it is. Before any outer step
+    ran (a run's first rounds) the prediction is the global model itself.
     """
     gain = outer_optimizer(config.outer).delta_gain
     if gain is None:  # refused by the config's validator
         raise ValueError(f"outer optimizer {config.outer.name!r} has no delta_gain")
-    stale = {o.replica: o.pack for o in last.merged} if last is not None else {}
-    starts = {}
-    for i in range(config.replicas):
-        fresh = done[i][1].pack if i in done else None
-        if committed.prediction is None:
-            starts[i] = EagerStart(prediction=committed.global_pack, fresh=fresh, scale=gain)
-            continue
-        share = 1.0 / len(stale) if i in stale else 1.0 / config.replicas
-        starts[i] = EagerStart(
-            prediction=committed.prediction,
-            fresh=fresh,
-            stale=stale.get(i) if fresh is not None else None,
-            scale=gain * share,
+    prediction = committed.prediction or committed.global_pack
+    return {
+        i: EagerStart(
+            prediction=prediction,
+            fresh=done[i][1].pack if i in done else None,
+            scale=gain / len(done),
         )
-    return starts
+        for i in range(config.replicas)
+    }
 
 
 class Pipeline:
@@ -140,7 +129,7 @@ class Pipeline:
         else:
             before, done = pending
             current = Round(ctx, advance(cfg, before.attempts, done), index, None, last)
-            current.attempts.starts = eager_starts(cfg, committed, last, done)
+            current.attempts.starts = eager_starts(cfg, committed, done)
             order = sorted(done)
             request = outer_step_request(
                 cfg,

@@ -274,24 +274,34 @@ class CharLMWorkload(MergeHooks):
         }
 
     def evaluate(self, state: dict[str, Any], split: Any) -> dict[str, Any]:
-        """Loss on ``eval_windows`` fixed windows spread evenly over the split."""
+        """Mean next-byte cross-entropy (nats) on ``eval_windows`` fixed windows spread
+        evenly over the split, and its standard error over the windows
+        (``loss_stderr``: the sample standard deviation of the per-window losses over
+        the square root of their number)."""
         name = split if isinstance(split, str) else "Validation"
         data = self.corpus[name if name in self.corpus else "Validation"]
         starts = torch.linspace(0, len(data) - self.context - 2, self.eval_windows).long()
         model = state["model"]
         device = next(model.parameters()).device
         model.eval()
-        total = 0.0
+        per_window = []
         with torch.no_grad():
             for part in starts.split(16):
                 x, y = self._windows(data, part)
                 logits = model(x.to(device))
                 loss = nn.functional.cross_entropy(
-                    logits.reshape(-1, VOCAB), y.to(device).reshape(-1)
+                    logits.reshape(-1, VOCAB), y.to(device).reshape(-1), reduction="none"
                 )
-                total += loss.item() * len(part)
-        mean = total / len(starts)
-        return {"loss": mean, "bits_per_byte": mean / math.log(2), "examples": len(starts)}
+                per_window.append(loss.reshape(len(part), -1).mean(dim=1).double().cpu())
+        losses = torch.cat(per_window)
+        mean = float(losses.mean())
+        stderr = float(losses.std() / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
+        return {
+            "loss": mean,
+            "loss_stderr": stderr,
+            "bits_per_byte": mean / math.log(2),
+            "examples": len(starts),
+        }
 
 
 def make(config: dict[str, Any]) -> CharLMWorkload:
