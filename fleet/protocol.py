@@ -432,6 +432,10 @@ class WeightedPack(_Model):
 
     pack: PackRef
     weight: float = Field(gt=0.0)
+    start: EagerStart | None = None
+    """The eager start point the replica trained from (an overlapped round), when its
+    pack is a pseudo-gradient relative to that point rather than to ``global_pack``:
+    the outer step rebases it, ``delta + (global - start)``."""
 
 
 class OuterStepRequest(_Model):

@@ -22,7 +22,7 @@ from fleet.diloco import DiLoCoRun, OuterOptimizerConfig
 from fleet.diloco.eager import eager_start_point
 from fleet.diloco.exchange import publish_pseudo_gradient
 from fleet.diloco.optim import outer_optimizer
-from fleet.diloco.outer import PackInput, stream_outer_step
+from fleet.diloco.outer import PackInput, Start, stream_outer_step
 from fleet.diloco.state import rounds_of
 from fleet.errors import DigestMismatchError
 from fleet.jobs import JobStore
@@ -100,6 +100,57 @@ def test_the_prediction_and_the_eager_start_point_against_torch(tmp_path):
     with pytest.raises(DigestMismatchError, match="fresh"):
         eager_start_point(store, start, tmp_path / "start2")
     assert not (tmp_path / "start2").exists()
+
+
+def test_the_outer_step_rebases_pseudo_gradients_from_eager_starts(tmp_path):
+    """Replicas that trained from eager start points and published pseudo-gradients
+    relative to them (fp32, and int8) give the outer step of the same replicas'
+    parameters published as v1 packs (the synchronous ``theta - average``)."""
+    torch.manual_seed(4)
+    like = write_pack(tmp_path / "like", {"w": torch.zeros(P)}, "s")
+    theta, prediction = torch.randn(P), torch.randn(P)
+    write_values_pack(tmp_path / "global", theta, like)
+    write_values_pack(tmp_path / "prediction", prediction, like)
+    store = LocalStore(tmp_path)
+    optimizer = outer_optimizer(OuterOptimizerConfig(lr=0.7, momentum=0.9))
+    params, deltas, starts = [], [], []
+    for i in range(2):
+        write_values_pack(tmp_path / f"f{i}-base", theta, like)
+        write_values_pack(tmp_path / f"f{i}-local", theta - 0.03 * torch.randn(P), like)
+        publish_pseudo_gradient(
+            tmp_path / f"f{i}-base", tmp_path / f"f{i}-local", tmp_path / f"fresh{i}", "fp32"
+        )
+        fresh = torch.empty(P)
+        store.pack_reader(f"fresh{i}").read_into(fresh)
+        start = prediction - 0.665 * fresh
+        write_values_pack(tmp_path / f"start{i}", start, like)
+        local = start - 0.01 * torch.randn(P)
+        write_values_pack(tmp_path / f"params{i}", local, like)
+        publish_pseudo_gradient(
+            tmp_path / f"start{i}", tmp_path / f"params{i}", tmp_path / f"delta{i}", "fp32"
+        )
+        params.append(PackInput(tmp_path / f"params{i}"))
+        deltas.append(PackInput(tmp_path / f"delta{i}"))
+        starts.append(
+            Start(PackInput(tmp_path / "prediction"), PackInput(tmp_path / f"fresh{i}"), 0.665)
+        )
+    outs = {}
+    for name, replicas, given in (("params", params, None), ("deltas", deltas, starts)):
+        stream_outer_step(
+            PackInput(tmp_path / "global"),
+            replicas,
+            [1.0, 1.0],
+            {},
+            optimizer,
+            "WeightedMean",
+            tmp_path / name / "g",
+            {"momentum": tmp_path / name / "m"},
+            chunk_bytes=8192,
+            starts=given,
+        )
+        outs[name] = read_pack(tmp_path / name / "g", verify=True)[1]
+    assert torch.allclose(outs["deltas"], outs["params"], atol=1e-5)
+    assert not torch.allclose(outs["deltas"], theta, atol=1e-3)  # the step moved it
 
 
 @pytest.fixture

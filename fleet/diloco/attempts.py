@@ -263,6 +263,7 @@ class Attempts:
             pack_path=req.output_parameter_pack_path,
             opt_path=req.inner_optimizer_state_path or "",
             residual_path=req.pseudo_gradient.error_feedback_path if req.pseudo_gradient else None,
+            start=req.eager_start,
             started_at=time.time(),
         )
         self.plan.attempts.append(attempt)
@@ -296,6 +297,7 @@ class Attempts:
             finished_at=time.time(),
             error=error,
             lease=self.plan.lease_of(attempt.replica),
+            start=attempt.start,
         )
         if result is None:
             return outcome

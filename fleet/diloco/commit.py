@@ -122,18 +122,19 @@ def superseded(
     record: RoundRecord,
     state: DriverState,
     previous: RoundRecord | None,
+    earlier: RoundRecord | None = None,
 ) -> list[str]:
     """What the commit of ``record`` (giving ``state``) superseded: the attempts that
-    were not merged, the last round's replica packs, optimizer states and residuals no
-    longer committed, and global packs and outer buffers older than ``keep_rounds``
-    (not checkpoints)."""
+    were not merged, the last round's optimizer states and residuals no longer
+    committed, its replica packs (an overlapped run: those of the round before it,
+    ``earlier``, and the last round's predictions: the last outer step's inputs are
+    kept until the next commit, to recompute a corrupt checkpoint), and global packs
+    and outer buffers older than ``keep_rounds`` (not checkpoints)."""
     layout, cfg = ctx.layout, ctx.config
     merged = {(o.replica, o.attempt) for o in record.merged}
     kept = {o.path for o in state.replica_opt if o is not None}
     kept |= {r.path for r in state.replica_residual if r is not None}
     paths: list[str | None] = []
-    if attempts.state.prediction is not None:  # the start points it predicted are run
-        paths.append(attempts.state.prediction.path)
     for a in attempts.plan.attempts:
         if (a.replica, a.attempt) not in merged:
             paths += [a.pack_path, result_marker(a.pack_path), a.opt_path, a.residual_path]
@@ -141,14 +142,38 @@ def superseded(
             paths.append(a.opt_path)
     if previous is not None:
         for o in previous.merged:
-            if o.pack is not None:
-                paths += [o.pack.path, result_marker(o.pack.path)]
             paths += [p.path for p in (o.opt_state, o.residual) if p and p.path not in kept]
+    retired = earlier if cfg.overlap else previous
+    paths += replica_packs(retired)
+    if cfg.overlap and previous is not None:
+        paths += predictions(previous)
     old = attempts.index + 1 - cfg.keep_rounds
     if old >= 0 and not is_checkpoint(cfg, old):
         paths.append(layout.global_pack(old))
         paths += [layout.outer_buffer(old, name) for name in outer_optimizer(cfg.outer).buffers]
     return [p for p in paths if p]
+
+
+def replica_packs(record: RoundRecord | None) -> list[str]:
+    """The merged replicas' packs of ``record`` and their result markers."""
+    if record is None:
+        return []
+    packs = [o.pack.path for o in record.merged if o.pack is not None]
+    return packs + [result_marker(p) for p in packs]
+
+
+def predictions(record: RoundRecord | None) -> list[str]:
+    """The predictions ``record``'s merged replicas started from (overlapped rounds;
+    never a global pack, which a start falls back to before any outer step ran)."""
+    if record is None:
+        return []
+    return sorted(
+        {
+            o.start.prediction.path
+            for o in record.merged
+            if o.start is not None and o.start.prediction.path.endswith("/prediction")
+        }
+    )
 
 
 def is_checkpoint(config: DiLoCoConfig, round_index: int) -> bool:

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from fleet.client import Fleet
-from fleet.diloco.commit import collect_garbage, is_checkpoint
+from fleet.diloco.commit import collect_garbage, is_checkpoint, predictions, replica_packs
 from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.context import RunContext
 from fleet.diloco.data import RunData
-from fleet.diloco.layout import RunLayout, result_marker
+from fleet.diloco.layout import RunLayout
 from fleet.diloco.merge import verify_checkpoint
 from fleet.diloco.pipeline import Pipeline
 from fleet.diloco.placement import place_replicas
@@ -184,7 +184,8 @@ class DiLoCoRun:
         for record in records[-self.config.quorum.adaptive_deadline.window_rounds :]:
             ctx.deadline.observe(record)
         if self.config.overlap:
-            state, previous = Pipeline(ctx, self._committed).run(state, plan, previous)
+            earlier = records[-2] if len(records) > 1 else None
+            state, previous = Pipeline(ctx, self._committed).run(state, plan, previous, earlier)
             return self._finish(ctx, state, previous)
         for index in range(state.next_round, self.config.rounds):
             record, state = Round(ctx, state, index, plan, previous).run()
@@ -257,12 +258,12 @@ class DiLoCoRun:
         self.jobs.add_artifact(self.job_id, "final_pack", state.global_pack.path)
         self.jobs.add_artifact(self.job_id, "run_dir", self.layout.run_dir)
         if last is not None:
-            packs = [o.pack.path for o in last.merged if o.pack is not None]
-            markers = [result_marker(p) for p in packs]
+            tail = self.rounds()[-2:] if self.config.overlap else [last]
+            packs = [p for record in tail for p in replica_packs(record) + predictions(record)]
             opts = [o.path for o in state.replica_opt if o is not None]
             residuals = [r.path for r in state.replica_residual if r is not None]
             predicted = [state.prediction.path] if state.prediction is not None else []
-            collect_garbage(ctx.fleet, packs + markers + opts + residuals + predicted)
+            collect_garbage(ctx.fleet, packs + opts + residuals + predicted)
         self._release_handles(ctx, state)
         return self.jobs.set_status(self.job_id, "completed", token=ctx.lease.token)
 

@@ -14,8 +14,14 @@ g * delta``: SGD, Nesterov) that is::
 
     start_i(r + 1) = step(theta(r), w * delta_i(r); m(r)) = P - g * w * delta_i(r)
 
-(the naive one-step-delayed start, ``P`` alone, is worse: the paper). Streamed: memory
-O(chunk), every input's digest and finiteness checked while read.
+(the naive one-step-delayed start, ``P`` alone, is worse: the paper). The replica's
+pseudo-gradient is relative to its own start point; the outer step rebases it onto the
+global model (``delta + theta - start``: :func:`fleet.diloco.outer.stream_outer_step`),
+so the global model is the synchronous algorithm's ``theta - average`` of the replicas'
+parameters wherever they started, and a start point that missed costs only the
+distance it missed by. ``delta_i(r)`` above is the replica's pseudo-gradient as it
+published it (relative to its own last start: a second-order difference). Streamed:
+memory O(chunk), every input's digest and finiteness checked while read.
 """
 
 from __future__ import annotations

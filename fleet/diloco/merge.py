@@ -27,6 +27,7 @@ from fleet.errors import (
     StorageError,
 )
 from fleet.protocol import (
+    EagerStart,
     OuterStepRequest,
     OuterStepResult,
     RunInnerLoopResult,
@@ -41,19 +42,24 @@ def outer_step_request(
     layout: RunLayout,
     round_index: int,
     global_pack: PackRef,
-    replicas: Sequence[tuple[PackRef, int]],
+    replicas: Sequence[tuple[PackRef, int, EagerStart | None]],
     state: dict[str, PackRef],
 ) -> OuterStepRequest:
     """The outer step of round ``round_index``: the global pack that entered it, the
-    merged replicas' packs with their completed steps, the optimizer's buffers after
+    merged replicas' packs with their completed steps (and, in an overlapped round, the
+    eager start point each trained from), the optimizer's buffers after
     the last round; it publishes round ``round_index + 1``'s global pack and buffers
     (and, in an overlapped run, the eager prediction of round ``round_index + 2``)."""
     buffers = outer_optimizer(config.outer).buffers
     return OuterStepRequest(
         global_pack=global_pack,
         replicas=[
-            WeightedPack(pack=pack, weight=candidate_weight(config.merge_policy, float(steps), 1.0))
-            for pack, steps in replicas
+            WeightedPack(
+                pack=pack,
+                weight=candidate_weight(config.merge_policy, float(steps), 1.0),
+                start=start,
+            )
+            for pack, steps, start in replicas
         ],
         state={name: pack for name, pack in state.items() if name in buffers},
         outer=config.outer,
@@ -106,7 +112,7 @@ def merge(
             ctx.layout,
             attempts.index,
             state.global_pack,
-            [(_pack_of(done[i][1]), done[i][1].steps_completed) for i in order],
+            [(_pack_of(done[i][1]), done[i][1].steps_completed, done[i][0].start) for i in order],
             state.outer_state,
         )
         worker = merge_worker(attempts.finished, [w.name for w in ctx.fleet.workers()])
@@ -168,7 +174,7 @@ def verify_checkpoint(ctx: RunContext, state: DriverState, records: list[RoundRe
         ctx.layout,
         last.round,
         last.input_global,
-        [(r.pack, r.steps_completed or 0) for r in last.merged if r.pack is not None],
+        [(r.pack, r.steps_completed or 0, r.start) for r in last.merged if r.pack is not None],
         last.input_state,
     )
     try:

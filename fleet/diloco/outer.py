@@ -172,6 +172,55 @@ def _nbytes(reader: PackReader | PseudoGradientReader) -> int:
     return manifest.exchange_bytes
 
 
+@dataclass(frozen=True)
+class Start:
+    """An eager start point, ``prediction - scale * fresh`` (:mod:`fleet.diloco.eager`)."""
+
+    prediction: PackInput
+    fresh: PackInput | None
+    scale: float
+
+
+class _Rebase:
+    """Rebases pseudo-gradients relative to eager start points onto the global model:
+    ``delta_j + theta - (prediction - scale_j * fresh_j)``, chunk by chunk (each
+    distinct prediction read once)."""
+
+    def __init__(self, starts: Sequence[Start | None]) -> None:
+        self.starts = starts
+        self.predictions = sorted({str(s.prediction.path) for s in starts if s is not None})
+        by_path = {str(s.prediction.path): s.prediction for s in starts if s is not None}
+        self.inputs: list[PackInput] = [by_path[p] for p in self.predictions]
+        self.fresh_index: list[int | None] = []
+        for s in starts:
+            if s is not None and s.fresh is not None:
+                self.fresh_index.append(len(self.inputs))
+                self.inputs.append(s.fresh)
+            else:
+                self.fresh_index.append(None)
+
+    def apply(
+        self,
+        theta: torch.Tensor,
+        parts: Sequence[torch.Tensor],
+        is_delta: Sequence[bool],
+        blocks: Sequence[torch.Tensor],
+        scratch: torch.Tensor,
+    ) -> None:
+        """Rebase ``parts`` (pseudo-gradient blocks) in place; ``blocks`` are this chunk's
+        blocks of :attr:`inputs` (clobbered). A replica that published its parameters
+        (``is_delta`` False) needs none: ``theta - theta_j`` is relative to the global."""
+        for path_index, path in enumerate(self.predictions):
+            gap = torch.sub(theta, blocks[path_index], out=scratch)  # theta - prediction
+            for j, (part, start) in enumerate(zip(parts, self.starts, strict=True)):
+                if start is None or not is_delta[j] or str(start.prediction.path) != path:
+                    continue
+                fresh = self.fresh_index[j]
+                part.add_(gap)
+                if fresh is not None:
+                    part.add_(blocks[fresh].mul_(start.scale))
+
+
 class _Prediction:
     """The prediction's scratch blocks and sink (see :func:`stream_outer_step`)."""
 
@@ -211,6 +260,7 @@ def stream_outer_step(
     inputs_key: str | None = None,
     store: Store | None = None,
     out_prediction: Path | None = None,
+    starts: Sequence[Start | None] | None = None,
     single_thread: bool = True,
 ) -> OuterStepOutput:
     """The outer step over packs, streamed: every input is read ``chunk_bytes`` at a time
@@ -235,6 +285,12 @@ def stream_outer_step(
     overlapped round adds its own fresh share to it, the *eager update* of Kale et al.
     2025, "Eager Updates For Overlapped Communication and Computation in DiLoCo",
     arXiv:2502.12996: :mod:`fleet.diloco.eager`).
+
+    ``starts`` (one per replica, or None): the eager start point a replica's
+    pseudo-gradient is relative to, ``start = prediction - scale * fresh``
+    (:mod:`fleet.diloco.eager`); the step rebases it onto the global model,
+    ``delta + (theta - start)``, so the outer step is the synchronous algorithm's
+    ``theta - average`` of the replicas' parameters wherever they started.
 
     ``single_thread``: run the arithmetic on one torch thread (restored after); False
     when the step runs beside training in the same process (torch's thread count is
@@ -274,7 +330,11 @@ def stream_outer_step(
         # Global pack, replicas, buffers: each checked against its ref (layout hash,
         # digest, finite values) while read, and against the global pack's layout.
         buffer_names = [name for name in names if name in state]
-        inputs = [global_pack, *replicas, *(state[name] for name in buffer_names)]
+        starts = list(starts) if starts is not None else [None] * len(replicas)
+        if len(starts) != len(replicas):
+            raise ValueError(f"{len(starts)} starts for {len(replicas)} replicas")
+        rebase = _Rebase(starts)
+        inputs = [global_pack, *replicas, *(state[name] for name in buffer_names), *rebase.inputs]
         readers: list[PackReader | PseudoGradientReader] = []
         for ref in inputs:
             reader = _open(ref, store, chunk_bytes)
@@ -328,12 +388,14 @@ def stream_outer_step(
             t, parts = row[0], row[1 : 1 + len(replicas)]
             k = t.numel()
             old = dict.fromkeys(names)
-            old.update(zip(buffer_names, row[1 + len(replicas) :], strict=True))
+            tail = 1 + len(replicas) + len(buffer_names)
+            old.update(zip(buffer_names, row[1 + len(replicas) : tail], strict=True))
             new = {name: block[:k] for name, block in new_blocks.items()}
             if any(is_delta):
                 for part, delta_given in zip(parts, is_delta, strict=True):
                     if not delta_given:
                         torch.sub(t, part, out=part)  # parameters -> pseudo-gradient
+                rebase.apply(t, parts, is_delta, row[tail:], scratch[:k])
                 delta = _average_into(parts, weights, policy)
                 avg = torch.sub(t, delta, out=scratch[:k])
             else:

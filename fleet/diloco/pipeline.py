@@ -84,9 +84,14 @@ class Pipeline:
         self.on_commit = on_commit
 
     def run(
-        self, state: DriverState, plan: RoundPlan | None, last: RoundRecord | None
+        self,
+        state: DriverState,
+        plan: RoundPlan | None,
+        last: RoundRecord | None,
+        earlier: RoundRecord | None = None,
     ) -> tuple[DriverState, RoundRecord | None]:
-        """Run the rounds from ``state.next_round``; the final state and last record.
+        """Run the rounds from ``state.next_round`` (``last`` and ``earlier``: the last two
+        committed rounds); the final state and last record.
 
         Raises: as :meth:`fleet.diloco.round.Round.run`.
         """
@@ -95,13 +100,15 @@ class Pipeline:
         pending: tuple[Round, Done] | None = None
         for index in range(state.next_round, cfg.rounds):
             current = self._launch(index, committed, last, pending, plan)
+            if pending is None:
+                current.earlier = earlier
             plan = None
             done = current.wait()
             going = True
             if pending is not None:
                 last, committed = self._commit(pending, current, done)
                 current.attempts.state = committed  # its outer step starts from here
-                current.previous = last  # what its commit supersedes
+                current.earlier, current.previous = current.previous, last  # its commit's GC
                 self.ctx.store.save_plan(current.attempts.plan)  # the commit dropped it
                 going = self.on_commit(last, committed)
             pending = (current, done)
@@ -136,7 +143,7 @@ class Pipeline:
                 ctx.layout,
                 before.index,
                 committed.global_pack,
-                [(done[i][1].pack, done[i][1].steps_completed) for i in order],  # type: ignore[misc]
+                [(done[i][1].pack, done[i][1].steps_completed, done[i][0].start) for i in order],  # type: ignore[misc]
                 committed.outer_state,
             )
             first = min(order, key=lambda i: done[i][1].finished_at or 0.0)

@@ -35,6 +35,8 @@ class Round:
         self.ctx = ctx
         self.index = index
         self.previous = previous
+        self.earlier: RoundRecord | None = None
+        """The round before ``previous`` (an overlapped run deletes its replica packs)."""
         self.attempts = Attempts(ctx, state, index, plan)
         self.started = self.closed = time.monotonic()
         self.started_at = time.time()
@@ -108,5 +110,6 @@ class Round:
         record, state = commit(
             ctx, attempts, done, result, merged_on, evaluation, timing, self.quorum.deadline_s
         )
-        collect_garbage(ctx.fleet, superseded(ctx, attempts, record, state, self.previous))
+        garbage = superseded(ctx, attempts, record, state, self.previous, self.earlier)
+        collect_garbage(ctx.fleet, garbage)
         return record, state

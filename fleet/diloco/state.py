@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from fleet.data.leases import DataCursor, Lease
 from fleet.jobs import JobStore
-from fleet.protocol import MetricValue, RunInnerLoopResult
+from fleet.protocol import EagerStart, MetricValue, RunInnerLoopResult
 from fleet.storage import PackRef
 
 ReplicaStatus = Literal["merged", "aborted", "lost", "failed", "dropped"]
@@ -70,6 +70,9 @@ class Attempt(BaseModel):
     pack_path: str
     opt_path: str
     residual_path: str | None = None
+    start: EagerStart | None = None
+    """The eager start point it trained from (an overlapped round; None: the global
+    pack)."""
     started_at: float
     result: RunInnerLoopResult | None = None
 
@@ -94,6 +97,8 @@ class ReplicaOutcome(BaseModel):
     """The error-feedback residual this attempt published."""
     exchange_bytes: int | None = None
     """Bytes of the pack it published."""
+    start: EagerStart | None = None
+    """The eager start point it trained from (None: the round's global pack)."""
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
     error: str | None = None
     lease: Lease | None = None

@@ -9,11 +9,12 @@ from contextlib import ExitStack
 import torch
 
 from fleet.diloco.optim import outer_optimizer
-from fleet.diloco.outer import PackInput, inputs_digest, stream_outer_step
+from fleet.diloco.outer import PackInput, Start, inputs_digest, stream_outer_step
 from fleet.errors import CodecError, RequestValidationError, StorageError
 from fleet.protocol import (
     CollectGarbageRequest,
     CollectGarbageResult,
+    EagerStart,
     OuterStepRequest,
     OuterStepResult,
     VerifyPackRequest,
@@ -30,6 +31,13 @@ PREDICTION = "<prediction>"
 
 def _input(rt: WorkerRuntime, ref: PackRef) -> PackInput:
     return PackInput(rt.shared.relative(ref.path), ref.layout_hash, ref.values_digest)
+
+
+def _start(rt: WorkerRuntime, start: EagerStart | None) -> Start | None:
+    if start is None:
+        return None
+    fresh = _input(rt, start.fresh) if start.fresh is not None else None
+    return Start(_input(rt, start.prediction), fresh, start.scale)
 
 
 def _published(store: Store, rel: str, key: str) -> bool:
@@ -130,6 +138,7 @@ def compute_outer_step(
             inputs_key=key,
             store=store,
             out_prediction=local.get(PREDICTION),
+            starts=[_start(rt, r.start) for r in req.replicas],
             single_thread=single_thread,
         )
     prediction = None
