@@ -243,6 +243,17 @@ class ParameterPackPlanRequest(_Model):
     state_dict_filter: StateDictFilter | None = None
 
 
+def power_of_two(value: int) -> int:
+    """A pydantic field check: ``value`` is a power of two.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if value & (value - 1):
+        raise ValueError(f"block_size must be a power of two, got {value}")
+    return value
+
+
 class PseudoGradientOutput(_Model):
     """fleet: how ``run_inner_loop`` publishes a DiLoCo replica's result: ``delta =
     input_parameter_pack - trained parameters``, encoded by ``codec``
@@ -259,12 +270,7 @@ class PseudoGradientOutput(_Model):
     error_feedback_path: str | None = None
     """Where the new residual is published (None: no error feedback)."""
 
-    @field_validator("block_size")
-    @classmethod
-    def _power_of_two(cls, value: int) -> int:
-        if value & (value - 1):
-            raise ValueError(f"block_size must be a power of two, got {value}")
-        return value
+    _power_of_two = field_validator("block_size")(power_of_two)
 
 
 class RunInnerLoopRequest(_Model):
