@@ -262,7 +262,12 @@ class DiLoCoRun:
             packs = [p for record in tail for p in replica_packs(record) + predictions(record)]
             opts = [o.path for o in state.replica_opt if o is not None]
             residuals = [r.path for r in state.replica_residual if r is not None]
-            predicted = [state.prediction.path] if state.prediction is not None else []
+            # predictions of rounds that will not run (the last outer steps made them)
+            predicted = (
+                [self.layout.prediction(last.round + k) for k in (1, 2)]
+                if self.config.overlap
+                else []
+            )
             collect_garbage(ctx.fleet, packs + opts + residuals + predicted)
         self._release_handles(ctx, state)
         return self.jobs.set_status(self.job_id, "completed", token=ctx.lease.token)
