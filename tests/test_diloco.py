@@ -135,7 +135,13 @@ def test_three_rounds_eval_loss_falls_and_the_merge_is_exact(fleet, two_workers)
         assert torch.allclose(read_pack(root.resolve(momentum.path))[1], m1, atol=1e-6)
         checked.append(record.round)
 
-    cfg = DiLoCoConfig(workload=DIGITS, replicas=2, rounds=3, inner_steps=15)
+    cfg = DiLoCoConfig(  # the exact exchange: the replicas publish their parameters
+        workload=DIGITS,
+        replicas=2,
+        rounds=3,
+        inner_steps=15,
+        pseudo_gradient=PseudoGradientConfig(codec="fp32"),
+    )
     run = DiLoCoRun.start(fleet, cfg, on_round=check_merge)
     job = run.run()
     assert job.status == "completed" and checked == [1]

@@ -18,6 +18,7 @@ import torch
 from fleet.codec import read_pack, write_pack
 from fleet.codec.pack import write_values_pack
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig, average, outer_step
+from fleet.diloco.config import PseudoGradientConfig
 from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.outer import PackInput, stream_outer_step
 from fleet.diloco.state import RoundRecord
@@ -207,6 +208,7 @@ def test_sigkill_of_the_merging_worker_mid_merge(fleet_settings, artifacts_dir, 
             workers=list(by_name),
             merge_chunk_bytes=4096,
             keep_rounds=10,
+            pseudo_gradient=PseudoGradientConfig(codec="fp32"),  # parameters, for the check
         )
         run = DiLoCoRun.start(fleet, cfg, on_round=check)
         watcher = threading.Thread(target=watch, daemon=True)
@@ -234,6 +236,7 @@ def test_a_replica_pack_corrupted_after_publication_is_dropped(fleet, two_worker
         rounds=2,
         inner_steps=10,
         eval_every=0,
+        pseudo_gradient=PseudoGradientConfig(codec="fp32"),  # a v1 pack: values.f32le
     )
     run = DiLoCoRun.start(fleet, cfg)
     flipped: list[str] = []
