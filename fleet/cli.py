@@ -764,6 +764,7 @@ def demo_cmd(
     from fleet.client import Fleet
     from fleet.cluster import LocalCluster
     from fleet.demo import run_demo
+    from fleet.report import with_stderr
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     config = json.loads(config_json)
@@ -795,9 +796,11 @@ def demo_cmd(
     except FleetError as exc:
         _fail(exc)
     t = comparison["at_wall_s"]
+    d = with_stderr(comparison["diloco_eval_loss"], comparison["diloco_eval_loss_stderr"])
+    b = with_stderr(comparison["baseline_eval_loss"], comparison["baseline_eval_loss_stderr"])
     console.print(
-        f"at {t:.0f} s wall clock: DiLoCo eval loss {comparison['diloco_eval_loss']:.4f}, "
-        f"single worker {comparison['baseline_eval_loss']:.4f}",
+        f"at {t:.0f} s wall clock: DiLoCo eval loss {d}, single worker {b} (± one standard "
+        "error over the held-out windows)",
         highlight=False,
     )
     console.print(f"report: {json_path}\n        {png_path}", highlight=False, soft_wrap=True)

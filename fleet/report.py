@@ -63,17 +63,47 @@ def loss_at(curve: list[tuple[float, float]], t: float) -> float | None:
     return known[-1] if known else None
 
 
+def evaluations(run: RunSummary) -> list[tuple[float, Evaluation]]:
+    """``[(seconds since the run started, evaluation)]`` with a loss, as :func:`loss_curve`."""
+    points = []
+    if run.initial_eval is not None and run.initial_eval.loss is not None:
+        points.append((run.initial_eval.at - run.started_at, run.initial_eval))
+    for m in run.rounds:
+        if m.eval is not None and m.eval.loss is not None:
+            points.append((m.started_at + m.wall_s - run.started_at, m.eval))
+    return points
+
+
+def stderr_at(run: RunSummary, t: float) -> float | None:
+    """The standard error of the last evaluated loss at or before ``t`` seconds (None
+    if the workload reports none)."""
+    known = [e for at, e in evaluations(run) if at <= t]
+    return known[-1].loss_stderr if known else None
+
+
+def with_stderr(loss: float | None, stderr: float | None) -> str:
+    """``1.5672 ± 0.0021`` (or the loss alone, or ``-``)."""
+    if loss is None:
+        return "-"
+    return f"{loss:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
 def summarize(diloco: RunSummary, baseline: RunSummary) -> dict[str, Any]:
     """Both runs compared at the same wall-clock time (the shorter run's end)."""
     d_curve, b_curve = loss_curve(diloco), loss_curve(baseline)
     t = min(d_curve[-1][0], b_curve[-1][0]) if d_curve and b_curve else 0.0
     d_loss, b_loss = loss_at(d_curve, t), loss_at(b_curve, t)
+    end = float("inf")
     return {
         "at_wall_s": t,
         "diloco_eval_loss": d_loss,
+        "diloco_eval_loss_stderr": stderr_at(diloco, t),
         "baseline_eval_loss": b_loss,
+        "baseline_eval_loss_stderr": stderr_at(baseline, t),
         "diloco_final_eval_loss": d_curve[-1][1] if d_curve else None,
+        "diloco_final_eval_loss_stderr": stderr_at(diloco, end),
         "baseline_final_eval_loss": b_curve[-1][1] if b_curve else None,
+        "baseline_final_eval_loss_stderr": stderr_at(baseline, end),
         "diloco_better": d_loss is not None and b_loss is not None and d_loss < b_loss,
         "diloco_exchange_bytes_per_round": _mean([m.exchange_bytes for m in diloco.rounds]),
         "diloco_deadlines_s": [m.deadline_s for m in diloco.rounds],
@@ -88,13 +118,21 @@ def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:
     """Write the two panels described in the module docstring to ``out_file``."""
     fig, (ax_loss, ax_time) = plt.subplots(2, 1, figsize=(11, 8.5), height_ratios=[3, 2])
     curves = [loss_curve(diloco), loss_curve(baseline)]
-    for curve, label, style in zip(
-        curves, (diloco.label, baseline.label), ("o-", "s--"), strict=True
-    ):
+    for run, curve, style in zip((diloco, baseline), curves, ("o-", "s--"), strict=True):
         if curve:
-            ax_loss.plot(
-                [p[0] for p in curve], [p[1] for p in curve], style, label=label, markersize=4
+            (line,) = ax_loss.plot(
+                [p[0] for p in curve], [p[1] for p in curve], style, label=run.label, markersize=4
             )
+            banded = [(t, e.loss, e.loss_stderr) for t, e in evaluations(run) if e.loss_stderr]
+            if banded:  # one standard error either side
+                ax_loss.fill_between(
+                    [b[0] for b in banded],
+                    [b[1] - b[2] for b in banded],  # type: ignore[operator]
+                    [b[1] + b[2] for b in banded],  # type: ignore[operator]
+                    color=line.get_color(),
+                    alpha=0.2,
+                    linewidth=0,
+                )
     trained = [loss for curve in curves for _, loss in curve[1:]]
     if trained:  # zoom on training; the untrained model's loss is noted instead
         low, high = min(trained), max(trained)
@@ -108,10 +146,9 @@ def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:
     # Both notes sit bottom left: losses fall from the top left to the bottom right.
     summary = summarize(diloco, baseline)
     if summary["diloco_eval_loss"] is not None and summary["baseline_eval_loss"] is not None:
-        text = (
-            f"at {summary['at_wall_s']:.0f} s: DiLoCo {summary['diloco_eval_loss']:.4f}, "
-            f"single worker {summary['baseline_eval_loss']:.4f}"
-        )
+        d = with_stderr(summary["diloco_eval_loss"], summary["diloco_eval_loss_stderr"])
+        b = with_stderr(summary["baseline_eval_loss"], summary["baseline_eval_loss_stderr"])
+        text = f"at {summary['at_wall_s']:.0f} s: DiLoCo {d}, single worker {b}"
         box = {"boxstyle": "round", "facecolor": "white", "alpha": 0.8}
         ax_loss.annotate(text, xy=(0.01, 0.03), xycoords="axes fraction", fontsize=9, bbox=box)
     ax_loss.set_xlabel("wall-clock seconds")

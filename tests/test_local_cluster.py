@@ -84,6 +84,11 @@ def test_fleet_demo_short_mode_writes_the_report(tmp_path, artifacts_dir):
     comparison = report["comparison"]
     assert comparison["at_wall_s"] > 0
     assert {"diloco_eval_loss", "baseline_eval_loss", "diloco_better"} <= set(comparison)
+    # each loss with its standard error over the held-out windows, in the summary too
+    for run in ("diloco", "baseline"):
+        stderr = comparison[f"{run}_eval_loss_stderr"]
+        assert 0 < stderr < 0.05 * comparison[f"{run}_eval_loss"], comparison
+    assert f"± {comparison['diloco_eval_loss_stderr']:.4f}" in out.stdout
     assert not (root / "cluster.json").exists(), "the cluster was stopped"
 
 

@@ -52,10 +52,17 @@ class Evaluation(BaseModel):
     @property
     def loss(self) -> float | None:
         """The ``loss`` metric, if the workload reports a number under that name."""
-        value = self.metrics.get("loss")
-        return (
-            float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-        )
+        return _number(self.metrics.get("loss"))
+
+    @property
+    def loss_stderr(self) -> float | None:
+        """The ``loss_stderr`` metric (the standard error of ``loss`` over the held-out
+        examples), if the workload reports one."""
+        return _number(self.metrics.get("loss_stderr"))
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 class Attempt(BaseModel):
