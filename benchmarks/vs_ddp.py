@@ -2,6 +2,7 @@
 worker alone, on one box, in one run.
 
     python benchmarks/vs_ddp.py [--rounds 20] [--inner-steps 20] [--repeats 3]
+        [--inner-lr 0.002] [--outer nesterov|averaging]
 
 The same workload (the charlm example: byte-level transformer on the stdlib sources),
 model, initialisation and per-step batch for all three:
@@ -41,7 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fleet.client import Fleet
-from fleet.diloco import DiLoCoConfig, DiLoCoRun
+from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig
 from fleet.examples.charlm import make
 from fleet.local import RedisServer, running_workers
 from fleet.settings import FleetSettings
@@ -67,13 +68,15 @@ def _eval(workload: Any, model: torch.nn.Module) -> tuple[float, float]:
     return float(metrics["loss"]), float(metrics["loss_stderr"])
 
 
-def _data_parallel(rank: int, world: int, port: int, steps: int, every: int, out: str) -> None:
+def _data_parallel(
+    rank: int, world: int, port: int, steps: int, every: int, out: str, config: dict[str, Any]
+) -> None:
     """One process of the DDP (``world`` 2) or single (``world`` 1) run."""
     torch.set_num_threads(1)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    workload = make(CHARLM)
+    workload = make(config)
     state = workload.init_model("cpu")
     model = state["model"]
     if world > 1:
@@ -92,23 +95,33 @@ def _data_parallel(rank: int, world: int, port: int, steps: int, every: int, out
         dist.destroy_process_group()
 
 
-def data_parallel(world: int, steps: int, every: int, port: int) -> Curve:
+def data_parallel(world: int, steps: int, every: int, port: int, config: dict[str, Any]) -> Curve:
     out = tempfile.mktemp(suffix=".json")
-    mp.spawn(_data_parallel, args=(world, port, steps, every, out), nprocs=world, join=True)
+    mp.spawn(_data_parallel, args=(world, port, steps, every, out, config), nprocs=world, join=True)
     curve = json.loads(Path(out).read_text())
     os.unlink(out)
     return [tuple(p) for p in curve]  # type: ignore[misc]
 
 
-def diloco(fleet: Fleet, rounds: int, inner_steps: int) -> Curve:
+#: ``--outer``: the published outer optimizer, or plain model averaging.
+OUTER = {
+    "nesterov": OuterOptimizerConfig(name="nesterov", lr=0.7, momentum=0.9),
+    "averaging": OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0),
+}
+
+
+def diloco(
+    fleet: Fleet, rounds: int, inner_steps: int, config: dict[str, Any], outer: str
+) -> Curve:
     run = DiLoCoRun.start(
         fleet,
         DiLoCoConfig(
             workload="fleet.examples.charlm:make",
-            config=CHARLM,
+            config=config,
             replicas=2,
             rounds=rounds,
             inner_steps=inner_steps,
+            outer=OUTER[outer],
         ),
     )
     run.run()
@@ -136,8 +149,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--inner-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inner-lr", type=float, default=0.002, help="for all three runs")
+    parser.add_argument("--outer", choices=sorted(OUTER), default="nesterov")
     args = parser.parse_args()
     steps = args.rounds * args.inner_steps
+    config = {**CHARLM, "lr": args.inner_lr}
 
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-ddp-"))
     server = RedisServer(work / "redis")
@@ -147,17 +163,21 @@ def main() -> None:
         with running_workers(settings, [0, 1], work / "logs", pythonpath=[str(REPO)], cwd=REPO):
             fleet = Fleet(settings)
             for repeat in range(args.repeats):
-                runs["single"].append(data_parallel(1, steps, args.inner_steps, 0))
-                runs["DDP"].append(data_parallel(2, steps, args.inner_steps, 29500 + repeat))
-                runs["DiLoCo"].append(diloco(fleet, args.rounds, args.inner_steps))
+                runs["single"].append(data_parallel(1, steps, args.inner_steps, 0, config))
+                port = 29500 + repeat
+                runs["DDP"].append(data_parallel(2, steps, args.inner_steps, port, config))
+                runs["DiLoCo"].append(
+                    diloco(fleet, args.rounds, args.inner_steps, config, args.outer)
+                )
                 print(f"  repeat {repeat + 1}/{args.repeats} done", flush=True)
             fleet.close()
     finally:
         server.stop()
 
     print(
-        f"\ncharlm {json.dumps(CHARLM)}; {steps} steps per process (DiLoCo: {args.rounds} "
-        f"rounds x H={args.inner_steps}, 2 replicas); 2 CPU cores, 1 torch thread per "
+        f"\ncharlm {json.dumps(config)}; {steps} steps per process (DiLoCo: {args.rounds} "
+        f"rounds x H={args.inner_steps}, 2 replicas, outer {args.outer}); 2 CPU cores, "
+        f"1 torch thread per "
         f"process; median of {args.repeats} runs [min, max]"
     )
     print(f"{'run':>8}{'final eval loss':>18}{'± s.e.':>8}{'training s':>16}")
