@@ -472,7 +472,7 @@ def jobs_show(job_id: str, as_json: bool) -> None:
             console.print(f"{len(metrics)} metrics records (--json shows them)", highlight=False)
         return
     from fleet.diloco.state import rounds_of
-    from fleet.tracking import round_scalars
+    from fleet.tracking import round_scalars, with_stderr
 
     records = rounds_of(store, job_id)
     replicas = int(job.spec.get("replicas", 1))
@@ -492,7 +492,7 @@ def jobs_show(job_id: str, as_json: bool) -> None:
             f"{record.exchange_bytes / 1e6:.2f}",
             "-" if record.deadline_s is None else f"{record.deadline_s:.2f}",
             f"{x['round/outer_step_s']:.3f}",
-            "-" if loss is None else f"{loss:.4f}",
+            with_stderr(loss, record.eval.loss_stderr if record.eval else None),
         )
     console.print(table)
     leases = Table("round", "replica", "attempt", "worker", "status", "microshards", title="leases")
@@ -764,7 +764,7 @@ def demo_cmd(
     from fleet.client import Fleet
     from fleet.cluster import LocalCluster
     from fleet.demo import run_demo
-    from fleet.report import with_stderr
+    from fleet.tracking import with_stderr
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     config = json.loads(config_json)

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 from pydantic import BaseModel
 
 from fleet.diloco.state import Evaluation, RoundRecord
+from fleet.tracking import with_stderr
 
 STATUS_COLOURS = {
     "merged": "tab:green",
@@ -79,13 +80,6 @@ def stderr_at(run: RunSummary, t: float) -> float | None:
     if the workload reports none)."""
     known = [e for at, e in evaluations(run) if at <= t]
     return known[-1].loss_stderr if known else None
-
-
-def with_stderr(loss: float | None, stderr: float | None) -> str:
-    """``1.5672 ± 0.0021`` (or the loss alone, or ``-``)."""
-    if loss is None:
-        return "-"
-    return f"{loss:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
 def summarize(diloco: RunSummary, baseline: RunSummary) -> dict[str, Any]:

@@ -287,3 +287,10 @@ def _require(kind: str, module: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise TrackerError(kind, f"{module} is not installed: pip install 'fleet-diloco[{kind}]'")
+
+
+def with_stderr(loss: float | None, stderr: float | None) -> str:
+    """``1.5672 ± 0.0021`` (or the loss alone, or ``-``): an eval loss as fleet prints it."""
+    if loss is None:
+        return "-"
+    return f"{loss:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
