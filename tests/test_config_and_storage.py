@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import threading
 
 import pytest
 from pydantic import ValidationError
@@ -11,7 +12,7 @@ from fleet.app import celery_config
 from fleet.errors import BadFactorySpecError, NotAllowlistedError, PathOutsideRootError
 from fleet.protocol import RuntimePatch, candidate_weight
 from fleet.settings import FleetSettings
-from fleet.storage import SharedRoot
+from fleet.storage import LocalStore, SharedRoot
 from fleet.workload import check_allowed, parse_spec
 
 
@@ -166,3 +167,33 @@ def test_object_store_settings_from_the_environment(monkeypatch, tmp_path):
     assert isinstance(open_store(FleetSettings(shared_root=f"file://{tmp_path}")), LocalStore)
     with pytest.raises(StorageError, match="cannot open the shared root"):
         open_store(FleetSettings(shared_root="nosuchscheme://bucket/x"))
+
+
+def test_two_removers_of_the_same_trees_both_succeed(tmp_path):
+    """Two collect_garbage tasks (or one and `fleet gc`) given overlapping paths: each
+    skips what the other deleted first, neither fails, and nothing is left."""
+    store = LocalStore(tmp_path)
+    for attempt in range(20):
+        rels = []
+        for i in range(6):
+            pack = tmp_path / "runs" / f"job-{attempt}" / f"round-{i:04d}" / "replica-0-a0"
+            pack.mkdir(parents=True)
+            for name in ("values.f32le", "manifest.json"):
+                (pack / name).write_bytes(b"x" * 4096)
+            (pack.parent / "replica-0-a0.result.json").write_bytes(b"{}")
+            rels += [str(pack.relative_to(tmp_path)), f"{pack.relative_to(tmp_path)}.result.json"]
+        errors: list[BaseException] = []
+
+        def remove(paths: list[str], errors: list[BaseException] = errors) -> None:
+            try:
+                store.remove(paths)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=remove, args=(order,)) for order in (rels, rels[::-1])]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert not (tmp_path / "runs" / f"job-{attempt}").exists()

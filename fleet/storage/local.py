@@ -11,6 +11,8 @@ pointing out, is refused with :class:`~fleet.errors.PathOutsideRootError`
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -114,26 +116,47 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def remove_paths(root: Path, paths: list[Path]) -> int:
     """Delete each file or directory tree of ``paths`` (missing ones are skipped), then
-    each parent directory below ``root`` that became empty; return the bytes freed."""
+    each parent directory below ``root`` that became empty; return the bytes freed.
+    Idempotent under concurrency: a file or directory another remover (a second
+    ``collect_garbage`` task, ``fleet gc``) deletes first is skipped, not an error."""
     freed = 0
     parents: set[Path] = set()
+
+    def gone(_function: object, _path: object, info: tuple[type, BaseException, object]) -> None:
+        if not isinstance(info[1], FileNotFoundError):
+            raise info[1]
+
     for path in paths:
         if not (path.exists() or path.is_symlink()) or path == root:
             continue
-        if path.is_dir() and not path.is_symlink():
-            freed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-            shutil.rmtree(path)
-        else:
-            freed += path.lstat().st_size
-            path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_dir() and not path.is_symlink():
+                freed += sum(_size(p) for p in path.rglob("*"))
+                shutil.rmtree(path, onerror=gone)
+            else:
+                freed += path.lstat().st_size
+                path.unlink()
         parents.add(path.parent)
     for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
         while parent != root and parent.is_relative_to(root) and parent.is_dir():
-            if any(parent.iterdir()):
-                break
-            parent.rmdir()
+            try:
+                if any(parent.iterdir()):
+                    break
+                parent.rmdir()
+            except OSError as exc:  # removed, or refilled, meanwhile
+                if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOTEMPTY:
+                    break
+                raise
             parent = parent.parent
     return freed
+
+
+def _size(path: Path) -> int:
+    """The bytes of a file (0 for a directory, or a file already gone)."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except FileNotFoundError:
+        return 0
 
 
 class SharedRoot:
