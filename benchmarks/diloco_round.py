@@ -37,6 +37,7 @@ from fleet.diloco import DiLoCoConfig, DiLoCoRun
 from fleet.diloco.state import RoundRecord
 from fleet.local import RedisServer, running_workers
 from fleet.settings import FleetSettings
+from fleet.tracking import with_stderr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,9 +125,11 @@ def main() -> None:
         verdict = "ok" if medians[False] <= 0.10 else "MISSED"
         print(f"(target <= 10%: {verdict})")
     if args.overlap and True in medians:
-        losses = {o: r[-1].eval.loss if r[-1].eval else None for o, r in runs.items()}
+        evals = {o: r[-1].eval for o, r in runs.items()}
+        losses = {o: e.loss if e else None for o, e in evals.items()}
         sync, over = losses[False], losses[True]
-        print(f"\nfinal eval loss: synchronous {sync}, overlapped {over}")
+        shown = {o: with_stderr(e.loss, e.loss_stderr) if e else "-" for o, e in evals.items()}
+        print(f"\nfinal eval loss: synchronous {shown[False]}, overlapped {shown[True]}")
         if sync is not None and over is not None:
             rel = (over - sync) / sync
             verdict = "ok" if medians[True] <= 0.003 and abs(rel) <= 0.01 else "MISSED"

@@ -367,18 +367,26 @@ def test_a_killed_replica_is_re_run_on_the_same_shards(
         _assert_each_shard_once_per_epoch(run.rounds(), 12)
 
 
-def test_resume_neither_repeats_nor_skips_a_shard(fleet_settings, fleet, two_workers, dataset):
+@pytest.mark.parametrize(
+    ("flags", "committed"), [([], 2), (["--overlap"], 3)], ids=["sync", "overlap"]
+)
+def test_resume_neither_repeats_nor_skips_a_shard(
+    fleet_settings, fleet, two_workers, dataset, flags, committed
+):
+    """SIGKILL the orchestrator while a round is in flight (overlapped: while two are,
+    the later one planned from the state the earlier one's commit writes); resume: rounds
+    0..8 committed once each, in order, and every microshard leased once per epoch."""
     job_id = f"lease-resume-{time.time_ns()}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleet", "diloco", "--workload", SHARDS, "--dataset", dataset,
          "--config-json", '{"step_sleep_s": 0.02}', "--replicas", "2", "--rounds", "9",
          "--inner-steps", "10", "--eval-every", "0", "--microshards-per-lease", "2",
-         "--job-id", job_id],
+         *flags, "--job-id", job_id],
         env=worker_env(fleet_settings, [str(REPO)]), cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     store = JobStore.from_settings(fleet_settings)
-    wait_until(lambda: len(store.metrics(job_id)) >= 2, timeout_s=120)
+    wait_until(lambda: len(store.metrics(job_id)) >= committed, timeout_s=120)
     # kill it while a round is in flight
     wait_until(lambda: store.driver_state(job_id)[1] is not None, timeout_s=60)
     proc.send_signal(signal.SIGKILL)

@@ -34,6 +34,7 @@ import torch
 
 from fleet.codec.manifest import PackManifest
 from fleet.codec.pack import PackReader, writing_pack
+from fleet.codec.pseudo_gradient import PseudoGradientReader
 from fleet.errors import LayoutMismatchError
 from fleet.protocol import EagerStart
 
@@ -57,28 +58,30 @@ def eager_start_point(
         CodecError: an input is corrupt (the error names it); nothing is published.
     """
 
-    def reader(ref: PackRef) -> PackReader:
-        opened = store.pack_reader(
-            ref.path,
-            block_size=max(4 * chunk_numel, 1 << 20),
-            check_finite=True,
-            layout_hash=ref.layout_hash,
-            values_digest=ref.values_digest,
-        )
-        return opened  # type: ignore[return-value]
-
     with ExitStack() as stack:
-        base = stack.enter_context(reader(start.prediction))
+
+        def reader(ref: PackRef) -> PackReader | PseudoGradientReader:
+            opened = store.pack_reader(
+                ref.path,
+                block_size=max(4 * chunk_numel, 1 << 20),
+                check_finite=True,
+                layout_hash=ref.layout_hash,
+                values_digest=ref.values_digest,
+            )
+            stack.callback(opened.close)
+            return opened
+
+        base = reader(start.prediction)
         like = base.manifest
         if not isinstance(like, PackManifest):
             raise LayoutMismatchError(start.prediction.path, "pseudo-gradient", "a v1 pack")
-        fresh = stack.enter_context(reader(start.fresh)) if start.fresh is not None else None
-        if fresh is not None and fresh.manifest.layout_hash != like.layout_hash:
-            raise LayoutMismatchError(
-                str(start.fresh.path if start.fresh else ""),
-                fresh.manifest.layout_hash,
-                like.layout_hash,
-            )
+        fresh = None
+        if start.fresh is not None:
+            fresh = reader(start.fresh)
+            if fresh.manifest.layout_hash != like.layout_hash:
+                raise LayoutMismatchError(
+                    start.fresh.path, fresh.manifest.layout_hash, like.layout_hash
+                )
         size = min(chunk_numel, max(like.parameter_count, 1))
         block, scratch = torch.empty(size), torch.empty(size)
         sink = stack.enter_context(writing_pack(out, like))

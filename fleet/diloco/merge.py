@@ -71,6 +71,23 @@ def outer_step_request(
     )
 
 
+def round_request(ctx: RunContext, attempts: Attempts, done: Done) -> OuterStepRequest:
+    """The outer step of ``attempts``' round over the attempts in ``done``, from the
+    state that entered it (:func:`outer_step_request`)."""
+    state = attempts.state
+    return outer_step_request(
+        ctx.config,
+        ctx.layout,
+        attempts.index,
+        state.global_pack,
+        [
+            (_pack_of(done[i][1]), done[i][1].steps_completed, done[i][0].start)
+            for i in sorted(done)
+        ],
+        state.outer_state,
+    )
+
+
 def run_outer_step(
     ctx: RunContext, request: OuterStepRequest, worker: str | None
 ) -> tuple[OuterStepResult, str | None]:
@@ -104,17 +121,10 @@ def merge(
     Raises:
         RoundFailed: every replica pack was refused.
     """
-    state, started = attempts.state, time.monotonic()
+    started = time.monotonic()
     while done:
         order = sorted(done)
-        request = outer_step_request(
-            ctx.config,
-            ctx.layout,
-            attempts.index,
-            state.global_pack,
-            [(_pack_of(done[i][1]), done[i][1].steps_completed, done[i][0].start) for i in order],
-            state.outer_state,
-        )
+        request = round_request(ctx, attempts, done)
         worker = merge_worker(attempts.finished, [w.name for w in ctx.fleet.workers()])
         try:
             result, worker = run_outer_step(ctx, request, worker)

@@ -31,13 +31,12 @@ finished attempts of the round in flight.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 from fleet.diloco.commit import advance
 from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.context import RunContext
-from fleet.diloco.merge import outer_step_request
+from fleet.diloco.merge import round_request
 from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.quorum import Done
 from fleet.diloco.round import Round
@@ -137,17 +136,8 @@ class Pipeline:
             before, done = pending
             current = Round(ctx, advance(cfg, before.attempts, done), index, None, last)
             current.attempts.starts = eager_starts(cfg, committed, done)
-            order = sorted(done)
-            request = outer_step_request(
-                cfg,
-                ctx.layout,
-                before.index,
-                committed.global_pack,
-                [(done[i][1].pack, done[i][1].steps_completed, done[i][0].start) for i in order],  # type: ignore[misc]
-                committed.outer_state,
-            )
-            first = min(order, key=lambda i: done[i][1].finished_at or 0.0)
-            current.attempts.carry = (first, request)
+            first = min(done, key=lambda i: done[i][1].finished_at or 0.0)
+            current.attempts.carry = (first, round_request(ctx, before.attempts, done))
         current.launch()
         return current
 
@@ -172,7 +162,7 @@ class Pipeline:
                     result.outer_step_error,
                     level=logging.WARNING,
                 )
-        return before.finish(before_done, beside, ended=current.started or time.monotonic())
+        return before.finish(before_done, beside, ended=current.started)
 
 
 __all__ = ["Pipeline", "eager_starts"]
