@@ -1,8 +1,9 @@
 """DiLoCo on the fleet against synchronous data parallel training (torch DDP) and one
-worker alone, on one box, in one run.
+worker alone: on one box, then across two hosts over slow links, in one run.
 
-    python benchmarks/vs_ddp.py [--rounds 20] [--inner-steps 20] [--repeats 3]
-        [--inner-lr 0.002] [--outer nesterov|averaging]
+    python benchmarks/vs_ddp.py [--rounds 4] [--inner-steps 100] [--repeats 3]
+        [--inner-lr 0.004] [--outer averaging|nesterov]
+    sudo python benchmarks/vs_ddp.py --links 100,20 [--link-rounds 16] [--link-repeats 3]
 
 The same workload (the charlm example: byte-level transformer on the stdlib sources),
 model, initialisation and per-step batch for all three:
@@ -16,14 +17,25 @@ model, initialisation and per-step batch for all three:
   step. The same number of steps per process as DiLoCo's inner steps in all.
 - **single**: one process, ``num_replicas: 1``, the same number of steps.
 
-Every run evaluates its model on the same held-out windows every H steps; the clock
-counts training only (evaluation time is taken out of every run alike). Prints each
-run's final eval loss with its standard error and, for target losses (the single
-worker's final loss first), the seconds each method took to reach it: the median of
-``--repeats`` runs and their range.
+Every run evaluates its model on the same 8,192 held-out windows (a standard error
+under 0.3 % of the loss) every H steps; the clock counts training only (evaluation time
+is taken out of every run alike, and each DiLoCo worker has built the workload before
+the clock starts, as DDP's processes have). Prints each run's final eval loss with its
+standard error and, for target losses (the single worker's final loss first), the
+seconds each method took to reach it: the median of ``--repeats`` runs and their range.
 
-Targets (issue 18): DiLoCo's time to the single worker's final loss <= 1/1.6 of the
-single worker's, and within 1.15x of DDP's.
+``--links``: the slow-link run, on hosts made of Linux namespaces (tests/hosts.py,
+needs root): two worker hosts and a storage host (Redis and a SeaweedFS S3 server, the
+shared root), every host's link limited to the rate with tbf (this kernel has no netem:
+bandwidth only, no added delay). DDP runs one rank on each worker host, all-reducing
+over the link; DiLoCo runs one worker on each, exchanging int8 pseudo-gradients (the
+default) and global packs through the S3 root, for ``--link-rounds`` rounds. Prints,
+per rate, the seconds each took to reach DDP's one-box final loss and the MB each
+worker host sent.
+
+Targets (issue 18): on one box, DiLoCo's time to the single worker's final loss
+<= 1/1.6 of the single worker's, and within 1.15x of DDP's; at 20 Mbit/s, DiLoCo
+reaches DDP's one-box final loss at least 3x sooner than DDP over that link.
 """
 
 from __future__ import annotations
@@ -31,9 +43,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +56,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fleet.client import Fleet
-from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig
-from fleet.examples.charlm import make
-from fleet.local import RedisServer, running_workers
-from fleet.settings import FleetSettings
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fleet.client import Fleet  # noqa: E402
+from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig  # noqa: E402
+from fleet.examples.charlm import make  # noqa: E402
+from fleet.local import RedisServer, WorkerProcess, running_workers  # noqa: E402
+from fleet.registry import Registry  # noqa: E402
+from fleet.settings import FleetSettings  # noqa: E402
+
+WORKLOAD = "fleet.examples.charlm:make"
+#: 8,192 windows of 64 bytes (the validation split holds ~11,000 apart): a standard
+#: error of ~0.25 % of the loss at this model's ~2.1 nats/byte.
 CHARLM = {"d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, "batch_size": 16,
-          "eval_windows": 512, "max_corpus_mb": 4}  # fmt: skip
+          "eval_windows": 8192, "max_corpus_mb": 4}  # fmt: skip
 Curve = list[tuple[float, float, float]]
 """``[(training seconds, eval loss, its standard error)]``."""
 
@@ -69,12 +90,20 @@ def _eval(workload: Any, model: torch.nn.Module) -> tuple[float, float]:
 
 
 def _data_parallel(
-    rank: int, world: int, port: int, steps: int, every: int, out: str, config: dict[str, Any]
+    rank: int,
+    world: int,
+    master: str,
+    steps: int,
+    every: int,
+    out: str,
+    config: dict[str, Any],
 ) -> None:
-    """One process of the DDP (``world`` 2) or single (``world`` 1) run."""
+    """One process of the DDP (``world`` 2) or single (``world`` 1) run; ``master`` is
+    rank 0's ``address:port``."""
     torch.set_num_threads(1)
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        addr, port = master.rsplit(":", 1)
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=port)
         dist.init_process_group("gloo", rank=rank, world_size=world)
     workload = make(config)
     state = workload.init_model("cpu")
@@ -95,12 +124,18 @@ def _data_parallel(
         dist.destroy_process_group()
 
 
-def data_parallel(world: int, steps: int, every: int, port: int, config: dict[str, Any]) -> Curve:
-    out = tempfile.mktemp(suffix=".json")
-    mp.spawn(_data_parallel, args=(world, port, steps, every, out, config), nprocs=world, join=True)
-    curve = json.loads(Path(out).read_text())
-    os.unlink(out)
+def _read_curve(out: Path) -> Curve:
+    curve = json.loads(out.read_text())
+    out.unlink()
     return [tuple(p) for p in curve]  # type: ignore[misc]
+
+
+def data_parallel(world: int, steps: int, every: int, port: int, config: dict[str, Any]) -> Curve:
+    """DDP (``world`` 2) or one process on this box."""
+    out = Path(tempfile.mktemp(suffix=".json"))
+    args = (world, f"127.0.0.1:{port}", steps, every, str(out), config)
+    mp.spawn(_data_parallel, args=args, nprocs=world, join=True)
+    return _read_curve(out)
 
 
 #: ``--outer``: the published outer optimizer, or plain model averaging.
@@ -116,7 +151,7 @@ def diloco(
     run = DiLoCoRun.start(
         fleet,
         DiLoCoConfig(
-            workload="fleet.examples.charlm:make",
+            workload=WORKLOAD,
             config=config,
             replicas=2,
             rounds=rounds,
@@ -124,7 +159,9 @@ def diloco(
             outer=OUTER[outer],
         ),
     )
-    run.run()
+    job = run.run()
+    if job.status != "completed":
+        raise RuntimeError(f"DiLoCo job {job.job_id} {job.status}: {job.error}")
     state = run.state()
     assert state is not None and state.initial_eval is not None
     initial = state.initial_eval
@@ -137,31 +174,42 @@ def diloco(
     return curve
 
 
+def warm_up(fleet: Fleet, names: list[str], config: dict[str, Any]) -> None:
+    """Have every worker build the workload (corpus, model) before any clock starts."""
+    probes = [
+        fleet.capability_probe(worker=n, workload=WORKLOAD, config=config, wait=False)
+        for n in names
+    ]
+    for probe in probes:
+        probe.result(timeout_s=600)
+
+
 def time_to(curve: Curve, target: float) -> float | None:
     """Training seconds at the first evaluation at or below ``target`` (None: never)."""
     return next((t for t, loss, _ in curve if loss <= target), None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--inner-steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--inner-lr", type=float, default=0.002, help="for all three runs")
-    parser.add_argument("--outer", choices=sorted(OUTER), default="nesterov")
-    args = parser.parse_args()
-    steps = args.rounds * args.inner_steps
-    config = {**CHARLM, "lr": args.inner_lr}
+def _median_cell(times: list[float | None], width: int = 22) -> tuple[str, float | None]:
+    reached = [t for t in times if t is not None]
+    if len(reached) < len(times):
+        return f"{'-':>{width}}", None
+    median = statistics.median(reached)
+    return f"{median:>10.1f} [{min(reached):.1f}, {max(reached):.1f}]".rjust(width), median
 
+
+def one_box(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, list[Curve]]:
+    """The single worker, DDP over localhost gloo and DiLoCo, ``--repeats`` times."""
+    steps = args.rounds * args.inner_steps
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-ddp-"))
     server = RedisServer(work / "redis")
     settings = FleetSettings(redis_url=server.url, shared_root=work / "shared", node="bench")
     runs: dict[str, list[Curve]] = {"single": [], "DDP": [], "DiLoCo": []}
     try:
-        with running_workers(settings, [0, 1], work / "logs", pythonpath=[str(REPO)], cwd=REPO):
+        with running_workers(
+            settings, [0, 1], work / "logs", pythonpath=[str(REPO)], cwd=REPO
+        ) as procs:
             fleet = Fleet(settings)
+            warm_up(fleet, [p.name for p in procs], config)
             for repeat in range(args.repeats):
                 runs["single"].append(data_parallel(1, steps, args.inner_steps, 0, config))
                 port = 29500 + repeat
@@ -169,51 +217,240 @@ def main() -> None:
                 runs["DiLoCo"].append(
                     diloco(fleet, args.rounds, args.inner_steps, config, args.outer)
                 )
-                print(f"  repeat {repeat + 1}/{args.repeats} done", flush=True)
+                print(f"  one box: repeat {repeat + 1}/{args.repeats} done", flush=True)
             fleet.close()
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return runs
 
+
+def print_one_box(
+    args: argparse.Namespace, config: dict[str, Any], runs: dict[str, list[Curve]]
+) -> None:
+    steps = args.rounds * args.inner_steps
     print(
-        f"\ncharlm {json.dumps(config)}; {steps} steps per process (DiLoCo: {args.rounds} "
-        f"rounds x H={args.inner_steps}, 2 replicas, outer {args.outer}); 2 CPU cores, "
-        f"1 torch thread per "
-        f"process; median of {args.repeats} runs [min, max]"
+        f"\none box: charlm {json.dumps(config)}; {steps} steps per process (DiLoCo: "
+        f"{args.rounds} rounds x H={args.inner_steps}, 2 replicas, outer {args.outer}); "
+        f"{os.cpu_count()} CPU cores, 1 torch thread per process; median of "
+        f"{args.repeats} runs [min, max]"
     )
-    print(f"{'run':>8}{'final eval loss':>18}{'± s.e.':>8}{'training s':>16}")
+    print(f"{'run':>8}{'final eval loss':>18}{'± s.e.':>8}{'s.e. %':>8}{'training s':>16}")
     for name, curves in runs.items():
         finals = [c[-1][1] for c in curves]
         seconds = [c[-1][0] for c in curves]
+        final, se = statistics.median(finals), curves[0][-1][2]
         print(
-            f"{name:>8}{statistics.median(finals):>18.4f}{curves[0][-1][2]:>8.4f}"
+            f"{name:>8}{final:>18.4f}{se:>8.4f}{100 * se / final:>7.2f}%"
             f"{statistics.median(seconds):>10.1f} [{min(seconds):.1f}, {max(seconds):.1f}]"
         )
     single_final = statistics.median(c[-1][1] for c in runs["single"])
     targets = [single_final + d for d in (0.3, 0.15, 0.0)]
-    print("\ntime to eval loss (training s, median [min, max]; '-': not reached)")
+    print("\ntime to eval loss (training s, median [min, max]; '-': not reached in every run)")
     print(f"{'target':>8}" + "".join(f"{name:>22}" for name in runs))
-    medians: dict[str, dict[float, float | None]] = {name: {} for name in runs}
+    medians: dict[str, float | None] = {}
     for target in targets:
         cells = []
         for name, curves in runs.items():
-            times = [time_to(c, target) for c in curves]
-            reached = [t for t in times if t is not None]
-            if len(reached) < len(times):
-                cells.append(f"{'-':>22}")
-                medians[name][target] = None
-                continue
-            median = statistics.median(reached)
-            medians[name][target] = median
-            cells.append(f"{median:>10.1f} [{min(reached):.1f}, {max(reached):.1f}]".rjust(22))
+            cell, medians[name] = _median_cell([time_to(c, target) for c in curves])
+            cells.append(cell)
         print(f"{target:>8.4f}" + "".join(cells))
-    d, s, p = (medians[n][single_final] for n in ("DiLoCo", "single", "DDP"))
+    d, s, p = medians["DiLoCo"], medians["single"], medians["DDP"]  # at single_final
     if d is not None and s is not None and p is not None:
         print(
-            f"\nto the single worker's final loss: DiLoCo {s / d:.2f}x faster than one worker "
+            f"to the single worker's final loss: DiLoCo {s / d:.2f}x faster than one worker "
             f"(target >= 1.6), {d / p:.2f}x DDP's time (target <= 1.15)"
         )
     else:
-        print("\nDiLoCo or DDP did not reach the single worker's final loss in every run")
+        print("DiLoCo or DDP did not reach the single worker's final loss in every run")
+
+
+Bytes = dict[str, int]
+"""Bytes sent by each worker host during a run."""
+
+
+def over_links(
+    args: argparse.Namespace, config: dict[str, Any], target: float
+) -> dict[float, dict[str, list[tuple[Curve, Bytes]]]]:
+    """DDP and DiLoCo across two worker hosts, for each rate in ``--links``."""
+    from tests.hosts import Network, StorageServices, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        sys.exit(f"--links: cannot make hosts here: {reason}")
+    steps = args.rounds * args.inner_steps
+    base = Path(tempfile.mkdtemp(prefix="fleet-bench-ddp-hosts-"))
+    network = Network(base / "net")
+    services = None
+    procs: list[WorkerProcess] = []
+    results: dict[float, dict[str, list[tuple[Curve, Bytes]]]] = {}
+    try:
+        storage = network.host("storage")
+        hosts = [network.host("w1"), network.host("w2")]
+        services = StorageServices(storage, base)
+        assert services.s3 is not None
+        bucket = services.s3.new_bucket()
+        settings = FleetSettings(
+            redis_url=services.redis_url,
+            shared_root=f"s3://{bucket}/vs-ddp",
+            storage_options=services.s3.storage_options,
+            workload_allowlist=["fleet.examples.*"],
+        )
+        registry = Registry.from_settings(settings)
+        for h in hosts:
+            update = {"node": h.name, "cache_dir": h.local_dir / "cache"}
+            procs.append(
+                WorkerProcess(
+                    settings.model_copy(update=update),
+                    0,
+                    base / "logs" / h.name,
+                    workload=WORKLOAD,
+                    pythonpath=[str(REPO)],
+                    cwd=REPO,
+                    command_prefix=h.prefix,
+                )
+            )
+        for proc in procs:
+            proc.wait_alive(registry, timeout_s=120)
+        fleet = Fleet(settings)
+        warm_up(fleet, [p.name for p in procs], config)
+
+        def measured(run: Callable[[], Curve]) -> tuple[Curve, Bytes]:
+            before = {h.name: h.counters()[0] for h in hosts}
+            curve = run()
+            return curve, {h.name: h.counters()[0] - before[h.name] for h in hosts}
+
+        def ddp_over_link(port: int) -> Curve:
+            out = base / f"ddp-{port}.json"  # outside the hosts' private tmpfs
+            env = {**os.environ, "PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "eth0"}
+            ranks = [
+                h.popen(
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--rank",
+                    str(rank),
+                    "--master",
+                    f"{hosts[0].ip}:{port}",
+                    "--steps",
+                    str(steps),
+                    "--every",
+                    str(args.inner_steps),
+                    "--out",
+                    str(out),
+                    "--config",
+                    json.dumps(config),
+                    log=base / "logs" / f"ddp-{h.name}.log",
+                    env=env,
+                )
+                for rank, h in enumerate(hosts)
+            ]
+            for rank in ranks:
+                if rank.wait(timeout=3600) != 0:
+                    raise RuntimeError(f"a DDP rank failed: see {base / 'logs'}")
+            return _read_curve(out)
+
+        for rate in args.links:
+            for h in [storage, *hosts]:
+                h.limit(rate)
+            runs: dict[str, list[tuple[Curve, Bytes]]] = {"DDP": [], "DiLoCo": []}
+            for repeat in range(args.link_repeats):
+                port = 29600 + len(results) * 10 + repeat
+                runs["DDP"].append(measured(lambda port=port: ddp_over_link(port)))
+                runs["DiLoCo"].append(
+                    measured(
+                        lambda: diloco(
+                            fleet, args.link_rounds, args.inner_steps, config, args.outer
+                        )
+                    )
+                )
+                print(
+                    f"  {rate:g} Mbit/s: repeat {repeat + 1}/{args.link_repeats} done", flush=True
+                )
+            results[rate] = runs
+        fleet.close()
+    finally:
+        for proc in procs:
+            proc.stop()
+        if services is not None:
+            services.close()
+        network.close()
+        shutil.rmtree(base, ignore_errors=True)
+    return results
+
+
+def print_links(
+    args: argparse.Namespace,
+    results: dict[float, dict[str, list[tuple[Curve, Bytes]]]],
+    target: float,
+) -> None:
+    steps = args.rounds * args.inner_steps
+    print(
+        f"\ntwo worker hosts (network namespaces), every link tbf-limited, no added delay; "
+        f"DDP: {steps} steps per rank, all-reducing over the link; DiLoCo: {args.link_rounds} "
+        f"rounds x H={args.inner_steps}, int8 pseudo-gradients through an S3 root (SeaweedFS "
+        f"on a third host); target: DDP's one-box final loss {target:.4f}; median of "
+        f"{args.link_repeats} runs [min, max]"
+    )
+    print(
+        f"{'link':>10}{'run':>8}{'final loss':>12}{'training s':>18}{'to target s':>22}"
+        f"{'MB sent/host':>14}"
+    )
+    for rate, runs in results.items():
+        medians: dict[str, float | None] = {}
+        for name, measured in runs.items():
+            curves = [c for c, _ in measured]
+            seconds = [c[-1][0] for c in curves]
+            cell, medians[name] = _median_cell([time_to(c, target) for c in curves])
+            sent = statistics.median(b for _, by in measured for b in by.values()) / 1e6
+            print(
+                f"{rate:>5g} Mb/s{name:>8}{statistics.median(c[-1][1] for c in curves):>12.4f}"
+                f"{statistics.median(seconds):>10.1f} [{min(seconds):.0f}, {max(seconds):.0f}]"
+                f"{cell}{sent:>14.1f}"
+            )
+        d, p = medians["DiLoCo"], medians["DDP"]
+        if d is not None and p is not None:
+            print(
+                f"{rate:>5g} Mb/s: DiLoCo reaches DDP's one-box final loss {p / d:.1f}x sooner "
+                "than DDP over the link (target at 20 Mbit/s: >= 3)"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--inner-steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inner-lr", type=float, default=0.004, help="for all runs")
+    parser.add_argument("--outer", choices=sorted(OUTER), default="averaging")
+    parser.add_argument(
+        "--links",
+        type=lambda v: [float(r) for r in v.split(",")],
+        default=[],
+        help="link rates (Mbit/s) for the slow-link run, e.g. 100,20 (needs root)",
+    )
+    parser.add_argument("--link-rounds", type=int, default=16, help="DiLoCo's rounds over links")
+    parser.add_argument("--link-repeats", type=int, default=3)
+    # one DDP rank on a host of the slow-link run (this script runs itself there)
+    parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--master", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--every", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--config", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank is not None:
+        config = json.loads(args.config)
+        _data_parallel(args.rank, 2, args.master, args.steps, args.every, args.out, config)
+        return
+
+    config = {**CHARLM, "lr": args.inner_lr}
+    runs = one_box(args, config)
+    print_one_box(args, config, runs)
+    if args.links:
+        target = statistics.median(c[-1][1] for c in runs["DDP"])
+        print_links(args, over_links(args, config, target), target)
 
 
 if __name__ == "__main__":
