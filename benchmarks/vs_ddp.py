@@ -147,7 +147,9 @@ OUTER = {
 
 def diloco(
     fleet: Fleet, rounds: int, inner_steps: int, config: dict[str, Any], outer: str
-) -> Curve:
+) -> tuple[Curve, float]:
+    """A DiLoCo run's curve, and the seconds of its rounds' slowest inner loops (its
+    compute; the rest of its training seconds is the fleet's per-round cost)."""
     run = DiLoCoRun.start(
         fleet,
         DiLoCoConfig(
@@ -166,12 +168,13 @@ def diloco(
     assert state is not None and state.initial_eval is not None
     initial = state.initial_eval
     curve: Curve = [(0.0, initial.loss or 0.0, initial.loss_stderr or 0.0)]
-    trained_s = 0.0
+    trained_s = inner_s = 0.0
     for r in run.rounds():
         trained_s += r.wall_s - r.eval_s
+        inner_s += max(m.compute_s for m in r.merged)
         assert r.eval is not None
         curve.append((trained_s, r.eval.loss or 0.0, r.eval.loss_stderr or 0.0))
-    return curve
+    return curve, inner_s
 
 
 def warm_up(fleet: Fleet, names: list[str], config: dict[str, Any]) -> None:
@@ -197,7 +200,9 @@ def _median_cell(times: list[float | None], width: int = 22) -> tuple[str, float
     return f"{median:>10.1f} [{min(reached):.1f}, {max(reached):.1f}]".rjust(width), median
 
 
-def one_box(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, list[Curve]]:
+def one_box(
+    args: argparse.Namespace, config: dict[str, Any], inner_s: list[float]
+) -> dict[str, list[Curve]]:
     """The single worker, DDP over localhost gloo and DiLoCo, ``--repeats`` times."""
     steps = args.rounds * args.inner_steps
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-ddp-"))
@@ -214,9 +219,9 @@ def one_box(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, list[
                 runs["single"].append(data_parallel(1, steps, args.inner_steps, 0, config))
                 port = 29500 + repeat
                 runs["DDP"].append(data_parallel(2, steps, args.inner_steps, port, config))
-                runs["DiLoCo"].append(
-                    diloco(fleet, args.rounds, args.inner_steps, config, args.outer)
-                )
+                curve, inner = diloco(fleet, args.rounds, args.inner_steps, config, args.outer)
+                runs["DiLoCo"].append(curve)
+                inner_s.append(inner)
                 print(f"  one box: repeat {repeat + 1}/{args.repeats} done", flush=True)
             fleet.close()
     finally:
@@ -226,7 +231,10 @@ def one_box(args: argparse.Namespace, config: dict[str, Any]) -> dict[str, list[
 
 
 def print_one_box(
-    args: argparse.Namespace, config: dict[str, Any], runs: dict[str, list[Curve]]
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    runs: dict[str, list[Curve]],
+    inner_s: list[float],
 ) -> None:
     steps = args.rounds * args.inner_steps
     print(
@@ -244,6 +252,10 @@ def print_one_box(
             f"{name:>8}{final:>18.4f}{se:>8.4f}{100 * se / final:>7.2f}%"
             f"{statistics.median(seconds):>10.1f} [{min(seconds):.1f}, {max(seconds):.1f}]"
         )
+    print(
+        f"DiLoCo's training s: {statistics.median(inner_s):.1f} in its replicas' inner loops "
+        "(the slowest replica of each round), the rest the fleet's per-round cost"
+    )
     single_final = statistics.median(c[-1][1] for c in runs["single"])
     targets = [single_final + d for d in (0.3, 0.15, 0.0)]
     print("\ntime to eval loss (training s, median [min, max]; '-': not reached in every run)")
@@ -270,7 +282,7 @@ Bytes = dict[str, int]
 
 
 def over_links(
-    args: argparse.Namespace, config: dict[str, Any], target: float
+    args: argparse.Namespace, config: dict[str, Any], inner_s: dict[float, list[float]]
 ) -> dict[float, dict[str, list[tuple[Curve, Bytes]]]]:
     """DDP and DiLoCo across two worker hosts, for each rate in ``--links``."""
     from tests.hosts import Network, StorageServices, skip_reason
@@ -315,6 +327,11 @@ def over_links(
         fleet = Fleet(settings)
         warm_up(fleet, [p.name for p in procs], config)
 
+        def diloco_over_link(rate: float) -> Curve:
+            curve, inner = diloco(fleet, args.link_rounds, args.inner_steps, config, args.outer)
+            inner_s.setdefault(rate, []).append(inner)
+            return curve
+
         def measured(run: Callable[[], Curve]) -> tuple[Curve, Bytes]:
             before = {h.name: h.counters()[0] for h in hosts}
             curve = run()
@@ -356,13 +373,7 @@ def over_links(
             for repeat in range(args.link_repeats):
                 port = 29600 + len(results) * 10 + repeat
                 runs["DDP"].append(measured(lambda port=port: ddp_over_link(port)))
-                runs["DiLoCo"].append(
-                    measured(
-                        lambda: diloco(
-                            fleet, args.link_rounds, args.inner_steps, config, args.outer
-                        )
-                    )
-                )
+                runs["DiLoCo"].append(measured(lambda rate=rate: diloco_over_link(rate)))
                 print(
                     f"  {rate:g} Mbit/s: repeat {repeat + 1}/{args.link_repeats} done", flush=True
                 )
@@ -382,6 +393,7 @@ def print_links(
     args: argparse.Namespace,
     results: dict[float, dict[str, list[tuple[Curve, Bytes]]]],
     target: float,
+    inner_s: dict[float, list[float]],
 ) -> None:
     steps = args.rounds * args.inner_steps
     print(
@@ -407,6 +419,8 @@ def print_links(
                 f"{statistics.median(seconds):>10.1f} [{min(seconds):.0f}, {max(seconds):.0f}]"
                 f"{cell}{sent:>14.1f}"
             )
+        inner = statistics.median(inner_s[rate])
+        print(f"{rate:>5g} Mb/s: DiLoCo's inner loops {inner:.1f} s of its training s")
         d, p = medians["DiLoCo"], medians["DDP"]
         if d is not None and p is not None:
             print(
@@ -446,11 +460,14 @@ def main() -> None:
         return
 
     config = {**CHARLM, "lr": args.inner_lr}
-    runs = one_box(args, config)
-    print_one_box(args, config, runs)
+    inner_s: list[float] = []
+    runs = one_box(args, config, inner_s)
+    print_one_box(args, config, runs, inner_s)
     if args.links:
         target = statistics.median(c[-1][1] for c in runs["DDP"])
-        print_links(args, over_links(args, config, target), target)
+        link_inner_s: dict[float, list[float]] = {}
+        results = over_links(args, config, link_inner_s)
+        print_links(args, results, target, link_inner_s)
 
 
 if __name__ == "__main__":

@@ -735,7 +735,7 @@ def up_cmd(workers: int | None, flower: bool, flower_port: int, root: Path) -> N
 
 
 @main.command("demo")
-@click.option("--rounds", type=int, default=20, show_default=True)
+@click.option("--rounds", type=int, default=8, show_default=True)
 @click.option("--inner-steps", type=int, default=100, show_default=True)
 @click.option("--replicas", type=int, default=2, show_default=True)
 @click.option("--config-json", default="{}", show_default=True, help="charlm config overrides.")
@@ -803,6 +803,12 @@ def demo_cmd(
         "error over the held-out windows)",
         highlight=False,
     )
+    if comparison["time_to_loss"]:
+        from fleet.report import time_to_loss_lines
+
+        console.print("time to eval loss (wall-clock s; tokens trained on, millions):")
+        for line in time_to_loss_lines(comparison["time_to_loss"]):
+            console.print(f"  {line}", highlight=False)
     console.print(f"report: {json_path}\n        {png_path}", highlight=False, soft_wrap=True)
     console.print(
         f"TensorBoard: tensorboard --logdir {json_path.parent / 'tensorboard'}",

@@ -53,6 +53,17 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def trained(record: RoundRecord, unit: str = "tokens") -> float | None:
+    """How many ``unit`` (``tokens`` or ``examples``) the round's merged replicas trained
+    on: each one's per-step metric times its steps completed; None when a merged replica
+    does not report it (a workload may return fewer metrics than charlm)."""
+    merged = record.merged
+    per_step = [_number(r.metrics.get(unit)) for r in merged]
+    if not merged or any(x is None for x in per_step):
+        return None
+    return sum((x or 0.0) * (r.steps_completed or 0) for x, r in zip(per_step, merged, strict=True))
+
+
 def round_scalars(record: RoundRecord, replicas: int) -> dict[str, float]:
     """The scalars of one committed round (module docstring), for a run of ``replicas``."""
     merged = record.merged
@@ -68,11 +79,8 @@ def round_scalars(record: RoundRecord, replicas: int) -> dict[str, float]:
     if losses:
         out["train/loss"] = sum(losses) / len(losses)
     for unit in ("tokens", "examples"):
-        per_step = [_number(r.metrics.get(unit)) for r in merged]
-        if merged and all(x is not None for x in per_step) and record.wall_s > 0:
-            done = sum(
-                (x or 0.0) * (r.steps_completed or 0) for x, r in zip(per_step, merged, strict=True)
-            )
+        done = trained(record, unit)
+        if done is not None and record.wall_s > 0:
             out[f"train/{unit}_per_s"] = done / record.wall_s
             break
     out["round/wall_s"] = record.wall_s

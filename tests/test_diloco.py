@@ -205,6 +205,26 @@ def test_one_replica_with_lr_1_and_no_momentum_is_plain_local_training(fleet, tw
     assert torch.equal(final, local)
 
 
+def test_a_run_stopped_by_its_wall_budget_ends_on_an_evaluated_model(fleet, two_workers):
+    """eval_every 1000 of 1000 rounds: only the round that spends ``max_wall_s`` is
+    evaluated, besides the initial model, so the run's last record carries its loss."""
+    cfg = DiLoCoConfig(
+        workload=DIGITS,
+        config={"step_sleep_s": 0.1},
+        replicas=1,
+        rounds=1000,
+        inner_steps=4,
+        eval_every=1000,
+        max_wall_s=8.0,  # from the initial model's creation: several rounds of ~0.5 s
+    )
+    run = DiLoCoRun.start(fleet, cfg)
+    assert run.run().status == "completed"
+    rounds = run.rounds()
+    assert 2 <= len(rounds) < 1000
+    assert [m.eval is not None for m in rounds] == [False] * (len(rounds) - 1) + [True]
+    assert rounds[-1].eval is not None and rounds[-1].eval.loss is not None
+
+
 def test_quorum_closes_a_round_without_the_straggler(fleet, two_workers):
     cfg = DiLoCoConfig(
         workload=DIGITS,

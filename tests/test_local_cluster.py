@@ -74,8 +74,10 @@ def test_fleet_demo_short_mode_writes_the_report(tmp_path, artifacts_dir):
         assert m["wall_s"] > 0 and m["merge_s"] > 0
         assert sorted(r["replica"] for r in m["replicas"] if r["status"] == "merged") == [0, 1]
         assert all(r["compute_s"] > 0 and r["metrics"]["tokens"] > 0 for r in m["replicas"])
+    # evaluated every DEMO_EVAL_EVERY (2) rounds and after the last
+    assert [m["eval"] is not None for m in diloco["rounds"]] == [False, True]
     losses = [diloco["initial_eval"]["metrics"]["loss"]] + [
-        m["eval"]["metrics"]["loss"] for m in diloco["rounds"]
+        m["eval"]["metrics"]["loss"] for m in diloco["rounds"] if m["eval"]
     ]
     assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 1.0, losses
     assert baseline["config"]["replicas"] == 1 and len(baseline["rounds"]) >= 1
@@ -89,6 +91,16 @@ def test_fleet_demo_short_mode_writes_the_report(tmp_path, artifacts_dir):
         stderr = comparison[f"{run}_eval_loss_stderr"]
         assert 0 < stderr < 0.05 * comparison[f"{run}_eval_loss"], comparison
     assert f"± {comparison['diloco_eval_loss_stderr']:.4f}" in out.stdout
+    # the time-to-loss table: both runs reach every target, in wall-clock s and tokens
+    rows = comparison["time_to_loss"]
+    assert rows and [r["loss"] for r in rows] == sorted((r["loss"] for r in rows), reverse=True)
+    step_tokens = 16 * 128  # charlm's batch x context, per replica per inner step
+    for r in rows:
+        assert r["diloco_s"] > 0 and r["baseline_s"] > 0, rows
+        assert r["speedup"] == pytest.approx(r["baseline_s"] / r["diloco_s"])
+        assert r["diloco_tokens"] % (2 * 5 * step_tokens) == 0, rows  # whole rounds, both
+        assert r["baseline_tokens"] % (5 * step_tokens) == 0, rows
+    assert "time to eval loss" in out.stdout and f"{rows[-1]['loss']:.4f}" in out.stdout
     assert not (root / "cluster.json").exists(), "the cluster was stopped"
 
 

@@ -13,11 +13,16 @@ from fleet.errors import CodecError, FleetError
 from fleet.storage import PackRef
 
 
-def due(ctx: RunContext, round_index: int) -> bool:
-    """True if round ``round_index``'s global model is evaluated (``eval_every``, and the
-    last round)."""
+def due(ctx: RunContext, round_index: int, started_at: float) -> bool:
+    """True if round ``round_index``'s global model is evaluated: every ``eval_every``
+    rounds, and the last round, which is also the one that ends with the run's
+    ``max_wall_s`` spent (``started_at``: when the run started, unix s), so a run
+    stopped by its budget ends on an evaluated model."""
     cfg = ctx.config
     last = round_index == cfg.rounds - 1
+    budget = cfg.max_wall_s
+    if budget is not None and time.time() - started_at >= budget:
+        last = True
     return bool(cfg.eval_every) and (not (round_index + 1) % cfg.eval_every or last)
 
 

@@ -102,7 +102,7 @@ class Round:
         else:
             (result, merged_on), merge_s = beside, beside[0].seconds
         evaluation, eval_s = None, 0.0
-        if due(ctx, self.index):
+        if due(ctx, self.index, self.attempts.state.started_at):
             handles = [attempts.handles[i] for i in sorted(done)]
             evaluation, eval_s = evaluate_global(ctx, result.global_pack, handles)
         end = time.monotonic() if ended is None else ended
