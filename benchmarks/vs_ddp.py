@@ -4,6 +4,7 @@ worker alone: on one box, then across two hosts over slow links, in one run.
     python benchmarks/vs_ddp.py [--rounds 4] [--inner-steps 100] [--repeats 3]
         [--inner-lr 0.004] [--outer averaging|nesterov]
     sudo python benchmarks/vs_ddp.py --links 100,20 [--link-rounds 16] [--link-repeats 3]
+        [--overlap]
 
 The same workload (the charlm example: byte-level transformer on the stdlib sources),
 model, initialisation and per-step batch for all three:
@@ -29,7 +30,8 @@ needs root): two worker hosts and a storage host (Redis and a SeaweedFS S3 serve
 shared root), every host's link limited to the rate with tbf (this kernel has no netem:
 bandwidth only, no added delay). DDP runs one rank on each worker host, all-reducing
 over the link; DiLoCo runs one worker on each, exchanging int8 pseudo-gradients (the
-default) and global packs through the S3 root, for ``--link-rounds`` rounds. Prints,
+default) and global packs through the S3 root, for ``--link-rounds`` rounds (and with
+``--overlap``, overlapped rounds as well: fleet diloco --overlap). Prints,
 per rate, the seconds each took to reach DDP's one-box final loss and the MB each
 worker host sent.
 
@@ -49,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,8 @@ from fleet.registry import Registry  # noqa: E402
 from fleet.settings import FleetSettings  # noqa: E402
 
 WORKLOAD = "fleet.examples.charlm:make"
+#: The name of ``--overlap``'s run over links: DiLoCo with overlapped rounds.
+OVERLAPPED = "DiLoCo+overlap"
 #: 8,192 windows of 64 bytes (the validation split holds ~11,000 apart): a standard
 #: error of ~0.25 % of the loss at this model's ~2.1 nats/byte.
 CHARLM = {"d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, "batch_size": 16,
@@ -146,10 +151,18 @@ OUTER = {
 
 
 def diloco(
-    fleet: Fleet, rounds: int, inner_steps: int, config: dict[str, Any], outer: str
+    fleet: Fleet,
+    rounds: int,
+    inner_steps: int,
+    config: dict[str, Any],
+    outer: str,
+    overlap: bool = False,
 ) -> tuple[Curve, float]:
     """A DiLoCo run's curve, and the seconds of its rounds' slowest inner loops (its
-    compute; the rest of its training seconds is the fleet's per-round cost)."""
+    compute; the rest of its training seconds is the fleet's per-round cost). A round's
+    point is at the seconds from round 0's launch to its evaluation, less the seconds
+    of the evaluations so far (an overlapped run's rounds overlap: their walls do not
+    add up)."""
     run = DiLoCoRun.start(
         fleet,
         DiLoCoConfig(
@@ -159,6 +172,7 @@ def diloco(
             rounds=rounds,
             inner_steps=inner_steps,
             outer=OUTER[outer],
+            overlap=overlap,
         ),
     )
     job = run.run()
@@ -168,11 +182,13 @@ def diloco(
     assert state is not None and state.initial_eval is not None
     initial = state.initial_eval
     curve: Curve = [(0.0, initial.loss or 0.0, initial.loss_stderr or 0.0)]
-    trained_s = inner_s = 0.0
-    for r in run.rounds():
-        trained_s += r.wall_s - r.eval_s
+    records = run.rounds()
+    evals_s = inner_s = 0.0
+    for r in records:
+        evals_s += r.eval_s
         inner_s += max(m.compute_s for m in r.merged)
         assert r.eval is not None
+        trained_s = r.eval.at - records[0].started_at - evals_s
         curve.append((trained_s, r.eval.loss or 0.0, r.eval.loss_stderr or 0.0))
     return curve, inner_s
 
@@ -282,7 +298,9 @@ Bytes = dict[str, int]
 
 
 def over_links(
-    args: argparse.Namespace, config: dict[str, Any], inner_s: dict[float, list[float]]
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    inner_s: dict[tuple[float, str], list[float]],
 ) -> dict[float, dict[str, list[tuple[Curve, Bytes]]]]:
     """DDP and DiLoCo across two worker hosts, for each rate in ``--links``."""
     from tests.hosts import Network, StorageServices, skip_reason
@@ -327,9 +345,11 @@ def over_links(
         fleet = Fleet(settings)
         warm_up(fleet, [p.name for p in procs], config)
 
-        def diloco_over_link(rate: float) -> Curve:
-            curve, inner = diloco(fleet, args.link_rounds, args.inner_steps, config, args.outer)
-            inner_s.setdefault(rate, []).append(inner)
+        def diloco_over_link(rate: float, name: str) -> Curve:
+            overlap = name != "DiLoCo"
+            h, outer = args.inner_steps, args.outer
+            curve, inner = diloco(fleet, args.link_rounds, h, config, outer, overlap)
+            inner_s.setdefault((rate, name), []).append(inner)
             return curve
 
         def measured(run: Callable[[], Curve]) -> tuple[Curve, Bytes]:
@@ -369,11 +389,13 @@ def over_links(
         for rate in args.links:
             for h in [storage, *hosts]:
                 h.limit(rate)
-            runs: dict[str, list[tuple[Curve, Bytes]]] = {"DDP": [], "DiLoCo": []}
+            names = ["DiLoCo", OVERLAPPED] if args.overlap else ["DiLoCo"]
+            runs: dict[str, list[tuple[Curve, Bytes]]] = {"DDP": [], **{n: [] for n in names}}
             for repeat in range(args.link_repeats):
                 port = 29600 + len(results) * 10 + repeat
-                runs["DDP"].append(measured(lambda port=port: ddp_over_link(port)))
-                runs["DiLoCo"].append(measured(lambda rate=rate: diloco_over_link(rate)))
+                runs["DDP"].append(measured(partial(ddp_over_link, port)))
+                for name in names:
+                    runs[name].append(measured(partial(diloco_over_link, rate, name)))
                 print(
                     f"  {rate:g} Mbit/s: repeat {repeat + 1}/{args.link_repeats} done", flush=True
                 )
@@ -393,7 +415,7 @@ def print_links(
     args: argparse.Namespace,
     results: dict[float, dict[str, list[tuple[Curve, Bytes]]]],
     target: float,
-    inner_s: dict[float, list[float]],
+    inner_s: dict[tuple[float, str], list[float]],
 ) -> None:
     steps = args.rounds * args.inner_steps
     print(
@@ -404,7 +426,7 @@ def print_links(
         f"{args.link_repeats} runs [min, max]"
     )
     print(
-        f"{'link':>10}{'run':>8}{'final loss':>12}{'training s':>18}{'to target s':>22}"
+        f"{'link':>10}{'run':>16}{'final loss':>12}{'training s':>18}{'to target s':>22}"
         f"{'MB sent/host':>14}"
     )
     for rate, runs in results.items():
@@ -415,17 +437,20 @@ def print_links(
             cell, medians[name] = _median_cell([time_to(c, target) for c in curves])
             sent = statistics.median(b for _, by in measured for b in by.values()) / 1e6
             print(
-                f"{rate:>5g} Mb/s{name:>8}{statistics.median(c[-1][1] for c in curves):>12.4f}"
+                f"{rate:>5g} Mb/s{name:>16}{statistics.median(c[-1][1] for c in curves):>12.4f}"
                 f"{statistics.median(seconds):>10.1f} [{min(seconds):.0f}, {max(seconds):.0f}]"
                 f"{cell}{sent:>14.1f}"
             )
-        inner = statistics.median(inner_s[rate])
-        print(f"{rate:>5g} Mb/s: DiLoCo's inner loops {inner:.1f} s of its training s")
-        d, p = medians["DiLoCo"], medians["DDP"]
-        if d is not None and p is not None:
+        for name in runs:
+            if name == "DDP":
+                continue
+            inner = statistics.median(inner_s[(rate, name)])
+            d, p = medians[name], medians["DDP"]
+            faster = f"{p / d:.1f}x sooner" if d is not None and p is not None else "-"
             print(
-                f"{rate:>5g} Mb/s: DiLoCo reaches DDP's one-box final loss {p / d:.1f}x sooner "
-                "than DDP over the link (target at 20 Mbit/s: >= 3)"
+                f"{rate:>5g} Mb/s: {name} (inner loops {inner:.1f} s of its training s) reaches "
+                f"DDP's one-box final loss {faster} than DDP over the link (target at 20 "
+                "Mbit/s: >= 3)"
             )
 
 
@@ -446,6 +471,9 @@ def main() -> None:
     )
     parser.add_argument("--link-rounds", type=int, default=16, help="DiLoCo's rounds over links")
     parser.add_argument("--link-repeats", type=int, default=3)
+    parser.add_argument(
+        "--overlap", action="store_true", help="over links, DiLoCo with --overlap as well"
+    )
     # one DDP rank on a host of the slow-link run (this script runs itself there)
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--master", default="", help=argparse.SUPPRESS)
@@ -465,7 +493,7 @@ def main() -> None:
     print_one_box(args, config, runs, inner_s)
     if args.links:
         target = statistics.median(c[-1][1] for c in runs["DDP"])
-        link_inner_s: dict[float, list[float]] = {}
+        link_inner_s: dict[tuple[float, str], list[float]] = {}
         results = over_links(args, config, link_inner_s)
         print_links(args, results, target, link_inner_s)
 
