@@ -9,7 +9,7 @@ from typing import Any, BinaryIO, cast
 import torch
 
 from fleet.errors import storage_error
-from fleet.storage import publishing
+from fleet.files import publishing
 
 #: ``inner_optimizer_state_encoding`` of an optimizer's ``state_dict()`` (fleet's own loop).
 TORCH_OPTIMIZER_STATE = "torch-optimizer-state-dict-v1"

@@ -16,7 +16,9 @@ import torch
 
 from fleet.codec import read_pack, write_pack
 from fleet.codec.pack import write_values_pack
-from fleet.codec.pseudo_gradient import open_reader, writing_pseudo_gradient
+from fleet.codec.codecs import codec_for
+from fleet.codec.pseudo_gradient import writing_pseudo_gradient
+from fleet.codec.readers import open_reader
 from fleet.diloco import DiLoCoRun, OuterOptimizerConfig, average
 from fleet.diloco.exchange import publish_pseudo_gradient
 from fleet.diloco.optim import outer_optimizer
@@ -54,7 +56,7 @@ def like(tmp_path_factory):
 def test_each_codec_round_trips_within_its_stated_error(tmp_path, like, codec, relative, nbytes):
     torch.manual_seed(1)
     x = torch.randn(P) * torch.logspace(-4, 0, P)  # magnitudes over four decades
-    with writing_pseudo_gradient(tmp_path / codec, like, codec, block_size=256) as sink:
+    with writing_pseudo_gradient(tmp_path / codec, like, codec_for(codec, 256)) as sink:
         for start in range(0, P, 4096):
             sink.write(x[start : start + 4096])
     assert sink.manifest is not None and sink.manifest.exchange_bytes == nbytes
@@ -93,7 +95,7 @@ def test_error_feedback_makes_the_sum_of_sent_deltas_track_the_true_sum(tmp_path
             base, local = _packs(d, theta, theta - true, like)
             out_res = d / "residual" if feedback else None
             publish_pseudo_gradient(
-                base, local, d / "pg", "int8", residual=residual, out_residual=out_res
+                base, local, d / "pg", codec_for("int8"), residual=residual, out_residual=out_res
             )
             sent_sum[feedback] += _read(d / "pg")
             residual = out_res
@@ -118,7 +120,7 @@ def test_the_streamed_outer_step_over_pseudo_gradients(tmp_path, like):
             write_values_pack(tmp_path / f"r{i}", local, like)
         else:
             base, trained = _packs(tmp_path / f"in{i}", theta, local, like)
-            publish_pseudo_gradient(base, trained, tmp_path / f"r{i}", codec)
+            publish_pseudo_gradient(base, trained, tmp_path / f"r{i}", codec_for(codec))
         inputs.append(PackInput(tmp_path / f"r{i}"))
     deltas = [_read(tmp_path / "r0"), _read(tmp_path / "r1"), theta - locals_[2]]
     weights = [3.0, 1.0, 2.0]

@@ -25,7 +25,7 @@ from fleet.codec.layout import FilterLike, layout_hash_of, layout_of, named_tens
 from fleet.codec.manifest import PackManifest, PathLike
 from fleet.codec.pack import read_pack, write_pack
 from fleet.errors import ArtifactError, CodecError, LayoutMismatchError, MissingLayoutError
-from fleet.storage import publishing
+from fleet.files import publishing
 
 
 def to_safetensors(

@@ -49,7 +49,7 @@ from fleet.errors import (
     NonFiniteValuesError,
     ValuesLengthError,
 )
-from fleet.storage import publishing
+from fleet.files import publishing
 
 #: Elements converted per chunk when a tensor is not already float32 on the CPU
 #: (4 MiB of float32). Bounds the writer's extra memory.

@@ -1,43 +1,31 @@
 """Pseudo-gradient packs, format ``fleet-pseudo-gradient-v1`` (docs/protocol.md section
-4.4): a replica's ``delta = global - local`` after its inner steps, encoded smaller than
-its float32 parameters, for the outer step of DiLoCo (arXiv:2311.08105).
+4.4): a DiLoCo replica's ``delta = global - local`` after its inner steps (plus its
+error-feedback residual), encoded by a :class:`~fleet.codec.codecs.Codec` (int8 by
+default) for the outer step (Douillard et al. 2023, arXiv:2311.08105).
 
-A pack directory holds ``manifest.json`` (written last), ``values.bin`` (the encoded
-values, in layout order) and, for ``int8``, ``scales.f32le`` (one float32 scale per
-block of ``block_size`` values). Codecs, with ``x`` a float32 value:
-
-- ``fp16``: IEEE binary16 little-endian (2 bytes; relative error <= 2^-11 for
-  2^-14 <= |x| < 65504, absolute error <= 2^-25 below: small deltas lose precision).
-- ``bf16``: bfloat16 little-endian (2 bytes; relative error <= 2^-8, float32's range).
-- ``int8``: blockwise absmax (as OpenDiLoCo/INTELLECT-1's int8 all-reduce):
-  ``scale_b = max|x| / 127`` per block, ``q = round(x / scale_b)`` in ``[-127, 127]``;
-  decoded ``q * scale_b`` (absolute error <= ``scale_b / 2``). 1 byte + 4/block_size.
-
-- ``fp32``: IEEE binary32 little-endian (4 bytes, exact). A synchronous run's exact
-  exchange sends no pseudo-gradient pack (the replica publishes its parameters as a v1
-  pack and the outer step forms the pseudo-gradient itself, bit for bit as the 2023
-  algorithm); an overlapped run (:mod:`fleet.diloco.pipeline`) sends ``fp32``
-  pseudo-gradients, relative to each replica's own start point.
-
-``values_digest`` is xxh3_64 over the bytes of
-``values.bin`` then ``scales.f32le``; ``base_values_digest`` names the global pack the
-delta is relative to.
+A pack directory holds ``manifest.json`` (written last) and the files its codec names
+(``values.bin``, and ``scales.f32le`` for int8), in layout order. ``values_digest`` is
+``xxh3_64`` over the per-file xxh3_64 digests, each as 8 big-endian bytes, in the
+codec's file order (:func:`combine_digests`; an absent scales file counts as the digest
+of no bytes, so older fp32/fp16/bf16 packs keep their digests); ``base_values_digest``
+names the global model the delta is relative to, and the outer step refuses a pack
+whose base is not the global it steps from.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal, cast
+from typing import IO, Any, Literal
 
 import torch
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fleet.codec.codecs import CODECS, SCALES_FILE, VALUES_BIN, Codec, codec_for
 from fleet.codec.manifest import DIGEST_ALGORITHM, MANIFEST_FILE, PackManifest
 from fleet.errors import (
     DigestMismatchError,
@@ -46,25 +34,10 @@ from fleet.errors import (
     UnknownPackFormatError,
     ValuesLengthError,
 )
-from fleet.storage.local import publishing
+from fleet.files import publishing
 
-if TYPE_CHECKING:
-    from fleet.codec.pack import PackReader
-
-PSEUDO_GRADIENT_FORMAT_V1 = "fleet-pseudo-gradient-v1"
-VALUES_BIN = "values.bin"
-SCALES_FILE = "scales.f32le"
-#: Codecs of pseudo-gradient packs.
-Codec = Literal["fp32", "fp16", "bf16", "int8"]
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-}
-#: Bytes per encoded value.
-ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
-_RAW_DTYPE = {"fp32": torch.int32, "fp16": torch.int16, "bf16": torch.int16}
-_INT8_MAX = 127.0
+PSEUDO_GRADIENT_FORMAT_V1: Literal["fleet-pseudo-gradient-v1"] = "fleet-pseudo-gradient-v1"
+_EMPTY = xxhash.xxh3_64().digest()
 
 
 class PseudoGradientManifest(BaseModel):
@@ -73,9 +46,10 @@ class PseudoGradientManifest(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     format: Literal["fleet-pseudo-gradient-v1"]
-    codec: Codec
+    codec: str
+    """A name in :data:`~fleet.codec.codecs.CODECS`."""
     block_size: int | None = Field(default=None, ge=1)
-    """Values per scale (``int8`` only)."""
+    """Values per scale (the scaled codecs: int8)."""
     model_schema_hash: str
     layout_hash: str
     parameter_count: int = Field(ge=0, strict=True)
@@ -83,23 +57,36 @@ class PseudoGradientManifest(BaseModel):
     scales_file: str | None = None
     values_digest: str
     base_values_digest: str | None = None
-    """The digest of the global pack ``delta`` is relative to."""
+    """The digest of the global model ``delta`` is relative to."""
     layout: list[dict[str, Any]] | None = None
 
-    @property
-    def values_nbytes(self) -> int:
-        return self.parameter_count * ITEMSIZE[self.codec]
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        if value not in CODECS:
+            raise ValueError(f"unknown codec {value!r} (known: {', '.join(sorted(CODECS))})")
+        return value
 
     @property
-    def scales_nbytes(self) -> int:
-        if self.codec != "int8" or self.block_size is None:
-            return 0
-        return 4 * math.ceil(self.parameter_count / self.block_size)
+    def codec_object(self) -> Codec:
+        """The codec that reads this pack's values."""
+        return codec_for(self.codec, self.block_size or 256)
+
+    def files(self) -> list[tuple[str, int]]:
+        """``(file name, bytes)`` of each data file, in digest order."""
+        return self.codec_object.files(self.parameter_count)
 
     @property
     def exchange_bytes(self) -> int:
-        """Bytes a reader fetches: values and scales (the manifest aside)."""
-        return self.values_nbytes + self.scales_nbytes
+        """Bytes of the data files (what a reader fetches, the manifest aside)."""
+        return sum(n for _, n in self.files())
+
+
+def combine_digests(per_file: list[bytes]) -> str:
+    """A pack's ``values_digest`` from its files' xxh3_64 digests (8 bytes each, in the
+    codec's file order; a codec with one file is combined with the empty digest)."""
+    parts = list(per_file) + [_EMPTY] * max(0, 2 - len(per_file))
+    return f"{DIGEST_ALGORITHM}:{xxhash.xxh3_64(b''.join(parts)).hexdigest()}"
 
 
 def is_pseudo_gradient(raw: object) -> bool:
@@ -112,7 +99,8 @@ def parse_pseudo_gradient_manifest(raw: object, where: str) -> PseudoGradientMan
 
     Raises:
         UnknownPackFormatError: another format.
-        ManifestError: a key missing or mistyped, or a file name that is not plain.
+        ManifestError: a key missing or mistyped, an unknown codec, or a file name that
+            is not plain.
     """
     if not is_pseudo_gradient(raw):
         fmt = raw.get("format") if isinstance(raw, dict) else None
@@ -122,56 +110,21 @@ def parse_pseudo_gradient_manifest(raw: object, where: str) -> PseudoGradientMan
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ManifestError(where, ".".join(map(str, first["loc"])) or None, first["msg"]) from exc
-    for name in (manifest.values_file, manifest.scales_file):
-        if name is not None and (not name or "/" in name or name in (".", "..")):
+    names = [n for n in (manifest.values_file, manifest.scales_file) if n is not None]
+    for name in names:
+        if not name or "/" in name or name in (".", ".."):
             raise ManifestError(where, "values_file", f"{name!r} is not a plain file name")
     if manifest.codec == "int8" and (manifest.block_size is None or manifest.scales_file is None):
         raise ManifestError(where, "block_size", "int8 needs block_size and scales_file")
+    try:
+        wanted = [name for name, _ in manifest.files()]
+    except ValueError as exc:  # a block size that is not a power of two
+        raise ManifestError(where, "block_size", str(exc)) from exc
+    if names != wanted:
+        raise ManifestError(
+            where, "values_file", f"the {manifest.codec} codec writes {wanted}, not {names}"
+        )
     return manifest
-
-
-# --------------------------------------------------------------------------- codecs
-
-
-def encode(
-    block: torch.Tensor, codec: Codec, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Encode float32 ``[k]`` (``k`` a multiple of ``block_size``, or the last block):
-    the values (int8, float16 or bfloat16 ``[k]``) and, for int8, float32 scales
-    ``[ceil(k / block_size)]``."""
-    if codec != "int8":
-        return block.to(_DTYPES[codec]), None
-    k = block.numel()
-    blocks = math.ceil(k / block_size)
-    padded = block
-    if blocks * block_size != k:
-        padded = torch.zeros(blocks * block_size, dtype=torch.float32)
-        padded[:k] = block
-    rows = padded.view(blocks, block_size)
-    scales = rows.abs().amax(dim=1).div_(_INT8_MAX)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = rows.div(safe[:, None]).round_().clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-    return q.view(-1)[:k], scales
-
-
-def decode_into(
-    values: torch.Tensor, scales: torch.Tensor | None, block_size: int, out: torch.Tensor
-) -> torch.Tensor:
-    """Decode ``values`` (and int8 ``scales``) into float32 ``out[:k]``; return it."""
-    k = values.numel()
-    target = out[:k]
-    if scales is None:
-        return target.copy_(values)
-    blocks = scales.numel()
-    full = min(k // block_size, blocks)
-    if full:
-        body = target[: full * block_size].view(full, block_size)
-        body.copy_(values[: full * block_size].view(full, block_size))
-        body.mul_(scales[:full, None])
-    if full * block_size < k:
-        tail = target[full * block_size :]
-        tail.copy_(values[full * block_size :]).mul_(scales[full])
-    return target
 
 
 # --------------------------------------------------------------------------- write
@@ -179,47 +132,31 @@ def decode_into(
 
 class PseudoGradientSink:
     """Where :func:`writing_pseudo_gradient` takes float32 blocks of ``delta``: each block
-    but the last a multiple of ``block_size`` values, in layout order."""
+    but the last a multiple of the codec's :attr:`~fleet.codec.codecs.Codec.align`
+    values, in layout order."""
 
-    def __init__(self, values: IO[bytes], scales: IO[bytes] | None, codec: Codec, block_size: int):
-        self._values, self._scales = values, scales
-        self.codec, self.block_size = codec, block_size
-        self._hasher = xxhash.xxh3_64()
-        self._scale_hasher = xxhash.xxh3_64()
+    def __init__(self, files: Sequence[IO[bytes]], codec: Codec) -> None:
+        self._files = files
+        self.codec = codec
+        self._hashers = [xxhash.xxh3_64() for _ in files]
         self.written = 0
         self.manifest: PseudoGradientManifest | None = None
 
     def write(self, block: torch.Tensor) -> torch.Tensor:
         """Encode and append ``block``; return its decoded values (what the outer step
         will read), float32 ``[k]``, for error feedback."""
-        if self.codec == "int8" and self.written % self.block_size:
-            raise ValueError("only the last block may be a partial int8 block")
-        values, scales = encode(block, self.codec, self.block_size)
-        data = _le_bytes(values)
-        self._values.write(data)
-        self._hasher.update(data)
-        if scales is not None and self._scales is not None:
-            scale_bytes = _le_bytes(scales)
-            self._scales.write(scale_bytes)
-            self._scale_hasher.update(scale_bytes)
+        if self.written % self.codec.align:
+            raise ValueError(f"only the last block may hold other than {self.codec.align}k values")
+        parts = self.codec.encode(block)
+        for f, hasher, data in zip(self._files, self._hashers, parts, strict=True):
+            f.write(data)
+            hasher.update(data)
         self.written += block.numel()
-        return decode_into(values, scales, self.block_size, torch.empty_like(block))
+        return self.codec.decode_into([bytes(p) for p in parts], torch.empty_like(block))
 
     @property
     def digest(self) -> str:
-        combined = xxhash.xxh3_64(self._hasher.digest() + self._scale_hasher.digest())
-        return f"{DIGEST_ALGORITHM}:{combined.hexdigest()}"
-
-
-def _le_bytes(tensor: torch.Tensor) -> memoryview:
-    """The little-endian bytes of a CPU tensor (2-byte floats as their int16 bits)."""
-    t = tensor.contiguous()
-    if t.element_size() == 2:
-        t = t.view(torch.int16)  # numpy has no bfloat16
-    array = t.numpy()
-    if sys.byteorder != "little" and t.element_size() > 1:
-        array = array.byteswap()
-    return memoryview(cast(Any, array)).cast("B")
+        return combine_digests([h.digest() for h in self._hashers])
 
 
 @contextmanager
@@ -228,7 +165,6 @@ def writing_pseudo_gradient(
     like: PackManifest,
     codec: Codec,
     *,
-    block_size: int = 256,
     base_values_digest: str | None = None,
 ) -> Iterator[PseudoGradientSink]:
     """Write a pseudo-gradient pack with the layout of ``like`` block by block; published
@@ -239,30 +175,25 @@ def writing_pseudo_gradient(
         StorageError: the file system failed; nothing is published then.
     """
     with publishing(path, mkdir=True, replace_dir=lambda p: (p / MANIFEST_FILE).is_file()) as tmp:
-        scales_name = SCALES_FILE if codec == "int8" else None
-        with open(tmp / VALUES_BIN, "wb") as values:
-            scales = open(tmp / scales_name, "wb") if scales_name else None  # noqa: SIM115
-            try:
-                sink = PseudoGradientSink(values, scales, codec, block_size)
-                yield sink
-            finally:
-                if scales is not None:
-                    scales.close()
+        names = [name for name, _ in codec.files(like.parameter_count)]
+        with ExitStack() as files:
+            opened = [files.enter_context(open(tmp / name, "wb")) for name in names]
+            sink = PseudoGradientSink(opened, codec)
+            yield sink
         if sink.written != like.parameter_count:
             raise ValueError(
                 f"{sink.written} values written, the layout has {like.parameter_count}"
             )
         manifest = PseudoGradientManifest(
-            format="fleet-pseudo-gradient-v1",
-            codec=codec,
-            block_size=block_size if codec == "int8" else None,
+            format=PSEUDO_GRADIENT_FORMAT_V1,
+            codec=codec.name,
             model_schema_hash=like.model_schema_hash,
             layout_hash=like.layout_hash,
             parameter_count=like.parameter_count,
-            scales_file=scales_name,
             values_digest=sink.digest,
             base_values_digest=base_values_digest,
             layout=like.layout,
+            **codec.manifest_fields(),
         )
         text = json.dumps(manifest.model_dump(mode="json", exclude_none=True), indent=2)
         (tmp / MANIFEST_FILE).write_text(text, "utf-8")
@@ -276,7 +207,8 @@ class PseudoGradientReader:
     """Reads a pseudo-gradient pack's decoded values in order, block by block, checking
     the digest and (if asked) finiteness as it reads; the same interface as
     :class:`~fleet.codec.pack.PackReader` (``manifest``, ``remaining``, ``read_into``,
-    ``finish``). It closes the files it is given.
+    ``finish``). It closes the files it is given (one per :meth:`~PseudoGradientManifest.
+    files` entry, in order).
 
     Raises (:meth:`finish`):
         DigestMismatchError: the bytes do not hash to ``values_digest``.
@@ -286,21 +218,22 @@ class PseudoGradientReader:
     def __init__(
         self,
         manifest: PseudoGradientManifest,
-        values: IO[bytes],
-        scales: IO[bytes] | None,
+        files: Sequence[IO[bytes]],
         where: str,
         *,
         check_finite: bool = True,
     ) -> None:
         self.manifest = manifest
+        self.codec = manifest.codec_object
         self.path = where
         self.remaining = manifest.parameter_count
-        self._values, self._scales = values, scales
+        self._files = files
+        self._specs = manifest.files()
         self._check_finite = check_finite
-        self._hasher, self._scale_hasher = xxhash.xxh3_64(), xxhash.xxh3_64()
+        self._hashers = [xxhash.xxh3_64() for _ in files]
         self._bad = 0
-        self._itemsize = ITEMSIZE[manifest.codec]
-        self.block_size = manifest.block_size or 1
+        self._offset = 0
+        self.block_size = self.codec.align
 
     def _read(self, f: IO[bytes], nbytes: int, name: str, expected: int) -> bytes:
         parts, got = [], 0
@@ -312,43 +245,41 @@ class PseudoGradientReader:
             got += len(data)
         return b"".join(parts)
 
+    def _part_bytes(self, index: int, n: int) -> int:
+        """Bytes of file ``index`` that hold the next ``n`` values (reads start at a
+        multiple of the codec's alignment)."""
+        before = self.codec.files(self._offset)[index][1]
+        return self.codec.files(self._offset + n)[index][1] - before
+
     def read_into(self, out: torch.Tensor) -> torch.Tensor:
         """Decode the next ``min(out.numel(), remaining)`` values into float32 ``out``
-        (for int8, ``out.numel()`` a multiple of ``block_size``); return the filled part."""
-        m = self.manifest
+        (``out.numel()`` a multiple of the codec's alignment); return the filled part."""
         n = min(out.numel(), self.remaining)
-        data = self._read(self._values, n * self._itemsize, m.values_file, m.values_nbytes)
-        self._hasher.update(data)
-        scales = None
-        if m.codec == "int8":
-            assert self._scales is not None and m.scales_file is not None
-            count = math.ceil(n / self.block_size)
-            raw = self._read(self._scales, 4 * count, m.scales_file, m.scales_nbytes)
-            self._scale_hasher.update(raw)
-            scales = torch.frombuffer(bytearray(raw), dtype=torch.float32)
-            values = torch.frombuffer(bytearray(data), dtype=torch.int8)
-        else:
-            raw_dtype = _RAW_DTYPE[m.codec]
-            values = torch.frombuffer(bytearray(data), dtype=raw_dtype).view(_DTYPES[m.codec])
-        block = decode_into(values, scales, self.block_size, out.view(-1))
+        parts = []
+        for index, (f, hasher, (name, expected)) in enumerate(
+            zip(self._files, self._hashers, self._specs, strict=True)
+        ):
+            data = self._read(f, self._part_bytes(index, n), name, expected)
+            hasher.update(data)
+            parts.append(data)
+        block = self.codec.decode_into(parts, out.view(-1))
         if self._check_finite and not math.isfinite(float(block.sum())):
             self._bad += int((~torch.isfinite(block)).sum())
         self.remaining -= n
+        self._offset += n
         return block
 
     def finish(self) -> None:
         expected = self.manifest.values_digest
-        combined = xxhash.xxh3_64(self._hasher.digest() + self._scale_hasher.digest())
-        actual = f"{DIGEST_ALGORITHM}:{combined.hexdigest()}"
+        actual = combine_digests([h.digest() for h in self._hashers])
         if actual != expected:
             raise DigestMismatchError(f"{self.path}/{self.manifest.values_file}", expected, actual)
         if self._bad:
             raise NonFiniteValuesError(f"{self.path}/{self.manifest.values_file}", self._bad, -1)
 
     def close(self) -> None:
-        self._values.close()
-        if self._scales is not None:
-            self._scales.close()
+        for f in self._files:
+            f.close()
 
     def __enter__(self) -> PseudoGradientReader:
         return self
@@ -359,31 +290,15 @@ class PseudoGradientReader:
             self.finish()
 
 
-def open_reader(
-    path: Path,
-    *,
-    check_finite: bool = False,
-    layout_hash: str | None = None,
-    values_digest: str | None = None,
-) -> PackReader | PseudoGradientReader:
-    """A reader of the local pack directory ``path``, v1 or pseudo-gradient (see
-    :meth:`fleet.storage.Store.pack_reader` for packs on a store).
-
-    Raises:
-        CodecError: not a readable pack, or not the one the ref recorded.
-    """
-    from fleet.codec.pack import PackReader, check_expected
-
-    try:
-        raw = json.loads((path / MANIFEST_FILE).read_bytes())
-    except (OSError, ValueError):
-        raw = None
-    if not is_pseudo_gradient(raw):
-        return PackReader(
-            path, check_finite=check_finite, layout_hash=layout_hash, values_digest=values_digest
-        )
-    manifest = parse_pseudo_gradient_manifest(raw, str(path / MANIFEST_FILE))
-    check_expected(manifest, path, layout_hash=layout_hash, values_digest=values_digest)  # type: ignore[arg-type]
-    values = open(path / manifest.values_file, "rb")  # noqa: SIM115
-    scales = open(path / manifest.scales_file, "rb") if manifest.scales_file else None  # noqa: SIM115
-    return PseudoGradientReader(manifest, values, scales, str(path), check_finite=check_finite)
+__all__ = [
+    "PSEUDO_GRADIENT_FORMAT_V1",
+    "SCALES_FILE",
+    "VALUES_BIN",
+    "PseudoGradientManifest",
+    "PseudoGradientReader",
+    "PseudoGradientSink",
+    "combine_digests",
+    "is_pseudo_gradient",
+    "parse_pseudo_gradient_manifest",
+    "writing_pseudo_gradient",
+]

@@ -24,13 +24,13 @@ import fnmatch
 import hashlib
 import json
 import posixpath
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fleet.data.shard_hash import SHA256_MULTIHASH, hash_stream
 from fleet.errors import (
     DatasetFormatError,
     DatasetPathError,
@@ -39,11 +39,10 @@ from fleet.errors import (
     ShardMissingError,
     ShardSizeMismatchError,
 )
-from fleet.storage import LocalStore, Store, atomic_write_bytes
+from fleet.files import atomic_write_bytes
+from fleet.storage import LocalStore, Store
 
 MANIFEST = "fetch-manifest.json"
-#: Multihash prefix of a sha2-256 digest (code 0x12, length 0x20), in hex.
-SHA256_MULTIHASH = "1220"
 
 
 class Microshard(BaseModel):
@@ -84,19 +83,6 @@ class _Entry(BaseModel):
 class _FetchManifest(BaseModel):
     dataset_view_id: str
     entries: list[_Entry]
-
-
-def _hash_stream(f: IO[bytes]) -> str:
-    digest = hashlib.sha256()
-    for block in iter(lambda: f.read(1 << 20), b""):
-        digest.update(block)
-    return SHA256_MULTIHASH + digest.hexdigest()
-
-
-def shard_hash(path: Path) -> str:
-    """The content hash of a file as burn_p2p writes it: sha2-256 multihash, hex."""
-    with open(path, "rb") as f:
-        return _hash_stream(f)
 
 
 def _rel(store: Store, dataset: str, path: str, shard: str | None) -> str:
@@ -188,40 +174,13 @@ def verify_dataset(store: Store, index: DatasetIndex) -> int:
         if shard.content_hash is None:
             continue
         with store.open_read(shard.path) as f:
-            actual = _hash_stream(f)
+            actual = hash_stream(f)
         if actual != shard.content_hash:
             raise ShardHashMismatchError(
                 index.path, shard.microshard_id, shard.content_hash, actual
             )
         checked += 1
     return checked
-
-
-class ShardChecker:
-    """Checks shards' content hashes the first time this process reads them (a shard is
-    checked again only if its size or modification time changed)."""
-
-    def __init__(self) -> None:
-        self._checked: set[tuple[str, int, int]] = set()
-        self._lock = threading.Lock()
-
-    def check(self, dataset: str, microshard_id: str, path: Path, expected: str) -> None:
-        """Raises:
-        ShardHashMismatchError: the file's content hash is not ``expected``.
-        ShardMissingError: the file is gone."""
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise ShardMissingError(dataset, microshard_id, str(path)) from None
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            if key in self._checked:
-                return
-        actual = shard_hash(path)
-        if actual != expected.lower():
-            raise ShardHashMismatchError(dataset, microshard_id, expected, actual)
-        with self._lock:
-            self._checked.add(key)
 
 
 def write_dataset(

@@ -25,7 +25,8 @@ import torch
 
 from fleet.codec.manifest import PackManifest
 from fleet.codec.pack import PackReader, writing_pack
-from fleet.codec.pseudo_gradient import Codec, PseudoGradientManifest, writing_pseudo_gradient
+from fleet.codec.codecs import Codec
+from fleet.codec.pseudo_gradient import PseudoGradientManifest, writing_pseudo_gradient
 from fleet.errors import LayoutMismatchError
 
 #: Values encoded per step (a multiple of every power-of-two block size up to 2^16).
@@ -46,7 +47,6 @@ def publish_pseudo_gradient(
     out: Path,
     codec: Codec,
     *,
-    block_size: int = 256,
     residual: Path | None = None,
     out_residual: Path | None = None,
     base_digest: str | None = None,
@@ -60,14 +60,14 @@ def publish_pseudo_gradient(
             ``base_digest``.
         trained: the replica's parameters after its inner steps (a local v1 pack).
         residual: the residual carried from the last round (a v1 pack), or None (zero).
-        chunk_numel: values per step; a multiple of ``block_size``.
+        chunk_numel: values per step; a multiple of the codec's alignment.
 
     Raises:
         LayoutMismatchError: the packs' layouts differ.
         CodecError: an input is corrupt; nothing is published.
     """
-    if chunk_numel % block_size:
-        raise ValueError(f"chunk_numel {chunk_numel} is not a multiple of {block_size}")
+    if chunk_numel % codec.align:
+        raise ValueError(f"chunk_numel {chunk_numel} is not a multiple of {codec.align}")
     with ExitStack() as stack:
         base_reader = stack.enter_context(
             PackReader(base, values_digest=base_digest, check_finite=True)
@@ -85,7 +85,7 @@ def publish_pseudo_gradient(
         blocks = [torch.empty(size, dtype=torch.float32) for _ in readers]
         sink = stack.enter_context(
             writing_pseudo_gradient(
-                out, like, codec, block_size=block_size, base_values_digest=like.values_digest
+                out, like, codec, base_values_digest=like.values_digest
             )
         )
         residual_sink = (

@@ -35,7 +35,8 @@ import torch
 
 from fleet.codec.manifest import PackManifest
 from fleet.codec.pack import PackReader, writing_pack
-from fleet.codec.pseudo_gradient import PseudoGradientReader, open_reader
+from fleet.codec.pseudo_gradient import PseudoGradientReader
+from fleet.codec.readers import open_reader
 from fleet.diloco.optim import OuterOptimizer, outer_optimizer
 from fleet.errors import LayoutMismatchError
 from fleet.protocol import OuterOptimizerConfig

@@ -4,16 +4,11 @@ local-path backend (:class:`LocalStore`) and an fsspec object-store backend
 cache (:class:`~fleet.storage.cache.WorkerCache`). :func:`open_store` picks one from
 the settings. See :mod:`fleet.storage.store`."""
 
-from fleet.storage.local import (
-    SharedRoot,
-    atomic_write_bytes,
-    fsync_path,
-    publishing,
-    remove_paths,
-    temp_sibling,
-)
-from fleet.storage.refs import RESULT_SUFFIX, TEMP_MARKER, PackRef, result_marker
-from fleet.storage.store import COMMIT_FILES, Entry, LocalStore, Store, is_url, open_store
+from fleet.files import TEMP_MARKER
+from fleet.storage.local import SharedRoot, remove_paths
+from fleet.storage.refs import RESULT_SUFFIX, PackRef, result_marker
+from fleet.storage.roots import is_url, open_store
+from fleet.storage.store import COMMIT_FILES, Entry, LocalStore, Store
 
 __all__ = [
     "COMMIT_FILES",
@@ -24,12 +19,8 @@ __all__ = [
     "PackRef",
     "SharedRoot",
     "Store",
-    "atomic_write_bytes",
-    "fsync_path",
     "is_url",
     "open_store",
-    "publishing",
     "remove_paths",
     "result_marker",
-    "temp_sibling",
 ]

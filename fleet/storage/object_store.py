@@ -34,9 +34,11 @@ from typing import IO, TYPE_CHECKING, Any
 
 import xxhash
 
-from fleet.codec.manifest import DIGEST_ALGORITHM, MANIFEST_FILE, PACK_FORMAT_V1, PackManifest
+from fleet.codec.manifest import MANIFEST_FILE
 from fleet.errors import (
     DigestMismatchError,
+    ManifestError,
+    NotAPackError,
     PathOutsideRootError,
     ShardHashMismatchError,
     ShardMissingError,
@@ -46,7 +48,7 @@ from fleet.errors import (
 )
 from fleet.storage.cache import WorkerCache
 from fleet.storage.refs import PackRef
-from fleet.storage.store import COMMIT_FILES, Entry, Store
+from fleet.storage.store import COMMIT_FILES, CountedReader, Entry, Store, TransferCounters
 
 if TYPE_CHECKING:
     from fleet.codec.pack import PackReader
@@ -54,6 +56,13 @@ if TYPE_CHECKING:
 
 #: Bytes per read when fetching into the cache.
 FETCH_BLOCK_BYTES = 8 << 20
+
+
+def _json(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(where, None, f"not valid JSON: {exc}") from exc
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -92,6 +101,7 @@ class ObjectStore(Store):
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.cache = cache
+        self.counters = TransferCounters()
         self._fs: Any = None
         self._pid = -1
         self._lock = threading.Lock()
@@ -156,7 +166,9 @@ class ObjectStore(Store):
         return bool(self._call("exists", self.fs.exists, key))
 
     def read_bytes(self, rel: str) -> bytes:
-        return bytes(self._call("read", self.fs.cat_file, self.key(self.relative(rel))))
+        data = bytes(self._call("read", self.fs.cat_file, self.key(self.relative(rel))))
+        self.counters.received(len(data))
+        return data
 
     def _entry(self, info: dict[str, Any]) -> Entry:
         name = str(info["name"]).rstrip("/")
@@ -186,52 +198,80 @@ class ObjectStore(Store):
 
     def open_read(self, rel: str, *, block_size: int = 1 << 22) -> IO[bytes]:
         key = self.key(self.relative(rel))
-        return self._call(  # type: ignore[no-any-return]
+        opened = self._call(
             "open", self.fs.open, key, "rb", block_size=block_size, cache_type="readahead"
         )
-
-    def _values_rel(self, rel: str, manifest: PackManifest) -> str:
-        name = manifest.values_f32_le
-        if "/" in name or name in ("", ".", ".."):
-            raise PathOutsideRootError(name, f"{self.url}/{rel}")
-        return f"{rel}/{name}"
+        return CountedReader(opened, self.counters)  # type: ignore[return-value]
 
     def local_pack(self, rel: str, ref: PackRef | None = None) -> Path:
+        """A verified local copy of the pack at ``rel``, of any format (the codec says
+        which files it holds and how their digests make its ``values_digest``:
+        :func:`fleet.codec.readers.pack_files`). With a ``ref`` whose digest the cache
+        holds, no request is made: the cache admitted that copy verified."""
         from fleet.codec.pack import check_expected
+        from fleet.codec.readers import pack_files
 
         rel = self.relative(rel)
         cache = self._need_cache()
-        manifest = self.read_manifest(rel)
         where = f"{self.url}/{rel}"
+        if ref is not None and ref.values_digest is not None:
+            hit = cache.get("packs", ref.values_digest.replace(":", "-"))
+            if hit is not None:
+                if ref.layout_hash is not None:
+                    raw = json.loads((hit / MANIFEST_FILE).read_bytes())
+                    check_expected(
+                        pack_files(raw, str(hit)).manifest, where, layout_hash=ref.layout_hash
+                    )
+                return hit
+        manifest_bytes = self._manifest_bytes(rel)
+        spec = pack_files(_json(manifest_bytes, f"{where}/{MANIFEST_FILE}"), where)
         if ref is not None:
             check_expected(
-                manifest, where, layout_hash=ref.layout_hash, values_digest=ref.values_digest
+                spec.manifest, where, layout_hash=ref.layout_hash, values_digest=ref.values_digest
             )
-        digest = manifest.values_digest
-        key = digest.replace(":", "-") if digest else None
+        key = spec.values_digest.replace(":", "-") if spec.values_digest else None
         if key is not None and (hit := cache.get("packs", key)) is not None:
             return hit
         with cache.staging() as tmp:
             pack = tmp / "pack"
             pack.mkdir()
-            values_rel = self._values_rel(rel, manifest)
-            hasher = xxhash.xxh3_64()
-            got = 0
+            digests = []
+            for name, nbytes in spec.files:
+                digests.append(self._fetch(f"{rel}/{name}", pack / name, nbytes))
+            actual = spec.combine(digests)
+            if spec.values_digest is not None and actual != spec.values_digest:
+                raise DigestMismatchError(f"{where}/{spec.files[0][0]}", spec.values_digest, actual)
+            (pack / MANIFEST_FILE).write_bytes(manifest_bytes)
+            return cache.admit("packs", key or "undigested-" + actual.replace(":", "-"), pack)
+
+    def _manifest_bytes(self, rel: str) -> bytes:
+        try:
+            return self.read_bytes(f"{rel}/{MANIFEST_FILE}")
+        except FileNotFoundError:
+            raise NotAPackError(f"{self.url}/{rel}", f"no {MANIFEST_FILE}") from None
+
+    def _fetch(self, rel: str, dest: Path, nbytes: int) -> bytes:
+        """Copy the object ``rel`` to ``dest``; its xxh3_64 digest (8 bytes).
+
+        Raises:
+            ValuesLengthError: it is not ``nbytes`` long.
+        """
+        hasher = xxhash.xxh3_64()
+        got = 0
+        try:
             with (
-                self.open_read(values_rel, block_size=FETCH_BLOCK_BYTES) as src,
-                open(pack / manifest.values_f32_le, "wb") as dst,
+                self.open_read(rel, block_size=FETCH_BLOCK_BYTES) as src,
+                open(dest, "wb") as dst,
             ):
                 while block := src.read(FETCH_BLOCK_BYTES):
                     hasher.update(block)
                     dst.write(block)
                     got += len(block)
-            if got != manifest.values_nbytes:
-                raise ValuesLengthError(f"{self.url}/{values_rel}", manifest.values_nbytes, got)
-            actual = f"{DIGEST_ALGORITHM}:{hasher.hexdigest()}"
-            if digest is not None and actual != digest:
-                raise DigestMismatchError(f"{self.url}/{values_rel}", digest, actual)
-            (pack / MANIFEST_FILE).write_bytes(self.read_bytes(f"{rel}/{MANIFEST_FILE}"))
-            return cache.admit("packs", key or "undigested-" + actual.replace(":", "-"), pack)
+        except FileNotFoundError:
+            got = 0
+        if got != nbytes:
+            raise ValuesLengthError(f"{self.url}/{rel}", nbytes, got)
+        return hasher.digest()
 
     def pack_reader(
         self,
@@ -245,13 +285,15 @@ class ObjectStore(Store):
         """As :meth:`Store.pack_reader`; a pack this worker holds in its cache under the
         expected digest (it wrote it, or read it before) is read from there, checked
         all the same."""
-        from fleet.codec.pack import PackReader
+        from fleet.codec.readers import LocalFiles, open_pack
 
         if values_digest is not None and self.cache is not None:
             hit = self.cache.get("packs", values_digest.replace(":", "-"))
             if hit is not None:
-                return PackReader(
-                    hit,
+                return open_pack(
+                    LocalFiles(hit),
+                    "",
+                    block_size=block_size,
                     check_finite=check_finite,
                     layout_hash=layout_hash,
                     values_digest=values_digest,
@@ -293,12 +335,13 @@ class ObjectStore(Store):
             entry = tmp / "entry"
             entry.mkdir()
             self._call("fetch", self.fs.get_file, self.key(rel), str(entry / name))
+            self.counters.received((entry / name).stat().st_size)
             return cache.admit("files", key, entry) / name
 
     def local_shard(
         self, rel: str, content_hash: str | None, *, dataset: str, shard_id: str
     ) -> Path:
-        from fleet.data.dataset import SHA256_MULTIHASH
+        from fleet.data.shard_hash import SHA256_MULTIHASH
 
         rel = self.relative(rel)
         if content_hash is None:
@@ -351,8 +394,7 @@ class ObjectStore(Store):
             # (its own replica pack, the global pack it merged, its optimizer state)
             manifest = local / MANIFEST_FILE
             if local.is_dir() and manifest.is_file():
-                raw = json.loads(manifest.read_bytes())
-                digest = raw.get("values_digest") if raw.get("format") == PACK_FORMAT_V1 else None
+                digest = json.loads(manifest.read_bytes()).get("values_digest")
                 if isinstance(digest, str):
                     cache.admit("packs", digest.replace(":", "-"), local)
             elif local.is_file():
@@ -372,6 +414,7 @@ class ObjectStore(Store):
         rel = self.relative(rel)
         if not local.is_dir():
             self._call("upload", self.fs.put_file, str(local), self.key(rel))
+            self.counters.sent(local.stat().st_size)
             return
         files = sorted(p for p in local.rglob("*") if p.is_file())
         commits = [p for p in files if p.parent == local and p.name in COMMIT_FILES]
@@ -381,9 +424,11 @@ class ObjectStore(Store):
         for path in [p for p in files if p not in commits] + commits:
             target = f"{rel}/{path.relative_to(local).as_posix()}"
             self._call("upload", self.fs.put_file, str(path), self.key(target))
+            self.counters.sent(path.stat().st_size)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         self._call("write", self.fs.pipe_file, self.key(self.relative(rel)), data)
+        self.counters.sent(len(data))
 
     def remove(self, rels: list[str]) -> int:
         freed = 0

@@ -33,11 +33,6 @@ class PackRef(BaseModel):
         )
 
 
-#: Marker in the names of temp siblings (``.<name>.tmp-<hex>``); ``fleet gc`` removes
-#: stale ones a crash left behind.
-TEMP_MARKER = ".tmp-"
-
-
 #: Suffix of the file beside a task's output that records the task's result, so a
 #: redelivered task returns it instead of running again (docs/design.md decision 5).
 RESULT_SUFFIX = ".result.json"

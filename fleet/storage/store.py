@@ -21,9 +21,11 @@ to write that is published when the block ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,14 +34,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from fleet.codec.manifest import MANIFEST_FILE, PackManifest, _manifest_from_json, read_manifest
-from fleet.errors import ManifestError, NotAPackError, PathOutsideRootError, ValuesLengthError
-from fleet.storage.local import SharedRoot, atomic_write_bytes, remove_paths
+from fleet.errors import ManifestError, NotAPackError, PathOutsideRootError
+from fleet.files import atomic_write_bytes
+from fleet.storage.local import SharedRoot, remove_paths
 from fleet.storage.refs import PackRef
 
 if TYPE_CHECKING:
     from fleet.codec.pack import PackReader
     from fleet.codec.pseudo_gradient import PseudoGradientReader
-    from fleet.settings import FleetSettings
 
 #: Files that commit a directory: uploaded last, so a reader that finds one finds the
 #: whole directory (a pack's manifest, a burn_p2p dataset's fetch manifest).
@@ -74,14 +76,74 @@ def parse_manifest(data: bytes, where: str) -> PackManifest:
     return _manifest_from_json(Path(where), raw)
 
 
+class TransferCounters:
+    """Bytes this process moved to (``sent_bytes``) and from (``received_bytes``) the
+    shared root, counted where they move: each payload a store request carries (the
+    requests' own headers aside). Thread-safe; :meth:`snapshot` and a later
+    :meth:`since` give what one task moved."""
+
+    def __init__(self) -> None:
+        self.sent_bytes = 0
+        self.received_bytes = 0
+        self._lock = threading.Lock()
+
+    def sent(self, nbytes: int) -> None:
+        with self._lock:
+            self.sent_bytes += nbytes
+
+    def received(self, nbytes: int) -> None:
+        with self._lock:
+            self.received_bytes += nbytes
+
+    def snapshot(self) -> tuple[int, int]:
+        """``(sent_bytes, received_bytes)`` so far."""
+        with self._lock:
+            return self.sent_bytes, self.received_bytes
+
+    def since(self, snapshot: tuple[int, int]) -> tuple[int, int]:
+        """``(sent_bytes, received_bytes)`` since ``snapshot``."""
+        sent, received = self.snapshot()
+        return sent - snapshot[0], received - snapshot[1]
+
+
+class CountedReader:
+    """A binary file object that counts the bytes read through it into ``counters``."""
+
+    def __init__(self, f: IO[bytes], counters: TransferCounters) -> None:
+        self._f = f
+        self._counters = counters
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._counters.received(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._f.readinto(buffer)  # type: ignore[attr-defined]
+        self._counters.received(n or 0)
+        return n or 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> CountedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()
+
+
 class Store(ABC):
     """A shared root, local or remote. Paths are root-relative POSIX strings; one that
-    escapes the root is refused with :class:`~fleet.errors.PathOutsideRootError`."""
+    escapes the root is refused with :class:`~fleet.errors.PathOutsideRootError`. Every
+    byte moved is counted in :attr:`counters`."""
 
     #: Where the root is, for messages and ``fleet cluster info``.
     url: str
     #: True for a local path (files are read where they lie).
     is_local: bool
+    #: Bytes this process moved to and from the root.
+    counters: TransferCounters
 
     # ------------------------------------------------------------------ paths
 
@@ -167,49 +229,21 @@ class Store(ABC):
         layout_hash: str | None = None,
         values_digest: str | None = None,
     ) -> PackReader | PseudoGradientReader:
-        """A reader streaming the pack at ``rel`` from the store (ranged reads of
-        ``block_size``), its digest checked while read: a
-        :class:`~fleet.codec.pack.PackReader` for a v1 pack, a
-        :class:`~fleet.codec.pseudo_gradient.PseudoGradientReader` (decoding to float32)
-        for a pseudo-gradient pack.
+        """A reader streaming the pack at ``rel`` from the store, of any format
+        (:func:`fleet.codec.readers.open_pack`: the codec reads, the store moves bytes).
 
         Raises:
-            CodecError: see :class:`~fleet.codec.pack.PackReader`.
+            CodecError: see :func:`~fleet.codec.readers.open_pack`.
         """
-        from fleet.codec.pack import PackReader, check_expected
-        from fleet.codec.pseudo_gradient import PseudoGradientReader, is_pseudo_gradient
+        from fleet.codec.readers import open_pack
 
-        rel = self.relative(rel)
-        where = f"{self.url}/{rel}"
-        raw = self.read_manifest_json(rel)
-        if is_pseudo_gradient(raw):
-            from fleet.codec.pseudo_gradient import parse_pseudo_gradient_manifest
-
-            pg = parse_pseudo_gradient_manifest(raw, f"{where}/{MANIFEST_FILE}")
-            check_expected(pg, where, layout_hash=layout_hash, values_digest=values_digest)  # type: ignore[arg-type]
-            files = [(pg.values_file, pg.values_nbytes)]
-            if pg.scales_file is not None:
-                files.append((pg.scales_file, pg.scales_nbytes))
-            for name, nbytes in files:
-                self._check_size(f"{rel}/{name}", nbytes)
-            opened = [self.open_read(f"{rel}/{name}", block_size=block_size) for name, _ in files]
-            return PseudoGradientReader(
-                pg,
-                opened[0],
-                opened[1] if len(opened) > 1 else None,
-                where,
-                check_finite=check_finite,
-            )
-        manifest = _manifest_from_json(Path(f"{where}/{MANIFEST_FILE}"), raw)
-        values_rel = f"{rel}/{manifest.values_f32_le}"
-        self._check_size(values_rel, manifest.values_nbytes)
-        return PackReader(
-            where,
+        return open_pack(
+            self,
+            self.relative(rel),
+            block_size=block_size,
             check_finite=check_finite,
             layout_hash=layout_hash,
             values_digest=values_digest,
-            manifest=manifest,
-            file=self.open_read(values_rel, block_size=block_size),
         )
 
     def read_manifest_json(self, rel: str) -> Any:
@@ -219,23 +253,9 @@ class Store(ABC):
             NotAPackError: no manifest there.
             ManifestError: not JSON.
         """
-        where = posixpath.join(rel, MANIFEST_FILE)
-        try:
-            data = self.read_bytes(where)
-        except FileNotFoundError:
-            raise NotAPackError(f"{self.url}/{rel}", f"no {MANIFEST_FILE}") from None
-        try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"{self.url}/{where}", None, f"not valid JSON: {exc}") from exc
+        from fleet.codec.readers import read_manifest_json
 
-    def _check_size(self, rel: str, nbytes: int) -> None:
-        try:
-            size = self.size(rel)
-        except FileNotFoundError:
-            size = 0
-        if size != nbytes:
-            raise ValuesLengthError(f"{self.url}/{rel}", nbytes, size)
+        return read_manifest_json(self, self.relative(rel))
 
     @abstractmethod
     def local_pack(self, rel: str, ref: PackRef | None = None) -> Path:
@@ -316,6 +336,7 @@ class LocalStore(Store):
         self.shared = SharedRoot(root)
         self.root = self.shared.root
         self.url = str(self.root)
+        self.counters = TransferCounters()
         self._checker: Any = None  # a ShardChecker, made on first use
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
@@ -333,9 +354,11 @@ class LocalStore(Store):
 
     def read_bytes(self, rel: str) -> bytes:
         try:
-            return self.resolve(rel).read_bytes()
+            data = self.resolve(rel).read_bytes()
         except IsADirectoryError:
             raise FileNotFoundError(rel) from None
+        self.counters.received(len(data))
+        return data
 
     def _entry(self, path: Path) -> Entry:
         stat = path.lstat()
@@ -361,13 +384,17 @@ class LocalStore(Store):
         return [self._entry(p) for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink()]
 
     def open_read(self, rel: str, *, block_size: int = 1 << 22) -> IO[bytes]:
-        return open(self.resolve(rel), "rb", buffering=0)
+        return CountedReader(open(self.resolve(rel), "rb", buffering=0), self.counters)  # type: ignore[return-value]
 
     def read_manifest(self, rel: str) -> PackManifest:
         return read_manifest(self.resolve(rel))
 
     def local_pack(self, rel: str, ref: PackRef | None = None) -> Path:
-        return self.resolve(rel)
+        """The pack where it lies (its data files count as received: the caller reads
+        them from the root)."""
+        path = self.resolve(rel)
+        self.counters.received(_tree_bytes(path, skip=MANIFEST_FILE))
+        return path
 
     def size(self, rel: str) -> int:
         path = self.resolve(rel)
@@ -379,14 +406,17 @@ class LocalStore(Store):
         path = self.resolve(rel)
         if not path.is_file():
             raise FileNotFoundError(rel)
+        self.counters.received(path.stat().st_size)
         return path
 
     def local_shard(
         self, rel: str, content_hash: str | None, *, dataset: str, shard_id: str
     ) -> Path:
-        from fleet.data.dataset import ShardChecker
+        from fleet.data.shard_hash import ShardChecker
 
         path = self.resolve(rel)
+        with contextlib.suppress(FileNotFoundError):
+            self.counters.received(path.stat().st_size)
         if content_hash is not None:
             if self._checker is None:
                 self._checker = ShardChecker()
@@ -395,37 +425,23 @@ class LocalStore(Store):
 
     @contextmanager
     def output(self, rel: str, *, required: bool = True) -> Iterator[Path]:
-        yield self.resolve(rel)
+        path = self.resolve(rel)
+        yield path
+        self.counters.sent(_tree_bytes(path))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         atomic_write_bytes(self.resolve(rel), data)
+        self.counters.sent(len(data))
 
     def remove(self, rels: list[str]) -> int:
         return remove_paths(self.root, [self.resolve(r) for r in rels])
 
 
-def open_store(settings: FleetSettings, *, cache: bool = True) -> Store:
-    """The store of ``settings.shared_root``: a :class:`LocalStore` for a path, an
-    :class:`~fleet.storage.object_store.ObjectStore` for a URL (``scheme://...``), with
-    ``settings.storage_options`` and a cache at ``settings.cache_dir``.
-
-    Raises:
-        StorageError: the URL's file system is unknown or cannot be opened (e.g. s3fs
-            is not installed: ``pip install 'fleet-diloco[s3]'``).
-    """
-    root = os.fspath(settings.shared_root)
-    if root.startswith("file://"):
-        return LocalStore(root.removeprefix("file://"))
-    if not is_url(root):
-        return LocalStore(root)
-    from fleet.storage.cache import WorkerCache
-    from fleet.storage.object_store import ObjectStore
-
-    worker_cache = WorkerCache(settings.cache_dir, settings.cache_max_bytes) if cache else None
-    return ObjectStore(root, settings.storage_options, worker_cache)
-
-
-def is_url(root: str) -> bool:
-    """True if ``root`` names an fsspec file system (``scheme://...``), not a local path."""
-    scheme, sep, _ = root.partition("://")
-    return bool(sep) and scheme.isidentifier() and scheme != "file"
+def _tree_bytes(path: Path, *, skip: str | None = None) -> int:
+    """Bytes of a file, or of the files in a directory tree (but ``skip``); 0 if missing."""
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != skip)
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

@@ -12,6 +12,7 @@ from fleet.codec.filter import StateDictFilter
 from fleet.codec.manifest import read_manifest
 from fleet.codec.pack import is_pack
 from fleet.devices import resolve_device
+from fleet.files import atomic_write_bytes, publishing
 from fleet.protocol import (
     EmptyResult,
     ExportParameterPackRequest,
@@ -28,7 +29,7 @@ from fleet.protocol import (
     WorkloadRef,
 )
 from fleet.runtime import HeldModel, WorkerRuntime
-from fleet.storage import PackRef, atomic_write_bytes, publishing
+from fleet.storage import PackRef
 from fleet.tasks.base import protocol_task
 from fleet.workload import Workload
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from fleet import progress
+from fleet.codec.codecs import codec_for
 from fleet.codec.manifest import read_manifest
 from fleet.errors import (
     CodecError,
@@ -29,6 +30,7 @@ from fleet.errors import (
     StepBudgetError,
     StorageError,
 )
+from fleet.files import publishing
 from fleet.protocol import (
     EvaluateRequest,
     MetricsResult,
@@ -40,7 +42,7 @@ from fleet.protocol import (
     WorkloadRef,
 )
 from fleet.runtime import HeldModel, WorkerRuntime
-from fleet.storage import PackRef, publishing, result_marker
+from fleet.storage import PackRef, result_marker
 from fleet.tasks.base import protocol_task
 from fleet.tasks.data import local_batches
 from fleet.tasks.models import load_pack_into_held, publish_state_pack
@@ -342,8 +344,7 @@ def _publish_delta(
         base_path,
         params_path,
         out_path,
-        spec.codec,
-        block_size=spec.block_size,
+        codec_for(spec.codec, spec.block_size),
         residual=rt.shared.local_pack(source.path, source) if source and residual_rel else None,
         out_residual=out_residual,
         base_digest=base_digest,
