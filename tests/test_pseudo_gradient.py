@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fleet.codec import read_pack, write_pack
-from fleet.codec.pack import write_values_pack
 from fleet.codec.codecs import codec_for
+from fleet.codec.pack import write_values_pack
 from fleet.codec.pseudo_gradient import writing_pseudo_gradient
 from fleet.codec.readers import open_reader
 from fleet.diloco import DiLoCoRun, OuterOptimizerConfig, average

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from fleet.codec.codecs import Codec
 from fleet.codec.manifest import PackManifest
 from fleet.codec.pack import PackReader, writing_pack
-from fleet.codec.codecs import Codec
 from fleet.codec.pseudo_gradient import PseudoGradientManifest, writing_pseudo_gradient
 from fleet.errors import LayoutMismatchError
 
