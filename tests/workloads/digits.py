@@ -19,6 +19,10 @@ from fleet.data.batches import batch_key, shard_paths_of
 from fleet.examples.digits import load_splits
 from fleet.workloads import MergeHooks
 
+#: The AdamW learning rate of a model made without ``lr`` in the config (apply_patch
+#: changes it for the models the workload makes afterwards).
+DEFAULT_LR = 1e-2
+
 
 class HandWrittenDigits(MergeHooks):
     """The digits MLP written against the protocol's hooks by hand (no TorchWorkload), as
@@ -29,7 +33,7 @@ class HandWrittenDigits(MergeHooks):
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = dict(config)
         self.hidden = int(config.get("hidden", 64))
-        self.lr = float(config.get("lr", 1e-2))
+        self.lr = float(config.get("lr", DEFAULT_LR))
         self.batch_size = int(config.get("batch_size", 64))
         self.seed = int(config.get("seed", 0))
         self.data = load_splits(self.seed)
