@@ -1,13 +1,19 @@
 """The digits MLP as a hand-written protocol workload with fault injection, for the tests.
 
-Extra config: ``fail_in`` (a hook that raises), ``step_sleep_s`` (slow steps),
-``slow_replica`` (only that DiLoCo replica is slow), ``ema_decay``.
+Extra config: ``fail_in`` (a hook that raises), ``hang_in`` (a hook that hangs for an
+hour deaf to signals, as a call stuck in native code is: the soft time limit's and
+fleet's interrupt signals are blocked; it first writes its pid to ``hang_pid_file``),
+``step_sleep_s`` (slow steps), ``slow_replica`` (only that DiLoCo replica is slow),
+``ema_decay``.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,6 +149,11 @@ class DigitsWorkload(HandWrittenDigits):
     def _maybe_fail(self, hook: str) -> None:
         if self.fail_in == hook:
             raise ValueError(f"injected failure in {hook}")
+        if self.config.get("hang_in") == hook:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+            if self.config.get("hang_pid_file"):
+                Path(self.config["hang_pid_file"]).write_text(str(os.getpid()))
+            time.sleep(3600)
 
     def _step_delay(self, batch: dict[str, Any] | None) -> None:
         payload = (batch or {}).get("payload") or {}
