@@ -26,15 +26,20 @@ def empty_redis(tmp_path_factory):
 
 def test_diloco_without_a_live_worker_says_so_at_once(empty_redis):
     runner = CliRunner(env={"FLEET_REDIS_URL": empty_redis.url})
-    started = time.monotonic()
-    result = runner.invoke(main, ["diloco", "--workload", DIGITS], terminal_width=300)
-    assert result.exit_code == 1, result.output
-    assert "NoWorkersError" in result.output and "fleet worker" in result.output
-    assert time.monotonic() - started < 5
-    waited = runner.invoke(
-        main, ["diloco", "--workload", DIGITS, "--wait-for-workers-s", "1"], terminal_width=300
-    )
-    assert waited.exit_code == 1 and "after waiting 1 s" in waited.output
+
+    def timed(*flags: str) -> tuple[float, str, int]:
+        started = time.monotonic()
+        result = runner.invoke(main, ["diloco", "--workload", DIGITS, *flags], terminal_width=300)
+        return time.monotonic() - started, result.output, result.exit_code
+
+    at_once, output, code = timed()
+    assert code == 1, output
+    assert "NoWorkersError" in output and "fleet worker" in output
+    assert "after waiting" not in output
+    waited_s, waited, code = timed("--wait-for-workers-s", "2")
+    assert code == 1 and "after waiting 2 s" in waited
+    # at once: sooner than the same command told to wait 2 s (which did wait them)
+    assert waited_s >= 2.0 and at_once < waited_s
 
 
 def test_a_failed_job_exits_non_zero(fleet_settings, two_workers):
@@ -45,6 +50,51 @@ def test_a_failed_job_exits_non_zero(fleet_settings, two_workers):
     result = runner.invoke(main, [*args, "--rounds", "1", "--inner-steps", "2"])
     assert result.exit_code == 1, result.output
     assert "RoundFailed" in result.output and "injected failure" in result.output
+
+
+def test_a_cancelled_job_exits_3_and_jobs_cancel_exits_0(fleet_settings, two_workers):
+    """README: `fleet diloco` exits 3 when its job was cancelled; `fleet jobs cancel`
+    exits 0 (also for a job already ended, which it leaves as it was), 1 for no such job."""
+    import subprocess
+    import sys
+
+    from fleet.jobs import JobStore
+    from fleet.local import worker_env
+    from tests.harness import inner_loops_started, wait_until
+
+    env = worker_env(fleet_settings, [str(REPO)])
+    job_id = f"cancel-exit-{time.time_ns()}"
+
+    def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fleet", *args], env=env, cwd=REPO, capture_output=True,
+            text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "diloco", "--workload", DIGITS, "--job-id", job_id,
+         "--config-json", '{"step_sleep_s": 0.05}', "--replicas", "2", "--rounds", "50",
+         "--inner-steps", "100", "--eval-every", "0"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        store = JobStore.from_settings(fleet_settings)
+        wait_until(lambda: inner_loops_started(store, job_id) >= 1, 120, "the first inner loop")
+        cancelled = fleet_cli("jobs", "cancel", job_id)
+        assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+        assert f"job {job_id} cancelled" in cancelled.stdout
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 3, out + err
+    assert f"job {job_id} cancelled" in out
+    assert store.get(job_id).status == "cancelled"
+    again = fleet_cli("jobs", "cancel", job_id)
+    assert again.returncode == 0 and f"job {job_id} cancelled" in again.stdout
+    missing = fleet_cli("jobs", "cancel", f"{job_id}-nope")
+    assert missing.returncode == 1 and "JobNotFound" in missing.stdout + missing.stderr
 
 
 def test_pack_commands_take_paths_relative_to_the_shared_root(

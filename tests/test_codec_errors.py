@@ -190,6 +190,51 @@ def test_non_finite_values_when_asked(tmp_path):
     assert torch.equal(target["a"], torch.zeros(3))
 
 
+def test_an_fp16_overflow_is_a_non_finite_values_error(tmp_path):
+    """A float16 model whose weights overflowed (65504 is float16's largest value): the
+    pack written from it holds inf, and a read with check_finite names how many values
+    and the first one's flat index; the largest finite float16 values pass."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).half()
+    with torch.no_grad():
+        model.weight[1, 2] = 300.0
+        model.weight[3, 0] = -500.0
+        model.weight.mul_(1000.0)  # float16 arithmetic: +inf and -inf, the rest finite
+    assert int(torch.isinf(model.weight).sum()) == 2
+    manifest = write_pack(tmp_path / "p", model, "schema")
+    offsets, at = {}, 0
+    for entry in manifest.layout_entries() or ():
+        offsets[entry.name] = at
+        at += entry.numel
+    assert {e.dtype for e in manifest.layout_entries() or ()} == {"torch.float16"}
+    first = offsets["weight"] + 1 * 8 + 2
+    _, values = read_pack(tmp_path / "p")  # not checked by default: inf as written
+    assert torch.isinf(values).sum() == 2 and values[first] == float("inf")
+    with pytest.raises(NonFiniteValuesError) as info:
+        read_pack(tmp_path / "p", check_finite=True)
+    assert (info.value.count, info.value.first_index) == (2, first)
+    # streamed in small blocks, the way the outer step reads: the same count and index
+    with (
+        pytest.raises(NonFiniteValuesError) as streamed,
+        pack_module.PackReader(tmp_path / "p", check_finite=True) as reader,
+    ):
+        block = torch.empty(5)
+        while reader.remaining:
+            reader.read_into(block)
+    assert (streamed.value.count, streamed.value.first_index) == (2, first)
+    target = torch.nn.Linear(8, 4).half()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(NonFiniteValuesError):
+        load_pack_into(tmp_path / "p", target, check_finite=True)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+    # no false alarm at the edge of float16's range
+    with torch.no_grad():
+        model.weight.copy_(torch.full_like(model.weight, 65504.0))
+    write_pack(tmp_path / "edge", model, "schema")
+    _, edge = read_pack(tmp_path / "edge", check_finite=True)
+    assert edge.max() == 65504.0
+
+
 @pytest.mark.parametrize("make", ["missing", "file", "empty_dir"])
 def test_path_not_a_pack(tmp_path, make):
     path = tmp_path / "x"

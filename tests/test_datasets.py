@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from fleet import keys
 from fleet.cli import main
 from fleet.data.dataset import read_dataset, verify_dataset
 from fleet.data.leases import DataCursor, give_back, lease_sizes, plan_leases
@@ -262,34 +264,42 @@ def test_fleet_diloco_on_a_dataset_from_the_cli(fleet_settings, two_workers, dat
     assert first.worker in shown.output and first.lease.shards[0].microshard_id in shown.output
 
 
+@contextmanager
+def capabilities_restored(fleet, workers):
+    """The registry keeps a probe's estimate for later runs: put each worker's back as it
+    was (or remove it) afterwards, whatever happened meanwhile."""
+    saved = {w.name: fleet.registry.worker(w.name).capability for w in workers}
+    try:
+        yield
+    finally:
+        for name, capability in saved.items():
+            if capability is None:
+                fleet.registry.redis.hdel(keys.worker(name), "capability")
+            else:
+                fleet.registry.update_worker(name, capability=capability)
+
+
 def test_lease_sizes_follow_measured_speed_on_the_fleet(fleet, two_workers, dataset):
     fast, slow = two_workers
-    for worker, speed in ((fast, 300.0), (slow, 100.0)):
-        fleet.capability_probe(worker=worker.name, workload=SHARDS, config={"fake_speed": speed})
-    cfg = DiLoCoConfig(
-        workload=SHARDS,
-        replicas=2,
-        rounds=2,
-        inner_steps=4,
-        eval_every=0,
-        workers=[fast.name, slow.name],
-        dataset=DatasetConfig(path=dataset, microshards_per_round=8),
-    )
-    run = DiLoCoRun.start(fleet, cfg)
-    assert run.run().status == "completed"
-    for m in run.rounds():
-        sizes = {r.worker: len(r.lease.shards) for r in m.merged}
-        assert sizes == {fast.name: 6, slow.name: 2}
-    # the registry's estimates stay for later runs; clear them for other tests
-    for worker in two_workers:
-        fleet.registry.update_worker(
-            worker.name,
-            capability={
-                "preferred_backends": ["cpu"],
-                "work_units_per_second": 1.0,
-                "target_window_seconds": 1,
-            },
+    with capabilities_restored(fleet, two_workers):
+        for worker, speed in ((fast, 300.0), (slow, 100.0)):
+            fleet.capability_probe(
+                worker=worker.name, workload=SHARDS, config={"fake_speed": speed}
+            )
+        cfg = DiLoCoConfig(
+            workload=SHARDS,
+            replicas=2,
+            rounds=2,
+            inner_steps=4,
+            eval_every=0,
+            workers=[fast.name, slow.name],
+            dataset=DatasetConfig(path=dataset, microshards_per_round=8),
         )
+        run = DiLoCoRun.start(fleet, cfg)
+        assert run.run().status == "completed"
+        for m in run.rounds():
+            sizes = {r.worker: len(r.lease.shards) for r in m.merged}
+            assert sizes == {fast.name: 6, slow.name: 2}
 
 
 def test_a_quorum_dropped_replica_gives_its_shards_back(fleet, two_workers, dataset):
@@ -341,7 +351,9 @@ def test_a_killed_replica_is_re_run_on_the_same_shards(
                 and inner_loops_started(run.jobs, run.job_id, victim.name) > 0
             )
         )
-        time.sleep(0.5)
+        # kill it once its pool child (the registered pid) has read part of its lease
+        child_log = reads / f"{fleet.registry.worker(victim.name).pid}.jsonl"
+        wait_until(lambda: child_log.is_file() and child_log.read_text().strip(), 60)
         victim.kill()
         thread.join(timeout=120)
         assert outcome["job"].status == "completed"

@@ -5,6 +5,7 @@ a few median rounds, its worker interrupted, and the job completes."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -130,9 +131,8 @@ def test_a_replica_stuck_in_its_hook_is_aborted_by_the_default_deadline(
         ),
     )
     run = DiLoCoRun.start(fleet, cfg)
-    started = time.monotonic()
     thread, outcome = run_in_thread(run)
-    thread.join(timeout=150)
+    thread.join(timeout=300)  # a run that waited for the stuck replica takes an hour
     assert not thread.is_alive(), "the run waited for the stuck replica"
     assert outcome["job"].status == "completed"
     records = run.rounds()
@@ -141,10 +141,10 @@ def test_a_replica_stuck_in_its_hook_is_aborted_by_the_default_deadline(
         0: "merged",
         1: "aborted",
     }
-    median_round = sorted(r.wall_s for r in records[:2])[0]
+    median_round = statistics.median(r.wall_s for r in records[:2])
     assert stuck.deadline_s == 10.0, "the floor: a cold worker's start fits in it"
-    assert stuck.wall_s < max(10 * median_round, 15.0)
+    # closed at its deadline, plus the cost of an ordinary round or so (generously)
+    assert stuck.wall_s < stuck.deadline_s + 5 * median_round
     assert any(len(r.merged) == 2 for r in records[3:]), "the interrupted worker came back"
     logs = [x.line for x in run.jobs.logs(run.job_id)]
     assert any("run_inner_loop failed: TaskAborted" in line for line in logs)
-    assert time.monotonic() - started < 120

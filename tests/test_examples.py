@@ -101,15 +101,35 @@ def test_protocol_conformance_through_a_real_worker(example_worker, spec, config
     assert ref.parameter_count == plan.parameter_count
     b = fleet.import_parameter_pack(ref, worker=worker.name, **kw)
     assert fleet.evaluate(b, "Test") == fleet.evaluate(a, "Test")
-    merged = fleet.merge_candidate_models(a, [a, b], "WeightedMean")
-    flat_a = read_pack(fleet.shared.resolve(ref.path))[1]
-    merged_ref = fleet.export_parameter_pack(merged, f"conf/{hello.workload_name}/merged", "conf")
-    assert torch.allclose(read_pack(fleet.shared.resolve(merged_ref.path))[1], flat_a, atol=1e-6)
+
+    def flat(handle, name: str) -> torch.Tensor:
+        out = fleet.export_parameter_pack(handle, f"conf/{hello.workload_name}/{name}", "conf")
+        return read_pack(fleet.shared.resolve(out.path))[1]
+
+    # the merge hooks on two different models, checked by the values they produce
+    fleet.train_window(b, [])
+    flat_a, flat_b = flat(a, "a"), flat(b, "b")
+    assert not torch.allclose(flat_a, flat_b, atol=1e-4), "b trained on: another model"
+    weighted = {
+        "peer_id": "p0",
+        "head_id": "h0",
+        "artifact_id": "x0",
+        "model_id": a.model_id,
+        "sample_weight": 3.0,
+        "quality_weight": 1.0,
+    }
+    merged = fleet.merge_candidate_models(a, [weighted, b], "WeightedMean")
+    flat_merged = flat(merged, "merged")
+    assert torch.allclose(flat_merged, (3.0 * flat_a + flat_b) / 4.0, atol=1e-6)
+    # Ema: 0.5 * base + 0.5 * merged, in place on the merged model
     assert fleet.apply_single_root_ema(a, merged, "Ema").model_id == merged.model_id
-    assert (
-        fleet.reconcile_canonical_model(a, b, {"RootEma": {"canonical_weight": 0.5}}).model_id
-        == b.model_id
-    )
+    assert torch.allclose(flat(merged, "ema"), 0.5 * flat_a + 0.5 * flat_merged, atol=1e-6)
+    # RootEma(w): (1 - w) * local + w * canonical, in place on the canonical model
+    canonical = {"RootEma": {"canonical_weight": 0.25}}
+    assert fleet.reconcile_canonical_model(a, b, canonical).model_id == b.model_id
+    assert torch.allclose(flat(b, "reconciled"), 0.75 * flat_a + 0.25 * flat_b, atol=1e-6)
+    fleet.reconcile_canonical_model(a, b, "Replace")
+    assert torch.equal(flat(b, "replaced"), flat_a)
     assert fleet.apply_patch(
         {
             "patch_id": "p",

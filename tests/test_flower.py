@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -17,7 +15,7 @@ import pytest
 
 from fleet.diloco import DiLoCoConfig, DiLoCoRun
 from fleet.local import free_port, worker_env
-from tests.harness import DIGITS, REPO
+from tests.harness import DIGITS, REPO, wait_until
 
 AUTH = ("fleet-admin", "s3cret-pw")
 
@@ -59,15 +57,15 @@ def flower(fleet_settings, two_workers, artifacts_dir):
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
+
+    def healthy() -> bool:
+        assert proc.poll() is None, "Flower exited"
         try:
-            if _get(f"{url}/healthcheck", auth=None, timeout=1)[0] == 200:
-                break
+            return _get(f"{url}/healthcheck", auth=None, timeout=1)[0] == 200
         except OSError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, "Flower did not start"
-        time.sleep(0.2)
+            return False
+
+    wait_until(healthy, 60, "Flower started", interval_s=0.2)
     yield url
     proc.terminate()
     proc.wait(10)
@@ -80,7 +78,17 @@ def diloco_job(flower, fleet_settings, two_workers):
     from fleet.client import Fleet
 
     fleet = Fleet(fleet_settings)
-    time.sleep(1.0)  # Flower enables and starts reading events
+    # Flower enables task events and starts reading them: probe with hello tasks until
+    # it shows one (the events of a task sent before then are not seen)
+    probes: list[str] = []
+
+    def probe_seen() -> bool:
+        probe = fleet.app.send_task("fleet.hello", kwargs={"params": {}})
+        probe.get(timeout=30)
+        probes.append(probe.id)
+        return bool(set(probes) & set(_fleet_tasks(flower)))
+
+    wait_until(probe_seen, 60, "Flower reading task events", interval_s=0.5)
     config = DiLoCoConfig(workload=DIGITS, replicas=2, rounds=1, inner_steps=5)
     job = DiLoCoRun.start(fleet, config).run()
     assert job.status == "completed"
@@ -95,13 +103,15 @@ def _fleet_tasks(flower: str) -> dict:
 
 
 def test_workers_tasks_and_metrics_through_the_api(flower, diloco_job, two_workers):
-    deadline = time.monotonic() + 30
-    while not any(
-        t["name"] == "fleet.run_inner_loop" and t["state"] == "SUCCESS"
-        for t in _fleet_tasks(flower).values()
-    ):
-        assert time.monotonic() < deadline, "Flower never saw fleet.run_inner_loop"
-        time.sleep(0.5)
+    wait_until(
+        lambda: any(
+            t["name"] == "fleet.run_inner_loop" and t["state"] == "SUCCESS"
+            for t in _fleet_tasks(flower).values()
+        ),
+        30,
+        "Flower seeing fleet.run_inner_loop succeed",
+        interval_s=0.5,
+    )
     tasks = _fleet_tasks(flower)
     names = {t["name"] for t in tasks.values()}
     assert {
@@ -152,12 +162,17 @@ def test_the_api_refuses_unauthenticated_calls(flower):
     assert _get(f"{flower}/api/workers", auth=(AUTH[0], "wrong"))[0] == 401
 
 
-def test_tasks_page_in_headless_chromium(flower, diloco_job, artifacts_dir, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (scripts/test installs Debian's chromium)")
-        pytest.skip("chromium not installed")
+@pytest.fixture
+def chromium() -> str:
+    """The chromium binary; skips without one (under CI the skip fails the run unless
+    FLEET_ALLOW_SKIPS names it: tests/conftest.py; scripts/test installs Debian's)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("chromium is not installed (scripts/test installs Debian's chromium)")
+    return found
+
+
+def test_tasks_page_in_headless_chromium(chromium, flower, diloco_job, artifacts_dir, tmp_path):
     url = f"http://{AUTH[0]}:{AUTH[1]}@{flower.removeprefix('http://')}/tasks"
     flags = [
         chromium,

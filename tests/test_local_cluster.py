@@ -32,6 +32,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.timeout(1800)
 def test_fleet_demo_short_mode_writes_the_report(tmp_path, artifacts_dir):
     root = tmp_path / ".fleet"
     out = subprocess.run(

@@ -167,6 +167,7 @@ def one_box(redis_server, tmp_path_factory, artifacts_dir) -> tuple[list[float],
             proc.stop()
 
 
+@pytest.mark.timeout(1800)
 def test_two_hosts_on_s3_match_one_box(cluster, worker_procs, one_box):
     """2 worker hosts, an s3:// root, private caches, the orchestrator on a third host:
     the same eval losses and final pack as one box with a local shared root."""
@@ -185,6 +186,7 @@ def test_two_hosts_on_s3_match_one_box(cluster, worker_procs, one_box):
         assert not list(host.local_dir.iterdir()), "the root namespace sees its tmpfs empty"
 
 
+@pytest.mark.timeout(1800)
 def test_a_host_cut_off_mid_round_has_its_replica_re_run(cluster, worker_procs, one_box):
     """w1's link goes down while round 1 trains: its replica is re-run on w2 on the same
     microshards, exactly (round 1's eval loss is the undisturbed one), and the job
@@ -215,6 +217,7 @@ def test_a_host_cut_off_mid_round_has_its_replica_re_run(cluster, worker_procs, 
     assert losses[: k + 1] == one_box[0][: k + 1]
 
 
+@pytest.mark.timeout(1800)
 def test_a_host_that_joins_mid_run_is_used_from_the_next_round(cluster, worker_procs):
     """3 replicas on 2 hosts; a third host joins after round 0: every round that starts
     once it heartbeats places a replica on it."""
@@ -239,6 +242,7 @@ def test_a_host_that_joins_mid_run_is_used_from_the_next_round(cluster, worker_p
         assert placed == {joined.name, *(p.name for p in worker_procs)}, m["round"]
 
 
+@pytest.mark.timeout(1800)
 def test_redis_and_the_store_behind_a_20_mbit_link(cluster, worker_procs):
     """The storage host (Redis and S3) on a 20 Mbit/s link: heartbeats and results still
     get through while packs stream over the same link (no replica is taken for lost),

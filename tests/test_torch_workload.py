@@ -23,7 +23,7 @@ from fleet.errors import WorkloadDataError
 from fleet.local import worker_env
 from fleet.workloads import ShardPaths, TorchWorkload
 from fleet.workloads.torch_workload import WORKLOAD_STATE_ENCODING, to_device
-from tests.harness import REPO, settings_for
+from tests.harness import REPO, settings_for, wait_until
 from tests.workloads.plain_torch import make as make_plain
 from tests.workloads.plain_torch import write_shards
 
@@ -102,20 +102,57 @@ def test_scheduler_and_optimizer_state_carry_across_rounds(tmp_path):
 
 def test_accumulation_clipping_and_bf16_autocast_on_cpu(tmp_path):
     draws = collections.Counter()
+    activations: list[torch.dtype] = []
     workload, _ = _toy(grad_accumulation_steps=3, clip_grad_norm=0.5, autocast="bfloat16")
     original = workload.loss_fn
 
     def counting(model, batch):
         draws["n"] += 1
+        activations.append(model(batch[0]).dtype)
         return original(model, batch)
 
     workload.loss_fn = counting
     state = workload.init_model("cpu")
     out = workload.train_window(state, [{}, {}])
     assert draws["n"] == 6 and out["examples"] == 48  # 2 steps x 3 batches x 8 examples
-    assert torch.isfinite(_flat(state)).all()
+    # the forward pass ran in bfloat16 (autocast), the weights stay float32
+    assert activations == [torch.bfloat16] * 6
+    assert torch.isfinite(_flat(state)).all() and _flat(state).dtype == torch.float32
     metrics = workload.evaluate(state, "Validation")
     assert set(metrics) == {"loss", "examples", "batches"} and metrics["examples"] == 64
+    assert activations[6:] == [torch.bfloat16] * 4, "evaluate runs under autocast too"
+    plain, _ = _toy()
+    plain.loss_fn = counting
+    activations.clear()
+    plain.train_window(plain.init_model("cpu"), [{}])
+    assert activations == [torch.float32], "no autocast unless asked"
+
+
+def _step_size(clip: float | None) -> float:
+    """The L2 norm of one plain-SGD step (lr 1) over 3 accumulated batches of a loss whose
+    gradient norm is in the hundreds."""
+    x, y = torch.randn(24, 4, generator=torch.Generator().manual_seed(2)), torch.arange(24) % 3
+    workload = TorchWorkload(
+        model=lambda: torch.nn.Linear(4, 3),
+        optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+        loss=lambda m, b: 1000.0 * F.cross_entropy(m(b[0]), b[1]),
+        train_data=lambda shards: DataLoader(TensorDataset(x, y), batch_size=8),
+        eval_data=lambda split: DataLoader(TensorDataset(x, y), batch_size=8),
+        clip_grad_norm=clip,
+        grad_accumulation_steps=3,
+    )
+    state = workload.init_model("cpu")
+    before = _flat(state).clone()
+    workload.train_window(state, [{}])
+    return float((_flat(state) - before).norm())
+
+
+def test_gradient_clipping_bounds_each_step():
+    """clip_grad_norm clips the accumulated gradient before the step: an SGD step of lr 1
+    then moves the weights by exactly the clip norm (and by far more without it)."""
+    assert _step_size(None) > 100 * 0.5
+    assert _step_size(0.5) == pytest.approx(0.5, rel=1e-4)
+    assert _step_size(2.0) == pytest.approx(2.0, rel=1e-4)
 
 
 def test_evaluate_weights_batches_by_examples_and_adds_metrics():
@@ -293,16 +330,16 @@ def test_all_gpus_keeps_the_schedulers_cuda_visible_devices(fleet_settings, arti
     )  # fmt: skip
     registry = Registry.from_settings(settings)
     try:
-        deadline = time.monotonic() + 90
-        names: dict[str, str | None] = {}
-        while time.monotonic() < deadline and len(names) < 2:
-            names = {
+
+        def names() -> dict[str, str | None]:
+            return {
                 w.name: w.cuda_visible_devices
                 for w in registry.workers()
                 if w.name.endswith("@gpunode")
             }
-            time.sleep(0.2)
-        assert names == {"fleet-gpu2@gpunode": "2", "fleet-gpu3@gpunode": "3"}, names
+
+        wait_until(lambda: len(names()) >= 2, 90, "two GPU workers registered")
+        assert names() == {"fleet-gpu2@gpunode": "2", "fleet-gpu3@gpunode": "3"}
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)

@@ -16,7 +16,9 @@ def blend_into(
     target: torch.nn.Module, sources: Sequence[torch.nn.Module], weights: Sequence[float]
 ) -> None:
     """Set every floating tensor of ``target``'s state dict to ``sum(w_i * source_i) / sum(w)``
-    (non-floating buffers are copied from the first source).
+    (non-floating buffers are copied from the first source). ``target`` may be one of the
+    ``sources`` (an in-place EMA); a tensor it holds under several keys (tied weights:
+    GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) is blended once.
 
     Raises:
         ValueError: weights sum to <= 0.
@@ -25,8 +27,13 @@ def blend_into(
     if total <= 0.0:
         raise ValueError(f"merge weights sum to {total}")
     states = [s.state_dict() for s in sources]
+    written: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
     with torch.no_grad():
         for key, tensor in target.state_dict().items():
+            where = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+            if where in written:  # an alias of a tensor already blended (and maybe a source)
+                continue
+            written.add(where)
             if not tensor.is_floating_point():
                 tensor.copy_(states[0][key])
                 continue

@@ -1,13 +1,19 @@
 """The digits MLP as a hand-written protocol workload with fault injection, for the tests.
 
-Extra config: ``fail_in`` (a hook that raises), ``step_sleep_s`` (slow steps),
-``slow_replica`` (only that DiLoCo replica is slow), ``ema_decay``.
+Extra config: ``fail_in`` (a hook that raises), ``hang_in`` (a hook that hangs for an
+hour deaf to signals, as a call stuck in native code is: the soft time limit's and
+fleet's interrupt signals are blocked; it first writes its pid to ``hang_pid_file``),
+``step_sleep_s`` (slow steps), ``slow_replica`` (only that DiLoCo replica is slow),
+``ema_decay``.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +25,10 @@ from fleet.data.batches import batch_key, shard_paths_of
 from fleet.examples.digits import load_splits
 from fleet.workloads import MergeHooks
 
+#: The AdamW learning rate of a model made without ``lr`` in the config (apply_patch
+#: changes it for the models the workload makes afterwards).
+DEFAULT_LR = 1e-2
+
 
 class HandWrittenDigits(MergeHooks):
     """The digits MLP written against the protocol's hooks by hand (no TorchWorkload), as
@@ -29,7 +39,7 @@ class HandWrittenDigits(MergeHooks):
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = dict(config)
         self.hidden = int(config.get("hidden", 64))
-        self.lr = float(config.get("lr", 1e-2))
+        self.lr = float(config.get("lr", DEFAULT_LR))
         self.batch_size = int(config.get("batch_size", 64))
         self.seed = int(config.get("seed", 0))
         self.data = load_splits(self.seed)
@@ -139,6 +149,11 @@ class DigitsWorkload(HandWrittenDigits):
     def _maybe_fail(self, hook: str) -> None:
         if self.fail_in == hook:
             raise ValueError(f"injected failure in {hook}")
+        if self.config.get("hang_in") == hook:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+            if self.config.get("hang_pid_file"):
+                Path(self.config["hang_pid_file"]).write_text(str(os.getpid()))
+            time.sleep(3600)
 
     def _step_delay(self, batch: dict[str, Any] | None) -> None:
         payload = (batch or {}).get("payload") or {}
