@@ -319,7 +319,8 @@ EXIT_CANCELLED = 3
     "--tracker",
     "trackers",
     multiple=True,
-    help="Log each round's metrics: tensorboard:DIR, mlflow[:URI], jsonl:PATH (repeatable).",
+    help="Log each round's metrics: tensorboard:DIR, mlflow[:URI], wandb[:PROJECT], "
+    "jsonl:PATH (repeatable).",
 )
 @click.option("--print-config", is_flag=True, help="Print the effective config as JSON and exit.")
 @click.option(
