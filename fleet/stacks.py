@@ -126,6 +126,10 @@ class StackRecorder:
                         type(exc).__name__, exc)  # fmt: skip
 
 
+#: Set once this process found it cannot write stacks locally (warned once).
+_no_local_disk = threading.Event()
+
+
 def local_dir(runtime: WorkerRuntime) -> Path:
     """This worker's directory of stacks written at a kill, not yet uploaded."""
     return Path(runtime.settings.cache_dir) / "stacks" / runtime.identity.name
@@ -160,7 +164,9 @@ def _dump_on_kill(recorder: StackRecorder) -> Iterator[None]:
         out.flush()
         faulthandler.register(KILL_SIGNAL, file=out, all_threads=True, chain=True)
     except (OSError, ValueError, RuntimeError) as exc:  # no local disk: go on without
-        log.warning("stacks at a kill will not be kept: %s", exc)
+        if not _no_local_disk.is_set():
+            log.warning("stacks at a kill will not be kept (said once): %s", exc)
+            _no_local_disk.set()
         if out is not None:
             out.close()
             out = None
