@@ -111,17 +111,34 @@ def _http(url: str) -> bytes:
         return bytes(reply.read())
 
 
-def test_no_secret_reaches_anything_fleet_writes(tmp_path, s3_server, s3_root, monkeypatch):
-    needles = {
+@pytest.fixture
+def needles() -> dict[str, bytes]:
+    """The secrets of one run, unique strings."""
+    return {
         "redis password": f"redis-pw-{secrets.token_hex(8)}".encode(),
         "s3 key": f"AKIAFLEET{secrets.token_hex(6).upper()}".encode(),
         "s3 secret": f"s3-secret-{secrets.token_hex(12)}".encode(),
     }
+
+
+@pytest.fixture
+def password_redis(tmp_path, needles) -> Iterator[RedisServer]:
+    """A private redis-server that requires the run's password (stopped however the
+    test ends)."""
     password = needles["redis password"].decode()
-    key, secret = needles["s3 key"].decode(), needles["s3 secret"].decode()
     server = RedisServer(
         tmp_path / "redis", extra_args=["--requirepass", password], ping={"password": password}
     )
+    yield server
+    server.stop()
+
+
+def test_no_secret_reaches_anything_fleet_writes(
+    tmp_path, s3_server, s3_root, monkeypatch, needles, password_redis
+):
+    password = needles["redis password"].decode()
+    key, secret = needles["s3 key"].decode(), needles["s3 secret"].decode()
+    server = password_redis
     monitor = Monitor(
         redis.Redis(host="127.0.0.1", port=server.port, password=password, socket_timeout=None)
     )
