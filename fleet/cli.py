@@ -319,7 +319,8 @@ EXIT_CANCELLED = 3
     "--tracker",
     "trackers",
     multiple=True,
-    help="Log each round's metrics: tensorboard:DIR, mlflow[:URI], jsonl:PATH (repeatable).",
+    help="Log each round's metrics: tensorboard:DIR, mlflow[:URI], wandb[:PROJECT], "
+    "jsonl:PATH (repeatable).",
 )
 @click.option("--print-config", is_flag=True, help="Print the effective config as JSON and exit.")
 @click.option(
@@ -705,9 +706,10 @@ def up_cmd(workers: int | None, flower: bool, flower_port: int, root: Path) -> N
             console.print(f"flower       {info['flower_url'] or '-'}", highlight=False)
             console.print(f"shared root  {info['shared_root']}", highlight=False)
             console.print(f"logs         {info['logs']}", highlight=False)
+            # an external Redis is the FLEET_REDIS_URL already set (never echo its password)
+            url = "" if info["redis"] == "external" else f"FLEET_REDIS_URL={info['redis_url']} "
             console.print(
-                f"export FLEET_REDIS_URL={info['redis_url']} "
-                f"FLEET_SHARED_ROOT={info['shared_root']}",
+                f"export {url}FLEET_SHARED_ROOT={info['shared_root']}",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -162,9 +162,12 @@ class LocalCluster:
         return out
 
     def describe(self) -> dict[str, Any]:
-        """Where everything is: Redis URL, Flower URL, shared root, workers and pids."""
+        """Where everything is: Redis URL (its password as ``***``: this goes to the
+        terminal and ``cluster.json``), Flower URL, shared root, workers and pids."""
+        from fleet.connection import redacted_url
+
         return {
-            "redis_url": self.settings.redis_url,
+            "redis_url": redacted_url(self.settings.redis_url),
             "redis": "embedded" if self.redis is not None else "external",
             "flower_url": self.flower_url,
             "shared_root": str(self.settings.shared_root),

@@ -8,21 +8,41 @@ queue (workers prefetch one message). ``fleet exporter`` serves, on ``/metrics``
 - ``fleet_handles{status}``: model handles, ``live`` or ``lost``;
 - ``fleet_jobs{kind,status}``: jobs by kind and status (``orphaned``: running without a
   live orchestrator);
-- ``fleet_deadletter_messages``: messages workers refused (not JSON, pickle, ...).
+- ``fleet_deadletter_messages``: messages workers refused (not JSON, pickle, ...);
+- for the last committed round of each running DiLoCo job (label ``job_id``, not ``job``,
+  which Prometheus gives the scrape job), the numbers its trackers get
+  (:func:`fleet.tracking.round_scalars`):
+
+  ``fleet_diloco_round`` (its index), ``fleet_diloco_round_wall_seconds`` (launch to
+  commit), ``..._inner_loop_seconds`` (the slowest merged replica's inner steps),
+  ``..._exchange_seconds`` (the slowest merged replica's pack load and publish),
+  ``..._outer_step_seconds``, ``..._exchange_bytes`` (the merged replicas' published
+  packs), ``..._deadline_seconds`` (if it had one),
+  ``fleet_diloco_round_bytes_per_parameter{direction}`` (``published``: those bytes per
+  merged replica per model parameter; ``sent``, ``received``: the mean of the attempts'
+  ``sent_bytes`` / ``received_bytes`` per parameter, where round records carry them) and
+  ``fleet_diloco_round_replicas{status}`` (the round's replica attempts by how they
+  ended: ``merged``, ``aborted`` at the deadline or quorum, ``lost``, ``failed``,
+  ``dropped``).
+
+  A field a round record lacks leaves its gauge out for that job.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 
+from fleet.diloco.state import ReplicaStatus, RoundRecord
 from fleet.jobs import JobStore
 from fleet.registry import Registry
 from fleet.settings import FleetSettings
+from fleet.tracking import round_scalars
 
 #: Most recent jobs counted by ``fleet_jobs``.
 JOBS_WINDOW = 500
@@ -79,30 +99,113 @@ class FleetCollector(Collector):
         yield dead
 
     def _diloco_rounds(self, running: list[Any]) -> Iterator[Any]:
-        """The last committed round of each running DiLoCo job: its round index, the bytes
-        of the replicas' packs its outer step read, and its deadline."""
-        index = GaugeMetricFamily(
-            "fleet_diloco_round", "Last committed round of a running DiLoCo job", labels=["job"]
+        """The gauges of the last committed round of each running DiLoCo job."""
+        labels = ["job_id"]
+        gauges = {
+            name: GaugeMetricFamily(f"fleet_diloco_{name}", text, labels=labels)
+            for name, text in (
+                ("round", "Last committed round of a running DiLoCo job"),
+                ("round_wall_seconds", "The last committed round, launch to commit"),
+                (
+                    "round_inner_loop_seconds",
+                    "The slowest merged replica's inner steps in the last committed round",
+                ),
+                (
+                    "round_exchange_seconds",
+                    "The slowest merged replica's pack load and publish in the last committed "
+                    "round",
+                ),
+                ("round_outer_step_seconds", "The last committed round's outer step"),
+                (
+                    "round_exchange_bytes",
+                    "Bytes of the merged replicas' packs in the last committed round",
+                ),
+                (
+                    "round_deadline_seconds",
+                    "The last committed round's deadline (fixed or adaptive), if it had one",
+                ),
+            )
+        }
+        per_parameter = GaugeMetricFamily(
+            "fleet_diloco_round_bytes_per_parameter",
+            "Bytes per model parameter per replica in the last committed round: published "
+            "packs, or the attempts' sent and received bytes",
+            labels=["job_id", "direction"],
         )
-        exchange = GaugeMetricFamily(
-            "fleet_diloco_round_exchange_bytes",
-            "Bytes of the merged replicas' packs in the last committed round",
-            labels=["job"],
-        )
-        deadline = GaugeMetricFamily(
-            "fleet_diloco_round_deadline_seconds",
-            "The last committed round's deadline (fixed or adaptive), if it had one",
-            labels=["job"],
+        replicas = GaugeMetricFamily(
+            "fleet_diloco_round_replicas",
+            "Replica attempts of the last committed round, by how they ended",
+            labels=["job_id", "status"],
         )
         for job in running:
             metrics = self.jobs.metrics(job.job_id)
             if not metrics:
                 continue
             last = metrics[-1]
-            index.add_metric([job.job_id], float(last.get("round", 0)))
-            exchange.add_metric([job.job_id], float(last.get("exchange_bytes") or 0))
-            if last.get("deadline_s") is not None:
-                deadline.add_metric([job.job_id], float(last["deadline_s"]))
-        yield index
-        yield exchange
-        yield deadline
+            values = round_gauges(last, int(job.spec.get("replicas", 1)))
+            for name, value in values.items():
+                gauges[name].add_metric([job.job_id], value)
+            for direction, value in bytes_per_parameter(last).items():
+                per_parameter.add_metric([job.job_id, direction], value)
+            ended = Counter(str(r.get("status")) for r in last.get("replicas") or [])
+            for status in get_args(ReplicaStatus):
+                replicas.add_metric([job.job_id, status], ended[status])
+        yield from gauges.values()
+        yield per_parameter
+        yield replicas
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def round_gauges(record: dict[str, Any], replicas: int) -> dict[str, float]:
+    """``{gauge name without fleet_diloco_: value}`` of one round record (its JSON, as
+    the job's metrics list holds it), computed as the trackers' scalars are; a record
+    the current :class:`~fleet.diloco.state.RoundRecord` cannot read gives its round
+    index only."""
+    out: dict[str, float] = {}
+    index = _number(record.get("round"))
+    if index is not None:
+        out["round"] = index
+    try:
+        scalars = round_scalars(RoundRecord.model_validate(record), replicas)
+    except ValidationError:
+        return out
+    names = {
+        "round_wall_seconds": "round/wall_s",
+        "round_inner_loop_seconds": "round/inner_loop_s",
+        "round_exchange_seconds": "round/exchange_s",
+        "round_outer_step_seconds": "round/outer_step_s",
+        "round_exchange_bytes": "round/exchange_bytes",
+        "round_deadline_seconds": "round/deadline_s",
+    }
+    out |= {gauge: scalars[scalar] for gauge, scalar in names.items() if scalar in scalars}
+    return out
+
+
+def bytes_per_parameter(record: dict[str, Any]) -> dict[str, float]:
+    """``{direction: bytes per parameter}`` of one round record (its JSON): ``published``
+    (the merged replicas' pack bytes per merged replica), and ``sent`` / ``received``
+    (the mean over the attempts that carry ``sent_bytes`` / ``received_bytes``); a
+    direction whose fields the record lacks is left out, as is every direction when the
+    record has no parameter count."""
+    pack = record.get("global_pack")
+    count = _number(pack.get("parameter_count")) if isinstance(pack, dict) else None
+    if not count:
+        return {}
+    attempts = [r for r in record.get("replicas") or [] if isinstance(r, dict)]
+    merged = [r for r in attempts if r.get("status") == "merged"]
+    out: dict[str, float] = {}
+    published = _number(record.get("exchange_bytes"))
+    if published is not None and merged:
+        out["published"] = published / len(merged) / count
+    for direction in ("sent", "received"):
+        seen = [
+            x for x in (_number(r.get(f"{direction}_bytes")) for r in attempts) if x is not None
+        ]
+        if seen:
+            out[direction] = sum(seen) / len(seen) / count
+    return out

@@ -76,7 +76,9 @@ class TaskWatch:
     ``abort_requested()`` every :data:`ABORT_POLL_S` and sets :attr:`aborted`; another
     sends the newest progress given to :meth:`offer` with ``publish(meta)``. Either may
     block or fail while Redis is away; training goes on, and the failure is logged once
-    per outage.
+    per outage. ``snapshot(reason)`` (:meth:`fleet.stacks.StackRecorder.record`) is called
+    from the watch thread when the task is asked to abort, and again before a task that
+    did not stop is interrupted.
     """
 
     def __init__(
@@ -84,9 +86,11 @@ class TaskWatch:
         abort_requested: Callable[[], bool],
         publish: Callable[[dict[str, Any]], None],
         interrupt: Callable[[], None] | None = None,
+        snapshot: Callable[[str], None] | None = None,
     ) -> None:
         self.aborted = threading.Event()
         self._interrupt = interrupt
+        self._snapshot = snapshot
         self._abort_requested = abort_requested
         self._publish = publish
         self._pending: dict[str, Any] | None = None
@@ -127,9 +131,13 @@ class TaskWatch:
                     log.warning("cannot check the abort flag (%s); training on", exc)
                 failing = True
             self._stop.wait(ABORT_POLL_S)
+        if self._snapshot is not None and self.aborted.is_set() and not self._stop.is_set():
+            self._snapshot("asked to abort")
         # asked to abort: a task that does not reach its next step check in time is
         # stuck in a call; interrupt it
         if self._interrupt is not None and not self._stop.wait(ABORT_INTERRUPT_S):
+            if self._snapshot is not None:
+                self._snapshot(f"stuck: still running {ABORT_INTERRUPT_S:g} s after the abort")
             self._interrupt()
 
     def _publish_loop(self) -> None:

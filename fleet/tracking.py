@@ -19,7 +19,9 @@ scalars of :func:`round_scalars`, at step ``round + 1`` (the rounds completed):
 Trackers, named on the command line as ``KIND:WHERE`` (:func:`parse_tracker`):
 ``tensorboard:DIR`` (event files under ``DIR/<job id>``, tensorboardX),
 ``mlflow[:URI]`` (one MLflow run per job, tagged ``fleet.job_id``; default URI
-``sqlite:///mlruns/mlflow.db``, a plain path becomes a SQLite file in it), and
+``sqlite:///mlruns/mlflow.db``, a plain path becomes a SQLite file in it),
+``wandb[:PROJECT]`` (one Weights & Biases run per job, offline unless ``WANDB_API_KEY``
+or ``WANDB_MODE`` says otherwise, files under ``$WANDB_DIR/wandb``), and
 ``jsonl:PATH`` (one JSON object per round appended to PATH).
 """
 
@@ -29,7 +31,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fleet.errors import TrackerError
 
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 DEFAULT_MLFLOW_URI = "sqlite:///mlruns/mlflow.db"
 #: The MLflow experiment fleet's runs are logged under.
 MLFLOW_EXPERIMENT = "fleet"
+#: The W&B project of ``--tracker wandb`` when it names none (and WANDB_PROJECT is unset).
+DEFAULT_WANDB_PROJECT = "fleet"
 #: Eval metrics that are counts, not measurements: not sent as ``eval/<name>``.
 COUNT_METRICS = ("examples", "batches", "tokens")
 
@@ -187,6 +191,50 @@ class MLflowTracker:
             self.client.set_terminated(self.run_id)
 
 
+class WandbTracker:
+    """One Weights & Biases run per job: run id and name from the job id (a resumed job
+    logs on into the same run), its config flattened as :class:`MLflowTracker`'s params
+    are, each round's scalars at step ``round + 1``.
+
+    Without ``WANDB_API_KEY`` (and no ``WANDB_MODE``) the run is offline: its files go
+    under ``$WANDB_DIR/wandb/offline-run-*`` (``WANDB_DIR`` default: the working
+    directory), for ``wandb sync`` later. ``project``: the W&B project, else
+    ``WANDB_PROJECT``, else ``fleet``. W&B does not capture the console (``fleet
+    diloco``'s progress bar stays as it is).
+    """
+
+    def __init__(self, project: str | None) -> None:
+        import os
+
+        _require("wandb", "wandb")
+        self.project = project or os.environ.get("WANDB_PROJECT") or DEFAULT_WANDB_PROJECT
+        online = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE")
+        self.mode: Literal["offline"] | None = None if online else "offline"
+        self.run: Any = None
+
+    def start(self, job_id: str, config: dict[str, Any]) -> None:
+        import re
+
+        import wandb
+
+        self.run = wandb.init(
+            project=self.project,
+            id=re.sub(r"[^A-Za-z0-9_-]", "-", job_id),
+            name=job_id,
+            config=_flatten(config),
+            mode=self.mode,
+            resume="allow",
+            settings=wandb.Settings(console="off"),
+        )
+
+    def log_round(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
 class JsonlTracker:
     """One line per round appended to a file: ``{"job_id", "round", "step", <scalars>}``."""
 
@@ -208,14 +256,18 @@ class JsonlTracker:
 
 
 def parse_tracker(spec: str) -> Tracker:
-    """A tracker from ``tensorboard:DIR``, ``mlflow[:URI]`` or ``jsonl:PATH``.
+    """A tracker from ``tensorboard:DIR``, ``mlflow[:URI]``, ``wandb[:PROJECT]`` or
+    ``jsonl:PATH``.
 
     Raises:
-        TrackerError: an unknown kind, or no DIR / PATH where one is needed.
+        TrackerError: an unknown kind, no DIR / PATH where one is needed, or the
+            tracker's library is not installed (naming the extra that installs it).
     """
     kind, _, where = spec.partition(":")
     if kind == "mlflow":
         return MLflowTracker(where or None)
+    if kind == "wandb":
+        return WandbTracker(where or None)
     if kind in ("tensorboard", "jsonl") and not where:
         raise TrackerError(
             kind, f"give a place: {kind}:{'DIR' if kind == 'tensorboard' else 'PATH'}"
@@ -225,7 +277,9 @@ def parse_tracker(spec: str) -> Tracker:
     if kind == "jsonl":
         return JsonlTracker(where)
     raise TrackerError(
-        kind, f"unknown tracker {spec!r}: use tensorboard:DIR, mlflow[:URI] or jsonl:PATH"
+        kind,
+        f"unknown tracker {spec!r}: use tensorboard:DIR, mlflow[:URI], wandb[:PROJECT] or "
+        "jsonl:PATH",
     )
 
 

@@ -160,6 +160,9 @@ def _run_celery(
         runtime = WorkerRuntime(settings, identity, Registry.from_settings(settings))
         runtime.start(device_name)
         set_runtime(runtime)
+        from fleet.stacks import upload_leftovers
+
+        upload_leftovers(runtime)  # stacks the previous child wrote as it was killed
 
     @signals.worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _stop_runtime(**_: Any) -> None:

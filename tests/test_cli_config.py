@@ -189,7 +189,7 @@ def test_dataset_inspect_json(tmp_path):
 def test_a_bad_tracker_is_refused_before_anything_runs(fleet_settings, tmp_path):
     runner = CliRunner(env=worker_env(fleet_settings))
     for spec, expected in [
-        ("wandb:x", "unknown tracker 'wandb:x'"),
+        ("comet:x", "unknown tracker 'comet:x'"),
         ("tensorboard", "give a place: tensorboard:DIR"),
     ]:
         result = runner.invoke(main, ["diloco", "--workload", DIGITS, "--tracker", spec])

@@ -3,6 +3,7 @@ compose file is parsed and every command it runs is parsed by the real `fleet` C
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -33,7 +34,8 @@ def services(compose) -> dict:
 
 
 def _fleet_services(services: dict) -> dict:
-    return {n: s for n, s in services.items() if n not in ("redis", "seaweedfs", "s3-bucket")}
+    others = ("redis", "seaweedfs", "s3-bucket", "prometheus", "grafana")
+    return {n: s for n, s in services.items() if n not in others}
 
 
 def test_services_and_volumes(compose, services):
@@ -47,8 +49,16 @@ def test_services_and_volumes(compose, services):
         "orchestrator",
         "seaweedfs",
         "s3-bucket",
+        "prometheus",
+        "grafana",
     }
-    assert set(compose["volumes"]) == {"fleet-shared", "redis-data", "seaweed-data"}
+    assert set(compose["volumes"]) == {
+        "fleet-shared",
+        "redis-data",
+        "seaweed-data",
+        "prometheus-data",
+        "grafana-data",
+    }
     for name, service in _fleet_services(services).items():
         assert f"fleet-shared:{SHARED}" in service["volumes"], f"{name} must mount the shared root"
         # the volume by default; .env may point every service at a bucket instead
@@ -73,6 +83,39 @@ def test_the_s3_profile_brings_a_store_and_its_bucket(services):
     assert bucket["restart"] == "no"
     dockerfile = (REPO / "ops" / "Dockerfile").read_text()
     assert re.search(r"pip install \"\./\[[^]]*\bs3\b", dockerfile), "the image needs s3fs"
+
+
+def test_the_monitoring_profile_provisions_prometheus_and_grafana(services):
+    """Prometheus runs ops/prometheus.yml with its alerts; Grafana gets it as its data
+    source (the uid the dashboard names) and the dashboard from ops/grafana/; both on
+    this host only by default, and only with the profile."""
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    assert prometheus["profiles"] == grafana["profiles"] == ["monitoring"]
+    assert "./ops/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    assert "./ops/alerts.yml:/etc/prometheus/alerts.yml:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert prometheus["ports"] == ["${PROMETHEUS_ADDRESS:-127.0.0.1}:9090:9090"]
+    assert grafana["ports"] == ["${GRAFANA_ADDRESS:-127.0.0.1}:3000:3000"]
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in grafana["volumes"]}
+    assert mounts["./ops/grafana/provisioning"] == "/etc/grafana/provisioning"
+    dashboard_in = mounts["./ops/grafana/fleet.json"]
+    for host_path in mounts:
+        if host_path.startswith("./"):
+            assert (REPO / host_path).exists(), host_path
+    provisioning = REPO / "ops" / "grafana" / "provisioning"
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    [datasource] = source["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    dashboard = json.loads((REPO / "ops" / "grafana" / "fleet.json").read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert uids == {datasource["uid"]}
+    providers = yaml.safe_load((provisioning / "dashboards" / "fleet.yml").read_text())
+    [provider] = providers["providers"]
+    assert dashboard_in.startswith(provider["options"]["path"] + "/")
+    scrape = yaml.safe_load((REPO / "ops" / "prometheus.yml").read_text())["scrape_configs"]
+    targets = {t for c in scrape for t in c["static_configs"][0]["targets"]}
+    assert {t.split(":")[0] for t in targets} <= set(services), "targets are compose services"
 
 
 def test_redis_is_durable_password_protected_and_checked(services):

@@ -47,3 +47,33 @@ def test_exporter_reports_queue_backlog_workers_handles_and_jobs(
         fleet.release_model(handle)
         fleet.registry.deregister_worker(ghost.name)
         fleet.registry.redis.delete(ghost.queue)
+
+
+def test_round_gauges_leave_out_what_a_round_record_lacks(fleet_settings):
+    """An older round record (no parameter count, no sent or received bytes) still gives
+    its timings; the bytes-per-parameter gauges are left out for it, not an error."""
+    from fleet.diloco.state import ReplicaOutcome, RoundRecord
+    from fleet.jobs import JobStore
+    from fleet.storage import PackRef
+
+    jobs = JobStore.from_settings(fleet_settings)
+    job = jobs.create("diloco", {"replicas": 1})
+    jobs.set_status(job.job_id, "running")
+    record = RoundRecord(
+        round=3, started_at=0.0, closed_at=2.0, wall_s=2.0, merge_s=0.1,
+        global_pack=PackRef(path="p"), exchange_bytes=400,
+        replicas=[ReplicaOutcome(replica=0, attempt=0, worker="w", status="merged",
+                                 started_at=0, finished_at=1, load_s=0.2, publish_s=0.1)],
+    )  # fmt: skip
+    jobs.add_metrics(job.job_id, record.model_dump(mode="json", exclude_none=True))
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(fleet_settings))
+    text = generate_latest(registry).decode()
+    mine = [line for line in text.splitlines() if f'job_id="{job.job_id}"' in line]
+    jobs.set_status(job.job_id, "cancelled")
+    assert f'fleet_diloco_round{{job_id="{job.job_id}"}} 3.0' in mine
+    assert f'fleet_diloco_round_wall_seconds{{job_id="{job.job_id}"}} 2.0' in mine
+    assert any(line.startswith("fleet_diloco_round_exchange_seconds{") for line in mine)
+    assert not [line for line in mine if "bytes_per_parameter" in line or "deadline" in line]
+    merged = f'fleet_diloco_round_replicas{{job_id="{job.job_id}",status="merged"}} 1.0'
+    assert merged in mine

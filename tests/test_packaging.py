@@ -43,8 +43,10 @@ def test_the_wheel_has_one_top_level_package_under_a_free_name(wheel):
     assert any("extra == 'worker'" in r for r in torch_reqs), torch_reqs
     assert not [r for r in torch_reqs if "<" in r.split(";")[0]], "no cap on the user's torch"
     extras = set(meta.get_all("Provides-Extra"))
-    assert {"worker", "demo", "monitoring", "tensorboard", "mlflow", "hf", "all"} <= extras
+    assert {"worker", "demo", "monitoring", "tensorboard", "mlflow", "wandb", "hf", "all"} <= extras
     assert any(r.startswith("prometheus-client") for r in requires), "declared, not just imported"
+    for extra in ("wandb", "all"):
+        assert any(r.startswith("wandb>=0.17") and f"extra == '{extra}'" in r for r in requires)
 
 
 def test_the_core_runs_without_torch_numpy_or_the_demo_libraries(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 from celery import Task, shared_task
 from pydantic import BaseModel
 
+from fleet import stacks
 from fleet.errors import FencedOutError, FleetError, RequestValidationError, storage_error
 from fleet.jobs import JobStore, job_log
 from fleet.progress import StepMonitor, TaskWatch, interruptible, monitoring
@@ -101,7 +102,10 @@ def _execute(
     runtime = get_runtime()
     method = spec.name
     try:
-        with _job_scope(runtime, task, method, job_id, fence):
+        with (
+            _job_scope(runtime, task, method, job_id, fence),
+            stacks.watched(runtime, task.request.id, job_id, method) as recorder,
+        ):
             if unknown:
                 raise RequestValidationError(
                     method,
@@ -122,6 +126,7 @@ def _execute(
                     ),
                     publish=_progress_publisher(task),
                     interrupt=interrupt,
+                    snapshot=None if recorder is None else recorder.record,
                 )
                 monitor = StepMonitor(
                     task_id,

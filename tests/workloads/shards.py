@@ -16,11 +16,14 @@ appends the shard paths it reads to ``<pid>.jsonl`` there), ``straggler`` (``{"r
 i, "factor": 3, "rounds": [...]}``: that replica's steps take ``factor`` times longer in
 those rounds, the others at ``step_sleep_s``), ``stuck`` (``{"replica": i, "round": r}``:
 that replica's first step of that round sleeps for an hour, releasing the GIL, as a
-hung collective or a stalled read does).
+hung collective or a stalled read does; with ``"hold_gil": true`` it blocks for ever in
+a C call that holds the GIL instead, as a hung native call does: no Python signal handler
+and no other thread of the process runs again).
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
@@ -56,6 +59,18 @@ def write_shards(
     ]
     write_dataset(root, payloads, manifest=manifest, view_id="digits-view")
     return [root / f"{i:05d}.bin" for i in range(n_shards)]
+
+
+def _deadlock_holding_the_gil() -> None:
+    """Acquire a held lock through the C API (``ctypes.pythonapi`` keeps the GIL and the
+    C call retries through signals): this thread, and so the process, never runs Python
+    again."""
+    api = ctypes.pythonapi
+    api.PyThread_allocate_lock.restype = ctypes.c_void_p
+    api.PyThread_acquire_lock.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lock = api.PyThread_allocate_lock()
+    api.PyThread_acquire_lock(lock, 1)
+    api.PyThread_acquire_lock(lock, 1)
 
 
 class ShardWorkload:
@@ -119,6 +134,8 @@ class ShardWorkload:
         replica, round_index = payload.get("replica"), payload.get("round")
         stuck = self.stuck
         if stuck and first and (replica, round_index) == (stuck["replica"], stuck["round"]):
+            if stuck.get("hold_gil"):
+                _deadlock_holding_the_gil()
             time.sleep(3600)
         lag = self.straggler
         if lag and replica == lag["replica"] and round_index in lag.get("rounds", []):
