@@ -91,6 +91,9 @@ def publishing(
         else:
             os.replace(tmp, dest)
         fsync_path(dest.parent)
+    except StorageError:  # typed already, by whoever knew the path (a nested writer)
+        _remove(tmp)
+        raise
     except OSError as exc:
         _remove(tmp)
         raise storage_error(exc, str(dest)) from exc

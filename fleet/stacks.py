@@ -204,8 +204,12 @@ def watched(
         except Exception as exc:
             # the limit may reach here wrapped (a hook's failure is a HookFailedError)
             seen: BaseException | None = exc
+            visited: set[int] = set()  # a chain may loop back on itself
             while seen is not None and not isinstance(seen, SoftTimeLimitExceeded):
+                visited.add(id(seen))
                 seen = seen.__cause__ or seen.__context__
+                if seen is not None and id(seen) in visited:
+                    seen = None
             if seen is not None:
                 recorder.record("soft time limit exceeded", seen.__traceback__)
             raise

@@ -19,7 +19,8 @@ value:
   ``q * scale_b`` (absolute error <= ``scale_b / 2``). 1 byte + ``4 / block_size``.
 
 Blocks handed to :meth:`Codec.encode` hold a multiple of :attr:`Codec.align` values,
-but for the last one.
+but for the last one. The registry imports no torch (an orchestrator validates codec
+names without it); the codecs import it when they encode or decode.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from __future__ import annotations
 import math
 import sys
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "BF16",
@@ -51,6 +53,8 @@ _INT8_MAX = 127.0
 
 def le_bytes(tensor: torch.Tensor) -> memoryview:
     """The little-endian bytes of a CPU tensor (2-byte floats as their int16 bits)."""
+    import torch
+
     t = tensor.contiguous()
     if t.element_size() == 2:
         t = t.view(torch.int16)  # numpy has no bfloat16
@@ -102,6 +106,8 @@ class Codec(ABC):
 
     def round_trip(self, block: torch.Tensor) -> torch.Tensor:
         """What a reader decodes of ``block``: float32 ``[k]`` (a new tensor)."""
+        import torch
+
         parts = [bytes(p) for p in self.encode(block)]
         return self.decode_into(parts, torch.empty_like(block))
 
@@ -110,40 +116,45 @@ class Codec(ABC):
 
 
 class _Cast(Codec):
-    """A codec that casts each value to a float type of ``itemsize`` bytes."""
+    """A codec that casts each value to a float type of ``itemsize`` bytes (torch's
+    ``dtype``, read from memory as the integer type ``raw`` of its size)."""
 
-    dtype: ClassVar[torch.dtype]
-    raw: ClassVar[torch.dtype]
+    dtype: ClassVar[str]
+    raw: ClassVar[str]
 
     def encode(self, block: torch.Tensor) -> list[memoryview]:
-        return [le_bytes(block.to(self.dtype))]
+        import torch
+
+        return [le_bytes(block.to(getattr(torch, self.dtype)))]
 
     def decode_into(self, parts: list[bytes], out: torch.Tensor) -> torch.Tensor:
+        import torch
+
         data = parts[0]
         k = len(data) // self.itemsize
-        values = torch.frombuffer(bytearray(data), dtype=self.raw).view(self.dtype)
-        return out.view(-1)[:k].copy_(values)
+        raw = torch.frombuffer(bytearray(data), dtype=getattr(torch, self.raw))
+        return out.view(-1)[:k].copy_(raw.view(getattr(torch, self.dtype)))
 
 
 class FP32(_Cast):
     name = "fp32"
     itemsize = 4
-    dtype = torch.float32
-    raw = torch.int32
+    dtype = "float32"
+    raw = "int32"
 
 
 class FP16(_Cast):
     name = "fp16"
     itemsize = 2
-    dtype = torch.float16
-    raw = torch.int16
+    dtype = "float16"
+    raw = "int16"
 
 
 class BF16(_Cast):
     name = "bf16"
     itemsize = 2
-    dtype = torch.bfloat16
-    raw = torch.int16
+    dtype = "bfloat16"
+    raw = "int16"
 
 
 class INT8(Codec):
@@ -164,6 +175,8 @@ class INT8(Codec):
         return {"block_size": self.block_size, "scales_file": SCALES_FILE}
 
     def encode(self, block: torch.Tensor) -> list[memoryview]:
+        import torch
+
         k = block.numel()
         blocks = math.ceil(k / self.block_size)
         padded = block
@@ -177,6 +190,8 @@ class INT8(Codec):
         return [le_bytes(q.view(-1)[:k]), le_bytes(scales)]
 
     def decode_into(self, parts: list[bytes], out: torch.Tensor) -> torch.Tensor:
+        import torch
+
         values = torch.frombuffer(bytearray(parts[0]), dtype=torch.int8)
         scales = torch.frombuffer(bytearray(parts[1]), dtype=torch.float32)
         k = values.numel()

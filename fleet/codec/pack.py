@@ -48,6 +48,7 @@ from fleet.errors import (
     ManifestError,
     NonFiniteValuesError,
     ValuesLengthError,
+    storage_error,
 )
 from fleet.files import publishing
 
@@ -202,8 +203,9 @@ def _manifest_for(
 class ValuesSink:
     """Where :func:`writing_pack` takes blocks of values: :meth:`write` each in order."""
 
-    def __init__(self, f: FileIO, parameter_count: int) -> None:
+    def __init__(self, f: FileIO, parameter_count: int, where: str = "") -> None:
         self._f = f
+        self._where = where
         self._hasher = xxhash.xxh3_64()
         self.expected = parameter_count
         self.written = 0
@@ -224,7 +226,10 @@ class ValuesSink:
         if not _LITTLE_ENDIAN:
             block = torch.from_numpy(block.numpy().byteswap())
         data = _bytes_of(block.contiguous())
-        _write_all(self._f, data)
+        try:
+            _write_all(self._f, data)
+        except OSError as exc:  # typed here: an enclosing writer must not claim it
+            raise storage_error(exc, self._where) from exc
         self._hasher.update(data)
         self.written += block.numel()
 
@@ -258,7 +263,7 @@ def writing_pack(
         raise CodecError(f"refusing to replace {dest}: it exists and is not a pack", path=str(dest))
     with publishing(dest, mkdir=True, replace_dir=_is_pack) as tmp:
         with open(tmp / VALUES_FILE, "wb", buffering=0) as f:
-            sink = ValuesSink(f, like.parameter_count)
+            sink = ValuesSink(f, like.parameter_count, str(dest))
             yield sink
         if sink.written != like.parameter_count:
             raise ValueError(

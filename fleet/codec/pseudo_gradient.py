@@ -33,6 +33,7 @@ from fleet.errors import (
     NonFiniteValuesError,
     UnknownPackFormatError,
     ValuesLengthError,
+    storage_error,
 )
 from fleet.files import publishing
 
@@ -135,8 +136,9 @@ class PseudoGradientSink:
     but the last a multiple of the codec's :attr:`~fleet.codec.codecs.Codec.align`
     values, in layout order."""
 
-    def __init__(self, files: Sequence[IO[bytes]], codec: Codec) -> None:
+    def __init__(self, files: Sequence[IO[bytes]], codec: Codec, where: str = "") -> None:
         self._files = files
+        self._where = where
         self.codec = codec
         self._hashers = [xxhash.xxh3_64() for _ in files]
         self.written = 0
@@ -149,7 +151,10 @@ class PseudoGradientSink:
             raise ValueError(f"only the last block may hold other than {self.codec.align}k values")
         parts = self.codec.encode(block)
         for f, hasher, data in zip(self._files, self._hashers, parts, strict=True):
-            f.write(data)
+            try:
+                f.write(data)
+            except OSError as exc:  # typed here: an enclosing writer must not claim it
+                raise storage_error(exc, self._where) from exc
             hasher.update(data)
         self.written += block.numel()
         return self.codec.decode_into([bytes(p) for p in parts], torch.empty_like(block))
@@ -178,7 +183,7 @@ def writing_pseudo_gradient(
         names = [name for name, _ in codec.files(like.parameter_count)]
         with ExitStack() as files:
             opened = [files.enter_context(open(tmp / name, "wb")) for name in names]
-            sink = PseudoGradientSink(opened, codec)
+            sink = PseudoGradientSink(opened, codec, str(path))
             yield sink
         if sink.written != like.parameter_count:
             raise ValueError(
