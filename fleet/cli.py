@@ -478,8 +478,8 @@ def jobs_show(job_id: str, as_json: bool) -> None:
     records = rounds_of(store, job_id)
     replicas = int(job.spec.get("replicas", 1))
     table = Table(
-        "round", "merged", "wall s", "inner s", "exchange s", "exchange MB", "deadline s",
-        "outer step s", "eval loss", title="rounds",
+        "round", "merged", "wall s", "inner s", "exchange s", "exchange MB", "B/param",
+        "deadline s", "outer step s", "eval loss", title="rounds",
     )  # fmt: skip
     for record in records:
         x = round_scalars(record, replicas)
@@ -491,17 +491,30 @@ def jobs_show(job_id: str, as_json: bool) -> None:
             f"{x['round/inner_loop_s']:.2f}",
             f"{x['round/exchange_s']:.3f}",
             f"{record.exchange_bytes / 1e6:.2f}",
+            "-" if record.bytes_per_parameter is None else f"{record.bytes_per_parameter:.2f}",
             "-" if record.deadline_s is None else f"{record.deadline_s:.2f}",
             f"{x['round/outer_step_s']:.3f}",
             with_stderr(loss, record.eval.loss_stderr if record.eval else None),
         )
     console.print(table)
-    leases = Table("round", "replica", "attempt", "worker", "status", "microshards", title="leases")
+    leases = Table(
+        "round", "replica", "attempt", "worker", "status", "global", "state", "sent MB",
+        "received MB", "microshards", title="attempts: leases, sources, bytes",
+    )  # fmt: skip
     for record in records:
         for r in record.replicas:
             ids = ", ".join(s.microshard_id for s in r.lease.shards) if r.lease else "-"
             leases.add_row(
-                str(record.round), str(r.replica), str(r.attempt), r.worker, r.status, ids
+                str(record.round),
+                str(r.replica),
+                str(r.attempt),
+                r.worker,
+                r.status,
+                r.global_source or "-",
+                r.state_source or "-",
+                f"{r.sent_bytes / 1e6:.2f}",
+                f"{r.received_bytes / 1e6:.2f}",
+                ids,
             )
     console.print(leases)
 

@@ -13,6 +13,7 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
+from fleet.codec.codecs import CODECS
 from fleet.diloco.config import OUTER_MERGE_POLICIES, DatasetConfig, DiLoCoConfig
 
 
@@ -44,14 +45,9 @@ CONFIG_FLAGS = (
     ConfigFlag("--outer-lr", "outer.lr", float),
     ConfigFlag("--outer-momentum", "outer.momentum", float),
     ConfigFlag("--outer-optimizer", "outer.name"),
-    ConfigFlag(
-        "--pseudo-gradient",
-        "pseudo_gradient.codec",
-        click.Choice(["fp32", "fp16", "bf16", "int8"]),
-    ),
+    ConfigFlag("--pseudo-gradient", "pseudo_gradient.codec", click.Choice(sorted(CODECS))),
     ConfigFlag("--pseudo-gradient-block-size", "pseudo_gradient.block_size", int),
     ConfigFlag("--error-feedback/--no-error-feedback", "pseudo_gradient.error_feedback"),
-    ConfigFlag("--overlap/--no-overlap", "overlap"),
     ConfigFlag("--merge-policy", "merge_policy", click.Choice(OUTER_MERGE_POLICIES)),
     ConfigFlag("--device", "device"),
     ConfigFlag("--eval-every", "eval_every", int),
@@ -69,8 +65,9 @@ CONFIG_FLAGS = (
     ConfigFlag("--max-attempts", "max_attempts", int),
     ConfigFlag("--replica-call-timeout-s", "replica_call_timeout_s", float),
     ConfigFlag("--max-wall-s", "max_wall_s", float),
-    ConfigFlag("--keep-rounds", "keep_rounds", int),
     ConfigFlag("--checkpoint-every", "checkpoint_every", int),
+    ConfigFlag("--keep-checkpoints", "keep_checkpoints", int),
+    ConfigFlag("--state-checkpoint-every", "state_checkpoint_every", int),
     ConfigFlag("--model-schema-hash", "model_schema_hash"),
     ConfigFlag("--merge-chunk-bytes", "merge_chunk_bytes", int),
     ConfigFlag("--dataset", "dataset.path"),

@@ -218,10 +218,20 @@ class Fleet(MergeCalls):
 
     # ------------------------------------------------------------------ models
 
-    def init_model(self, device: str = AUTO, **route: Unpack[Route]) -> ModelHandle:
+    @overload
+    def init_model(
+        self, device: str = ..., *, wait: Literal[True] = ..., **route: Unpack[Route]
+    ) -> ModelHandle: ...
+    @overload
+    def init_model(
+        self, device: str = ..., *, wait: Literal[False], **route: Unpack[Route]
+    ) -> FleetFuture[ModelHandle]: ...
+    def init_model(
+        self, device: str = AUTO, *, wait: bool = True, **route: Unpack[Route]
+    ) -> ModelHandle | FleetFuture[ModelHandle]:
         """Build a model on a worker (named, by queue, or any of the pool)."""
         call = self._routed("init_model", {"device": device}, self.handle_of, route)
-        return self.run(call, True, route.get("timeout_s"))
+        return self.run(call, wait, route.get("timeout_s"))
 
     def release_model(self, handle: HandleLike, *, timeout_s: float | None = None) -> None:
         """Drop a model on its owner."""

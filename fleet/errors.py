@@ -204,6 +204,41 @@ class DigestMismatchError(CodecError):
         self.actual = actual
 
 
+class BaseMismatchError(CodecError):
+    """A pseudo-gradient was taken from another global model than the one the outer step
+    steps from (its manifest's ``base_values_digest``): merging it would move the model
+    by a delta relative to the wrong point (docs/protocol.md section 4.4)."""
+
+    fields = ("path", "expected", "actual")
+
+    def __init__(self, path: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"{path} is a pseudo-gradient from global model {actual}, "
+            f"not from {expected} that the outer step steps from",
+            path=path,
+        )
+        self.expected = expected
+        self.actual = actual
+
+
+class GlobalDigestMismatchError(CodecError):
+    """A worker reconstructed a global model (by applying committed outer steps) whose
+    digest is not the one the run committed: it must not train from it; the global is
+    fetched in full instead (docs/protocol.md section 5.7)."""
+
+    fields = ("path", "round", "expected", "actual")
+
+    def __init__(self, path: str, round: int, expected: str, actual: str) -> None:
+        super().__init__(
+            f"the global model of round {round} rebuilt here hashes to {actual}, "
+            f"the run committed {expected}",
+            path=path,
+        )
+        self.round = round
+        self.expected = expected
+        self.actual = actual
+
+
 class NonFiniteValuesError(CodecError):
     """The pack holds NaN or infinite values (raised only when asked to check)."""
 

@@ -3,10 +3,10 @@
 A DiLoCo run deletes what each round supersedes as it goes; this finds what is left
 over anyway: packs and optimizer states of crashed or redelivered attempts, scratch
 packs in ``tmp/exchange/`` that no model handle refers to any more, and temp files a
-crash left behind. For a job known to Redis it keeps what the job still needs: the
-global packs and outer optimizer buffers of its last ``keep_rounds`` rounds, its artifacts
-(checkpoints, final pack), and, while it can still be resumed, the inputs of its last
-committed round and the round in flight. Runs of jobs Redis does not know are left
+crash left behind. For a job known to Redis it keeps what the job still needs: its
+kept full checkpoints and the pseudo-gradients since the oldest, its replicas' state
+checkpoints, its artifacts (checkpoints, final pack), and, while it can still be
+resumed, the round in flight. Runs of jobs Redis does not know are left
 alone (reported). Only entries older than ``min_age_s`` are touched. On an object store
 it also aborts unfinished multipart uploads (a worker killed while uploading); the data
 objects of a pack whose manifest never came are stray entries like any other.
@@ -17,13 +17,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.layout import RunLayout
-from fleet.diloco.optim import outer_optimizer
-from fleet.diloco.state import rounds_of, state_of
+from fleet.diloco.state import state_of
 from fleet.errors import JobNotFound
 from fleet.jobs import JobStore
-from fleet.storage import TEMP_MARKER, Store
+from fleet.storage import TEMP_MARKER, Store, result_marker
 
 
 @dataclass
@@ -59,25 +57,27 @@ def _groups(store: Store, under: str, depth: int) -> dict[str, _Group]:
 
 
 def _keep_for_job(jobs: JobStore, job_id: str) -> set[str]:
-    """The shared-root paths a DiLoCo job still needs."""
+    """The shared-root paths a DiLoCo job still needs: its artifacts, its kept full
+    checkpoints, the pseudo-gradients since the oldest of them, its replicas' state
+    checkpoints, and (while it can be resumed) the round in flight."""
     job = jobs.get(job_id)
-    keep = set(job.artifacts.values()) - {RunLayout(job_id).run_dir}
+    layout = RunLayout(job_id)
+    keep = set(job.artifacts.values()) - {layout.run_dir}
     state = state_of(jobs, job_id)
     if state is None:
-        return keep | {RunLayout(job_id).run_dir}  # not started: leave it alone
-    layout, config = RunLayout(job_id), DiLoCoConfig.model_validate(job.spec)
-    buffers = outer_optimizer(config.outer).buffers
-    for index in range(max(0, state.next_round - config.keep_rounds + 1), state.next_round + 1):
-        keep.add(layout.global_pack(index))
-        keep |= {layout.outer_buffer(index, name) for name in buffers}
-    keep |= {p.path for p in state.outer_state.values()}
+        return keep | {layout.run_dir}  # not started: leave it alone
+    for checkpoint in state.checkpoints:
+        keep.add(checkpoint.global_pack.path)
+        keep |= {p.path for p in checkpoint.state.values()}
+    for step in state.steps:
+        keep |= {w.pack.path for w in step.replicas}
+        keep |= {result_marker(w.pack.path) for w in step.replicas}
+    for start in state.replicas:
+        if start.checkpoint is not None:
+            keep |= {layout.replica_state_dir(start.checkpoint)}
     if job.status != "completed":
-        keep |= {o.path for o in state.replica_opt if o is not None}
-        keep |= {r.path for r in state.replica_residual if r is not None}
-        records = rounds_of(jobs, job_id)
-        if records:
-            keep |= {r.pack.path for r in records[-1].merged if r.pack is not None}
         keep.add(layout.round_dir(state.next_round))  # the round in flight
+        keep |= {f"{layout.run_dir}/replica-{i}" for i in range(len(state.replicas))}
     return keep
 
 

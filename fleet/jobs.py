@@ -238,6 +238,21 @@ class JobStore:
         """Every metrics record, in order."""
         return [json.loads(m) for m in self.redis.lrange(keys.job_metrics(job_id), 0, -1)]
 
+    def record_checkpoint(self, job_id: str, name: str, checkpoint_json: str) -> None:
+        """Record a checkpoint that landed on the shared root (written by the worker that
+        published it, not fenced: it states a fact about files; the orchestrator decides
+        whether to use it)."""
+        self.redis.hset(keys.job_checkpoints(job_id), name, checkpoint_json)
+
+    def checkpoints(self, job_id: str) -> dict[str, str]:
+        """Every landed checkpoint of the job, by name (see :func:`fleet.keys.job_checkpoints`)."""
+        return dict(self.redis.hgetall(keys.job_checkpoints(job_id)))
+
+    def forget_checkpoints(self, job_id: str, *names: str) -> None:
+        """Drop the records of checkpoints that were deleted."""
+        if names:
+            self.redis.hdel(keys.job_checkpoints(job_id), *names)
+
     # ------------------------------------------------------------------ ownership
 
     def claim(self, job_id: str, *, host: str, pid: int, ttl_s: float) -> int:

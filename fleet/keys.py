@@ -85,6 +85,13 @@ def job_state(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:state"
 
 
+def job_checkpoints(job_id: str) -> str:
+    """Hash: checkpoints a DiLoCo job's workers published in the background, once each
+    landed (docs/protocol.md section 5.7): field ``global/<round>`` -> a FullCheckpoint,
+    ``replica/<replica>/<round>/<attempt>`` -> a ReplicaCheckpoint (JSON)."""
+    return f"{PREFIX}job:{job_id}:checkpoints"
+
+
 def job_owner(job_id: str) -> str:
     """String with a TTL: the job's owner lease ``{token, host, pid, started_at,
     heartbeat_at}``, renewed by the owning orchestrator's heartbeat."""

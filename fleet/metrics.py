@@ -15,12 +15,11 @@ queue (workers prefetch one message). ``fleet exporter`` serves, on ``/metrics``
 
   ``fleet_diloco_round`` (its index), ``fleet_diloco_round_wall_seconds`` (launch to
   commit), ``..._inner_loop_seconds`` (the slowest merged replica's inner steps),
-  ``..._exchange_seconds`` (the slowest merged replica's pack load and publish),
-  ``..._outer_step_seconds``, ``..._exchange_bytes`` (the merged replicas' published
-  packs), ``..._deadline_seconds`` (if it had one),
-  ``fleet_diloco_round_bytes_per_parameter{direction}`` (``published``: those bytes per
-  merged replica per model parameter; ``sent``, ``received``: the mean of the attempts'
-  ``sent_bytes`` / ``received_bytes`` per parameter, where round records carry them) and
+  ``..._exchange_seconds`` (the slowest merged replica's global model and state load
+  and its upload), ``..._outer_step_seconds``, ``..._exchange_bytes`` (every byte the
+  round's workers moved to and from the shared root), ``..._deadline_seconds`` (if it
+  had one), ``fleet_diloco_round_bytes_per_parameter{direction}`` (the busiest worker's
+  ``sent``, ``received`` and ``total`` bytes per model parameter in the round) and
   ``fleet_diloco_round_replicas{status}`` (the round's replica attempts by how they
   ended: ``merged``, ``aborted`` at the deadline or quorum, ``lost``, ``failed``,
   ``dropped``).
@@ -128,8 +127,8 @@ class FleetCollector(Collector):
         }
         per_parameter = GaugeMetricFamily(
             "fleet_diloco_round_bytes_per_parameter",
-            "Bytes per model parameter per replica in the last committed round: published "
-            "packs, or the attempts' sent and received bytes",
+            "Bytes per model parameter the busiest worker sent, received, or both, to and "
+            "from the shared root in the last committed round",
             labels=["job_id", "direction"],
         )
         replicas = GaugeMetricFamily(
@@ -187,25 +186,19 @@ def round_gauges(record: dict[str, Any], replicas: int) -> dict[str, float]:
 
 
 def bytes_per_parameter(record: dict[str, Any]) -> dict[str, float]:
-    """``{direction: bytes per parameter}`` of one round record (its JSON): ``published``
-    (the merged replicas' pack bytes per merged replica), and ``sent`` / ``received``
-    (the mean over the attempts that carry ``sent_bytes`` / ``received_bytes``); a
-    direction whose fields the record lacks is left out, as is every direction when the
-    record has no parameter count."""
-    pack = record.get("global_pack")
-    count = _number(pack.get("parameter_count")) if isinstance(pack, dict) else None
-    if not count:
+    """``{direction: bytes per parameter}`` of one round record (its JSON), counted by the
+    workers' stores where the bytes moved: ``sent``, ``received`` and ``total`` of the
+    busiest worker in the round (its ``wire`` entry); left out when the record has no
+    parameter count or no ``wire``."""
+    count = _number(record.get("parameter_count"))
+    wire = record.get("wire")
+    if not count or not isinstance(wire, dict) or not wire:
         return {}
-    attempts = [r for r in record.get("replicas") or [] if isinstance(r, dict)]
-    merged = [r for r in attempts if r.get("status") == "merged"]
-    out: dict[str, float] = {}
-    published = _number(record.get("exchange_bytes"))
-    if published is not None and merged:
-        out["published"] = published / len(merged) / count
-    for direction in ("sent", "received"):
-        seen = [
-            x for x in (_number(r.get(f"{direction}_bytes")) for r in attempts) if x is not None
-        ]
-        if seen:
-            out[direction] = sum(seen) / len(seen) / count
-    return out
+    rows = [w for w in wire.values() if isinstance(w, dict)]
+    sent = [_number(w.get("sent")) or 0.0 for w in rows]
+    received = [_number(w.get("received")) or 0.0 for w in rows]
+    return {
+        "sent": max(sent) / count,
+        "received": max(received) / count,
+        "total": max(a + b for a, b in zip(sent, received, strict=True)) / count,
+    }

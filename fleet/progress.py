@@ -184,6 +184,8 @@ class StepMonitor:
         self.total_steps = total_steps
         self.steps = 0
         self.examples = 0
+        #: When the last step was reported (monotonic s; None before the first).
+        self.last_step_at: float | None = None
         self.started = time.monotonic()
         self._last_publish = 0.0
 
@@ -198,6 +200,7 @@ class StepMonitor:
         """Record that ``step`` steps are done (``examples`` more examples), publish
         progress at most every ``PUBLISH_INTERVAL_S``, then :meth:`check`."""
         self.steps = step
+        self.last_step_at = time.monotonic()
         self.examples += examples
         now = time.monotonic()
         if force or now - self._last_publish >= PUBLISH_INTERVAL_S:

@@ -254,28 +254,9 @@ def power_of_two(value: int) -> int:
     return value
 
 
-class PseudoGradientOutput(_Model):
-    """fleet: how ``run_inner_loop`` publishes a DiLoCo replica's result: ``delta =
-    input_parameter_pack - trained parameters``, encoded by ``codec``
-    (docs/protocol.md section 4.4), with error feedback when ``error_feedback_path`` is
-    set: the residual ``r' = (delta + r) - decoded`` is published there and the next
-    round's call passes it back as ``error_feedback_source`` (Karimireddy et al. 2019,
-    "Error Feedback Fixes SignSGD", arXiv:1901.09847)."""
-
-    codec: Literal["fp32", "fp16", "bf16", "int8"]
-    block_size: int = Field(default=256, ge=1, le=1 << 16)
-    """Values per int8 scale (a power of two)."""
-    error_feedback_source: PackRef | None = None
-    """The residual carried from the replica's last round (None: zero)."""
-    error_feedback_path: str | None = None
-    """Where the new residual is published (None: no error feedback)."""
-
-    _power_of_two = field_validator("block_size")(power_of_two)
-
-
 class RunInnerLoopRequest(_Model):
     """``run_inner_loop``: ``num_inner_steps`` steps from the model ``model_id``, then the
-    result published as a pack at ``output_parameter_pack_path`` (DiLoCo's inner loop)."""
+    result published as a pack at ``output_parameter_pack_path``."""
 
     model_id: str
     batches: list[BatchRef] = Field(default_factory=list)
@@ -288,51 +269,15 @@ class RunInnerLoopRequest(_Model):
     deadline_unix_s: float | None = None
     """fleet: stop between steps once this wall-clock time passes."""
     input_parameter_pack: PackRef | None = None
-    """fleet: load this pack into the model before the first step (DiLoCo: the round's
-    global model), so a warm handle starts from it without another call; its layout
-    hash, digest and finiteness are checked."""
+    """fleet: load this pack into the model before the first step, so a warm handle
+    starts from it without another call; its layout hash, digest and finiteness are
+    checked."""
     inner_optimizer_state_source_path: str | None = None
     """fleet: copy this optimizer state file to ``inner_optimizer_state_path`` before the
-    first step (DiLoCo: the replica's last committed state), so the committed file is
-    never modified and a re-run starts from the same state."""
+    first step, so the source file is never modified and a re-run starts from the same
+    state."""
     shard_checks: ShardChecks | None = None
     """fleet: content hashes of the batches' shards, checked before the first step."""
-    pseudo_gradient: PseudoGradientOutput | None = None
-    """fleet: publish the encoded pseudo-gradient at ``output_parameter_pack_path``
-    instead of the parameters, relative to the start point (``input_parameter_pack``
-    or ``eager_start``)."""
-    eager_start: EagerStart | None = None
-    """fleet: start from this eager start point (an overlapped DiLoCo round) instead of
-    ``input_parameter_pack``."""
-    outer_step: OuterStepRequest | None = None
-    """fleet: run this outer step (the previous round's, in an overlapped DiLoCo run)
-    beside the inner steps, in a thread of this worker; its result or error comes back
-    in the result's ``outer_step`` / ``outer_step_error``."""
-
-    @model_validator(mode="after")
-    def _delta_needs_its_base(self) -> RunInnerLoopRequest:
-        if self.input_parameter_pack is not None and self.eager_start is not None:
-            raise ValueError("give input_parameter_pack or eager_start, not both")
-        if self.pseudo_gradient is not None and (
-            self.input_parameter_pack is None and self.eager_start is None
-        ):
-            raise ValueError("pseudo_gradient needs input_parameter_pack or eager_start")
-        return self
-
-
-class EagerStart(_Model):
-    """fleet: an overlapped DiLoCo replica's start point (docs/protocol.md section 5.2;
-    Kale et al. 2025, arXiv:2502.12996): ``prediction - scale * fresh``, with
-    ``prediction`` the outer step's estimate of the round's global model before the
-    last round's pseudo-gradients (a v1 pack) and ``fresh`` the replica's own
-    pseudo-gradient of that round (a pseudo-gradient pack); computed on the worker,
-    float32, chunk by chunk."""
-
-    prediction: PackRef
-    fresh: PackRef | None = None
-    scale: float = 0.0
-    """``g * w``: the outer optimizer's gain on the pseudo-gradient times the replica's
-    weight in the average."""
 
 
 class LoadParameterPackRequest(_Model):
@@ -433,36 +378,190 @@ class OuterOptimizerConfig(_Model):
         return value
 
 
+class ExchangeSpec(_Model):
+    """fleet: how a DiLoCo replica encodes its pseudo-gradient (docs/protocol.md section
+    4.4): a codec of :data:`fleet.codec.codecs.CODECS` (``int8`` blockwise absmax with
+    ``block_size`` values per scale; ``fp16``, ``bf16``, ``fp32``), with error feedback
+    kept on the replica's worker (Karimireddy et al. 2019, arXiv:1901.09847)."""
+
+    codec: str = "int8"
+    block_size: int = Field(default=256, ge=1, le=1 << 16)
+    """Values per scale (int8; a power of two)."""
+    error_feedback: bool = True
+
+    _power_of_two = field_validator("block_size")(power_of_two)
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        from fleet.codec.codecs import CODECS
+
+        if value not in CODECS:
+            raise ValueError(f"no codec {value!r} (known: {', '.join(sorted(CODECS))})")
+        return value
+
+
 class WeightedPack(_Model):
-    """A replica's pack and its weight in the average (e.g. its completed steps)."""
+    """A replica's pseudo-gradient pack and its weight in the average (its completed
+    steps, by the merge policy)."""
 
     pack: PackRef
     weight: float = Field(gt=0.0)
-    start: EagerStart | None = None
-    """The eager start point the replica trained from (an overlapped round), when its
-    pack is a pseudo-gradient relative to that point rather than to ``global_pack``:
-    the outer step rebases it, ``delta + (global - start)``."""
+
+
+class OuterStepSpec(_Model):
+    """fleet: DiLoCo's outer step of round ``round`` (Douillard et al. 2023,
+    arXiv:2311.08105, Algorithm 1): the merged replicas' pseudo-gradients and weights,
+    the outer optimizer and merge policy, and, once the step was computed and
+    committed, the digests of what it gives (the global model entering round ``round +
+    1`` and the optimizer's buffers), which every worker that applies it checks."""
+
+    round: int = Field(ge=0)
+    replicas: list[WeightedPack] = Field(min_length=1)
+    outer: OuterOptimizerConfig = Field(default_factory=OuterOptimizerConfig)
+    merge_policy: Literal["WeightedMean", "NormClippedWeightedMean", "TrimmedMean"] = "WeightedMean"
+    global_digest: str | None = None
+    """The values digest of the global model after the step (None: not computed yet)."""
+    state_digests: dict[str, str] = Field(default_factory=dict)
+    """The values digest of each outer-optimizer buffer after the step, by name."""
+
+
+class FullCheckpoint(_Model):
+    """fleet: a global model published in full on the shared root: the model entering
+    round ``round`` and the outer optimizer's buffers then, by name."""
+
+    round: int = Field(ge=0)
+    global_pack: PackRef
+    state: dict[str, PackRef] = Field(default_factory=dict)
+
+
+class GlobalModelSpec(_Model):
+    """fleet: the global model entering round ``round``, and how a worker that does not
+    hold it gets it (docs/protocol.md section 5.7): from ``checkpoint`` (the last full
+    one, of round ``c <= round``) by applying ``steps`` (the committed outer steps of
+    rounds ``c .. round - 1``, in order, each with the digests it gives). A worker that
+    holds the model of a later round than ``c`` (by digest) applies only the steps
+    after it."""
+
+    round: int = Field(ge=0)
+    values_digest: str
+    state_digests: dict[str, str] = Field(default_factory=dict)
+    """The outer optimizer's buffers entering ``round``, by name (none in round 0)."""
+    layout_hash: str
+    parameter_count: int = Field(ge=0)
+    model_schema_hash: str
+    checkpoint: FullCheckpoint
+    steps: list[OuterStepSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _steps_lead_here(self) -> GlobalModelSpec:
+        rounds = [s.round for s in self.steps]
+        if rounds != list(range(self.checkpoint.round, self.round)):
+            raise ValueError(
+                f"steps {rounds} do not lead from checkpoint round {self.checkpoint.round} "
+                f"to round {self.round}"
+            )
+        if any(s.global_digest is None for s in self.steps):
+            raise ValueError("a committed step needs its global_digest")
+        return self
+
+
+class ReplicaCheckpoint(_Model):
+    """fleet: a replica's state published on the shared root, off the critical path:
+    the inner optimizer state file its loop wrote (if any) and its error-feedback
+    residual (a v1 pack, if any), as they were after ``round`` attempt ``attempt``."""
+
+    round: int
+    attempt: int
+    optimizer: str | None = None
+    """The inner optimizer state file (shared-root relative)."""
+    optimizer_encoding: str | None = None
+    residual: PackRef | None = None
+
+
+class ReplicaStart(_Model):
+    """fleet: the replica state a DiLoCo attempt starts from: the state its worker keeps
+    after the replica's last merged attempt (``round``, ``attempt``), else
+    ``checkpoint`` (its last published one), else none (a fresh optimizer, zero
+    residual)."""
+
+    round: int | None = None
+    attempt: int | None = None
+    checkpoint: ReplicaCheckpoint | None = None
+
+
+class ReplicaRoundRequest(_Model):
+    """fleet: one attempt of a DiLoCo replica's round (docs/protocol.md section 5.7): get
+    the round's global model (held, or caught up), train ``num_inner_steps`` steps from
+    it with the replica's state, publish the encoded pseudo-gradient at
+    ``output_path``; the replica's state stays on the worker (and, with
+    ``checkpoint_path``, is published there in the background)."""
+
+    run: str
+    """The run (job id) the replica belongs to: names its state on the worker."""
+    replica: int = Field(ge=0)
+    round: int = Field(ge=0)
+    attempt: int = Field(ge=0)
+    model_id: str
+    batches: list[BatchRef] = Field(default_factory=list)
+    shard_checks: ShardChecks | None = None
+    num_inner_steps: int = Field(ge=0)
+    require_exact_steps: bool = True
+    model_schema_hash: str
+    state_dict_filter: StateDictFilter | None = None
+    deadline_unix_s: float | None = None
+    global_model: GlobalModelSpec
+    start: ReplicaStart = Field(default_factory=ReplicaStart)
+    exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)
+    output_path: str
+    """Where the pseudo-gradient pack is published (shared-root relative)."""
+    checkpoint_path: str | None = None
+    """Publish the replica's state after this attempt here (a directory), in the
+    background (None: not this round)."""
 
 
 class OuterStepRequest(_Model):
-    """fleet: DiLoCo's outer step over packs, streamed (docs/protocol.md section 5.3).
-    Replica packs are v1 packs of parameters or pseudo-gradient packs (section 4.4)."""
+    """fleet: DiLoCo's outer step over packs on a worker (docs/protocol.md section 5.7):
+    from ``global_model`` (held, or caught up), apply ``step`` (its digests unset) and
+    keep the result on the worker; with ``checkpoint_path``, also publish it in full
+    there (in the background unless ``wait``)."""
 
-    global_pack: PackRef
-    """The global model entering the round."""
-    replicas: list[WeightedPack] = Field(min_length=1)
-    state: dict[str, PackRef] = Field(default_factory=dict)
-    """The outer optimizer's buffers after the last round, by name (none in the first)."""
-    outer: OuterOptimizerConfig = Field(default_factory=OuterOptimizerConfig)
-    merge_policy: Literal["WeightedMean", "NormClippedWeightedMean", "TrimmedMean"] = "WeightedMean"
-    output_global_path: str
-    output_state_paths: dict[str, str] = Field(default_factory=dict)
-    """Where each buffer the outer optimizer keeps is written, by name."""
+    run: str
+    global_model: GlobalModelSpec
+    step: OuterStepSpec
     chunk_bytes: int = Field(default=1 << 20, ge=4096)
     """Bytes of each pack held in memory at once."""
-    output_prediction_path: str | None = None
-    """Where the eager prediction of the round after next's start point is published
-    (an overlapped run; :func:`fleet.diloco.outer.stream_outer_step`)."""
+    checkpoint_path: str | None = None
+    checkpoint_wait: bool = False
+
+
+class EvaluateGlobalRequest(_Model):
+    """fleet: evaluate a DiLoCo run's global model (held by the worker, or caught up) on
+    ``split``: loaded into the held model ``model_id`` if given, else into a model the
+    workload builds for it on ``device``."""
+
+    run: str
+    global_model: GlobalModelSpec
+    split: EvalSplit
+    model_id: str | None = None
+    device: str = "cpu"
+    state_dict_filter: StateDictFilter | None = None
+
+
+class PublishGlobalRequest(_Model):
+    """fleet: publish a DiLoCo run's global model (held, or caught up) in full at
+    ``path`` (and its optimizer buffers beside it), waiting for the upload."""
+
+    run: str
+    global_model: GlobalModelSpec
+    path: str
+
+
+class ReleaseRunRequest(_Model):
+    """fleet: drop what this worker keeps of a DiLoCo run (global models, replica
+    states) once the run ended."""
+
+    run: str
 
 
 class VerifyPackRequest(_Model):
@@ -566,40 +665,97 @@ class RunInnerLoopResult(_Model):
     pack: PackRef | None = None
     """fleet: the output pack."""
     exchange_bytes: int | None = None
-    """fleet: bytes of the output pack's data files (what the outer step reads)."""
-    error_feedback: PackRef | None = None
-    """fleet: the residual published for the next round (error feedback)."""
+    """fleet: bytes of the output pack's data files."""
     load_s: float = 0.0
-    """fleet: seconds spent loading ``input_parameter_pack_path``."""
+    """fleet: seconds before the loop: loading ``input_parameter_pack``, fetching the
+    leased shards, staging the optimizer state."""
     compute_s: float = 0.0
-    """fleet: seconds spent in the inner steps."""
+    """fleet: seconds of the inner steps (from the loop's start to its last step)."""
     publish_s: float = 0.0
-    """fleet: seconds spent writing the output pack."""
+    """fleet: seconds after the last step: the loop's own saves, writing the output pack."""
     started_at: float = 0.0
     """fleet: the worker's clock (unix s) when the task began."""
     finished_at: float = 0.0
     """fleet: the worker's clock (unix s) when the output pack was published."""
-    outer_step: OuterStepResult | None = None
-    """fleet: the result of the request's ``outer_step``, run beside the inner steps."""
-    outer_step_error: str | None = None
-    """fleet: why that outer step failed (``Type: message``); the orchestrator runs it
-    again on its own."""
+
+
+class ReplicaRoundResult(_Model):
+    """fleet: one DiLoCo replica attempt: its steps, metrics, published pseudo-gradient,
+    the global model it trained from, how it got that and its state, the bytes its
+    worker moved to and from the shared root while it ran (counted by the store,
+    background checkpoint uploads included), and its timings (seconds, worker clocks)."""
+
+    steps_completed: int
+    metrics: Metrics
+    pack: PackRef
+    """The pseudo-gradient pack."""
+    base_digest: str
+    """The values digest of the global model it trained from."""
+    global_source: Literal["held", "stepped", "caught-up"]
+    """held: the worker had the global model; stepped: it applied outer steps to a
+    model it held; caught-up: it fetched a full checkpoint and applied the steps since."""
+    steps_replayed: int = 0
+    """Outer steps it applied to reach the global model."""
+    state_source: Literal["held", "checkpoint", "fresh"]
+    """Where the replica's optimizer state and residual came from."""
+    checkpoint_scheduled: bool = False
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    load_s: float = 0.0
+    """Getting the global model, the replica's state and the leased shards."""
+    compute_s: float = 0.0
+    """The inner steps only (from the loop's start to its last step)."""
+    save_s: float = 0.0
+    """After the last step: the loop's own saves and writing the trained parameters."""
+    encode_s: float = 0.0
+    """Encoding the pseudo-gradient and the new residual (local disk)."""
+    publish_s: float = 0.0
+    """Uploading the pseudo-gradient pack."""
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    peak_rss_bytes: int = 0
+    """The worker process's peak resident memory so far (``getrusage``), in bytes."""
 
 
 class OuterStepResult(_Model):
-    """fleet: the published global pack and optimizer buffers of an outer step."""
+    """fleet: an outer step computed on a worker: the digests of the new global model and
+    buffers (the worker keeps them), its layout, the bytes its worker moved, and the
+    full checkpoint it published (with ``checkpoint_wait``)."""
 
-    global_pack: PackRef
-    state: dict[str, PackRef] = Field(default_factory=dict)
-    prediction: PackRef | None = None
-    """The eager prediction, if the request asked for one."""
-    bytes_read: int
-    bytes_written: int
-    exchange_bytes: int = 0
-    """Bytes of the replicas' packs read (their values and scales)."""
+    global_digest: str
+    state_digests: dict[str, str] = Field(default_factory=dict)
+    layout_hash: str
+    parameter_count: int
+    model_schema_hash: str
+    checkpoint: FullCheckpoint | None = None
+    checkpoint_scheduled: bool = False
+    steps_replayed: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
     seconds: float
-    reused: bool = False
-    """True if every output was already published from the same inputs (a re-run)."""
+
+
+class EvaluateGlobalResult(_Model):
+    """fleet: a global model's evaluation metrics, and the bytes the worker moved to get
+    the model (none when it held it)."""
+
+    metrics: Metrics
+    sent_bytes: int = 0
+    received_bytes: int = 0
+
+
+class PublishGlobalResult(_Model):
+    """fleet: the published full checkpoint."""
+
+    checkpoint: FullCheckpoint
+    sent_bytes: int = 0
+    received_bytes: int = 0
+
+
+class ReleaseRunResult(_Model):
+    """fleet: bytes of local disk freed."""
+
+    freed_bytes: int
 
 
 class CollectGarbageResult(_Model):
@@ -691,7 +847,18 @@ METHODS: dict[str, MethodSpec] = {
             "model_id",
             extension=True,
         ),
+        MethodSpec(
+            "replica_round",
+            ReplicaRoundRequest,
+            ReplicaRoundResult,
+            "model_id",
+            long=True,
+            extension=True,
+        ),
         MethodSpec("outer_step", OuterStepRequest, OuterStepResult, extension=True),
+        MethodSpec("evaluate_global", EvaluateGlobalRequest, EvaluateGlobalResult, extension=True),
+        MethodSpec("publish_global", PublishGlobalRequest, PublishGlobalResult, extension=True),
+        MethodSpec("release_run", ReleaseRunRequest, ReleaseRunResult, extension=True),
         MethodSpec("collect_garbage", CollectGarbageRequest, CollectGarbageResult, extension=True),
         MethodSpec("dataset_index", DatasetIndexRequest, DatasetIndex, extension=True),
         MethodSpec("verify_pack", VerifyPackRequest, VerifyPackResult, extension=True),

@@ -278,10 +278,10 @@ def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:
             at = m.started_at - start + m.deadline_s
             ax_time.plot([at, at], [-0.5, n - 0.5], color="tab:red", linewidth=0.8, alpha=0.6)
         ax_time.broken_barh(
-            [(closed, max(m.merge_s, min_width))], (n - 0.4, 0.8), facecolors="tab:purple"
+            [(closed, max(m.outer_step_s, min_width))], (n - 0.4, 0.8), facecolors="tab:purple"
         )
         if m.eval_s:
-            evaluation = (closed + m.merge_s, max(m.eval_s, min_width))
+            evaluation = (closed + m.outer_step_s, max(m.eval_s, min_width))
             ax_time.broken_barh([evaluation], (n + 0.6, 0.8), facecolors="tab:cyan")
     ax_time.set_yticks(range(len(rows)), rows)
     ax_time.invert_yaxis()

@@ -54,6 +54,10 @@ class HeldModel:
     loaded: tuple[str, str] | None = None
     """``(values digest, filter)`` of the pack last loaded into ``state`` when nothing
     changed it since, so the same pack is not loaded twice (None: unknown)."""
+    state_key: tuple[str, int, int, int] | None = None
+    """``(run, replica, round, attempt)`` of the DiLoCo replica state the held state's
+    inner optimizer holds, when nothing changed it since that attempt finished (so the
+    next round need not load it from disk; :mod:`fleet.diloco.replica`)."""
 
 
 def new_model_id() -> str:
@@ -181,7 +185,7 @@ class WorkerRuntime:
                 record=record.model_dump(mode="json") if record else None,
             )
         if not reads_only:
-            held.loaded = None
+            held.loaded = held.state_key = None
         return held
 
     def add_model(self, state: Any, workload: Workload, device: str) -> str:

@@ -10,9 +10,10 @@ scalars of :func:`round_scalars`, at step ``round + 1`` (the rounds completed):
 | ``train/tokens_per_s``, or ``train/examples_per_s`` | merged replicas, over the round's wall |
 | ``round/wall_s`` | the round, launch to commit |
 | ``round/inner_loop_s`` | the slowest merged replica's inner steps |
-| ``round/exchange_s`` | the slowest merged replica's pack load and publish |
+| ``round/exchange_s`` | the slowest merged replica's global model and state load and upload |
 | ``round/outer_step_s``, ``round/eval_s`` | the outer step, the evaluation |
-| ``round/exchange_bytes`` | bytes of the merged replicas' published packs |
+| ``round/exchange_bytes`` | bytes every worker moved to and from the shared root |
+| ``round/bytes_per_parameter`` | the busiest worker's bytes (sent + received) per parameter |
 | ``round/deadline_s`` | the round's deadline (fixed or adaptive), when it had one |
 | ``replicas/merged``, ``replicas/dropped`` | replicas in the outer step, and the others |
 
@@ -90,9 +91,11 @@ def round_scalars(record: RoundRecord, replicas: int) -> dict[str, float]:
     out["round/wall_s"] = record.wall_s
     out["round/inner_loop_s"] = max((r.compute_s for r in merged), default=0.0)
     out["round/exchange_s"] = max((r.load_s + r.publish_s for r in merged), default=0.0)
-    out["round/outer_step_s"] = record.merge_s
+    out["round/outer_step_s"] = record.outer_step_s
     out["round/eval_s"] = record.eval_s
     out["round/exchange_bytes"] = float(record.exchange_bytes)
+    if record.bytes_per_parameter is not None:
+        out["round/bytes_per_parameter"] = record.bytes_per_parameter
     if record.deadline_s is not None:
         out["round/deadline_s"] = record.deadline_s
     out["replicas/merged"] = float(len(merged))

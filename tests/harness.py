@@ -84,7 +84,7 @@ def run_in_thread(run: DiLoCoRun) -> tuple[threading.Thread, dict[str, object]]:
 def inner_loops_started(jobs: JobStore, job_id: str, worker: str | None = None) -> int:
     """How many inner loops of the job (on ``worker``, or any) have started so far."""
     return sum(
-        "run_inner_loop started" in line.line and worker in (None, line.worker)
+        "replica_round started" in line.line and worker in (None, line.worker)
         for line in jobs.logs(job_id)
     )
 

@@ -36,7 +36,7 @@ YAML = f"""
 workload: {DIGITS}
 replicas: 3
 outer: {{lr: 0.5, momentum: 0.8, nesterov: false}}
-keep_rounds: 4
+keep_checkpoints: 4
 max_attempts: 5
 """
 
@@ -68,7 +68,7 @@ def test_a_config_file_sets_every_field_and_flags_override_it(kind, tmp_path):
         assert config.dataset.seed == 5
     if kind == "yaml":
         assert config.outer.name == "sgd" and config.outer.lr == 0.5
-        assert (config.replicas, config.keep_rounds, config.max_attempts) == (3, 4, 5)
+        assert (config.replicas, config.keep_checkpoints, config.max_attempts) == (3, 4, 5)
 
 
 def test_flags_reach_nested_fields_and_defaults_come_from_the_model():
@@ -76,7 +76,7 @@ def test_flags_reach_nested_fields_and_defaults_come_from_the_model():
         ["--workload", DIGITS, "--min-replicas", "1", "--round-deadline-s", "2.5",
          "--outer-optimizer", "sgd", "--dataset", "d", "--dataset-seed", "4",
          "--worker", "a", "--worker", "b",
-         "--microshards-per-round", "6", "--any-step-count", "--keep-rounds", "3",
+         "--microshards-per-round", "6", "--any-step-count", "--keep-checkpoints", "3",
          "--pseudo-gradient", "int8", "--no-error-feedback", "--adaptive-deadline",
          "--deadline-k", "2.5"]
     )  # fmt: skip
@@ -85,7 +85,7 @@ def test_flags_reach_nested_fields_and_defaults_come_from_the_model():
     assert config.quorum.min_replicas == 1 and config.quorum.round_deadline_s == 2.5
     assert config.outer.name == "sgd" and config.workers == ["a", "b"]
     assert config.dataset.seed == 4 and config.dataset.microshards_per_round == 6
-    assert config.require_exact_steps is False and config.keep_rounds == 3
+    assert config.require_exact_steps is False and config.keep_checkpoints == 3
     assert config.pseudo_gradient.codec == "int8" and not config.pseudo_gradient.error_feedback
     adaptive = config.quorum.adaptive_deadline
     assert adaptive.enabled and adaptive.tight and adaptive.k == 2.5

@@ -15,6 +15,7 @@ from fleet.diloco import DiLoCoConfig, DiLoCoRun, QuorumConfig
 from fleet.diloco.config import AdaptiveDeadlineConfig, DatasetConfig
 from fleet.diloco.deadline import RoundDeadline
 from fleet.diloco.state import ReplicaOutcome, RoundRecord
+from fleet.protocol import OuterStepSpec, WeightedPack
 from fleet.storage import PackRef
 from tests.harness import run_in_thread
 from tests.workloads.shards import write_shards
@@ -36,8 +37,9 @@ def _record(index: int, seconds: list[float], steps: int = 10) -> RoundRecord:
         for i, s in enumerate(seconds)
     ]
     pack = PackRef(path="p")
+    step = OuterStepSpec(round=index, replicas=[WeightedPack(pack=pack, weight=1.0)])
     return RoundRecord(
-        round=index, started_at=0, closed_at=0, wall_s=0, merge_s=0, global_pack=pack,
+        round=index, started_at=0, closed_at=0, wall_s=0, outer_step_s=0, step=step,
         replicas=outcomes,
     )  # fmt: skip
 
@@ -147,4 +149,4 @@ def test_a_replica_stuck_in_its_hook_is_aborted_by_the_default_deadline(
     assert stuck.wall_s < stuck.deadline_s + 5 * median_round
     assert any(len(r.merged) == 2 for r in records[3:]), "the interrupted worker came back"
     logs = [x.line for x in run.jobs.logs(run.job_id)]
-    assert any("run_inner_loop failed: TaskAborted" in line for line in logs)
+    assert any("replica_round failed: TaskAborted" in line for line in logs)

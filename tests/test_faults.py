@@ -92,7 +92,7 @@ def fleet(cluster) -> Iterator[Fleet]:
 
 
 def _finished(jobs: JobStore, job_id: str) -> int:
-    return sum("run_inner_loop finished" in line.line for line in jobs.logs(job_id))
+    return sum("replica_round finished" in line.line for line in jobs.logs(job_id))
 
 
 def _digits(**overrides: object) -> DiLoCoConfig:
@@ -192,7 +192,7 @@ def test_one_orchestrator_per_job(cluster, fleet):
     assert [(r.replica, r.attempt, r.error) for r in aborted] == [(1, 0, "previous owner")]
     assert [(r.replica, r.attempt) for r in taken_over.merged] == [(0, 0), (1, 1)]
     wait_until(
-        lambda: any("run_inner_loop failed: TaskAborted" in x.line for x in jobs.logs(job_id)),
+        lambda: any("replica_round failed: TaskAborted" in x.line for x in jobs.logs(job_id)),
         10,
         "the old replica stopped",
     )
@@ -240,7 +240,7 @@ def _charlm_run(fleet: Fleet, during_round_1: Callable[[], None] | None = None) 
     assert state is not None
     return Outcome(
         losses=[r.eval.loss for r in rounds if r.eval is not None],
-        final_digest=state.global_pack.values_digest,
+        final_digest=state.global_digest,
         job_log=[x.line for x in run.jobs.logs(run.job_id)],
         replica_statuses=[r.status for m in rounds for r in m.replicas],
     )
@@ -315,22 +315,6 @@ class _StopAfter(Exception):
     pass
 
 
-def _failed_after_round(fleet: Fleet, rounds_done: int) -> DiLoCoRun:
-    """A 3-round digits job that failed (its ``on_round`` raised) after committing
-    ``rounds_done`` rounds: a failed job with intact checkpoints."""
-
-    def stop(record: RoundRecord) -> None:
-        if record.round + 1 == rounds_done:
-            raise _StopAfter(f"stopped after round {record.round}")
-
-    run = DiLoCoRun.start(fleet, _digits(), on_round=stop)
-    with pytest.raises(_StopAfter):
-        run.run()
-    job = run.jobs.get(run.job_id)
-    assert job.status == "failed" and "_StopAfter" in (job.error or "")
-    return run
-
-
 def _nan(values: Path) -> None:
     with values.open("r+b") as f:
         f.seek(4 * 17)
@@ -345,15 +329,35 @@ def _flip_bit(values: Path) -> None:
         f.write(bytes([byte ^ 0x10]))
 
 
+def _checkpointed_and_failed(cluster, fleet: Fleet) -> tuple[DiLoCoRun, Path]:
+    """A job checkpointing every round that failed after committing 2 rounds, with its
+    round-2 checkpoint landed, and no worker holding any of its global models (their
+    local state wiped, as on new machines): the checkpoint's values file."""
+    run = DiLoCoRun.start(fleet, _digits(checkpoint_every=1), on_round=_stop_after(2))
+    with pytest.raises(_StopAfter):
+        run.run()
+    wait_until(lambda: "global/2" in run.jobs.checkpoints(run.job_id), 30, "checkpoint 2 landed")
+    shutil.rmtree(Path(cluster.settings.cache_dir) / "diloco" / run.job_id, ignore_errors=True)
+    root = Path(cluster.settings.shared_root)
+    return run, _values_path(root, run.layout.checkpoint(2))
+
+
+def _stop_after(rounds_done: int):  # type: ignore[no-untyped-def]
+    def stop(record: RoundRecord) -> None:
+        if record.round + 1 == rounds_done:
+            raise _StopAfter(f"stopped after round {record.round}")
+
+    return stop
+
+
 @pytest.mark.parametrize("corrupt", [_nan, _flip_bit], ids=["nan", "flipped-bit"])
-def test_a_corrupt_checkpoint_is_recomputed_to_the_same_bits(cluster, fleet, corrupt):
-    """A failed job resumes (failed is not final); its committed global pack, corrupted
+def test_a_corrupt_checkpoint_is_rebuilt_to_the_same_bits(cluster, fleet, corrupt):
+    """A failed job resumes (failed is not final); its newest full checkpoint, corrupted
     on disk (a NaN, or one flipped bit at the same length), is caught before use and
-    recomputed from the round's inputs to the very same bytes."""
-    run = _failed_after_round(fleet, 2)
-    state = run.state()
-    assert state is not None and state.next_round == 2
-    values = _values_path(Path(cluster.settings.shared_root), state.global_pack.path)
+    rebuilt by a worker from the checkpoint before it and the committed outer step
+    since (fetched from the shared root: no worker holds the model) to the very same
+    bytes."""
+    run, values = _checkpointed_and_failed(cluster, fleet)
     original = values.read_bytes()
     corrupt(values)
     assert values.read_bytes() != original and len(values.read_bytes()) == len(original)
@@ -364,7 +368,8 @@ def test_a_corrupt_checkpoint_is_recomputed_to_the_same_bits(cluster, fleet, cor
     corrupt_line = next(x for x in lines if "checkpoint is corrupt" in x)
     assert "round 2" in corrupt_line
     assert "DigestMismatchError" in corrupt_line  # read and hashed in one pass
-    assert any("recomputed: the same bits" in x for x in lines)
+    assert any("rebuilt: the same bits" in x for x in lines)
+    assert any("caught up from round 1's checkpoint" in x for x in lines)
     assert values.read_bytes() == original
     assert [r.round for r in run.rounds()] == [0, 1, 2]
 
@@ -377,15 +382,14 @@ def test_a_corrupt_checkpoint_is_recomputed_to_the_same_bits(cluster, fleet, cor
 
 
 def test_a_corrupt_checkpoint_without_its_inputs_fails_naming_the_round(cluster, fleet):
-    run = _failed_after_round(fleet, 2)
-    state = run.state()
-    assert state is not None
-    _nan(_values_path(Path(cluster.settings.shared_root), state.global_pack.path))
-    last = run.rounds()[-1]
-    shutil.rmtree(Path(cluster.settings.shared_root) / last.merged[0].pack.path)
+    run, values = _checkpointed_and_failed(cluster, fleet)
+    _nan(values)
+    step = run.state().steps[-1]  # round 1's outer step: its pseudo-gradients
+    assert step.round == 1
+    shutil.rmtree(Path(cluster.settings.shared_root) / step.replicas[0].pack.path)
     with pytest.raises(CorruptCheckpointError) as error:
         DiLoCoRun.resume(fleet, run.job_id).run()
-    assert error.value.round == 2 and error.value.path == state.global_pack.path
+    assert error.value.round == 2 and error.value.path == run.layout.checkpoint(2)
     job = run.jobs.get(run.job_id)
     assert job.status == "failed" and "CorruptCheckpointError" in (job.error or "")
 
@@ -439,7 +443,7 @@ def test_a_restarted_worker_is_used_again_from_the_next_round(cluster, fleet):
     try:
         wait_until(
             lambda: any(
-                x.worker == victim.name and "run_inner_loop started" in x.line
+                x.worker == victim.name and "replica_round started" in x.line
                 for x in run.jobs.logs(run.job_id)
             ),
             60,
@@ -521,12 +525,13 @@ def _fill(root: Path) -> Path:
     return filler
 
 
-def test_enospc_in_the_optimizer_save_fails_the_job_cleanly_and_resume_completes(
+def test_enospc_in_the_pseudo_gradient_publish_fails_the_job_cleanly_and_resume_completes(
     tmp_path, tiny_shared_root, artifacts_dir
 ):
-    """The shared root fills up while round 0's replica trains: its optimizer save gets
-    ENOSPC, which arrives as StorageFullError naming the path; the job fails with no
-    temp file left; with space freed, the failed job resumes and completes."""
+    """The shared root fills up while round 0's replica trains: publishing its
+    pseudo-gradient gets ENOSPC, which arrives as StorageFullError naming the path; the
+    job fails with no temp file left; with space freed, the failed job resumes and
+    completes."""
     server = RedisServer(tmp_path / "redis")
     settings = settings_for(server.url, tiny_shared_root)
     client = Fleet(settings)
@@ -542,7 +547,7 @@ def test_enospc_in_the_optimizer_save_fails_the_job_cleanly_and_resume_completes
             thread.join(timeout=120)
             error = outcome.get("error")
             assert isinstance(error, StorageFullError), error
-            assert error.path.endswith("round-0000/opt-0-a0.pt")
+            assert error.path.endswith("round-0000/replica-0-a0")
             job = run.jobs.get(run.job_id)
             assert job.status == "failed"
             assert "StorageFullError: no space left on the shared root" in (job.error or "")

@@ -71,7 +71,7 @@ def test_train_evaluate_and_inner_loop_lower_the_loss(fleet, two_workers):
     assert result.steps_completed == 60
     assert result.pack is not None and result.pack.path == "packs/inner-a"
     assert result.inner_optimizer_state_path == "opt/inner-a.pt"
-    assert result.inner_optimizer_state_encoding == "torch-optimizer-state-dict-v1"
+    assert result.inner_optimizer_state_encoding == "fleet-torch-workload-state-v1"
     assert fleet.shared.resolve("opt/inner-a.pt").is_file()
     after = fleet.evaluate(handle, "Validation")
     assert after["loss"] < before["loss"] - 0.5

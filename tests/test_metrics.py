@@ -54,14 +54,16 @@ def test_round_gauges_leave_out_what_a_round_record_lacks(fleet_settings):
     its timings; the bytes-per-parameter gauges are left out for it, not an error."""
     from fleet.diloco.state import ReplicaOutcome, RoundRecord
     from fleet.jobs import JobStore
+    from fleet.protocol import OuterStepSpec, WeightedPack
     from fleet.storage import PackRef
 
     jobs = JobStore.from_settings(fleet_settings)
     job = jobs.create("diloco", {"replicas": 1})
     jobs.set_status(job.job_id, "running")
+    step = OuterStepSpec(round=3, replicas=[WeightedPack(pack=PackRef(path="p"), weight=1.0)])
     record = RoundRecord(
-        round=3, started_at=0.0, closed_at=2.0, wall_s=2.0, merge_s=0.1,
-        global_pack=PackRef(path="p"), exchange_bytes=400,
+        round=3, started_at=0.0, closed_at=2.0, wall_s=2.0, outer_step_s=0.1,
+        step=step, exchange_bytes=400,
         replicas=[ReplicaOutcome(replica=0, attempt=0, worker="w", status="merged",
                                  started_at=0, finished_at=1, load_s=0.2, publish_s=0.1)],
     )  # fmt: skip

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleet.diloco.state import ReplicaOutcome, RoundRecord
+from fleet.diloco.state import ReplicaOutcome, RoundRecord, WireBytes
 from fleet.jobs import JobStore
 from fleet.local import free_port, worker_env
+from fleet.protocol import OuterStepSpec, WeightedPack
 from fleet.storage import PackRef
 from tests.harness import REPO, wait_until
 
@@ -181,10 +182,11 @@ def running_round(fleet_settings) -> Iterator[tuple[str, RoundRecord]]:
     jobs = JobStore.from_settings(fleet_settings)
     job = jobs.create("diloco", {"replicas": 2, "rounds": 4})
     jobs.set_status(job.job_id, "running")
+    step = OuterStepSpec(round=0, replicas=[WeightedPack(pack=PackRef(path="p"), weight=1.0)])
     record = RoundRecord(
-        round=0, started_at=100.0, closed_at=112.5, wall_s=12.5, merge_s=0.25,
-        global_pack=PackRef(path="p", parameter_count=1000), exchange_bytes=1000,
-        deadline_s=12.0,
+        round=0, started_at=100.0, closed_at=112.5, wall_s=12.5, outer_step_s=0.25,
+        step=step, parameter_count=1000, exchange_bytes=6200, deadline_s=12.0,
+        wire={"w0": WireBytes(sent=1200, received=4000), "w1": WireBytes(sent=1000)},
         replicas=[
             ReplicaOutcome(replica=0, attempt=0, worker="w0", status="merged", started_at=100,
                            finished_at=110, compute_s=9.0, load_s=0.5, publish_s=0.75),
@@ -193,7 +195,6 @@ def running_round(fleet_settings) -> Iterator[tuple[str, RoundRecord]]:
         ],
     )  # fmt: skip
     data = record.model_dump(mode="json")
-    data["replicas"][0] |= {"sent_bytes": 1200, "received_bytes": 4000}
     jobs.add_metrics(job.job_id, data)
     yield job.job_id, record
     jobs.set_status(job.job_id, "cancelled")
@@ -269,9 +270,9 @@ def test_prometheus_scrapes_the_exporter_and_flower_and_serves_the_dashboard(
     assert value(f"fleet_diloco_round_exchange_seconds{selector}") == 0.5 + 0.75
     assert value(f"fleet_diloco_round_deadline_seconds{selector}") == 12.0
     per_parameter = f"fleet_diloco_round_bytes_per_parameter{selector[:-1]}"
-    assert value(f'{per_parameter}, direction="published"}}') == 1.0  # 1000 B / 1000
-    assert value(f'{per_parameter}, direction="sent"}}') == 1.2
+    assert value(f'{per_parameter}, direction="sent"}}') == 1.2  # the busiest: 1200 B / 1000
     assert value(f'{per_parameter}, direction="received"}}') == 4.0
+    assert value(f'{per_parameter}, direction="total"}}') == 5.2
     replicas = f"fleet_diloco_round_replicas{selector[:-1]}"
     assert value(f'{replicas}, status="merged"}}') == 1
     assert value(f'{replicas}, status="aborted"}}') == 1

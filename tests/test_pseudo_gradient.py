@@ -23,9 +23,9 @@ from fleet.diloco import DiLoCoRun, OuterOptimizerConfig, average
 from fleet.diloco.exchange import publish_pseudo_gradient
 from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.outer import PackInput, stream_outer_step
-from fleet.errors import DigestMismatchError
+from fleet.errors import BaseMismatchError, DigestMismatchError
 from fleet.local import worker_env
-from fleet.protocol import PseudoGradientOutput
+from fleet.protocol import FullCheckpoint, GlobalModelSpec, ReplicaRoundRequest, ReplicaRoundResult
 from tests.harness import DIGITS, REPO, running_workers, wait_until
 from tests.workloads.shards import write_shards
 
@@ -161,6 +161,22 @@ def test_the_streamed_outer_step_over_pseudo_gradients(tmp_path, like):
             {"momentum": tmp_path / "bad" / "m"},
         )
     assert "r0" in info.value.path and not (tmp_path / "bad" / "g").exists()
+    # a pseudo-gradient taken from another global model is refused by name
+    other = tmp_path / "other-base"
+    base, trained = _packs(other, theta + 1.0, locals_[0], like)
+    publish_pseudo_gradient(base, trained, tmp_path / "stale", codec_for("int8"))
+    with pytest.raises(BaseMismatchError) as stale:
+        stream_outer_step(
+            PackInput(tmp_path / "global"),
+            [PackInput(tmp_path / "stale"), inputs[1]],
+            [1.0, 1.0],
+            {},
+            optimizer,
+            "WeightedMean",
+            tmp_path / "bad2" / "g",
+            {"momentum": tmp_path / "bad2" / "m"},
+        )
+    assert "stale" in stale.value.path and not (tmp_path / "bad2" / "g").exists()
 
 
 # --------------------------------------------------------------------------- on the fleet
@@ -207,11 +223,15 @@ def test_int8_with_error_feedback_from_the_cli_on_a_workload_not_ours(
         records = run.rounds()
         assert len(records) == 4 and all(r.merged for r in records)
         losses[codec] = [r.eval.loss for r in records]
-        for r in records:
-            assert r.exchange_bytes == len(r.merged) * per_replica[codec]
-    state = run.state()
-    assert state is not None and any(r is not None for r in state.replica_residual)
-    assert all(o.residual is not None for r in records for o in r.merged)
+        for r in records:  # what each replica uploaded: its pseudo-gradient (+ manifest, result)
+            for o in r.merged:
+                assert per_replica[codec] <= o.sent_bytes <= per_replica[codec] + 16_000
+        # from round 1 on every replica starts from the state (optimizer, residual) its
+        # worker kept, and from the global model it stepped to itself
+        assert all(o.state_source == "held" for r in records[1:] for o in r.merged)
+        # the outer step's worker holds the new global model, and so does the other
+        # worker: the test workers share one cache directory, as workers on one box do
+        assert all(o.global_source == "held" for r in records[1:] for o in r.merged)
     assert all(r.deadline_s is not None for r in records[1:]), "adaptive from round 1"
     show = subprocess.run(
         [sys.executable, "-m", "fleet", "jobs", "show", job_id],
@@ -221,7 +241,7 @@ def test_int8_with_error_feedback_from_the_cli_on_a_workload_not_ours(
         timeout=60,
         check=True,
     ).stdout
-    assert "exchange MB" in show and "deadline s" in show
+    assert "exchange MB" in show and "deadline s" in show and "B/param" in show
     assert losses["int8"][-1] < losses["int8"][0]
     assert losses["int8"][-1] == pytest.approx(losses["fp32"][-1], rel=0.03)
 
@@ -229,14 +249,22 @@ def test_int8_with_error_feedback_from_the_cli_on_a_workload_not_ours(
 def test_a_replica_re_run_after_sigkill_publishes_the_same_pseudo_gradient(
     fleet_settings, artifacts_dir, fleet, two_workers, tmp_path
 ):
-    """One inner loop with int8 and error feedback, SIGKILLed on its worker mid-loop and
-    run again on another to the same paths, publishes the bits the same request gives
-    on a third: the pack and the residual."""
+    """One replica attempt with int8 and error feedback, SIGKILLed on its worker mid-loop
+    and run again on another to the same paths, publishes the bits the same request
+    gives on a third."""
     w0, w1 = two_workers
     global_pack = fleet.export_parameter_pack(
         fleet.init_model("cpu", workload=DIGITS, worker=w0.name),
         f"pg-rerun/{time.time_ns()}/g",
         "s",
+    )
+    spec = GlobalModelSpec(
+        round=0,
+        values_digest=global_pack.values_digest,
+        layout_hash=global_pack.layout_hash,
+        parameter_count=global_pack.parameter_count,
+        model_schema_hash="s",
+        checkpoint=FullCheckpoint(round=0, global_pack=global_pack),
     )
     batches = [
         {
@@ -251,27 +279,28 @@ def test_a_replica_re_run_after_sigkill_publishes_the_same_pseudo_gradient(
         for step in range(40)
     ]
     config = {"step_sleep_s": 0.1}
+    run_id = f"pg-rerun-{time.time_ns()}"
 
-    def inner_loop(worker: str, out: str, wait: bool = True):
-        handle = fleet.import_parameter_pack(
-            global_pack, "cpu", workload=DIGITS, config=config, worker=worker
-        )
-        spec = PseudoGradientOutput(codec="int8", error_feedback_path=f"{out}-ef")
-        return fleet.run_inner_loop(
-            handle.model_id, batches, 40, out, "s", input_parameter_pack=global_pack,
-            pseudo_gradient=spec.model_dump(), wait=wait,
+    def attempt(worker: str, out: str, wait: bool = True):
+        handle = fleet.init_model("cpu", workload=DIGITS, config=config, worker=worker)
+        request = ReplicaRoundRequest(
+            run=run_id, replica=0, round=0, attempt=0, model_id=handle.model_id,
+            batches=batches, num_inner_steps=40, model_schema_hash="s",
+            global_model=spec, output_path=out,
         )  # fmt: skip
+        call = fleet.prepare("replica_round", request, ReplicaRoundResult.model_validate)
+        return fleet.run(call, wait, 120)
 
     base = str(Path(global_pack.path).parent)
-    reference = inner_loop(w1.name, f"{base}/reference")
+    reference = attempt(w1.name, f"{base}/reference")
     with running_workers(fleet_settings, [13], artifacts_dir / "logs") as (victim,):
-        future = inner_loop(victim.name, f"{base}/rerun", wait=False)
+        future = attempt(victim.name, f"{base}/rerun", wait=False)
         wait_until(lambda: "step 10/40" in victim.log_path.read_text() or future.ready(), 60)
         assert not future.ready()
         victim.kill()
-    rerun = inner_loop(w0.name, f"{base}/rerun")
-    assert rerun.pack is not None and reference.pack is not None
+    rerun = attempt(w0.name, f"{base}/rerun")
     assert rerun.pack.values_digest == reference.pack.values_digest
-    assert rerun.error_feedback is not None and reference.error_feedback is not None
-    assert rerun.error_feedback.values_digest == reference.error_feedback.values_digest
-    assert rerun.exchange_bytes == reference.exchange_bytes < 4 * (global_pack.parameter_count or 0)
+    assert rerun.pack.path == f"{base}/rerun" and rerun.base_digest == global_pack.values_digest
+    assert rerun.state_source == "fresh"
+    params = global_pack.parameter_count or 0
+    assert rerun.sent_bytes < 4 * params  # an int8 pseudo-gradient: about a quarter

@@ -204,7 +204,7 @@ def test_no_secret_reaches_anything_fleet_writes(
 
             flower = f"http://127.0.0.1:{flower_port}"
             wait_until(
-                lambda: b"fleet.run_inner_loop" in _http(f"{flower}/api/tasks"),
+                lambda: b"fleet.replica_round" in _http(f"{flower}/api/tasks"),
                 60, "Flower saw the job's tasks", interval_s=0.5,
             )  # fmt: skip
             outputs["Flower /api/tasks"] = _http(f"{flower}/api/tasks")
@@ -273,7 +273,7 @@ def test_no_secret_reaches_anything_fleet_writes(
     finally:
         client.close()
         server.stop()
-    assert any(b"run_inner_loop" in line for line in monitor.lines), "MONITOR saw the run"
+    assert any(b"replica_round" in line for line in monitor.lines), "MONITOR saw the run"
     outputs["Redis MONITOR"] = b"\n".join(monitor.lines)
     files = [p for p in tmp_path.rglob("*") if p.is_file() and "redis" not in p.parts]
     for kind in ("rounds.jsonl", "tb", "mlruns", "wandb", "report", "logs", "up", "cache"):

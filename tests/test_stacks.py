@@ -88,7 +88,7 @@ def test_a_replica_stuck_in_its_hook_leaves_its_stacks_in_jobs_show(
     wait_until(stuck_stacks, 60, "the stuck replica's stacks before its interrupt", interval_s=0.5)
     [(name, text)] = stuck_stacks().items()
     task_id = name.removeprefix("stacks/")
-    assert "run_inner_loop task" in text and "asked to abort" in text
+    assert "replica_round task" in text and "asked to abort" in text
     for section in text.split("\n== ")[:2]:
         main_thread = section.split("-- thread MainThread")[1].split("-- thread")[0]
         assert STUCK_FUNCTION in main_thread, section

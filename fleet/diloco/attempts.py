@@ -1,11 +1,13 @@
-"""A round's attempts: each replica's warm handle, every ``run_inner_loop`` launched
+"""A round's attempts: each replica's warm handle, every ``replica_round`` launched
 (recorded in the round's plan first, so a new owner of the job adopts or aborts it),
 re-runs on another worker, aborts, and the outcome of each.
 
-A replica's attempt runs from the round's global pack and the replica's committed inner
-optimizer state and error-feedback residual, on its lease of microshards, and writes
-to paths unique to (round, replica, attempt) (:class:`~fleet.diloco.layout.RunLayout`),
-so a re-run reproduces the same bits and never overwrites another attempt.
+A replica's attempt runs from the round's global model (held by its worker, or reached
+there: :mod:`fleet.diloco.globals`) and the replica's state its worker kept from its
+last merged attempt (else its last published checkpoint), on its lease of microshards,
+and writes to paths unique to (round, replica, attempt)
+(:class:`~fleet.diloco.layout.RunLayout`): a re-run on the same worker reproduces the
+same bits and never overwrites another attempt.
 """
 
 from __future__ import annotations
@@ -25,19 +27,12 @@ from fleet.diloco.state import (
     Attempt,
     DriverState,
     HandleRef,
-    OptState,
     ReplicaOutcome,
     ReplicaStatus,
     RoundPlan,
 )
 from fleet.errors import CodecError, FleetError
-from fleet.protocol import (
-    EagerStart,
-    OuterStepRequest,
-    PseudoGradientOutput,
-    RunInnerLoopRequest,
-    RunInnerLoopResult,
-)
+from fleet.protocol import ReplicaRoundRequest, ReplicaRoundResult
 
 
 @dataclass
@@ -45,7 +40,17 @@ class Running:
     """An attempt in flight and the future of its task."""
 
     attempt: Attempt
-    future: FleetFuture[RunInnerLoopResult]
+    future: FleetFuture[ReplicaRoundResult]
+
+
+def state_checkpoint_due(
+    state_checkpoint_every: int, replicas: int, replica: int, round_index: int
+) -> bool:
+    """True if replica ``replica`` publishes its state after round ``round_index``: every
+    ``state_checkpoint_every`` rounds, staggered so replicas take turns (their uploads
+    do not share a round's link)."""
+    offset = replica * state_checkpoint_every // max(replicas, 1)
+    return (round_index + 1 + offset) % state_checkpoint_every == 0
 
 
 class Attempts:
@@ -61,13 +66,7 @@ class Attempts:
         self.outcomes: list[ReplicaOutcome] = []
         self.finished: list[str] = []
         """Workers whose attempt finished, in order (the outer step runs on the first)."""
-        self.adopted: dict[int, tuple[Attempt, RunInnerLoopResult]] = {}
-        self.starts: dict[int, EagerStart] = {}
-        """Overlapped rounds: each replica's eager start point (others start from the
-        global pack)."""
-        self.carry: tuple[int, OuterStepRequest] | None = None
-        """Overlapped rounds: the replica whose attempts run the last round's outer step
-        beside their inner steps, and that step."""
+        self.adopted: dict[int, tuple[Attempt, ReplicaRoundResult]] = {}
         self.plan = self._adopt(inherited)
 
     def _adopt(self, inherited: RoundPlan | None) -> RoundPlan:
@@ -76,10 +75,12 @@ class Attempts:
         self.plan = inherited
         for attempt in inherited.attempts:
             result = attempt.result or self.ctx.fleet.finished_result(
-                "run_inner_loop", attempt.task_id, RunInnerLoopResult.model_validate
+                "replica_round", attempt.task_id, ReplicaRoundResult.model_validate
             )
             if result is not None and attempt.replica not in self.adopted:
+                attempt.result = result
                 self.adopted[attempt.replica] = (attempt, result)
+                self.finished.append(attempt.worker)
         stale = [a for a in inherited.attempts if self.adopted.get(a.replica, (None,))[0] != a]
         if stale:
             self.ctx.fleet.registry.request_abort(*(a.task_id for a in stale))
@@ -97,7 +98,8 @@ class Attempts:
 
     def ensure_handles(self, placement: list[str]) -> None:
         """A live handle on its placed worker for every replica: warm ones are kept, the
-        others import the global pack there, in parallel; abandoned handles are released."""
+        others are built there by the workload, in parallel (their weights come with the
+        round's global model); abandoned handles are released."""
         futures: dict[int, FleetFuture[Any]] = {}
         for i, worker in enumerate(placement):
             handle = self.handles[i]
@@ -109,7 +111,7 @@ class Attempts:
                     continue
                 self.release(handle)
             self.handles[i] = None
-            futures[i] = self._import(worker, wait=False)
+            futures[i] = self._new_handle(worker, wait=False)
         for i, future in futures.items():
             try:
                 handle = future.result(self.cfg.replica_call_timeout_s)
@@ -118,26 +120,20 @@ class Attempts:
                 if isinstance(exc, (*FATAL, CodecError)):
                     raise
                 self.ctx.log(
-                    "replica %d: import on %s failed (%s)",
+                    "replica %d: no model on %s (%s)",
                     i,
                     placement[i],
                     exc,
                     level=logging.WARNING,
                 )
 
-    def _import(self, worker: str, *, wait: bool) -> Any:
+    def _new_handle(self, worker: str, *, wait: bool) -> Any:
         cfg = self.cfg
         if not wait:
-            return self.ctx.fleet.import_parameter_pack(
-                self.state.global_pack,
-                cfg.device,
-                workload=cfg.workload,
-                config=cfg.config,
-                worker=worker,
-                wait=False,
+            return self.ctx.fleet.init_model(
+                cfg.device, workload=cfg.workload, config=cfg.config, worker=worker, wait=False
             )
-        return self.ctx.fleet.import_parameter_pack(
-            self.state.global_pack,
+        return self.ctx.fleet.init_model(
             cfg.device,
             workload=cfg.workload,
             config=cfg.config,
@@ -174,8 +170,8 @@ class Attempts:
     # ------------------------------------------------------------------ launch
 
     def start(self, replica: int, worker: str, exclude: Iterable[str] = ()) -> Running:
-        """Launch an attempt of ``replica`` on ``worker`` (importing a handle there if it
-        has none); when that fails, on each other alive worker in turn.
+        """Launch an attempt of ``replica`` on ``worker`` (building a model there if it
+        has no handle); when that fails, on each other alive worker in turn.
 
         Raises:
             FleetError: no alive worker could start it (the last error).
@@ -185,8 +181,8 @@ class Attempts:
             try:
                 handle = self.handles[replica]
                 if handle is None or handle.worker != worker:
-                    imported = self._import(worker, wait=True)
-                    handle = HandleRef(model_id=imported.model_id, worker=imported.worker)
+                    built = self._new_handle(worker, wait=True)
+                    handle = HandleRef(model_id=built.model_id, worker=built.worker)
                     self.handles[replica] = handle
                 return self._launch(replica, handle)
             except FleetError as exc:
@@ -207,44 +203,34 @@ class Attempts:
                     raise
                 worker = nxt
 
-    def request(self, replica: int, handle: HandleRef, attempt_no: int) -> RunInnerLoopRequest:
-        """The ``run_inner_loop`` request of that attempt."""
+    def request(self, replica: int, handle: HandleRef, attempt_no: int) -> ReplicaRoundRequest:
+        """The ``replica_round`` request of that attempt."""
         cfg, layout, data = self.cfg, self.ctx.layout, self.ctx.data
         lease = self.plan.lease_of(replica)
         if data is None:
             batches = synthetic_batches(self.ctx.store.job_id, cfg, self.index, replica)
         else:
             batches = data.batches(self.index, replica, lease)
-        committed = self.state.replica_opt[replica]
-        exchange = cfg.pseudo_gradient
-        feedback = exchange.error_feedback and exchange.codec != "fp32"
-        delta = None
-        if exchange.codec != "fp32" or cfg.overlap:  # exact and synchronous: parameters
-            delta = PseudoGradientOutput(
-                codec=exchange.codec,
-                block_size=exchange.block_size,
-                error_feedback_source=self.state.residual_of(replica) if feedback else None,
-                error_feedback_path=layout.residual(self.index, replica, attempt_no)
-                if feedback
-                else None,
-            )
-        start = self.starts.get(replica)
-        carried = self.carry[1] if self.carry and self.carry[0] == replica else None
-        return RunInnerLoopRequest.model_validate(
+        due = state_checkpoint_due(cfg.state_checkpoint_every, cfg.replicas, replica, self.index)
+        return ReplicaRoundRequest.model_validate(
             {
+                "run": self.ctx.store.job_id,
+                "replica": replica,
+                "round": self.index,
+                "attempt": attempt_no,
                 "model_id": handle.model_id,
                 "batches": batches,
-                "num_inner_steps": cfg.inner_steps,
-                "output_parameter_pack_path": layout.replica_pack(self.index, replica, attempt_no),
-                "model_schema_hash": cfg.model_schema_hash,
-                "inner_optimizer_state_path": layout.opt_state(self.index, replica, attempt_no),
-                "inner_optimizer_state_source_path": committed.path if committed else None,
-                "input_parameter_pack": None if start else self.state.global_pack,
-                "eager_start": start,
-                "outer_step": carried,
-                "require_exact_steps": cfg.require_exact_steps,
                 "shard_checks": data.shard_checks(lease) if data is not None else None,
-                "pseudo_gradient": delta,
+                "num_inner_steps": cfg.inner_steps,
+                "require_exact_steps": cfg.require_exact_steps,
+                "model_schema_hash": cfg.model_schema_hash,
+                "global_model": self.state.global_model(),
+                "start": self.state.replicas[replica],
+                "exchange": cfg.pseudo_gradient.spec(),
+                "output_path": layout.replica_pack(self.index, replica, attempt_no),
+                "checkpoint_path": layout.replica_state(replica, self.index, attempt_no)
+                if due
+                else None,
             }
         )
 
@@ -253,17 +239,15 @@ class Attempts:
         req = self.request(replica, handle, attempt_no)
         fleet = self.ctx.fleet
         future = fleet.submit(
-            fleet.prepare("run_inner_loop", req, RunInnerLoopResult.model_validate)
+            fleet.prepare("replica_round", req, ReplicaRoundResult.model_validate)
         )
         attempt = Attempt(
             replica=replica,
             attempt=attempt_no,
             worker=handle.worker,
             task_id=future.task_id,
-            pack_path=req.output_parameter_pack_path,
-            opt_path=req.inner_optimizer_state_path or "",
-            residual_path=req.pseudo_gradient.error_feedback_path if req.pseudo_gradient else None,
-            start=req.eager_start,
+            pack_path=req.output_path,
+            checkpoint_path=req.checkpoint_path,
             started_at=time.time(),
         )
         self.plan.attempts.append(attempt)
@@ -284,7 +268,7 @@ class Attempts:
         attempt: Attempt,
         status: ReplicaStatus,
         *,
-        result: RunInnerLoopResult | None = None,
+        result: ReplicaRoundResult | None = None,
         error: str | None = None,
     ) -> ReplicaOutcome:
         """The record of ``attempt`` ending with ``status``."""
@@ -297,12 +281,10 @@ class Attempts:
             finished_at=time.time(),
             error=error,
             lease=self.plan.lease_of(attempt.replica),
-            start=attempt.start,
         )
         if result is None:
             return outcome
         loss = result.metrics.get("mean_loss", result.metrics.get("loss"))
-        opt = result.inner_optimizer_state_path
         return outcome.model_copy(
             update={
                 "started_at": result.started_at or attempt.started_at,
@@ -313,13 +295,17 @@ class Attempts:
                 else None,
                 "compute_s": result.compute_s,
                 "load_s": result.load_s,
+                "save_s": result.save_s,
+                "encode_s": result.encode_s,
                 "publish_s": result.publish_s,
+                "sent_bytes": result.sent_bytes,
+                "received_bytes": result.received_bytes,
+                "peak_rss_bytes": result.peak_rss_bytes,
+                "global_source": result.global_source,
+                "base_digest": result.base_digest,
+                "steps_replayed": result.steps_replayed,
+                "state_source": result.state_source,
                 "pack": result.pack,
-                "opt_state": OptState(path=opt, encoding=result.inner_optimizer_state_encoding)
-                if opt
-                else None,
-                "residual": result.error_feedback,
-                "exchange_bytes": result.exchange_bytes,
                 "metrics": result.metrics,
             }
         )

@@ -1,7 +1,7 @@
 """A round's commit: the new driver state and the round's record written in one fenced
 transaction (:meth:`~fleet.diloco.state.RunStore.commit`), the leases of replicas not
-merged given back to the epoch, then the packs the commit superseded deleted in the
-background."""
+merged given back to the epoch, the checkpoints that landed in the background taken up,
+then what the commit superseded deleted in the background."""
 
 from __future__ import annotations
 
@@ -13,11 +13,17 @@ from fleet.data.leases import give_back
 from fleet.diloco.attempts import Attempts
 from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.context import RunContext
-from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.quorum import Done
-from fleet.diloco.state import DriverState, Evaluation, OptState, RoundRecord
+from fleet.diloco.state import DriverState, Evaluation, RoundRecord, WireBytes
 from fleet.errors import FleetError
-from fleet.protocol import OuterStepResult
+from fleet.jobs import JobStore
+from fleet.protocol import (
+    FullCheckpoint,
+    OuterStepRequest,
+    OuterStepResult,
+    ReplicaCheckpoint,
+    ReplicaStart,
+)
 from fleet.storage import result_marker
 
 log = logging.getLogger("fleet.diloco")
@@ -32,83 +38,119 @@ class Timing:
     started: float
     closed: float
     ended: float
-    merge_s: float
+    outer_step_s: float
     eval_s: float
+
+
+@dataclass(frozen=True)
+class Stepped:
+    """A round's outer step as it ran: its request, its result and its worker, and the
+    bytes the evaluation's worker moved (by worker)."""
+
+    request: OuterStepRequest
+    result: OuterStepResult
+    worker: str | None
+    eval_wire: dict[str, WireBytes]
 
 
 def commit(
     ctx: RunContext,
     attempts: Attempts,
     done: Done,
-    result: OuterStepResult,
-    merged_on: str | None,
+    stepped: Stepped,
     evaluation: Evaluation | None,
     timing: Timing,
     deadline_s: float | None,
-) -> tuple[RoundRecord, DriverState]:
-    """Commit the round; its record and the state after it.
+) -> tuple[RoundRecord, DriverState, list[str]]:
+    """Commit the round; its record, the state after it, and the shared-root paths the
+    commit superseded (to delete).
 
     Raises:
         FencedOutError: another orchestrator owns the job now.
     """
-    state, plan = attempts.state, attempts.plan
+    state, plan, cfg = attempts.state, attempts.plan, ctx.config
     merged = [attempts.outcome(a, "merged", result=r) for a, r in done.values()]
     outcomes = sorted(merged + attempts.outcomes, key=lambda o: (o.replica, o.attempt))
-    new_state = advance(ctx.config, attempts, done).model_copy(
+    result = stepped.result
+    step = stepped.request.step.model_copy(
+        update={"global_digest": result.global_digest, "state_digests": result.state_digests}
+    )
+    wire: dict[str, WireBytes] = {}
+    for o in outcomes:
+        w = wire.setdefault(o.worker, WireBytes())
+        w.sent += o.sent_bytes
+        w.received += o.received_bytes
+    if stepped.worker is not None:
+        w = wire.setdefault(stepped.worker, WireBytes())
+        w.sent += result.sent_bytes
+        w.received += result.received_bytes
+    for name, extra in stepped.eval_wire.items():
+        w = wire.setdefault(name, WireBytes())
+        w.sent += extra.sent
+        w.received += extra.received
+    exchange = sum(w.sent + w.received for w in wire.values())
+    busiest = max((w.sent + w.received for w in wire.values()), default=0)
+    new_state = advance(ctx, attempts, done).model_copy(
         update={
-            "global_pack": result.global_pack,
-            "outer_state": result.state,
-            "prediction": result.prediction,
+            "global_digest": result.global_digest,
+            "state_digests": result.state_digests,
+            "steps": [*state.steps, step],
         }
     )
-    data = new_state.data
+    new_state, garbage = take_up_checkpoints(cfg, ctx.jobs, ctx.store.job_id, new_state, result)
     record = RoundRecord(
         round=attempts.index,
         started_at=timing.started_at,
         closed_at=timing.started_at + (timing.closed - timing.started),
         wall_s=timing.ended - timing.started,
-        merge_s=timing.merge_s,
+        outer_step_s=timing.outer_step_s,
         eval_s=timing.eval_s,
-        merge_worker=merged_on,
-        input_global=state.global_pack,
-        input_state=state.outer_state,
-        global_pack=result.global_pack,
-        outer_state=result.state,
+        outer_step_worker=stepped.worker,
+        input_digest=state.global_digest,
+        step=step,
+        parameter_count=result.parameter_count,
+        checkpoint=result.checkpoint,
         replicas=outcomes,
+        wire=wire,
+        exchange_bytes=exchange,
+        bytes_per_parameter=busiest / result.parameter_count if result.parameter_count else None,
         eval=evaluation,
-        data=data,
-        exchange_bytes=sum(o.exchange_bytes or 0 for o in merged),
+        data=new_state.data,
         deadline_s=deadline_s,
     )
     ctx.store.commit(new_state, record)
     ctx.jobs.untrack_task(ctx.store.job_id, *(a.task_id for a in plan.attempts))
     ctx.deadline.observe(record)
-    return record, new_state
+    merged_ids = {(o.replica, o.attempt) for o in record.merged}
+    for a in plan.attempts:  # attempts not merged: their packs and any checkpoint
+        if (a.replica, a.attempt) not in merged_ids:
+            garbage += [a.pack_path, result_marker(a.pack_path)]
+            garbage += [a.checkpoint_path] if a.checkpoint_path else []
+    return record, new_state, garbage
 
 
-def advance(config: DiLoCoConfig, attempts: Attempts, done: Done) -> DriverState:
-    """The state after the round's replicas, all but its outer step's outputs (the
-    global pack, buffers and prediction stay those entering the round): each merged
-    replica's optimizer state and residual, the handles, the data cursor (with the
-    leases of replicas not merged given back). An overlapped run launches the next
-    round from it before the outer step is done (:mod:`fleet.diloco.pipeline`)."""
-    state, plan = attempts.state, attempts.plan
-    replica_opt = list(state.replica_opt)
-    residuals = list(state.replica_residual) or [None] * config.replicas
-    for i, (_, res) in done.items():
-        path = res.inner_optimizer_state_path
-        replica_opt[i] = (
-            OptState(path=path, encoding=res.inner_optimizer_state_encoding) if path else None
+def advance(ctx: RunContext, attempts: Attempts, done: Done) -> DriverState:
+    """The state after the round's replicas, all but its outer step: each merged
+    replica's last attempt (and the state checkpoint it scheduled, pending until it
+    lands), the handles, the data cursor (with the leases of replicas not merged given
+    back)."""
+    state, plan, config = attempts.state, attempts.plan, ctx.config
+    replicas = list(state.replicas)
+    pending = list(state.pending_checkpoints) or [None] * config.replicas
+    for i, (attempt, _) in done.items():
+        replicas[i] = ReplicaStart(
+            round=attempts.index, attempt=attempt.attempt, checkpoint=replicas[i].checkpoint
         )
-        residuals[i] = res.error_feedback
+        if attempt.checkpoint_path is not None:
+            pending[i] = ReplicaCheckpoint(round=attempts.index, attempt=attempt.attempt)
     data = plan.cursor_after
     if data is not None and plan.leases is not None:
         data = give_back(data, [lease for lease in plan.leases if lease.replica not in done])
     return state.model_copy(
         update={
             "next_round": attempts.index + 1,
-            "replica_opt": replica_opt,
-            "replica_residual": residuals,
+            "replicas": replicas,
+            "pending_checkpoints": pending,
             "handles": attempts.handles,
             "abandoned": attempts.abandoned,
             "data": data,
@@ -116,74 +158,70 @@ def advance(config: DiLoCoConfig, attempts: Attempts, done: Done) -> DriverState
     )
 
 
-def superseded(
-    ctx: RunContext,
-    attempts: Attempts,
-    record: RoundRecord,
+def take_up_checkpoints(
+    config: DiLoCoConfig,
+    jobs: JobStore,
+    job_id: str,
     state: DriverState,
-    previous: RoundRecord | None,
-    earlier: RoundRecord | None = None,
-) -> list[str]:
-    """What the commit of ``record`` (giving ``state``) superseded: the attempts that
-    were not merged, the last round's optimizer states and residuals no longer
-    committed, its replica packs (an overlapped run: those of the round before it,
-    ``earlier``, and the last round's predictions: the last outer step's inputs are
-    kept until the next commit, to recompute a corrupt checkpoint), and global packs
-    and outer buffers older than ``keep_rounds`` (not checkpoints)."""
-    layout, cfg = ctx.layout, ctx.config
-    merged = {(o.replica, o.attempt) for o in record.merged}
-    kept = {o.path for o in state.replica_opt if o is not None}
-    kept |= {r.path for r in state.replica_residual if r is not None}
-    paths: list[str | None] = []
-    for a in attempts.plan.attempts:
-        if (a.replica, a.attempt) not in merged:
-            paths += [a.pack_path, result_marker(a.pack_path), a.opt_path, a.residual_path]
-        elif a.opt_path not in kept:  # the loop kept no optimizer file
-            paths.append(a.opt_path)
-    if previous is not None:
-        for o in previous.merged:
-            paths += [p.path for p in (o.opt_state, o.residual) if p and p.path not in kept]
-    retired = earlier if cfg.overlap else previous
-    paths += replica_packs(retired)
-    if cfg.overlap and previous is not None:
-        paths += predictions(previous)
-    old = attempts.index + 1 - cfg.keep_rounds
-    if old >= 0 and not is_checkpoint(cfg, old):
-        paths.append(layout.global_pack(old))
-        paths += [layout.outer_buffer(old, name) for name in outer_optimizer(cfg.outer).buffers]
-    return [p for p in paths if p]
-
-
-def replica_packs(record: RoundRecord | None) -> list[str]:
-    """The merged replicas' packs of ``record`` and their result markers."""
-    if record is None:
-        return []
-    packs = [o.pack.path for o in record.merged if o.pack is not None]
-    return packs + [result_marker(p) for p in packs]
-
-
-def predictions(record: RoundRecord | None) -> list[str]:
-    """The predictions ``record``'s merged replicas started from (overlapped rounds;
-    never a global pack, which a start falls back to before any outer step ran)."""
-    if record is None:
-        return []
-    return sorted(
-        {
-            o.start.prediction.path
-            for o in record.merged
-            if o.start is not None and o.start.prediction.path.endswith("/prediction")
+    result: OuterStepResult | None = None,
+) -> tuple[DriverState, list[str]]:
+    """``state`` with the checkpoints that have landed taken up (the one ``result``
+    published and waited for, and those the workers recorded in Redis), at most
+    ``keep_checkpoints`` full ones kept with the steps since the oldest; and the
+    shared-root paths that became superseded (older checkpoints and the
+    pseudo-gradients before the oldest kept one)."""
+    landed = jobs.checkpoints(job_id)
+    by_round = {c.round: c for c in state.checkpoints}
+    for name, value in landed.items():
+        if name.startswith("global/"):
+            full = FullCheckpoint.model_validate_json(value)
+            if full.round <= state.next_round:
+                by_round.setdefault(full.round, full)
+    if result is not None and result.checkpoint is not None:
+        by_round.setdefault(result.checkpoint.round, result.checkpoint)
+    ordered = [by_round[r] for r in sorted(by_round)]
+    checkpoints = ordered[-config.keep_checkpoints :]
+    garbage: list[str] = []
+    forget: list[str] = []
+    for gone in ordered[: -config.keep_checkpoints]:  # older ones, even if they landed late
+        garbage += [gone.global_pack.path, *(p.path for p in gone.state.values())]
+        forget.append(f"global/{gone.round}")
+    steps = [s for s in state.steps if s.round >= checkpoints[0].round]
+    for s in state.steps:
+        if s.round < checkpoints[0].round:
+            garbage += [p for w in s.replicas for p in (w.pack.path, result_marker(w.pack.path))]
+    replicas, pending = list(state.replicas), list(state.pending_checkpoints)
+    for i, waiting in enumerate(pending):
+        if waiting is None:
+            continue
+        record = landed.get(f"replica/{i}/{waiting.round}/{waiting.attempt}")
+        if record is None:
+            continue
+        new = ReplicaCheckpoint.model_validate_json(record)
+        old = replicas[i].checkpoint
+        if old is not None:
+            garbage += [
+                p for p in (old.optimizer, old.residual.path if old.residual else None) if p
+            ]
+        replicas[i] = replicas[i].model_copy(update={"checkpoint": new})
+        pending[i] = None
+        if old is not None:
+            forget.append(f"replica/{i}/{old.round}/{old.attempt}")
+    jobs.forget_checkpoints(job_id, *forget)
+    updated = state.model_copy(
+        update={
+            "checkpoints": checkpoints,
+            "steps": steps,
+            "replicas": replicas,
+            "pending_checkpoints": pending,
         }
     )
-
-
-def is_checkpoint(config: DiLoCoConfig, round_index: int) -> bool:
-    """True if the global pack entering ``round_index`` is kept as a checkpoint."""
-    return bool(config.checkpoint_every) and round_index % config.checkpoint_every == 0
+    return updated, garbage
 
 
 def collect_garbage(fleet: Fleet, paths: list[str]) -> None:
     """Ask any worker to delete ``paths`` (shared-root relative), without waiting."""
-    paths = sorted(set(paths))
+    paths = sorted({p for p in paths if p})
     if paths:
         try:
             fleet.submit(

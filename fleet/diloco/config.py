@@ -7,7 +7,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fleet.devices import AUTO
-from fleet.protocol import EvalSplit, MergePolicy, OuterOptimizerConfig, power_of_two
+from fleet.protocol import (
+    EvalSplit,
+    ExchangeSpec,
+    MergePolicy,
+    OuterOptimizerConfig,
+    power_of_two,
+)
 
 __all__ = [
     "OUTER_MERGE_POLICIES",
@@ -24,21 +30,40 @@ OUTER_MERGE_POLICIES = ("WeightedMean", "NormClippedWeightedMean", "TrimmedMean"
 
 
 class PseudoGradientConfig(BaseModel):
-    """What each replica publishes for the outer step (docs/protocol.md section 4.4)."""
+    """What each replica publishes for the outer step: its pseudo-gradient, encoded
+    (docs/protocol.md section 4.4), with error feedback kept on its worker."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    codec: Literal["fp32", "fp16", "bf16", "int8"] = "int8"
-    """fp32: the replica's parameters, exactly (4 bytes a value); fp16 / bf16: its
-    pseudo-gradient in 2 bytes; int8 (the default): 1 byte plus a float32 scale per
-    block, which with error feedback lost nothing measurable against fp32 at 0.254x the
-    bytes (benchmarks/compression.py)."""
+    codec: str = "int8"
+    """A codec of fleet.codec.codecs: int8 (the default: 1 byte a value plus a float32
+    scale per block; with error feedback it lost nothing measurable against fp32 at
+    0.254x the bytes, benchmarks/compression.py), fp16, bf16 (2 bytes), fp32 (4 bytes,
+    exact)."""
     block_size: int = Field(default=256, ge=1, le=1 << 16)
     """Values per int8 scale (a power of two)."""
     error_feedback: bool = True
-    """Carry each replica's quantization residual into its next round (not for fp32)."""
+    """Carry each replica's quantization residual into its next round (kept on its
+    worker; meaningless for fp32)."""
 
     _power_of_two = field_validator("block_size")(power_of_two)
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, value: str) -> str:
+        from fleet.codec.codecs import CODECS
+
+        if value not in CODECS:
+            raise ValueError(f"no codec {value!r} (known: {', '.join(sorted(CODECS))})")
+        return value
+
+    def spec(self) -> ExchangeSpec:
+        """The request field of a replica's round."""
+        return ExchangeSpec(
+            codec=self.codec,
+            block_size=self.block_size,
+            error_feedback=self.error_feedback and self.codec != "fp32",
+        )
 
 
 class AdaptiveDeadlineConfig(BaseModel):
@@ -136,12 +161,6 @@ class DiLoCoConfig(BaseModel):
     """The outer optimizer (SGD with Nesterov momentum on the pseudo-gradient)."""
     pseudo_gradient: PseudoGradientConfig = Field(default_factory=PseudoGradientConfig)
     """What each replica publishes for the outer step (codec, error feedback)."""
-    overlap: bool = False
-    """Overlap each round's outer step with the next round's inner steps, with eager
-    updates (Kale et al. 2025, arXiv:2502.12996; :mod:`fleet.diloco.pipeline`): no
-    replica waits for the outer step. Replicas publish pseudo-gradients (``fp32`` ones
-    for the exact codec); the outer optimizer must be linear in the pseudo-gradient
-    (``delta_gain``: SGD, Nesterov)."""
     merge_policy: MergePolicy = "WeightedMean"
     """How replica models are averaged (WeightedMean, NormClippedWeightedMean, TrimmedMean)."""
     device: str = AUTO
@@ -169,13 +188,21 @@ class DiLoCoConfig(BaseModel):
     max_wall_s: float | None = Field(default=None, gt=0.0)
     """Stop after the round during which the run's wall-clock time reached this many
     seconds (e.g. a baseline on the same time budget). None: run every round."""
-    keep_rounds: int = Field(default=2, ge=1)
-    """Global and momentum packs of this many latest rounds are kept; older ones, and
-    every replica pack and optimizer state nothing refers to, are deleted as the run
-    goes (rounds that are checkpoints are kept too)."""
-    checkpoint_every: int = Field(default=0, ge=0)
-    """Keep the global pack of every this many rounds as a checkpoint artifact
-    (``checkpoint-RRRR``); 0: only the latest round is a checkpoint."""
+    checkpoint_every: int = Field(default=10, ge=1)
+    """Publish the global model and the outer optimizer's buffers in full on the shared
+    root every this many rounds (in the background, off the critical path) and after the
+    last round. A worker that lacks the round's global model (new, restarted, its disk
+    wiped) fetches the last one and applies the outer steps since; each costs the
+    worker that publishes it 4 bytes per parameter per pack."""
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """Full checkpoints kept on the shared root (the newest ones), with the
+    pseudo-gradients since the oldest, so a corrupt newest one can be rebuilt from the
+    one before it."""
+    state_checkpoint_every: int = Field(default=40, ge=1)
+    """Publish each replica's state (inner optimizer state, error-feedback residual) every
+    this many rounds, in the background, staggered across replicas. A replica whose
+    worker dies restarts from it. 40 keeps AdamW's 8 bytes per parameter plus the
+    4-byte residual at 0.3 bytes per parameter per round."""
     dataset: DatasetConfig | None = None
     """Microshards leased to the replicas each round; None: the workload draws its own
     data, sharded by the BatchRef's ``payload.replica`` (docs/protocol.md)."""
@@ -200,17 +227,6 @@ class DiLoCoConfig(BaseModel):
 
         outer_optimizer(value)  # a user's module:Class must import and accept its config
         return value
-
-    @model_validator(mode="after")
-    def _overlap_fits(self) -> DiLoCoConfig:
-        from fleet.diloco.optim import outer_optimizer
-
-        if self.overlap and outer_optimizer(self.outer).delta_gain is None:
-            raise ValueError(
-                f"overlap needs an outer optimizer linear in the pseudo-gradient "
-                f"(delta_gain); {self.outer.name!r} has none"
-            )
-        return self
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> DiLoCoConfig:

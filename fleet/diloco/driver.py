@@ -1,11 +1,14 @@
 """The DiLoCo driver: a run's loop over rounds, as a job (Douillard et al. 2023,
 arXiv:2311.08105; docs/design.md decision 6).
 
-Everything a round needs is on the shared root (packs, optimizer states, data) or in
-Redis (the job and its records), so any worker can run any replica or the merge, and a
-restarted orchestrator continues from the last committed round (``resume``). The
-orchestrator itself needs neither torch nor a mount of the shared root: it only sends
-tasks. One orchestrator owns a job at a time (:class:`~fleet.jobs.JobLease`).
+What crosses a link each round is the replicas' encoded pseudo-gradients: the global
+model and each replica's state stay on the workers that use them, published in full
+only at checkpoints, off the critical path (docs/protocol.md section 5.7). Redis holds
+the job and its records, so a restarted orchestrator continues from the last committed
+round (``resume``), and any worker can run any replica or the outer step (catching up
+from the last checkpoint when it lacks the round's global model). The orchestrator
+itself needs neither torch nor a mount of the shared root: it only sends tasks. One
+orchestrator owns a job at a time (:class:`~fleet.jobs.JobLease`).
 """
 
 from __future__ import annotations
@@ -17,16 +20,15 @@ from collections.abc import Callable
 from typing import Any
 
 from fleet.client import Fleet
-from fleet.diloco.commit import collect_garbage, is_checkpoint, predictions, replica_packs
+from fleet.diloco.commit import collect_garbage, take_up_checkpoints
 from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.context import RunContext
 from fleet.diloco.data import RunData
 from fleet.diloco.layout import RunLayout
-from fleet.diloco.merge import verify_checkpoint
-from fleet.diloco.pipeline import Pipeline
 from fleet.diloco.placement import place_replicas
 from fleet.diloco.round import Round
 from fleet.diloco.state import DriverState, Evaluation, HandleRef, RoundRecord, RunStore, rounds_of
+from fleet.diloco.step import verify_checkpoint
 from fleet.errors import (
     BrokerUnavailableError,
     FleetError,
@@ -35,6 +37,8 @@ from fleet.errors import (
     RunConfigError,
 )
 from fleet.jobs import Job, JobLease, JobStore
+from fleet.protocol import FullCheckpoint, ReplicaStart
+from fleet.storage import result_marker
 
 log = logging.getLogger("fleet.diloco")
 
@@ -175,27 +179,26 @@ class DiLoCoRun:
         if state is None:
             state = self._initial_state(ctx)
         else:
-            self._log("resuming at round %d (global %s)", state.next_round, state.global_pack.path)
+            self._log("resuming at round %d (global %s)", state.next_round, state.global_digest)
             if ctx.data is not None:
                 ctx.data.check(state)
-            verify_checkpoint(ctx, state, rounds_of(self.jobs, self.job_id))
+            state, garbage = take_up_checkpoints(self.config, self.jobs, self.job_id, state)
+            collect_garbage(ctx.fleet, garbage)
+            verify_checkpoint(ctx, state)
         records = rounds_of(self.jobs, self.job_id)
         previous = records[-1] if records else None
         for record in records[-self.config.quorum.adaptive_deadline.window_rounds :]:
             ctx.deadline.observe(record)
-        if self.config.overlap:
-            earlier = records[-2] if len(records) > 1 else None
-            state, previous = Pipeline(ctx, self._committed).run(state, plan, previous, earlier)
-            return self._finish(ctx, state, previous)
         for index in range(state.next_round, self.config.rounds):
-            record, state = Round(ctx, state, index, plan, previous).run()
+            record, state = Round(ctx, state, index, plan).run()
             plan, previous = None, record
             if not self._committed(record, state):
                 break
         return self._finish(ctx, state, previous)
 
     def _initial_state(self, ctx: RunContext) -> DriverState:
-        """Round 0's global model: built by the workload on a worker, published, evaluated."""
+        """Round 0's global model: built by the workload on a worker, published in full (the
+        run's first checkpoint), evaluated."""
         cfg, started = self.config, time.time()
         grace_s = ctx.fleet.registry.liveness_grace_s
         alive = [w.name for w in ctx.fleet.wait_for_workers(1, timeout_s=grace_s)]
@@ -205,7 +208,7 @@ class DiLoCoRun:
             cfg.device, workload=cfg.workload, config=cfg.config, worker=worker, timeout_s=timeout
         )
         pack = ctx.fleet.export_parameter_pack(
-            handle, self.layout.global_pack(0), cfg.model_schema_hash
+            handle, self.layout.checkpoint(0), cfg.model_schema_hash
         )
         initial = None
         if cfg.eval_every:
@@ -213,8 +216,13 @@ class DiLoCoRun:
             initial = Evaluation(at=time.time(), worker=handle.worker, metrics=metrics)
         state = DriverState(
             next_round=0,
-            global_pack=pack,
-            replica_opt=[None] * cfg.replicas,
+            global_digest=pack.values_digest or "",
+            layout_hash=pack.layout_hash or "",
+            parameter_count=pack.parameter_count or 0,
+            model_schema_hash=pack.model_schema_hash or cfg.model_schema_hash,
+            checkpoints=[FullCheckpoint(round=0, global_pack=pack)],
+            replicas=[ReplicaStart() for _ in range(cfg.replicas)],
+            pending_checkpoints=[None] * cfg.replicas,
             handles=[HandleRef(model_id=handle.model_id, worker=handle.worker)]
             + [None] * (cfg.replicas - 1),
             started_at=started,
@@ -227,20 +235,19 @@ class DiLoCoRun:
 
     def _committed(self, record: RoundRecord, state: DriverState) -> bool:
         """Record a committed round; False once the wall-clock budget is spent."""
-        self.jobs.add_artifact(self.job_id, "checkpoint", record.global_pack.path)
-        if is_checkpoint(self.config, record.round + 1):
-            self.jobs.add_artifact(
-                self.job_id, f"checkpoint-{record.round + 1:04d}", record.global_pack.path
-            )
+        self.jobs.add_artifact(self.job_id, "checkpoint", state.checkpoint.global_pack.path)
         loss = record.eval.loss if record.eval else None
+        per_parameter = record.bytes_per_parameter
         self._log(
-            "round %d closed: %d/%d replicas merged, wall %.2fs, merge %.3fs on %s, eval loss %s",
+            "round %d closed: %d/%d replicas merged, wall %.2fs, outer step %.3fs on %s, "
+            "%s bytes/parameter, eval loss %s",
             record.round,
             len(record.merged),
             self.config.replicas,
             record.wall_s,
-            record.merge_s,
-            record.merge_worker or "the pool",
+            record.outer_step_s,
+            record.outer_step_worker or "the pool",
+            "-" if per_parameter is None else f"{per_parameter:.2f}",
             "-" if loss is None else f"{loss:.4f}",
         )
         if self.on_round is not None:
@@ -252,25 +259,41 @@ class DiLoCoRun:
         return True
 
     def _finish(self, ctx: RunContext, state: DriverState, last: RoundRecord | None) -> Job:
-        """Final artifacts; the last round's replica packs, optimizer states and residuals
-        deleted (only global packs and outer buffers stay, per ``keep_rounds``); handles
+        """Final artifacts (the last round published its global model in full); the
+        workers' local state of the run released, once their background uploads have
+        landed, and those checkpoints taken up; the run's pseudo-gradients and replica
+        state checkpoints deleted (only the kept full checkpoints stay); handles
         released."""
-        self.jobs.add_artifact(self.job_id, "final_pack", state.global_pack.path)
+        self._release_run(ctx)
+        state, garbage = take_up_checkpoints(self.config, self.jobs, self.job_id, state)
+        ctx.store.save_state(state)
+        final = state.checkpoint.global_pack.path
+        self.jobs.add_artifact(self.job_id, "final_pack", final)
+        self.jobs.add_artifact(self.job_id, "checkpoint", final)
         self.jobs.add_artifact(self.job_id, "run_dir", self.layout.run_dir)
         if last is not None:
-            tail = self.rounds()[-2:] if self.config.overlap else [last]
-            packs = [p for record in tail for p in replica_packs(record) + predictions(record)]
-            opts = [o.path for o in state.replica_opt if o is not None]
-            residuals = [r.path for r in state.replica_residual if r is not None]
-            # predictions of rounds that will not run (the last outer steps made them)
-            predicted = (
-                [self.layout.prediction(last.round + k) for k in (1, 2)]
-                if self.config.overlap
-                else []
-            )
-            collect_garbage(ctx.fleet, packs + opts + residuals + predicted)
+            packs = [w.pack.path for s in state.steps for w in s.replicas]
+            run_dir = self.layout.run_dir
+            garbage += packs + [result_marker(p) for p in packs]
+            garbage += [f"{run_dir}/replica-{i}" for i in range(self.config.replicas)]
+        collect_garbage(ctx.fleet, garbage)
         self._release_handles(ctx, state)
         return self.jobs.set_status(self.job_id, "completed", token=ctx.lease.token)
+
+    def _release_run(self, ctx: RunContext) -> None:
+        """Every alive worker drops its local state of the run, after its background
+        uploads finish (best effort: a worker that misses it keeps a few models on its
+        disk; ``fleet gc`` does not see local disks)."""
+        futures = []
+        for worker in ctx.fleet.workers():
+            with contextlib.suppress(FleetError):
+                call = ctx.fleet.prepare(
+                    "release_run", {"run": self.job_id}, dict, worker=worker.name
+                )
+                futures.append(ctx.fleet.submit(call))
+        for future in futures:
+            with contextlib.suppress(FleetError):
+                future.result(self.config.replica_call_timeout_s)
 
     def _release_handles(self, ctx: RunContext, state: DriverState | None) -> None:
         for handle in state.handles if state else []:

@@ -1,64 +1,85 @@
-"""The evaluation of a round's new global model, on a worker: into a replica's warm
-handle when one is alive (loading the pack there), else on a handle imported for it."""
+"""The evaluation of a round's new global model, on the worker that made it (the outer
+step's worker holds it: nothing crosses a link), into a replica's warm handle there if
+it has one; on any worker otherwise (which catches up to the model first)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
 from fleet.diloco.context import RunContext
-from fleet.diloco.state import Evaluation, HandleRef
+from fleet.diloco.state import Evaluation, HandleRef, WireBytes
 from fleet.errors import CodecError, FleetError
-from fleet.storage import PackRef
+from fleet.protocol import EvaluateGlobalResult, GlobalModelSpec
+
+
+def is_final(ctx: RunContext, round_index: int, started_at: float) -> bool:
+    """True if round ``round_index`` is the run's last: the last of ``rounds``, or the one
+    that ends with the run's ``max_wall_s`` spent (``started_at``: when the run started,
+    unix s)."""
+    cfg = ctx.config
+    budget = cfg.max_wall_s
+    spent = budget is not None and time.time() - started_at >= budget
+    return round_index == cfg.rounds - 1 or spent
 
 
 def due(ctx: RunContext, round_index: int, started_at: float) -> bool:
     """True if round ``round_index``'s global model is evaluated: every ``eval_every``
-    rounds, and the last round, which is also the one that ends with the run's
-    ``max_wall_s`` spent (``started_at``: when the run started, unix s), so a run
-    stopped by its budget ends on an evaluated model."""
+    rounds, and the last round (:func:`is_final`), so a run stopped by its budget ends
+    on an evaluated model."""
     cfg = ctx.config
-    last = round_index == cfg.rounds - 1
-    budget = cfg.max_wall_s
-    if budget is not None and time.time() - started_at >= budget:
-        last = True
+    last = is_final(ctx, round_index, started_at)
     return bool(cfg.eval_every) and (not (round_index + 1) % cfg.eval_every or last)
 
 
 def evaluate_global(
-    ctx: RunContext, global_pack: PackRef, handles: list[HandleRef | None]
-) -> tuple[Evaluation, float]:
-    """Evaluate ``global_pack`` on the first alive handle of ``handles``, else on a new
-    one; the evaluation and its seconds.
+    ctx: RunContext, spec: GlobalModelSpec, worker: str | None, handles: list[HandleRef | None]
+) -> tuple[Evaluation, float, dict[str, WireBytes]]:
+    """Evaluate the global model ``spec`` on ``worker`` (the outer step's, which holds
+    it), into a handle it holds if any; else on any worker. Returns the evaluation, its
+    seconds, and the bytes its worker moved (by worker).
 
     Raises:
-        CodecError: the pack is corrupt.
+        CodecError: a pack it needs is corrupt.
         FleetError: no worker could evaluate it.
     """
     cfg, fleet = ctx.config, ctx.fleet
-    timeout = cfg.replica_call_timeout_s
     started = time.monotonic()
     alive = {w.name for w in fleet.workers()}
-    for handle in handles:
-        if handle is None or handle.worker not in alive:
-            continue
+    tries: list[tuple[str | None, str | None]] = []
+    if worker is not None and worker in alive:
+        held = next((h.model_id for h in handles if h is not None and h.worker == worker), None)
+        tries.append((worker, held))
+    tries.append((None, None))
+    last: FleetError | None = None
+    for target, model_id in tries:
+        fields = {
+            "run": ctx.store.job_id,
+            "global_model": spec.model_dump(mode="json"),
+            "split": cfg.eval_split,
+            "model_id": model_id,
+            "device": cfg.device,
+        }
+        call = fleet.prepare(
+            "evaluate_global",
+            fields,
+            EvaluateGlobalResult.model_validate,
+            worker=target,
+            workload=cfg.workload,
+            config=cfg.config,
+        )
+        future = fleet.submit(call)
         try:
-            fleet.load_parameter_pack(handle.model_id, global_pack, timeout_s=timeout)
-            metrics = fleet.evaluate(handle.model_id, cfg.eval_split, timeout_s=timeout)
-            evaluation = Evaluation(at=time.time(), worker=handle.worker, metrics=metrics)
-            return evaluation, time.monotonic() - started
+            result = future.result(cfg.replica_call_timeout_s)
         except FleetError as exc:
             if isinstance(exc, CodecError):
                 raise
-            ctx.log("evaluation on %s failed: %s", handle.worker, exc, level=logging.WARNING)
-    imported = fleet.import_parameter_pack(
-        global_pack, cfg.device, workload=cfg.workload, config=cfg.config, timeout_s=timeout
-    )
-    try:
-        metrics = fleet.evaluate(imported, cfg.eval_split, timeout_s=timeout)
-        evaluation = Evaluation(at=time.time(), worker=imported.worker, metrics=metrics)
-        return evaluation, time.monotonic() - started
-    finally:
-        with contextlib.suppress(FleetError):
-            fleet.release_model(imported.model_id, timeout_s=30)
+            ctx.log("evaluation on %s failed: %s", target or "the pool", exc, level=logging.WARNING)
+            last = exc
+            continue
+        ran_on = future.worker or target or "?"
+        evaluation = Evaluation(at=time.time(), worker=ran_on, metrics=result.metrics)
+        wire = {ran_on: WireBytes(sent=result.sent_bytes, received=result.received_bytes)}
+        return evaluation, time.monotonic() - started, wire
+    assert last is not None
+    raise last

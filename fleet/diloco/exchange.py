@@ -84,9 +84,7 @@ def publish_pseudo_gradient(
         size = min(chunk_numel, max(like.parameter_count, 1))
         blocks = [torch.empty(size, dtype=torch.float32) for _ in readers]
         sink = stack.enter_context(
-            writing_pseudo_gradient(
-                out, like, codec, base_values_digest=like.values_digest
-            )
+            writing_pseudo_gradient(out, like, codec, base_values_digest=like.values_digest)
         )
         residual_sink = (
             stack.enter_context(writing_pack(out_residual, like))

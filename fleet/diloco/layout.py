@@ -4,27 +4,34 @@ over another attempt's output.
 
 ::
 
-    runs/<job>/round-RRRR/global            the global model entering round R (R = 0: initial)
-    runs/<job>/round-RRRR/<buffer>          an outer optimizer buffer after round R - 1
-                                            (``momentum`` for Nesterov and SGD)
-    runs/<job>/round-RRRR/prediction        an overlapped run's eager prediction of the
-                                            start point of round R (by round R - 2's
-                                            outer step)
-    runs/<job>/round-RRRR/replica-I-aA      replica I's pack of round R, attempt A
-                                            (parameters, or its pseudo-gradient)
-    runs/<job>/round-RRRR/opt-I-aA.pt       the inner optimizer state that attempt wrote
-    runs/<job>/round-RRRR/ef-I-aA           its error-feedback residual
-    runs/<job>/round-RRRR/replica-I-aA.result.json   that attempt's result (exactly once)
+    runs/<job>/round-RRRR/replica-I-aA              replica I's pseudo-gradient of round R,
+                                                    attempt A
+    runs/<job>/round-RRRR/replica-I-aA.result.json  that attempt's result (exactly once)
+    runs/<job>/checkpoint-RRRR/global               the global model entering round R, in
+                                                    full (R = 0: the initial model)
+    runs/<job>/checkpoint-RRRR/global-<buffer>      the outer optimizer's buffer then
+                                                    (``momentum`` for Nesterov and SGD)
+    runs/<job>/replica-I/state-RRRR-aA/             replica I's state after round R,
+                                                    attempt A: ``optimizer`` (the inner
+                                                    optimizer state file, if its loop keeps
+                                                    one) and ``residual/`` (error feedback)
 
 Attempt numbers are unique per (round, replica) across orchestrators: the round's plan
 in Redis records every attempt launched, and a resumed run numbers on from there.
+Between checkpoints the global model exists only on the workers (docs/protocol.md
+section 5.7).
 """
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fleet.storage import result_marker
+
+if TYPE_CHECKING:
+    from fleet.protocol import ReplicaCheckpoint
 
 __all__ = ["RunLayout", "result_marker"]
 
@@ -42,28 +49,23 @@ class RunLayout:
     def round_dir(self, round_index: int) -> str:
         return f"{self.run_dir}/round-{round_index:04d}"
 
-    def global_pack(self, round_index: int) -> str:
-        """The global model entering round ``round_index``."""
-        return f"{self.round_dir(round_index)}/global"
-
-    def outer_buffer(self, round_index: int, name: str) -> str:
-        """The outer optimizer's buffer ``name`` after round ``round_index - 1``."""
-        if not name.isidentifier() or name == "global":
-            raise ValueError(f"not a buffer name: {name!r}")
-        return f"{self.round_dir(round_index)}/{name}"
-
-    def prediction(self, round_index: int) -> str:
-        """The eager prediction of round ``round_index``'s start point."""
-        return f"{self.round_dir(round_index)}/prediction"
-
     def replica_pack(self, round_index: int, replica: int, attempt: int) -> str:
-        """Replica ``replica``'s pack of round ``round_index``, attempt ``attempt``."""
+        """Replica ``replica``'s pseudo-gradient of round ``round_index``, attempt ``attempt``."""
         return f"{self.round_dir(round_index)}/replica-{replica}-a{attempt}"
 
-    def opt_state(self, round_index: int, replica: int, attempt: int) -> str:
-        """The inner optimizer state that attempt writes (if its loop keeps one)."""
-        return f"{self.round_dir(round_index)}/opt-{replica}-a{attempt}.pt"
+    def checkpoint_dir(self, round_index: int) -> str:
+        return f"{self.run_dir}/checkpoint-{round_index:04d}"
 
-    def residual(self, round_index: int, replica: int, attempt: int) -> str:
-        """The error-feedback residual that attempt writes (a v1 pack)."""
-        return f"{self.round_dir(round_index)}/ef-{replica}-a{attempt}"
+    def checkpoint(self, round_index: int) -> str:
+        """The global model entering round ``round_index``, in full (its buffers are
+        published beside it as ``<path>-<buffer>``)."""
+        return f"{self.checkpoint_dir(round_index)}/global"
+
+    def replica_state_dir(self, checkpoint: ReplicaCheckpoint) -> str:
+        """The directory a replica state checkpoint's files are in."""
+        path = checkpoint.optimizer or (checkpoint.residual.path if checkpoint.residual else "")
+        return posixpath.dirname(path)
+
+    def replica_state(self, replica: int, round_index: int, attempt: int) -> str:
+        """Replica ``replica``'s state after round ``round_index``, attempt ``attempt``."""
+        return f"{self.run_dir}/replica-{replica}/state-{round_index:04d}-a{attempt}"

@@ -21,15 +21,13 @@ packs) is bit-identical to :func:`average` + :func:`outer_step` on whole vectors
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import cast
 
 import torch
 
@@ -38,11 +36,8 @@ from fleet.codec.pack import PackReader, writing_pack
 from fleet.codec.pseudo_gradient import PseudoGradientReader
 from fleet.codec.readers import open_reader
 from fleet.diloco.optim import OuterOptimizer, outer_optimizer
-from fleet.errors import LayoutMismatchError
+from fleet.errors import BaseMismatchError, LayoutMismatchError
 from fleet.protocol import OuterOptimizerConfig
-
-if TYPE_CHECKING:
-    from fleet.storage import Store
 
 #: Default bytes of each pack held at once by :func:`stream_outer_step` (1 MiB: blocks
 #: that stay in cache while the step runs over them; measured by benchmarks/outer_step.py).
@@ -124,13 +119,12 @@ def outer_step(
 
 @dataclass(frozen=True)
 class OuterStepOutput:
-    """What :func:`stream_outer_step` published: the manifests of the new global pack,
-    of each optimizer buffer and of the eager prediction (if asked for), the bytes it
-    read (``exchange_bytes`` of them the replicas'), wrote, and the seconds it took."""
+    """What :func:`stream_outer_step` published: the manifests of the new global pack and
+    of each optimizer buffer, the bytes it read (``exchange_bytes`` of them the
+    replicas') and wrote, and the seconds it took."""
 
     global_manifest: PackManifest
     state_manifests: dict[str, PackManifest]
-    prediction_manifest: PackManifest | None
     bytes_read: int
     bytes_written: int
     exchange_bytes: int
@@ -139,31 +133,20 @@ class OuterStepOutput:
 
 @dataclass(frozen=True)
 class PackInput:
-    """A pack read by the outer step, with what its reference recorded (checked)."""
+    """A local pack read by the outer step, with what its reference recorded (checked)."""
 
-    path: Path | str
-    """A local pack directory, or a path on ``store`` when the outer step is given one."""
+    path: Path
     layout_hash: str | None = None
     values_digest: str | None = None
 
 
-def inputs_digest(*parts: object) -> str:
-    """A digest of an outer step's inputs (recorded in its output manifests, so a re-run
-    with the same inputs can return the published packs)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _open(
-    ref: PackInput, store: Store | None, block_bytes: int
-) -> PackReader | PseudoGradientReader:
-    checks: dict[str, Any] = {
-        "check_finite": True,
-        "layout_hash": ref.layout_hash,
-        "values_digest": ref.values_digest,
-    }
-    if store is None:
-        return open_reader(Path(ref.path), **checks)
-    return store.pack_reader(str(ref.path), block_size=max(block_bytes, 1 << 20), **checks)
+def _open(ref: PackInput) -> PackReader | PseudoGradientReader:
+    return open_reader(
+        Path(ref.path),
+        check_finite=True,
+        layout_hash=ref.layout_hash,
+        values_digest=ref.values_digest,
+    )
 
 
 def _nbytes(reader: PackReader | PseudoGradientReader) -> int:
@@ -171,80 +154,6 @@ def _nbytes(reader: PackReader | PseudoGradientReader) -> int:
     if isinstance(manifest, PackManifest):
         return manifest.values_nbytes
     return manifest.exchange_bytes
-
-
-@dataclass(frozen=True)
-class Start:
-    """An eager start point, ``prediction - scale * fresh`` (:mod:`fleet.diloco.eager`)."""
-
-    prediction: PackInput
-    fresh: PackInput | None
-    scale: float
-
-
-class _Rebase:
-    """Rebases pseudo-gradients relative to eager start points onto the global model:
-    ``delta_j + theta - (prediction - scale_j * fresh_j)``, chunk by chunk (each
-    distinct prediction read once)."""
-
-    def __init__(self, starts: Sequence[Start | None]) -> None:
-        self.starts = starts
-        self.predictions = sorted({str(s.prediction.path) for s in starts if s is not None})
-        by_path = {str(s.prediction.path): s.prediction for s in starts if s is not None}
-        self.inputs: list[PackInput] = [by_path[p] for p in self.predictions]
-        self.fresh_index: list[int | None] = []
-        for s in starts:
-            if s is not None and s.fresh is not None:
-                self.fresh_index.append(len(self.inputs))
-                self.inputs.append(s.fresh)
-            else:
-                self.fresh_index.append(None)
-
-    def apply(
-        self,
-        theta: torch.Tensor,
-        parts: Sequence[torch.Tensor],
-        is_delta: Sequence[bool],
-        blocks: Sequence[torch.Tensor],
-        scratch: torch.Tensor,
-    ) -> None:
-        """Rebase ``parts`` (pseudo-gradient blocks) in place; ``blocks`` are this chunk's
-        blocks of :attr:`inputs` (clobbered). A replica that published its parameters
-        (``is_delta`` False) needs none: ``theta - theta_j`` is relative to the global."""
-        for path_index, path in enumerate(self.predictions):
-            gap = torch.sub(theta, blocks[path_index], out=scratch)  # theta - prediction
-            for j, (part, start) in enumerate(zip(parts, self.starts, strict=True)):
-                if start is None or not is_delta[j] or str(start.prediction.path) != path:
-                    continue
-                fresh = self.fresh_index[j]
-                part.add_(gap)
-                if fresh is not None:
-                    part.add_(blocks[fresh].mul_(start.scale))
-
-
-class _Prediction:
-    """The prediction's scratch blocks and sink (see :func:`stream_outer_step`)."""
-
-    def __init__(self, sink: Any, names: Sequence[str], size: int) -> None:
-        self.sink = sink
-        self.delta = torch.empty(size, dtype=torch.float32)
-        self.theta = torch.empty(size, dtype=torch.float32)
-        self.average = torch.empty(size, dtype=torch.float32)
-        self.state = {name: torch.empty(size, dtype=torch.float32) for name in names}
-
-    def write(
-        self,
-        optimizer: OuterOptimizer,
-        new_theta: torch.Tensor,
-        new_state: Mapping[str, torch.Tensor],
-    ) -> None:
-        """``step(theta', 0; m')`` on this chunk, written to the prediction pack."""
-        k = new_theta.numel()
-        theta = self.theta[:k].copy_(new_theta)
-        average = self.average[:k].copy_(new_theta)
-        delta = self.delta[:k].zero_()
-        scratch = {name: block[:k] for name, block in self.state.items()}
-        self.sink.write(optimizer.step(theta, average, delta, dict(new_state), scratch))
 
 
 def stream_outer_step(
@@ -258,51 +167,28 @@ def stream_outer_step(
     out_state: Mapping[str, Path],
     *,
     chunk_bytes: int = CHUNK_BYTES,
-    inputs_key: str | None = None,
-    store: Store | None = None,
-    out_prediction: Path | None = None,
-    starts: Sequence[Start | None] | None = None,
     single_thread: bool = True,
 ) -> OuterStepOutput:
-    """The outer step over packs, streamed: every input is read ``chunk_bytes`` at a time
-    (its digest and finiteness checked as it is read), the step is applied to the
-    chunk, and the new global pack and optimizer buffers are written and hashed as they
-    go, then published atomically. Replica inputs are v1 packs of parameters or
-    pseudo-gradient packs (decoded as read), in any mix. A reader thread fills the next
-    row of blocks while the current one is computed, so extra memory is about
-    ``(2 (N + B) + 6) * chunk_bytes`` for N replicas and B buffers, whatever the
-    parameter count P. The result is bit-identical to :func:`average` +
-    :func:`outer_step` on whole vectors.
+    """The outer step over local packs, streamed: every input is read ``chunk_bytes`` at
+    a time (its digest and finiteness checked as it is read), the step is applied to
+    the chunk, and the new global pack and optimizer buffers are written and hashed as
+    they go, then published atomically. Replica inputs are pseudo-gradient packs
+    (decoded as read; each must name ``global_pack`` as its base) or v1 packs of
+    parameters, in any mix. A reader thread fills the next row of blocks while the
+    current one is computed, so extra memory is about ``(2 (N + B) + 6) *
+    chunk_bytes`` for N replicas and B buffers, whatever the parameter count P. The
+    result is bit-identical to :func:`average` + :func:`outer_step` on whole vectors.
 
     Args:
         state: the optimizer's buffers after the last round, by name (empty in the
             first round).
         out_state: where each of ``optimizer.buffers`` is written.
-
-    With ``out_prediction``, also publish the *prediction* of the round after next's
-    start point there: the same step applied once more, to the new parameters and
-    buffers with a zero pseudo-gradient, ``P = step(theta', 0; m')`` (where the global
-    model goes before the next round's pseudo-gradients are known; each replica of an
-    overlapped round adds its own fresh share to it, the *eager update* of Kale et al.
-    2025, "Eager Updates For Overlapped Communication and Computation in DiLoCo",
-    arXiv:2502.12996: :mod:`fleet.diloco.eager`).
-
-    ``starts`` (one per replica, or None): the eager start point a replica's
-    pseudo-gradient is relative to, ``start = prediction - scale * fresh``
-    (:mod:`fleet.diloco.eager`); the step rebases it onto the global model,
-    ``delta + (theta - start)``, so the outer step is the synchronous algorithm's
-    ``theta - average`` of the replicas' parameters wherever they started.
-
-    ``single_thread``: run the arithmetic on one torch thread (restored after); False
-    when the step runs beside training in the same process (torch's thread count is
-    process-wide).
-
-    With ``store``, the inputs' paths are on it and are read from it in ranged requests
-    of ``chunk_bytes`` (an object store: memory stays O(chunk)); the outputs are local
-    paths (:meth:`fleet.storage.Store.output`).
+        single_thread: run the arithmetic on one torch thread (restored after).
 
     Raises:
         LayoutMismatchError: an input's layout differs from the global pack's.
+        BaseMismatchError: a pseudo-gradient was taken from another global model than
+            ``global_pack`` (its ``base_values_digest``); nothing is published.
         DigestMismatchError, NonFiniteValuesError, ValuesLengthError, NotAPackError: an
             input is corrupt (the error names its path); nothing is published.
         ValueError: no replicas, weights that sum to <= 0, or buffers that are not the
@@ -318,7 +204,6 @@ def stream_outer_step(
             f"buffers {sorted(state)} in, {sorted(out_state)} out; the optimizer keeps {names}"
         )
     started = time.perf_counter()
-    extra = {"inputs_digest": inputs_key} if inputs_key else None
     with ExitStack() as stack:
         # The arithmetic runs on one torch thread: the blocks are cache-sized, and the
         # reader thread prefetching the next row uses the other core (benchmarks/
@@ -331,14 +216,10 @@ def stream_outer_step(
         # Global pack, replicas, buffers: each checked against its ref (layout hash,
         # digest, finite values) while read, and against the global pack's layout.
         buffer_names = [name for name in names if name in state]
-        starts = list(starts) if starts is not None else [None] * len(replicas)
-        if len(starts) != len(replicas):
-            raise ValueError(f"{len(starts)} starts for {len(replicas)} replicas")
-        rebase = _Rebase(starts)
-        inputs = [global_pack, *replicas, *(state[name] for name in buffer_names), *rebase.inputs]
+        inputs = [global_pack, *replicas, *(state[name] for name in buffer_names)]
         readers: list[PackReader | PseudoGradientReader] = []
         for ref in inputs:
-            reader = _open(ref, store, chunk_bytes)
+            reader = _open(ref)
             stack.callback(reader.close)
             if readers and reader.manifest.layout_hash != readers[0].manifest.layout_hash:
                 raise LayoutMismatchError(
@@ -348,6 +229,10 @@ def stream_outer_step(
         theta_reader, like = readers[0], readers[0].manifest
         if not isinstance(like, PackManifest):
             raise LayoutMismatchError(str(global_pack.path), "pseudo-gradient", "a v1 pack")
+        for ref, reader in zip(replicas, readers[1 : 1 + len(replicas)], strict=True):
+            base = getattr(reader.manifest, "base_values_digest", None)
+            if base is not None and like.values_digest is not None and base != like.values_digest:
+                raise BaseMismatchError(str(ref.path), like.values_digest, base)
         is_delta = [isinstance(r, PseudoGradientReader) for r in readers[1 : 1 + len(replicas)]]
         align = max(
             [ALIGN_NUMEL] + [r.block_size for r in readers if isinstance(r, PseudoGradientReader)]
@@ -357,16 +242,8 @@ def stream_outer_step(
         rows = [[torch.empty(size, dtype=torch.float32) for _ in readers] for _ in range(2)]
         scratch = torch.empty(size, dtype=torch.float32)
         new_blocks = {name: torch.empty(size, dtype=torch.float32) for name in names}
-        global_sink = stack.enter_context(writing_pack(out_global, like, extra=extra))
-        sinks = {
-            name: stack.enter_context(writing_pack(out_state[name], like, extra=extra))
-            for name in names
-        }
-        predict = None
-        if out_prediction is not None:
-            predict = _Prediction(
-                stack.enter_context(writing_pack(out_prediction, like, extra=extra)), names, size
-            )
+        global_sink = stack.enter_context(writing_pack(out_global, like))
+        sinks = {name: stack.enter_context(writing_pack(out_state[name], like)) for name in names}
 
         def read_row(row: list[torch.Tensor]) -> list[torch.Tensor]:
             return [reader.read_into(block) for reader, block in zip(readers, row, strict=True)]
@@ -396,7 +273,6 @@ def stream_outer_step(
                 for part, delta_given in zip(parts, is_delta, strict=True):
                     if not delta_given:
                         torch.sub(t, part, out=part)  # parameters -> pseudo-gradient
-                rebase.apply(t, parts, is_delta, row[tail:], scratch[:k])
                 delta = _average_into(parts, weights, policy)
                 avg = torch.sub(t, delta, out=scratch[:k])
             else:
@@ -406,8 +282,6 @@ def stream_outer_step(
             global_sink.write(new_theta)
             for name, sink in sinks.items():
                 sink.write(new[name])
-            if predict is not None:
-                predict.write(optimizer, new_theta, new)
         for reader in readers:
             reader.finish()
     assert global_sink.manifest is not None
@@ -416,9 +290,8 @@ def stream_outer_step(
     return OuterStepOutput(
         global_manifest=global_sink.manifest,
         state_manifests=cast(dict[str, PackManifest], state_manifests),
-        prediction_manifest=predict.sink.manifest if predict is not None else None,
         bytes_read=sum(_nbytes(r) for r in readers),
-        bytes_written=(1 + len(names) + (predict is not None)) * like.values_nbytes,
+        bytes_written=(1 + len(names)) * like.values_nbytes,
         exchange_bytes=sum(_nbytes(r) for r in readers[1 : 1 + len(replicas)]),
         seconds=time.perf_counter() - started,
     )

@@ -1,4 +1,4 @@
-"""Which worker runs each replica of a round, a replacement for a lost one, and the merge.
+"""Which worker runs each replica of a round, a replacement for a lost one, and the outer step.
 
 Every round places the replicas over the workers alive *now* (rebalancing): each worker
 gets one replica before any gets two, so a restarted, reconnected or spare worker is
@@ -71,7 +71,7 @@ def replacement_worker(
     return min(pool, key=lambda w: (load.get(w, 0), ranked.index(w)))
 
 
-def merge_worker(finished_in_order: Sequence[str], alive: Sequence[str]) -> str | None:
+def outer_step_worker(finished_in_order: Sequence[str], alive: Sequence[str]) -> str | None:
     """The worker of the first replica that finished, if it is still alive; None means
     the pool queue."""
     return next((w for w in finished_in_order if w in alive), None)

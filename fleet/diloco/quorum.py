@@ -16,9 +16,9 @@ from fleet.diloco.liveness import Liveness
 from fleet.diloco.placement import replacement_worker
 from fleet.diloco.state import Attempt
 from fleet.errors import FleetError, RoundFailed
-from fleet.protocol import RunInnerLoopResult
+from fleet.protocol import ReplicaRoundResult
 
-Done = dict[int, tuple[Attempt, RunInnerLoopResult]]
+Done = dict[int, tuple[Attempt, ReplicaRoundResult]]
 #: Seconds a gap between two looks at the running attempts counts for, at most, towards
 #: the round's deadline.
 MAX_UNSEEN_S = 1.0

@@ -1,14 +1,19 @@
 """The records of a DiLoCo run, persisted in Redis through :class:`~fleet.jobs.JobStore`
 only, each write checked against the owner's fencing token (:class:`RunStore`):
 
-- :class:`DriverState`: what the driver needs to run the next round (the committed
-  global pack and outer optimizer buffers, each replica's committed optimizer state,
-  error-feedback residual and warm handle,
-  the data cursor), replaced atomically when a round commits;
+- :class:`DriverState`: what the driver needs to run the next round (the global model
+  entering it, by digest, with the full checkpoints kept and the committed outer steps
+  since the oldest of them; each replica's last merged attempt and last published
+  state; warm handles; the data cursor), replaced atomically when a round commits;
 - :class:`RoundPlan`: the round in flight (its leases and every attempt launched), so a
-  resumed run aborts those attempts, reuses the leases and numbers attempts on;
-- :class:`RoundRecord`: one per committed round (each replica's outcome, the merge, the
-  evaluation), appended in the same transaction as the state.
+  resumed run adopts or aborts those attempts, reuses the leases and numbers attempts on;
+- :class:`RoundRecord`: one per committed round (each replica's outcome, the outer
+  step, the bytes on the wire, the evaluation), appended in the same transaction as the
+  state.
+
+The replicas' own state (inner optimizer, error-feedback residual) and the global
+models between checkpoints live on the workers (docs/protocol.md section 5.7); the
+driver knows only where each was last published.
 """
 
 from __future__ import annotations
@@ -19,20 +24,21 @@ from pydantic import BaseModel, Field
 
 from fleet.data.leases import DataCursor, Lease
 from fleet.jobs import JobStore
-from fleet.protocol import EagerStart, MetricValue, RunInnerLoopResult
+from fleet.protocol import (
+    FullCheckpoint,
+    GlobalModelSpec,
+    MetricValue,
+    OuterStepSpec,
+    ReplicaCheckpoint,
+    ReplicaRoundResult,
+    ReplicaStart,
+)
 from fleet.storage import PackRef
 
 ReplicaStatus = Literal["merged", "aborted", "lost", "failed", "dropped"]
 """merged: in the outer step; aborted: stopped when the round closed (quorum) or a
 previous owner's attempt; lost: its worker died; failed: the task failed; dropped: its
 pack was refused by the outer step (corrupt, non-finite)."""
-
-
-class OptState(BaseModel):
-    """An inner optimizer state file (shared-root relative) and its encoding."""
-
-    path: str
-    encoding: str | None = None
 
 
 class HandleRef(BaseModel):
@@ -75,17 +81,16 @@ class Attempt(BaseModel):
     worker: str
     task_id: str
     pack_path: str
-    opt_path: str
-    residual_path: str | None = None
-    start: EagerStart | None = None
-    """The eager start point it trained from (an overlapped round; None: the global
-    pack)."""
+    checkpoint_path: str | None = None
+    """Where it publishes the replica's state in the background (a checkpoint round)."""
     started_at: float
-    result: RunInnerLoopResult | None = None
+    result: ReplicaRoundResult | None = None
 
 
 class ReplicaOutcome(BaseModel):
-    """How one attempt of a replica ended, with its timings (seconds, worker clocks)."""
+    """How one attempt of a replica ended, with its timings (seconds, worker clocks) and
+    the bytes its worker moved to and from the shared root while it ran (counted by the
+    store: what crosses the worker's link, requests' headers aside)."""
 
     replica: int
     attempt: int
@@ -96,19 +101,37 @@ class ReplicaOutcome(BaseModel):
     steps_completed: int | None = None
     loss: float | None = None
     compute_s: float = 0.0
+    """The inner steps only."""
     load_s: float = 0.0
+    """Getting the global model, the replica's state and its shards."""
+    save_s: float = 0.0
+    encode_s: float = 0.0
     publish_s: float = 0.0
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    peak_rss_bytes: int = 0
+    """Its worker process's peak resident memory when it finished."""
+    global_source: str | None = None
+    """held, stepped or caught-up (:class:`~fleet.protocol.ReplicaRoundResult`)."""
+    base_digest: str | None = None
+    """The values digest of the global model it trained from (its worker checked it
+    against the committed one)."""
+    steps_replayed: int = 0
+    state_source: str | None = None
+    """held, checkpoint or fresh."""
     pack: PackRef | None = None
-    opt_state: OptState | None = None
-    residual: PackRef | None = None
-    """The error-feedback residual this attempt published."""
-    exchange_bytes: int | None = None
-    """Bytes of the pack it published."""
-    start: EagerStart | None = None
-    """The eager start point it trained from (None: the round's global pack)."""
+    """The pseudo-gradient it published."""
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
     error: str | None = None
     lease: Lease | None = None
+
+
+class WireBytes(BaseModel):
+    """Bytes a worker sent to and received from the shared root in a round (its
+    attempts, the outer step and the evaluation it ran)."""
+
+    sent: int = 0
+    received: int = 0
 
 
 class RoundPlan(BaseModel):
@@ -131,29 +154,36 @@ class RoundPlan(BaseModel):
 
 
 class RoundRecord(BaseModel):
-    """A committed round: when it ran (unix s), how long its parts took (s), where the
-    outer step ran, the packs it published, every attempt's outcome, the evaluation of
-    the new global model, and the data cursor after it."""
+    """A committed round: when it ran (unix s), how long its parts took (s), where its
+    outer step ran, the step itself (the merged pseudo-gradients and the digests it
+    gives), every attempt's outcome, the bytes on the wire, the evaluation of the new
+    global model, and the data cursor after it."""
 
     round: int
     started_at: float
     closed_at: float
     wall_s: float
-    merge_s: float
+    outer_step_s: float
     eval_s: float = 0.0
-    merge_worker: str | None = None
-    input_global: PackRef | None = None
-    """The global model that entered the round (an input of the outer step)."""
-    input_state: dict[str, PackRef] = Field(default_factory=dict)
-    """The outer optimizer's buffers that entered the round, by name."""
-    global_pack: PackRef
-    outer_state: dict[str, PackRef] = Field(default_factory=dict)
-    """The outer optimizer's buffers after the round, by name (e.g. ``momentum``)."""
+    outer_step_worker: str | None = None
+    input_digest: str | None = None
+    """The values digest of the global model that entered the round."""
+    step: OuterStepSpec
+    """The committed outer step: its pseudo-gradients, weights and resulting digests."""
+    parameter_count: int = 0
+    checkpoint: FullCheckpoint | None = None
+    """The full checkpoint of the new global model, when this round published one and
+    waited for it (the last round); others land in the background (DriverState)."""
     replicas: list[ReplicaOutcome]
+    wire: dict[str, WireBytes] = Field(default_factory=dict)
+    """Bytes each worker moved in the round, by worker name."""
+    exchange_bytes: int = 0
+    """Every byte the round's workers moved to and from the shared root (``wire``
+    summed)."""
+    bytes_per_parameter: float | None = None
+    """The busiest worker's bytes (sent + received) per parameter in the round."""
     eval: Evaluation | None = None
     data: DataCursor | None = None
-    exchange_bytes: int = 0
-    """Bytes of the merged replicas' published packs (what the outer step read of them)."""
     deadline_s: float | None = None
     """Seconds after the round's start at which it would close without its stragglers
     (fixed, or adaptive: :mod:`fleet.diloco.deadline`); None: it waited for all."""
@@ -163,29 +193,31 @@ class RoundRecord(BaseModel):
         """The outcomes that entered the outer step, by replica."""
         return sorted((r for r in self.replicas if r.status == "merged"), key=lambda r: r.replica)
 
+    @property
+    def global_digest(self) -> str:
+        """The values digest of the global model the round made."""
+        return self.step.global_digest or ""
+
 
 class DriverState(BaseModel):
     """What the driver persists after every committed round."""
 
     next_round: int
-    global_pack: PackRef
-    """The global model entering ``next_round``."""
-    outer_state: dict[str, PackRef] = Field(default_factory=dict)
-    """The outer optimizer's buffers after the last round, by name (none at first)."""
-    replica_opt: list[OptState | None]
-    """Each replica's last committed inner optimizer state (None: the workload builds
-    its optimizer, e.g. a workload that keeps no optimizer file)."""
-    replica_residual: list[PackRef | None] = Field(default_factory=list)
-    """Each replica's last committed error-feedback residual (empty or None: zero)."""
-    prediction: PackRef | None = None
-    """An overlapped run's eager prediction of the start point of round
-    ``next_round + 1``, published by the last round's outer step
-    (:mod:`fleet.diloco.eager`); None in a synchronous run."""
-
-    def residual_of(self, replica: int) -> PackRef | None:
-        """Replica ``replica``'s committed residual, if any."""
-        return self.replica_residual[replica] if replica < len(self.replica_residual) else None
-
+    global_digest: str
+    """The values digest of the global model entering ``next_round``."""
+    state_digests: dict[str, str] = Field(default_factory=dict)
+    """The outer optimizer's buffers entering ``next_round``, by name (none at first)."""
+    layout_hash: str
+    parameter_count: int
+    model_schema_hash: str
+    checkpoints: list[FullCheckpoint]
+    """The full checkpoints kept, oldest first (``keep_checkpoints``); never empty."""
+    steps: list[OuterStepSpec] = Field(default_factory=list)
+    """The committed outer steps since the oldest checkpoint, in order."""
+    replicas: list[ReplicaStart]
+    """Each replica's last merged attempt and last published state."""
+    pending_checkpoints: list[ReplicaCheckpoint | None] = Field(default_factory=list)
+    """Each replica's newest state checkpoint of a merged attempt not yet landed."""
     handles: list[HandleRef | None]
     abandoned: list[HandleRef] = Field(default_factory=list)
     """Handles of attempts given up on (their worker seemed lost), released once their
@@ -195,6 +227,41 @@ class DriverState(BaseModel):
     """The dataset's view id when the run started (a resumed run checks it)."""
     started_at: float
     initial_eval: Evaluation | None = None
+
+    @property
+    def checkpoint(self) -> FullCheckpoint:
+        """The newest full checkpoint."""
+        return self.checkpoints[-1]
+
+    def global_model(self, checkpoint: int = -1) -> GlobalModelSpec:
+        """The global model entering ``next_round``, reached from the kept checkpoint at
+        index ``checkpoint`` (default: the newest) by the committed steps since."""
+        base = self.checkpoints[checkpoint]
+        return self.model_at(self.next_round, base)
+
+    def model_at(self, round_index: int, base: FullCheckpoint | None = None) -> GlobalModelSpec:
+        """The global model entering ``round_index`` (a kept checkpoint's round or later),
+        from ``base`` (default: the newest kept checkpoint at or before it)."""
+        if base is None:
+            base = [c for c in self.checkpoints if c.round <= round_index][-1]
+        steps = [s for s in self.steps if base.round <= s.round < round_index]
+        if round_index == self.next_round:
+            digest, state = self.global_digest, self.state_digests
+        elif steps:
+            digest, state = steps[-1].global_digest or "", steps[-1].state_digests
+        else:
+            digest = base.global_pack.values_digest or ""
+            state = {n: p.values_digest or "" for n, p in base.state.items()}
+        return GlobalModelSpec(
+            round=round_index,
+            values_digest=digest,
+            state_digests=state,
+            layout_hash=self.layout_hash,
+            parameter_count=self.parameter_count,
+            model_schema_hash=self.model_schema_hash,
+            checkpoint=base,
+            steps=steps,
+        )
 
 
 class RunStore:

@@ -37,7 +37,7 @@ from fleet.codec.manifest import MANIFEST_FILE, PackManifest, _manifest_from_jso
 from fleet.errors import ManifestError, NotAPackError, PathOutsideRootError
 from fleet.files import atomic_write_bytes
 from fleet.storage.local import SharedRoot, remove_paths
-from fleet.storage.refs import PackRef
+from fleet.storage.refs import PackRef, result_marker
 
 if TYPE_CHECKING:
     from fleet.codec.pack import PackReader
@@ -312,6 +312,35 @@ class Store(ABC):
         Raises:
             StorageError: the store failed.
         """
+
+    def record_result(self, out_rel: str, key: str, result: Any) -> None:
+        """Write a task's ``result`` (a pydantic model) beside the output it published at
+        ``out_rel``, keyed by ``key`` (a hash of its request), so the same request
+        delivered again returns it (docs/protocol.md section 5.3: exactly-once effects).
+
+        Raises:
+            StorageError: the store failed.
+        """
+        record = {"request": key, "result": result.model_dump(mode="json")}
+        self.write_bytes(result_marker(out_rel), json.dumps(record).encode())
+
+    def recorded_result(self, out_rel: str, key: str, model: type[Any]) -> Any:
+        """The result a previous run of the request ``key`` recorded beside its output
+        pack, if that pack is still the one it published (None otherwise)."""
+        from fleet.errors import CodecError, StorageError
+
+        try:
+            recorded = json.loads(self.read_bytes(result_marker(out_rel)))
+            if recorded.get("request") != key:
+                return None
+            result = model.model_validate(recorded["result"])
+            published = self.read_manifest_json(out_rel)
+        except (OSError, ValueError, CodecError, StorageError):
+            return None
+        digest = published.get("values_digest") if isinstance(published, dict) else None
+        if getattr(result, "pack", None) is None or digest != result.pack.values_digest:
+            return None
+        return result
 
     @abstractmethod
     def remove(self, rels: list[str]) -> int:

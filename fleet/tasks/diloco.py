@@ -1,161 +1,193 @@
-"""fleet's DiLoCo tasks: the outer step over packs (on a worker, streamed) and garbage
-collection of a run's superseded packs."""
+"""fleet's DiLoCo tasks (docs/protocol.md section 5.7), thin wrappers over
+:mod:`fleet.diloco.replica` (a replica's round) and :mod:`fleet.diloco.globals` (a
+worker's global models): the outer step, the evaluation of a global model, publishing
+one in full, releasing a run's local state; and the shared-root chores that go with a
+run (verifying a pack, garbage collection)."""
 
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+import uuid
 
-import torch
-
-from fleet.diloco.optim import outer_optimizer
-from fleet.diloco.outer import PackInput, Start, inputs_digest, stream_outer_step
-from fleet.errors import CodecError, RequestValidationError, StorageError
+from fleet.codec.manifest import read_manifest
+from fleet.devices import resolve_device
+from fleet.diloco.globals import GlobalModels, HeldGlobal, copy_tree, run_dir
+from fleet.diloco.replica import replica_round as run_replica_round
+from fleet.diloco.uploads import Upload, background_uploads
+from fleet.inner_loop import check_metrics
+from fleet.jobs import JobStore
+from fleet.model_packs import load_pack_into_held, state_from_pack
 from fleet.protocol import (
     CollectGarbageRequest,
     CollectGarbageResult,
-    EagerStart,
+    EvaluateGlobalRequest,
+    EvaluateGlobalResult,
     OuterStepRequest,
     OuterStepResult,
+    PublishGlobalRequest,
+    PublishGlobalResult,
+    ReleaseRunRequest,
+    ReleaseRunResult,
+    ReplicaRoundRequest,
+    ReplicaRoundResult,
     VerifyPackRequest,
     VerifyPackResult,
     WorkloadRef,
 )
 from fleet.runtime import WorkerRuntime
-from fleet.storage import PackRef, Store
+from fleet.storage import Store
 from fleet.tasks.base import protocol_task
 
-#: The key of the eager prediction among an outer step's outputs (no buffer's name).
-PREDICTION = "<prediction>"
+
+def _models(rt: WorkerRuntime, run: str) -> GlobalModels:
+    return GlobalModels(rt.shared, run_dir(rt.settings.cache_dir, run))
 
 
-def _input(rt: WorkerRuntime, ref: PackRef) -> PackInput:
-    return PackInput(rt.shared.relative(ref.path), ref.layout_hash, ref.values_digest)
-
-
-def _start(rt: WorkerRuntime, start: EagerStart | None) -> Start | None:
-    if start is None:
-        return None
-    fresh = _input(rt, start.fresh) if start.fresh is not None else None
-    return Start(_input(rt, start.prediction), fresh, start.scale)
-
-
-def _published(store: Store, rel: str, key: str) -> bool:
-    """True if ``rel`` holds an intact pack an outer step computed from inputs ``key``
-    (a corrupt one is computed again)."""
-    try:
-        if (store.read_manifest(rel).model_extra or {}).get("inputs_digest") != key:
-            return False
-        verify(store, rel)
-    except (CodecError, StorageError):
-        return False
-    return True
-
-
-def verify(
-    store: Store, rel: str, *, layout_hash: str | None = None, values_digest: str | None = None
-) -> None:
-    """Read a pack once, 1 MiB at a time, checking its digest and finite values.
-
-    Raises:
-        CodecError: the pack is corrupt (naming it).
-    """
-    block = torch.empty(1 << 18, dtype=torch.float32)
-    with store.pack_reader(
-        rel, check_finite=True, layout_hash=layout_hash, values_digest=values_digest
-    ) as reader:
-        while reader.remaining:
-            reader.read_into(block)
+@protocol_task("replica_round")
+def replica_round(
+    rt: WorkerRuntime, req: ReplicaRoundRequest, ref: WorkloadRef | None
+) -> ReplicaRoundResult:
+    """One attempt of a DiLoCo replica's round (:func:`fleet.diloco.replica.replica_round`)."""
+    return run_replica_round(rt, req)
 
 
 @protocol_task("outer_step")
 def outer_step(
     rt: WorkerRuntime, req: OuterStepRequest, ref: WorkloadRef | None
 ) -> OuterStepResult:
-    """DiLoCo's outer step (:func:`compute_outer_step`)."""
-    return compute_outer_step(rt, req)
-
-
-def compute_outer_step(
-    rt: WorkerRuntime, req: OuterStepRequest, *, single_thread: bool = True
-) -> OuterStepResult:
-    """DiLoCo's outer step (:func:`fleet.diloco.outer.stream_outer_step`): reads the
-    global, replica and optimizer-buffer packs chunk by chunk, checks their digests
-    while reading, and publishes the next global pack and buffers (and the eager
-    prediction, with ``output_prediction_path``). Outputs already published from the
-    same inputs are returned as they are (a redelivered or re-run merge does not compute
-    twice). Also run beside an overlapped round's inner steps
-    (``RunInnerLoopRequest.outer_step``; ``single_thread=False`` there).
+    """DiLoCo's outer step on this worker: from the round's global model (held, or
+    caught up), apply ``req.step`` (:meth:`fleet.diloco.globals.GlobalModels.step`) and
+    keep the new model and buffers here; with ``checkpoint_path``, publish them in full
+    (waiting, or in the background, recorded in Redis once landed).
 
     Raises:
-        RequestValidationError: ``output_state_paths`` are not the optimizer's buffers.
-        CodecError: an input is corrupt (the error names it).
+        GlobalDigestMismatchError: a committed step rebuilt here gave other bits.
+        BaseMismatchError: a pseudo-gradient of another base model (naming it).
+        CodecError, StorageError: a pack is missing or corrupt (the error names it).
     """
     store = rt.shared
-    optimizer = outer_optimizer(req.outer)
-    if set(req.output_state_paths) != set(optimizer.buffers):
-        raise RequestValidationError(
-            "outer_step",
-            [
-                {
-                    "loc": ["output_state_paths"],
-                    "msg": f"the outer optimizer keeps {list(optimizer.buffers)}",
-                    "type": "value_error",
-                }
-            ],
-        )
-    outputs = {
-        "": store.relative(req.output_global_path),
-        **{name: store.relative(path) for name, path in req.output_state_paths.items()},
-    }
-    predicted = store.relative(req.output_prediction_path) if req.output_prediction_path else None
-    published = dict(outputs, **({PREDICTION: predicted} if predicted else {}))
-    key = inputs_digest(
-        req.model_dump(mode="json", exclude={"chunk_bytes", "output_prediction_path"})
-    )
-    if all(_published(store, rel, key) for rel in published.values()):
-        return OuterStepResult(
-            global_pack=store.pack_ref(outputs[""]),
-            state={name: store.pack_ref(rel) for name, rel in outputs.items() if name},
-            prediction=store.pack_ref(predicted) if predicted else None,
-            bytes_read=0,
-            bytes_written=0,
-            seconds=0.0,
-            reused=True,
-        )
-    with ExitStack() as stack:
-        local = {name: stack.enter_context(store.output(rel)) for name, rel in published.items()}
-        output = stream_outer_step(
-            _input(rt, req.global_pack),
-            [_input(rt, r.pack) for r in req.replicas],
-            [r.weight for r in req.replicas],
-            {name: _input(rt, pack) for name, pack in req.state.items()},
-            optimizer,
-            req.merge_policy,
-            local[""],
-            {name: path for name, path in local.items() if name and name != PREDICTION},
-            chunk_bytes=req.chunk_bytes,
-            inputs_key=key,
-            store=store,
-            out_prediction=local.get(PREDICTION),
-            starts=[_start(rt, r.start) for r in req.replicas],
-            single_thread=single_thread,
-        )
-    prediction = None
-    if predicted is not None and output.prediction_manifest is not None:
-        prediction = PackRef.of(predicted, output.prediction_manifest)
+    counted = store.counters.snapshot()
+    started = time.perf_counter()
+    models = _models(rt, req.run)
+    base = models.resolve(req.global_model, chunk_bytes=req.chunk_bytes)
+    stepped = models.step(base, req.step, chunk_bytes=req.chunk_bytes)
+    manifest = read_manifest(stepped.path)
+    round_index = req.step.round + 1
+    checkpoint = None
+    if req.checkpoint_path is not None:
+        if req.checkpoint_wait:
+            checkpoint = models.publish(stepped, req.checkpoint_path, round_index)
+        else:
+            _publish_in_background(rt, models, stepped, req.checkpoint_path, req.run, round_index)
+    models.prune()
+    sent, received = store.counters.since(counted)
     return OuterStepResult(
-        global_pack=PackRef.of(req.output_global_path, output.global_manifest),
-        state={
-            name: PackRef.of(req.output_state_paths[name], manifest)
-            for name, manifest in output.state_manifests.items()
-        },
-        prediction=prediction,
-        bytes_read=output.bytes_read,
-        bytes_written=output.bytes_written,
-        exchange_bytes=output.exchange_bytes,
-        seconds=output.seconds,
+        global_digest=stepped.values_digest,
+        state_digests=stepped.state_digests,
+        layout_hash=manifest.layout_hash,
+        parameter_count=manifest.parameter_count,
+        model_schema_hash=manifest.model_schema_hash,
+        checkpoint=checkpoint,
+        checkpoint_scheduled=req.checkpoint_path is not None and not req.checkpoint_wait,
+        steps_replayed=base.steps_replayed,
+        sent_bytes=sent,
+        received_bytes=received,
+        seconds=time.perf_counter() - started,
     )
+
+
+def _publish_in_background(
+    rt: WorkerRuntime, models: GlobalModels, model: HeldGlobal, path: str, run: str, index: int
+) -> None:
+    """Publish ``model`` in full at ``path`` off the critical path, from private hard links
+    (the run directory may prune the model meanwhile); record it once landed."""
+    jobs = JobStore(rt.registry)
+    staging = models.root / ".uploads" / uuid.uuid4().hex
+    copy_tree(model.path, staging / "global", link=True)
+    for name, buffer in model.state.items():
+        copy_tree(buffer, staging / name, link=True)
+    staged = HeldGlobal(
+        staging / "global", model.values_digest, {n: staging / n for n in model.state}
+    )
+
+    def upload() -> None:
+        checkpoint = models.publish(staged, path, index)
+        jobs.record_checkpoint(run, f"global/{index}", checkpoint.model_dump_json())
+
+    background_uploads().submit(Upload(f"global/{index}", upload, staging))
+
+
+@protocol_task("evaluate_global")
+def evaluate_global(
+    rt: WorkerRuntime, req: EvaluateGlobalRequest, ref: WorkloadRef | None
+) -> EvaluateGlobalResult:
+    """Evaluate a run's global model (held here, or caught up) on ``split``: in the held
+    model ``model_id`` (loaded in place) or in a model the workload builds for it.
+
+    Raises:
+        HandleNotFound: ``model_id`` is not held here.
+        CodecError, StorageError: the global model cannot be had.
+    """
+    counted = rt.shared.counters.snapshot()
+    model = _models(rt, req.run).resolve(req.global_model)
+    sent, received = rt.shared.counters.since(counted)
+    split = req.split if isinstance(req.split, str) else req.split.model_dump()
+    if req.model_id is not None:
+        held = rt.held(req.model_id, reads_only=True)
+        load_pack_into_held(held, model.path, req.state_dict_filter, model.ref())
+        workload, state = held.workload, held.state
+    else:
+        workload = rt.workload(ref)
+        device = resolve_device(req.device)
+        state = state_from_pack(workload, device, model.path, req.state_dict_filter, model.ref())
+    metrics = check_metrics("evaluate", workload.call("evaluate", state, split))
+    return EvaluateGlobalResult(metrics=metrics, sent_bytes=sent, received_bytes=received)
+
+
+@protocol_task("publish_global")
+def publish_global(
+    rt: WorkerRuntime, req: PublishGlobalRequest, ref: WorkloadRef | None
+) -> PublishGlobalResult:
+    """Publish a run's global model (held here, or caught up) in full at ``path``, with
+    its buffers beside it, and wait for the upload.
+
+    Raises:
+        CodecError, StorageError: the model cannot be had, or the upload failed.
+    """
+    counted = rt.shared.counters.snapshot()
+    models = _models(rt, req.run)
+    model = models.resolve(req.global_model)
+    checkpoint = models.publish(model, req.path, req.global_model.round)
+    sent, received = rt.shared.counters.since(counted)
+    return PublishGlobalResult(checkpoint=checkpoint, sent_bytes=sent, received_bytes=received)
+
+
+@protocol_task("release_run")
+def release_run(
+    rt: WorkerRuntime, req: ReleaseRunRequest, ref: WorkloadRef | None
+) -> ReleaseRunResult:
+    """Delete this worker's state of a run that ended (its background uploads finish
+    first)."""
+    background_uploads().wait_idle(timeout_s=rt.settings.call_timeout_s)
+    return ReleaseRunResult(freed_bytes=_models(rt, req.run).release())
+
+
+def verify(
+    store: Store, rel: str, *, layout_hash: str | None = None, values_digest: str | None = None
+) -> None:
+    """Read a pack on ``store`` once, checking its digest and finite values.
+
+    Raises:
+        CodecError: the pack is corrupt (naming it).
+    """
+    import torch
+
+    block = torch.empty(1 << 18, dtype=torch.float32)
+    with store.pack_reader(
+        rel, check_finite=True, layout_hash=layout_hash, values_digest=values_digest
+    ) as reader:
+        while reader.remaining:
+            reader.read_into(block)
 
 
 @protocol_task("verify_pack")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from fleet.errors import RequestValidationError
+from fleet.model_packs import state_from_pack
 from fleet.protocol import (
     ApplySingleRootEmaRequest,
     MergeCandidateModelsRequest,
@@ -18,7 +19,6 @@ from fleet.protocol import (
 from fleet.runtime import HeldModel, WorkerRuntime
 from fleet.storage import PackRef
 from fleet.tasks.base import protocol_task
-from fleet.tasks.models import state_from_pack
 
 
 def _as_json(value: Any) -> Any:

@@ -55,12 +55,11 @@ from torch import nn
 from fleet import progress
 from fleet.data.batches import shard_paths_of
 from fleet.errors import DeadlineExceeded, WorkloadDataError
-from fleet.torch_state import save_torch
+from fleet.torch_state import INNER_STATE_ENCODING, load_inner_state, save_inner_state
 from fleet.workloads.merge_hooks import MergeHooks
 
-#: ``inner_optimizer_state_encoding`` of the file TorchWorkload writes:
-#: ``torch.save({"optimizer": state_dict, "scheduler": state_dict | None})``.
-WORKLOAD_STATE_ENCODING = "fleet-torch-workload-state-v1"
+#: ``inner_optimizer_state_encoding`` of the file TorchWorkload writes (fleet's own).
+WORKLOAD_STATE_ENCODING = INNER_STATE_ENCODING
 
 #: Steps the capability probe times (after one untimed warm-up step).
 PROBE_STEPS = 5
@@ -319,13 +318,7 @@ class TorchWorkload(MergeHooks):
             metrics |= {"loss": losses[-1], "mean_loss": sum(losses) / len(losses)}
         out: dict[str, Any] = {"steps_completed": steps, "metrics": metrics}
         if opt_path:
-            save_torch(
-                {
-                    "optimizer": state["optimizer"].state_dict(),
-                    "scheduler": state["scheduler"].state_dict() if "scheduler" in state else None,
-                },
-                Path(opt_path),
-            )
+            save_inner_state(state["optimizer"], state.get("scheduler"), Path(opt_path))
             out["inner_optimizer_state_path"] = str(opt_path)
             out["inner_optimizer_state_encoding"] = WORKLOAD_STATE_ENCODING
         return out
@@ -424,14 +417,9 @@ class TorchWorkload(MergeHooks):
             pass
 
     def _load_state(self, state: dict[str, Any], path: Path) -> None:
-        saved = torch.load(path, map_location=_device_of(state["model"]), weights_only=True)
-        if not isinstance(saved, dict) or "optimizer" not in saved:
-            # a plain optimizer state dict (fleet's own loop, an earlier encoding)
-            state["optimizer"].load_state_dict(saved)
-            return
-        state["optimizer"].load_state_dict(saved["optimizer"])
-        if saved.get("scheduler") is not None and "scheduler" in state:
-            state["scheduler"].load_state_dict(saved["scheduler"])
+        load_inner_state(
+            state["optimizer"], state.get("scheduler"), path, _device_of(state["model"])
+        )
 
 
 def _take(items: Iterable[Any], n: int) -> Iterator[Any]:
