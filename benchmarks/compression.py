@@ -4,12 +4,13 @@
 
 Starts a private redis-server and one CPU worker per replica (one torch thread each)
 and runs DiLoCo on the charlm example (byte-level transformer on the stdlib sources)
-once per exchange: ``fp32`` (the replicas' parameters, exactly), ``fp16``, ``bf16`` and
-``int8`` pseudo-gradients, the lossy ones with and without error feedback. Every run
-has the same seeds, data order and placement (each replica keeps its worker), so the
-runs differ by the codec alone. Prints, per run: the final eval loss, its difference
-from fp32's, and the bytes of the merged replicas' packs per round (what the outer
-step read), with the ratio to fp32's.
+once per codec of the pseudo-gradients: ``fp32`` (exact), ``fp16``, ``bf16`` and ``int8``,
+the lossy ones with and without error feedback. Every run has the same seeds, data
+order and placement (each replica keeps its worker), so the runs differ by the codec
+alone. Prints, per run: the final eval loss with its standard error, its difference
+from fp32's, and the bytes each replica uploaded per round (its worker's store counted
+them: the pseudo-gradient, its manifest and its result record), with the ratio to
+fp32's.
 
 Target (issue 16): int8 with error feedback within 1 % of fp32's eval loss at 0.25-0.3x
 the bytes.
@@ -72,7 +73,7 @@ def main() -> None:
                 final = rounds[-1].eval
                 assert final is not None and final.loss is not None
                 stderr = float(final.metrics.get("loss_stderr", 0.0))
-                nbytes = statistics.mean(r.exchange_bytes for r in rounds)
+                nbytes = statistics.mean(o.sent_bytes for r in rounds for o in r.merged)
                 results.append((codec, feedback, final.loss, stderr, nbytes))
                 print(f"  {codec} ef={feedback}: loss {final.loss:.4f} ± {stderr:.4f}", flush=True)
             fleet.close()
@@ -85,7 +86,7 @@ def main() -> None:
     )
     print(
         f"{'codec':>6}{'error fb':>10}{'eval loss':>11}{'± s.e.':>8}{'vs fp32':>9}"
-        f"{'MB/round':>10}{'bytes':>8}"
+        f"{'MB up':>10}{'bytes':>8}"
     )
     base_loss, base_bytes = results[0][2], results[0][4]
     for codec, feedback, loss, stderr, nbytes in results:

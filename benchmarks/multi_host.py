@@ -1,6 +1,6 @@
 """DiLoCo across hosts: what a round exchanges and what the exchange costs, per link rate.
 
-    sudo python benchmarks/multi_host.py [--models charlm,25M] [--rates 1000,100,20]
+    sudo python benchmarks/multi_host.py [--models charlm,25M,100M] [--rates 1000,100,20]
                                          [--roots s3,local] [--rounds 3]
 
 Hosts are Linux namespaces (tests/hosts.py): a storage host with Redis and a real S3
@@ -9,17 +9,23 @@ limited to the rate with tbf (no netem on this kernel: bandwidth only, no added 
 The orchestrator is this process. For each model, shared root and rate, one DiLoCo job
 (2 replicas, the charlm microshard dataset, no eval) and, per round:
 
-- bytes sent and received on each worker host's link (its ``eth0`` counters);
-- exchange time: round wall minus the slowest replica's inner loop (its compute);
-- overhead = (round wall - slowest inner loop) / round wall.
+- bytes sent and received on each worker host's link (its ``eth0`` counters: what the
+  wire carried, TCP and HTTP headers included), and per parameter: the busiest host's
+  (sent + received) / P, the figure DiLoCo's exchange is judged by;
+- the same as the workers' stores counted it (the round record's ``bytes_per_parameter``);
+- exchange time: round wall minus the slowest replica's inner steps (its compute);
+- overhead = (round wall - slowest inner steps) / round wall, and the H at which that
+  exchange would be 10 % of the round (``9 * exchange / seconds per inner step``);
+- the workers' peak resident memory (``getrusage`` in the process that trains).
 
 Roots: ``s3`` (``s3://bucket/...`` on the storage host: packs, momentum, optimizer
 states and shards cross the links) against ``local`` (a directory both hosts see, as a
 local disk or an NFS mount with no network cost: only Redis crosses the links). Models:
-``charlm`` (fleet.examples.charlm's default size) and ``25M`` (charlm at d_model 512,
-8 layers: about 25M parameters, 100 MB packs). Round 0 (the first fetch of the dataset
-and of the initial pack) is left out of the medians; each job starts with empty worker
-caches.
+``charlm`` (fleet.examples.charlm's default size), ``25M`` (charlm at d_model 512, 8
+layers: about 25M parameters, 100 MB packs) and ``100M`` (d_model 768, 14 layers: about
+100M parameters, GPT-2-small's size without its vocabulary). Round 0 (the first fetch
+of the dataset and of the initial model) is left out of the medians; each job starts
+with empty worker caches.
 """
 
 from __future__ import annotations
@@ -56,6 +62,11 @@ MODELS: dict[str, tuple[dict[str, Any], int]] = {
         {"d_model": 512, "n_layers": 8, "n_heads": 8, "batch_size": 4, "max_corpus_mb": 4},
         6,
     ),
+    "100M": (
+        {"d_model": 768, "n_layers": 14, "n_heads": 12, "context": 64, "batch_size": 2,
+         "max_corpus_mb": 4},
+        2,
+    ),
 }
 
 
@@ -84,6 +95,12 @@ def _run_job(
         now = {h.name: h.counters() for h in hosts}
         merged = record.merged
         slowest = max(r.compute_s for r in merged)
+        per_step = max(r.compute_s / max(r.steps_completed or 1, 1) for r in merged)
+        moved = {
+            name: (now[name][0] - counters[name][0], now[name][1] - counters[name][1])
+            for name in now
+        }
+        params = record.parameter_count
         per_round.append(
             {
                 "round": record.round,
@@ -91,11 +108,12 @@ def _run_job(
                 "slowest_inner_s": slowest,
                 "exchange_s": record.wall_s - slowest,
                 "overhead": (record.wall_s - slowest) / record.wall_s,
-                "bytes": {
-                    name: (now[name][0] - counters[name][0], now[name][1] - counters[name][1])
-                    for name in now
-                },
-                "pack_bytes": 4 * (record.global_pack.parameter_count or 0),
+                "h_for_10pct": 9 * (record.wall_s - slowest) / per_step,
+                "bytes": moved,
+                "link_bytes_per_param": max(sum(v) for v in moved.values()) / params,
+                "store_bytes_per_param": record.bytes_per_parameter or 0.0,
+                "peak_rss_mb": max(r.peak_rss_bytes for r in merged) / 1e6,
+                "parameters": params,
             }
         )
         counters.update(now)
@@ -110,6 +128,7 @@ def _run_job(
             inner_steps=steps,
             eval_every=0,
             dataset=DatasetConfig(path="data/charlm", microshards_per_lease=2),
+            replica_call_timeout_s=1800,
         )
         job = DiLoCoRun.start(fleet, cfg, on_round=on_round).run()
         if job.status != "completed":
@@ -142,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default="charlm,25M")
+    parser.add_argument("--models", default="charlm,25M,100M")
     parser.add_argument("--rates", default="1000,100,20", help="link rates, Mbit/s")
     parser.add_argument("--roots", default="s3,local")
     parser.add_argument("--rounds", type=int, default=3)
@@ -169,9 +188,9 @@ def main() -> None:
             flush=True,
         )
         header = (
-            f"{'model':>7} {'params':>7} {'root':>5} {'link':>9} {'round s':>8} "
-            f"{'inner s':>8} {'exch s':>7} {'overhead':>8} {'w1 tx/rx MB':>12} "
-            f"{'w2 tx/rx MB':>12} {'pack MB':>8}"
+            f"{'model':>6} {'params':>7} {'root':>5} {'link':>9} {'round s':>8} "
+            f"{'inner s':>8} {'exch s':>7} {'overhead':>8} {'H@10%':>6} {'w1 tx/rx MB':>12} "
+            f"{'w2 tx/rx MB':>12} {'B/param':>7} {'store B/p':>9} {'RSS MB':>7}"
         )
         print(header, flush=True)
         for model in args.models.split(","):
@@ -194,10 +213,11 @@ def main() -> None:
                             host.run("rm", "-rf", str(host.local_dir / "cache"))
                         rounds = _run_job(settings, workers, model, args.rounds)
                         later = rounds[1:] or rounds
-                        med = {
-                            k: statistics.median(r[k] for r in later)
-                            for k in ("wall_s", "slowest_inner_s", "exchange_s", "overhead")
-                        }
+                        keys = (
+                            "wall_s", "slowest_inner_s", "exchange_s", "overhead",
+                            "h_for_10pct", "link_bytes_per_param", "store_bytes_per_param",
+                        )  # fmt: skip
+                        med = {k: statistics.median(r[k] for r in later) for k in keys}
                         mb = {
                             h.name: tuple(
                                 statistics.median(r["bytes"][h.name][i] for r in later) / 1e6
@@ -205,25 +225,26 @@ def main() -> None:
                             )
                             for h in workers
                         }
-                        pack_mb = rounds[0]["pack_bytes"] / 1e6
                         row = {
                             "model": model,
-                            "parameters": rounds[0]["pack_bytes"] // 4,
+                            "parameters": rounds[0]["parameters"],
                             "root": root_kind,
                             "link_mbit": rate,
                             **med,
                             "mb_per_round": mb,
-                            "pack_mb": pack_mb,
+                            "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
                             "rounds": rounds,
                         }
                         rows.append(row)
                         print(
-                            f"{model:>7} {row['parameters'] / 1e6:>6.1f}M {root_kind:>5} "
+                            f"{model:>6} {row['parameters'] / 1e6:>6.1f}M {root_kind:>5} "
                             f"{rate:>5.0f} Mb/s {med['wall_s']:>8.2f} "
                             f"{med['slowest_inner_s']:>8.2f} {med['exchange_s']:>7.2f} "
-                            f"{100 * med['overhead']:>7.1f}% "
+                            f"{100 * med['overhead']:>7.1f}% {med['h_for_10pct']:>6.0f} "
                             f"{mb['w1'][0]:>5.1f}/{mb['w1'][1]:<6.1f} "
-                            f"{mb['w2'][0]:>5.1f}/{mb['w2'][1]:<6.1f} {pack_mb:>8.1f}",
+                            f"{mb['w2'][0]:>5.1f}/{mb['w2'][1]:<6.1f} "
+                            f"{med['link_bytes_per_param']:>7.2f} "
+                            f"{med['store_bytes_per_param']:>9.2f} {row['peak_rss_mb']:>7.0f}",
                             flush=True,
                         )
                 finally:

@@ -13,10 +13,10 @@ global pack and the momentum). For every (P, N), interleaved:
   plus writing 2 x P x 4 bytes and fsyncing, as plain file I/O;
 - in-memory: the previous orchestrator-side merge (every replica read whole, then the
   average and the step on whole vectors, then both packs written);
-- s3 (with ``--s3``): the same streamed outer step with the packs in a bucket of a
-  local SeaweedFS (``s3://``; ranged reads of 1 MiB per pack, the outputs staged
-  locally and uploaded manifest last), as a worker with an object-store shared root
-  runs it; its throughput is against the local stream.
+- s3 (with ``--s3``): the replica packs in a bucket of a local SeaweedFS (``s3://``),
+  fetched into a worker cache (verified by digest) and then stepped from local disk,
+  as a worker with an object-store shared root applies a round's outer step; its
+  throughput is against the local stream.
 
 Each runs in a fresh subprocess, whose peak RSS increase (``resource.getrusage``, over
 the process before the work) is reported. Targets: stream throughput >= 0.5x raw;
@@ -53,6 +53,8 @@ mode, d, n, chunk = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.ar
 if mode == "s3":
     from fleet.storage.cache import WorkerCache
     from fleet.storage.object_store import ObjectStore
+    import shutil
+    shutil.rmtree(d / "cache", ignore_errors=True)  # cold: every repeat fetches the packs
     store = ObjectStore(sys.argv[5], json.loads(sys.argv[6]), WorkerCache(d / "cache", 1 << 40))
     store.fs  # the client made before the measurement, as in a worker
 def rss():
@@ -65,11 +67,13 @@ if mode == "stream":
                       {"momentum": PackInput(files[-1])}, NESTEROV, "WeightedMean",
                       d / "out-g", {"momentum": d / "out-m"}, chunk_bytes=chunk)
 elif mode == "s3":
-    names = ["global", *(f"r{i}" for i in range(n)), "momentum"]
-    with store.output("out-g") as og, store.output("out-m") as om:
-        stream_outer_step(PackInput(names[0]), [PackInput(x) for x in names[1:-1]], [1.0] * n,
-                          {"momentum": PackInput(names[-1])}, NESTEROV, "WeightedMean", og,
-                          {"momentum": om}, chunk_bytes=chunk, store=store)
+    # as a worker steps the global model: the pseudo-gradients fetched (verified) into its
+    # cache, then streamed from local disk; it holds the global model and momentum already
+    names = [f"r{i}" for i in range(n)]
+    local = [store.local_pack(x) for x in names]
+    stream_outer_step(PackInput(files[0]), [PackInput(x) for x in local], [1.0] * n,
+                      {"momentum": PackInput(files[-1])}, NESTEROV, "WeightedMean",
+                      d / "out-g", {"momentum": d / "out-m"}, chunk_bytes=chunk)
 elif mode == "memory":
     manifest, theta = read_pack(files[0], verify=True)
     replicas = [read_pack(f, verify=True)[1] for f in files[1:-1]]

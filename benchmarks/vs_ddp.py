@@ -4,7 +4,6 @@ worker alone: on one box, then across two hosts over slow links, in one run.
     python benchmarks/vs_ddp.py [--rounds 4] [--inner-steps 100] [--repeats 3]
         [--inner-lr 0.004] [--outer averaging|nesterov]
     sudo python benchmarks/vs_ddp.py --links 100,20 [--link-rounds 16] [--link-repeats 3]
-        [--overlap]
 
 The same workload (the charlm example: byte-level transformer on the stdlib sources),
 model, initialisation and per-step batch for all three:
@@ -30,8 +29,8 @@ needs root): two worker hosts and a storage host (Redis and a SeaweedFS S3 serve
 shared root), every host's link limited to the rate with tbf (this kernel has no netem:
 bandwidth only, no added delay). DDP runs one rank on each worker host, all-reducing
 over the link; DiLoCo runs one worker on each, exchanging int8 pseudo-gradients (the
-default) and global packs through the S3 root, for ``--link-rounds`` rounds (and with
-``--overlap``, overlapped rounds as well: fleet diloco --overlap). Prints,
+default) through the S3 root (each worker applies the outer step itself), for
+``--link-rounds`` rounds. Prints,
 per rate, the seconds each took to reach DDP's one-box final loss and the MB each
 worker host sent.
 
@@ -70,8 +69,6 @@ from fleet.registry import Registry  # noqa: E402
 from fleet.settings import FleetSettings  # noqa: E402
 
 WORKLOAD = "fleet.examples.charlm:make"
-#: The name of ``--overlap``'s run over links: DiLoCo with overlapped rounds.
-OVERLAPPED = "DiLoCo+overlap"
 #: 8,192 windows of 64 bytes (the validation split holds ~11,000 apart): a standard
 #: error of ~0.25 % of the loss at this model's ~2.1 nats/byte.
 CHARLM = {"d_model": 64, "n_layers": 2, "n_heads": 4, "context": 64, "batch_size": 16,
@@ -156,13 +153,11 @@ def diloco(
     inner_steps: int,
     config: dict[str, Any],
     outer: str,
-    overlap: bool = False,
 ) -> tuple[Curve, float]:
     """A DiLoCo run's curve, and the seconds of its rounds' slowest inner loops (its
     compute; the rest of its training seconds is the fleet's per-round cost). A round's
     point is at the seconds from round 0's launch to its evaluation, less the seconds
-    of the evaluations so far (an overlapped run's rounds overlap: their walls do not
-    add up)."""
+    of the evaluations so far."""
     run = DiLoCoRun.start(
         fleet,
         DiLoCoConfig(
@@ -172,7 +167,6 @@ def diloco(
             rounds=rounds,
             inner_steps=inner_steps,
             outer=OUTER[outer],
-            overlap=overlap,
         ),
     )
     job = run.run()
@@ -346,9 +340,8 @@ def over_links(
         warm_up(fleet, [p.name for p in procs], config)
 
         def diloco_over_link(rate: float, name: str) -> Curve:
-            overlap = name != "DiLoCo"
             h, outer = args.inner_steps, args.outer
-            curve, inner = diloco(fleet, args.link_rounds, h, config, outer, overlap)
+            curve, inner = diloco(fleet, args.link_rounds, h, config, outer)
             inner_s.setdefault((rate, name), []).append(inner)
             return curve
 
@@ -389,7 +382,7 @@ def over_links(
         for rate in args.links:
             for h in [storage, *hosts]:
                 h.limit(rate)
-            names = ["DiLoCo", OVERLAPPED] if args.overlap else ["DiLoCo"]
+            names = ["DiLoCo"]
             runs: dict[str, list[tuple[Curve, Bytes]]] = {"DDP": [], **{n: [] for n in names}}
             for repeat in range(args.link_repeats):
                 port = 29600 + len(results) * 10 + repeat
@@ -471,9 +464,6 @@ def main() -> None:
     )
     parser.add_argument("--link-rounds", type=int, default=16, help="DiLoCo's rounds over links")
     parser.add_argument("--link-repeats", type=int, default=3)
-    parser.add_argument(
-        "--overlap", action="store_true", help="over links, DiLoCo with --overlap as well"
-    )
     # one DDP rank on a host of the slow-link run (this script runs itself there)
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--master", default="", help=argparse.SUPPRESS)
