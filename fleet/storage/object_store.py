@@ -79,6 +79,32 @@ def _mtime(info: dict[str, Any]) -> float:
     return 0.0
 
 
+#: Keyword arguments of an s3fs file system that it passes on to its aiobotocore session.
+_SESSION_ARGS = ("session_vars", "event_hooks", "include_builtin_handlers", "profile")
+
+
+def _is_s3fs(cls: type) -> bool:
+    return any(
+        c.__name__ == "S3FileSystem" and c.__module__.startswith("s3fs.") for c in cls.__mro__
+    )
+
+
+def _s3fs_options(options: dict[str, Any], counters: TransferCounters) -> dict[str, Any]:
+    """``options`` for s3fs, with a session whose clients count every HTTP request they
+    send into ``counters`` (botocore's ``before-send`` event: once per try)."""
+    from aiobotocore.session import AioSession  # type: ignore[import-untyped]
+
+    if options.get("session") is None:
+        session_args = {k: options.pop(k) for k in _SESSION_ARGS if k in options}
+        options["session"] = AioSession(**session_args)
+
+    def sent(**_: Any) -> None:  # a before-send handler returns None: the request goes out
+        counters.request()
+
+    options["session"].register("before-send.s3", sent)
+    return options
+
+
 class ObjectStore(Store):
     """A shared root at an fsspec URL, read through a worker cache (see the module
     docstring).
@@ -119,7 +145,10 @@ class ObjectStore(Store):
                 scheme = self.url.split("://", 1)[0]
                 try:
                     cls = fsspec.get_filesystem_class(scheme)
-                    self._fs = cls(skip_instance_cache=True, **self.storage_options)
+                    options = dict(self.storage_options)
+                    if _is_s3fs(cls):
+                        options = _s3fs_options(options, self.counters)
+                    self._fs = cls(skip_instance_cache=True, **options)
                 except (ImportError, ValueError, TypeError) as exc:
                     hint = " (pip install 'fleet-diloco[s3]')" if scheme in ("s3", "s3a") else ""
                     raise StorageError(
