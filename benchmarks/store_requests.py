@@ -105,11 +105,14 @@ def measure(s3: SeaweedS3, parameters: int, work: Path) -> list[dict[str, Any]]:
     row("fetch a pack into the cache (PackRef)", lambda st: st.local_pack(ref.path, ref))
     row("fetch a pack into the cache (path)", lambda st: st.local_pack(ref.path))
 
-    def stream(store: ObjectStore) -> None:
+    def stream(store: ObjectStore) -> None:  # as the outer step reads: 1 MiB at a time
+        chunk = torch.empty(1 << 18)
         with store.pack_reader(
             ref.path, block_size=1 << 20, values_digest=ref.values_digest
         ) as reader:
-            reader.read_into(torch.empty(parameters))
+            while reader.remaining:
+                reader.read_into(chunk)
+            reader.finish()
 
     row("stream a pack (outer step, 1 MiB reads)", stream)
     row("fetch a file into the cache", lambda st: st.local_file(f"{ROUND}/opt-1-a0.pt"))
@@ -130,9 +133,28 @@ def measure(s3: SeaweedS3, parameters: int, work: Path) -> list[dict[str, Any]]:
         present = [rel for rel in garbage if store.exists(rel)]
         assert len(present) == 7, present
         store.remove(garbage)
-        assert not store.walk(ROUND)
 
+    def round_dir() -> None:  # what the GC finds there: 10 objects
+        publish(setup, f"{ROUND}/global")
+        for i in (0, 1):
+            publish(setup, f"{ROUND}/replica-{i}-a0")
+            publish_file(setup, f"{ROUND}/opt-{i}-a0.pt")
+            setup.write_bytes(f"{ROUND}/replica-{i}-a0.result.json", b"{}")
+        assert len(setup.walk(ROUND)) == 10
+
+    round_dir()
     row(f"GC a round directory ({len(garbage)} paths, 7 present)", gc)
+    assert not setup.walk(ROUND), "the GC left files behind"
+    if hasattr(setup, "existing"):  # the batched check (Store.existing)
+        round_dir()
+
+        def gc_batched(store: ObjectStore) -> None:
+            present = store.existing(garbage)
+            assert len(present) == 7, present
+            store.remove(garbage)
+
+        row("  the same, existence checked with Store.existing", gc_batched)
+        assert not setup.walk(ROUND), "the GC left files behind"
     return rows
 
 

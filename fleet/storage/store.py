@@ -170,6 +170,17 @@ class Store(ABC):
     def exists(self, rel: str) -> bool:
         """True if a file or a non-empty directory is at ``rel``."""
 
+    def existing(self, rels: list[str]) -> list[str]:
+        """Those of ``rels`` at which a file or a non-empty directory is, in order and
+        root-relative; an object store asks once per directory the paths are in, not
+        once per path.
+
+        Raises:
+            PathOutsideRootError: a path outside the root.
+            StorageError: the store failed.
+        """
+        return [rel for rel in (self.relative(r) for r in rels) if self.exists(rel)]
+
     @abstractmethod
     def read_bytes(self, rel: str) -> bytes:
         """The bytes of the file at ``rel``.
