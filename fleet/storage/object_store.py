@@ -19,6 +19,23 @@ fetched once, verified while fetched (a pack's values digest, a shard's content 
 reused while the digest matches. The outer step reads packs in ranged requests
 (:meth:`ObjectStore.pack_reader`) and never holds more than a block per pack.
 
+**Outages.** A store that goes away (restarted, its link down, overloaded: connection
+errors, timeouts, 5xx replies, ``SlowDown``) is weather, as Redis is (docs/design.md,
+decision 9). Each request is retried first by the client, botocore's standard retry
+mode (:data:`REQUEST_ATTEMPTS` tries with jittered exponential backoff; s3fs's own
+retry loop around it is set to one try, :data:`S3FS_TRIES`, so the two do not
+multiply); then the whole store operation is run again, with exponential backoff
+(:data:`RETRY_PAUSE_S`), for up to ``FLEET_STORE_RETRY_S`` seconds from its first
+failure, after which it raises :class:`~fleet.errors.StorageUnavailableError`. Whole
+operations, because a store that was down for a minute is beyond any per-request
+retry, and because only a whole operation is safe to repeat: a pack's upload starts
+again from the deletion of its old manifest and ends with the new one (a reader never
+finds a manifest over partial values), a pack's fetch again from its manifest, every
+byte hashed again against its digest. A streamed read (the outer step's) retries each
+ranged GET on its own: the same bytes from the same offset, and the digest is checked
+over the whole stream. Each process logs one line when a store's outage starts and
+one when it ends.
+
 Every request costs a round trip to the store, so none is sent that the store can do
 without (the counts per operation are in ``benchmarks/store_requests.py``): a pack's
 data objects are read with ranged GETs of the sizes its manifest gives (no HEAD
@@ -31,15 +48,18 @@ new one's upload; a published file's version (its ETag) comes from its upload's 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import xxhash
 
@@ -54,6 +74,7 @@ from fleet.errors import (
     ShardMissingError,
     StorageError,
     StorageIOError,
+    StorageUnavailableError,
     ValuesLengthError,
 )
 from fleet.storage.cache import WorkerCache
@@ -63,6 +84,33 @@ from fleet.storage.store import COMMIT_FILES, CountedReader, Entry, Store, Trans
 if TYPE_CHECKING:
     from fleet.codec.pack import PackReader
     from fleet.codec.pseudo_gradient import PseudoGradientReader
+
+log = logging.getLogger("fleet.storage")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Tries of one S3 request by botocore's "standard" retry mode (connection errors,
+#: timeouts, 5xx replies, throttling such as SlowDown; jittered exponential backoff)
+#: before its failure reaches the store, which runs the whole operation again.
+REQUEST_ATTEMPTS = 3
+#: Tries of s3fs's own retry loop around botocore's (1: none of its own).
+S3FS_TRIES = 1
+#: First and largest pause between two tries of a whole store operation, seconds.
+RETRY_PAUSE_S = (0.25, 4.0)
+#: S3 error codes that mean "try again later" (whatever the HTTP status).
+_BUSY_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "RequestTimeout",
+        "ServiceUnavailable",
+        "InternalError",
+    }
+)
 
 #: Bytes per read when fetching into the cache.
 FETCH_BLOCK_BYTES = 8 << 20
@@ -103,10 +151,15 @@ def _is_s3fs(cls: type) -> bool:
 
 
 def _s3fs_options(options: dict[str, Any], counters: TransferCounters) -> dict[str, Any]:
-    """``options`` for s3fs, with a session whose clients count every HTTP request they
-    send into ``counters`` (botocore's ``before-send`` event: once per try)."""
+    """``options`` for s3fs, with what fleet adds (the user's own settings win):
+    botocore's standard retry mode (:data:`REQUEST_ATTEMPTS` tries), and a session whose
+    clients count every HTTP request they send into ``counters`` (botocore's
+    ``before-send`` event: once per try)."""
     from aiobotocore.session import AioSession  # type: ignore[import-untyped]
 
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", {"mode": "standard", "max_attempts": REQUEST_ATTEMPTS})
+    options["config_kwargs"] = config
     if options.get("session") is None:
         session_args = {k: options.pop(k) for k in _SESSION_ARGS if k in options}
         options["session"] = AioSession(**session_args)
@@ -121,14 +174,135 @@ def _s3fs_options(options: dict[str, Any], counters: TransferCounters) -> dict[s
 def _responses(exc: BaseException) -> Iterator[dict[str, Any]]:
     """The botocore responses (``{"Error": ..., "ResponseMetadata": ...}``) carried by
     ``exc`` and the exceptions it was raised from (s3fs raises OSErrors from them)."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            yield response
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during."""
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        response = getattr(cur, "response", None)
-        if isinstance(response, dict):
-            yield response
+        yield cur
         cur = cur.__cause__ or cur.__context__
+
+
+def _transient_classes() -> tuple[type[BaseException], ...]:
+    """Exception classes of a store that is away for now: the built-in connection errors
+    and timeouts, botocore's connection and HTTP errors (refused, reset, timed out, a
+    reply cut short or unparseable), aiohttp's, http.client's."""
+    from http.client import HTTPException
+
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError, HTTPException]
+    try:
+        from botocore.exceptions import (  # type: ignore[import-untyped]
+            ConnectionError as BotoConnectionError,
+        )
+        from botocore.exceptions import HTTPClientError, ResponseParserError
+
+        found += [BotoConnectionError, HTTPClientError, ResponseParserError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        found += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def transient(exc: BaseException) -> bool:
+    """True if ``exc`` (or what it was raised from) says the store is away for now, so
+    the request may succeed when tried again: a connection refused, reset or timed out,
+    a reply cut short, HTTP 5xx or 429, or a throttling code such as ``SlowDown``. Not a
+    missing object, a refused credential or a bad request."""
+    classes = _transient_classes()
+    if any(isinstance(e, classes) for e in _chain(exc)):
+        return True
+    for response in _responses(exc):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = response.get("Error", {}).get("Code")
+        if (isinstance(status, int) and (status >= 500 or status == 429)) or code in _BUSY_CODES:
+            return True
+    return False
+
+
+def _cause(exc: BaseException) -> str:
+    """One line for the root of ``exc``: ``EndpointConnectionError: Could not ...``."""
+    root = exc
+    for e in _chain(exc):
+        root = e
+    text = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    return f"{type(root).__name__}: {text}"[:300] if text else type(root).__name__
+
+
+class _Outage:
+    """A process's view of one store's availability: it logs one line when an outage
+    starts and one when it ends (not one per retry)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.since: float | None = None
+        self._lock = threading.Lock()
+
+    def failed(self, cause: str, retry_s: float) -> None:
+        with self._lock:
+            if self.since is None:
+                self.since = time.monotonic()
+                log.warning(
+                    "store %s is unreachable (%s); retrying for up to %g s",
+                    self.url,
+                    cause,
+                    retry_s,
+                )
+
+    def recovered(self) -> None:
+        if self.since is None:  # no lock on the way of every request
+            return
+        with self._lock:
+            if self.since is not None:
+                log.warning(
+                    "store %s is back after %.1f s", self.url, time.monotonic() - self.since
+                )
+                self.since = None
+
+
+_OUTAGES: dict[str, _Outage] = {}
+_OUTAGES_LOCK = threading.Lock()
+
+
+def _outage_of(url: str) -> _Outage:
+    """The process's one view of the store at ``url``, shared by all its ObjectStores."""
+    with _OUTAGES_LOCK:
+        return _OUTAGES.setdefault(url, _Outage(url))
+
+
+#: Per thread: inside a store operation that is retried as a whole (a nested one is not
+#: retried on its own: the outer one runs again from its start).
+_IN_OPERATION = threading.local()
+
+
+def _retried(
+    what: str,
+) -> Callable[[Callable[Concatenate[ObjectStore, P], T]], Callable[Concatenate[ObjectStore, P], T]]:
+    """Make a method of :class:`ObjectStore` one store operation, run again as a whole
+    through an outage (:meth:`ObjectStore._retrying`)."""
+
+    def wrap(
+        method: Callable[Concatenate[ObjectStore, P], T],
+    ) -> Callable[Concatenate[ObjectStore, P], T]:
+        @functools.wraps(method)
+        def run(store: ObjectStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            operation = f"{what} {args[0]}" if args and isinstance(args[0], str) else what
+            return store._retrying(operation, lambda: method(store, *args, **kwargs))
+
+        return run
+
+    return wrap
 
 
 def _invalid_range(exc: BaseException) -> bool:
@@ -303,6 +477,12 @@ class ObjectStore(Store):
         storage_options: keyword arguments for the fsspec file system.
         cache: where reads are cached; required for :meth:`local_pack`,
             :meth:`local_file`, :meth:`local_shard` and :meth:`output`.
+        retry_s: seconds an operation keeps retrying through an outage of the store
+            (default: ``FleetSettings.store_retry_s``, ``FLEET_STORE_RETRY_S``).
+
+    Every operation that reaches the store raises
+    :class:`~fleet.errors.StorageUnavailableError` once it has failed for ``retry_s``
+    seconds on a store that is away (see the module docstring).
 
     Raises:
         StorageError: the file system is unknown or cannot be made.
@@ -311,12 +491,22 @@ class ObjectStore(Store):
     is_local = False
 
     def __init__(
-        self, url: str, storage_options: dict[str, Any] | None, cache: WorkerCache | None
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None,
+        cache: WorkerCache | None,
+        *,
+        retry_s: float | None = None,
     ) -> None:
+        from fleet.settings import FleetSettings
+
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.cache = cache
+        default = FleetSettings.model_fields["store_retry_s"].default
+        self.retry_s = float(default if retry_s is None else retry_s)
         self.counters = TransferCounters()
+        self._outage = _outage_of(self.url)
         self._fs: Any = None
         self._pid = -1
         self._lock = threading.Lock()
@@ -340,6 +530,8 @@ class ObjectStore(Store):
                     if _is_s3fs(cls):
                         options = _s3fs_options(options, self.counters)
                     self._fs = cls(skip_instance_cache=True, **options)
+                    if _is_s3fs(cls):
+                        self._fs.retries = S3FS_TRIES
                 except (ImportError, ValueError, TypeError) as exc:
                     hint = " (pip install 'fleet-diloco[s3]')" if scheme in ("s3", "s3a") else ""
                     raise StorageError(
@@ -371,18 +563,65 @@ class ObjectStore(Store):
         return rel
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, a call of the file system.
+
+        Raises:
+            FileNotFoundError: as the file system raised it.
+            StorageUnavailableError: the store is away for now (:func:`transient`).
+            StorageIOError: it failed otherwise.
+        """
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except FileNotFoundError:
             raise
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise StorageIOError(f"{self.url} ({what})", type(exc).__name__, str(exc)) from exc
+        except Exception as exc:
+            if transient(exc):
+                raise StorageUnavailableError(self.url, what, _cause(exc), 0.0) from exc
+            if isinstance(exc, OSError | RuntimeError | ValueError):
+                where = f"{self.url} ({what})"
+                raise StorageIOError(where, type(exc).__name__, str(exc)) from exc
+            raise
+        self._outage.recovered()
+        return result
+
+    def _retrying(self, operation: str, run: Callable[[], T]) -> T:
+        """``run()``, one store operation, run again from its start while it fails with
+        :class:`StorageUnavailableError`, with exponential backoff
+        (:data:`RETRY_PAUSE_S`), for up to :attr:`retry_s` seconds from its first
+        failure; inside another operation, once (the outer one is retried).
+
+        Raises:
+            StorageUnavailableError: still failing after :attr:`retry_s` seconds.
+        """
+        if getattr(_IN_OPERATION, "active", False):
+            return run()
+        _IN_OPERATION.active = True
+        try:
+            first_failure: float | None = None
+            pause_s = RETRY_PAUSE_S[0]
+            while True:
+                try:
+                    return run()
+                except StorageUnavailableError as exc:
+                    now = time.monotonic()
+                    first_failure = now if first_failure is None else first_failure
+                    self._outage.failed(exc.cause, self.retry_s)
+                    left_s = self.retry_s - (now - first_failure)
+                    if left_s <= 0:
+                        raise StorageUnavailableError(
+                            self.url, operation, exc.cause, self.retry_s
+                        ) from exc
+                    time.sleep(min(pause_s, left_s))
+                    pause_s = min(2 * pause_s, RETRY_PAUSE_S[1])
+        finally:
+            _IN_OPERATION.active = False
 
     # ------------------------------------------------------------------ reads
 
     def exists(self, rel: str) -> bool:
         return bool(self.existing([rel]))
 
+    @_retried("exists")
     def existing(self, rels: list[str]) -> list[str]:
         """As :meth:`Store.existing`: on s3, one listing per directory the paths are in."""
         rels = [self.relative(rel) for rel in rels]
@@ -437,6 +676,7 @@ class ObjectStore(Store):
         except FileNotFoundError:
             return {}
 
+    @_retried("read")
     def read_bytes(self, rel: str) -> bytes:
         # s3fs would send a HEAD first, to pick concurrent ranged GETs for a large object
         kwargs = {"max_concurrency": 1} if self._s3 else {}
@@ -445,6 +685,7 @@ class ObjectStore(Store):
         self.counters.received(len(data))
         return data
 
+    @_retried("read")
     def _get_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes ``start`` to ``end`` (exclusive) of the object ``rel``, fewer where it ends
         first: one GET.
@@ -465,6 +706,7 @@ class ObjectStore(Store):
         is_dir = info.get("type") == "directory"
         return Entry(rel, 0 if is_dir else int(info.get("size") or 0), _mtime(info), is_dir)
 
+    @_retried("list")
     def listdir(self, rel: str) -> list[Entry]:
         key = self.key(self.relative(rel) if rel else "")
         if self._s3:
@@ -478,6 +720,7 @@ class ObjectStore(Store):
         entries = [self._entry(i) for i in infos if str(i["name"]).rstrip("/") != key]
         return sorted(entries, key=lambda e: e.path)
 
+    @_retried("walk")
     def walk(self, rel: str = "") -> list[Entry]:
         key = self.key(self.relative(rel) if rel else "")
         if self._s3:
@@ -495,6 +738,7 @@ class ObjectStore(Store):
         ]
         return sorted(entries, key=lambda e: e.path)
 
+    @_retried("open")
     def open_read(self, rel: str, *, block_size: int = 1 << 22) -> IO[bytes]:
         key = self.key(self.relative(rel))
         opened = self._call(
@@ -502,6 +746,7 @@ class ObjectStore(Store):
         )
         return CountedReader(opened, self.counters)  # type: ignore[return-value]
 
+    @_retried("fetch pack")
     def local_pack(self, rel: str, ref: PackRef | None = None) -> Path:
         """A verified local copy of the pack at ``rel``, of any format (the codec says
         which files it holds and how their digests make its ``values_digest``:
@@ -569,6 +814,7 @@ class ObjectStore(Store):
             raise ValuesLengthError(f"{self.url}/{rel}", nbytes, got)
         return hasher.digest()
 
+    @_retried("open pack")
     def pack_reader(
         self,
         rel: str,
@@ -604,6 +850,7 @@ class ObjectStore(Store):
             values_digest=values_digest,
         )
 
+    @_retried("info")
     def _info(self, rel: str) -> dict[str, Any]:
         key = self.key(self.relative(rel))
         self.fs.invalidate_cache(key)
@@ -622,6 +869,7 @@ class ObjectStore(Store):
         version = info.get("ETag") or f"{info.get('size')}-{_mtime(info)}"
         return hashlib.sha256(f"{rel}\0{version}".encode()).hexdigest()[:40]
 
+    @_retried("fetch")
     def local_file(self, rel: str) -> Path:
         rel = self.relative(rel)
         cache = self._need_cache()
@@ -636,6 +884,7 @@ class ObjectStore(Store):
             self.counters.received((entry / name).stat().st_size)
             return cache.admit("files", key, entry) / name
 
+    @_retried("fetch shard")
     def local_shard(
         self, rel: str, content_hash: str | None, *, dataset: str, shard_id: str
     ) -> Path:
@@ -703,6 +952,7 @@ class ObjectStore(Store):
                 info = reply if reply.get("ETag") else self._info(rel)
                 cache.admit("files", self._file_key(rel, info), entry)
 
+    @_retried("upload")
     def upload(self, local: Path, rel: str) -> dict[str, Any]:
         """Upload a local file or directory tree to ``rel``: data objects first (all at
         once), then the commit files (:data:`~fleet.storage.store.COMMIT_FILES`), after
@@ -737,10 +987,12 @@ class ObjectStore(Store):
             self.counters.sent(sum(p.stat().st_size for p in batch))
         return {}
 
+    @_retried("write")
     def write_bytes(self, rel: str, data: bytes) -> None:
         self._call("write", self.fs.pipe_file, self.key(self.relative(rel)), data)
         self.counters.sent(len(data))
 
+    @_retried("remove")
     def remove(self, rels: list[str]) -> int:
         """As :meth:`Store.remove`; on s3, one listing per directory the paths are in and
         one request per 1,000 objects deleted."""
@@ -768,6 +1020,7 @@ class ObjectStore(Store):
             return None
         return self._entry(info)
 
+    @_retried("list uploads")
     def stale_uploads(self, min_age_s: float) -> list[str]:
         import time
 
@@ -784,6 +1037,7 @@ class ObjectStore(Store):
                 out.append(f"{key}\0{upload['UploadId']}")
         return out
 
+    @_retried("abort uploads")
     def abort_uploads(self, ids: list[str]) -> int:
         bucket = self.root.partition("/")[0]
         for item in ids:
