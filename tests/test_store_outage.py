@@ -208,6 +208,48 @@ def test_a_store_down_past_its_retry_budget_fails_typed_naming_the_store(up, tmp
     assert _outage_lines(caplog.records, root) == (1, 0)  # one line for the whole outage
 
 
+def test_what_is_retried_is_what_a_store_away_for_now_answers():
+    """The failures the store retries (:func:`~fleet.storage.object_store.transient`), as
+    s3fs raises them from botocore's errors: a connection refused or timed out, a 5xx
+    reply, throttling (``SlowDown`` on a 503, AWS's ``Throttling`` on a 400); and those
+    it does not: a missing key, a refused credential, a bad range."""
+    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError
+    from s3fs.errors import translate_boto_error
+
+    from fleet.storage.object_store import transient
+
+    def reply(code: str, status: int) -> BaseException:
+        error = ClientError(
+            {
+                "Error": {"Code": code, "Message": code},
+                "ResponseMetadata": {"HTTPStatusCode": status},
+            },
+            "GetObject",
+        )
+        return translate_boto_error(error)  # what s3fs raises: an OSError from it
+
+    retried = [
+        EndpointConnectionError(endpoint_url="http://store:8333"),
+        ConnectTimeoutError(endpoint_url="http://store:8333"),
+        ConnectionResetError(104, "reset by peer"),
+        reply("SlowDown", 503),
+        reply("InternalError", 500),
+        reply("BadGateway", 502),
+        reply("Throttling", 400),
+        reply("TooManyRequests", 429),
+    ]
+    refused = [
+        reply("NoSuchKey", 404),
+        reply("AccessDenied", 403),
+        reply("InvalidRange", 416),
+        reply("InvalidArgument", 400),
+        FileNotFoundError("gone"),
+        ValueError("bad"),
+    ]
+    assert [transient(e) for e in retried] == [True] * len(retried)
+    assert [transient(e) for e in refused] == [False] * len(refused)
+
+
 def test_a_diloco_job_rides_out_the_store_killed_mid_round(
     up, redis_server, tmp_path, artifacts_dir, caplog
 ):

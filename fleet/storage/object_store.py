@@ -201,7 +201,8 @@ def _transient_classes() -> tuple[type[BaseException], ...]:
         from botocore.exceptions import (  # type: ignore[import-untyped]
             ConnectionError as BotoConnectionError,
         )
-        from botocore.exceptions import HTTPClientError, ResponseParserError
+        from botocore.exceptions import HTTPClientError
+        from botocore.parsers import ResponseParserError  # type: ignore[import-untyped]
 
         found += [BotoConnectionError, HTTPClientError, ResponseParserError]
     except ImportError:
@@ -253,12 +254,8 @@ class _Outage:
         with self._lock:
             if self.since is None:
                 self.since = time.monotonic()
-                log.warning(
-                    "store %s is unreachable (%s); retrying for up to %g s",
-                    self.url,
-                    cause,
-                    retry_s,
-                )
+                retrying = f"; retrying for up to {retry_s:g} s" if retry_s > 0 else ""
+                log.warning("store %s is unreachable (%s)%s", self.url, cause, retrying)
 
     def recovered(self) -> None:
         if self.since is None:  # no lock on the way of every request
