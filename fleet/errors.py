@@ -327,8 +327,8 @@ class StorageUnavailableError(StorageError):
     """The object store of the shared root at ``url`` could not be reached: ``operation``
     failed with connection errors, timeouts, 5xx replies or throttling (``SlowDown``)
     for ``retry_s`` seconds (``FLEET_STORE_RETRY_S``) of retries; ``cause`` is the last
-    failure. Transient: a task that fails with it can be run again once the store is
-    back (a DiLoCo attempt is re-run like a lost one)."""
+    failure. Transient: not one of the errors that fail a DiLoCo run
+    (``fleet.diloco.context.FATAL``): an attempt that fails with it is run again."""
 
     fields = ("url", "operation", "cause", "retry_s")
 
