@@ -2,12 +2,16 @@
 
     sudo python benchmarks/multi_host.py [--models charlm,25M,100M] [--rates 1000,100,20]
                                          [--roots s3,local] [--rounds 3]
+                                         [--rtt-ms 0,50,150]
 
 Hosts are Linux namespaces (tests/hosts.py): a storage host with Redis and a real S3
 server (SeaweedFS), two worker hosts with private tmpfs caches, every host's link
-limited to the rate with tbf (no netem on this kernel: bandwidth only, no added delay).
-The orchestrator is this process. For each model, shared root and rate, one DiLoCo job
-(2 replicas, the charlm microshard dataset, no eval) and, per round:
+limited to the rate with tbf (no netem on this kernel: bandwidth only). With
+``--rtt-ms``, every host reaches Redis and S3 through the delay element on the storage
+host (a TCP proxy adding that round-trip time, tests/delay_proxy.py), for each RTT in
+turn; without it, directly (the ``rtt`` column shows ``-``). The orchestrator is this
+process. For each model, shared root, rate and RTT, one DiLoCo job (2 replicas, the
+charlm microshard dataset, no eval) and, per round:
 
 - bytes sent and received on each worker host's link (its ``eth0`` counters: what the
   wire carried, TCP and HTTP headers included), and per parameter: the busiest host's
@@ -17,6 +21,9 @@ The orchestrator is this process. For each model, shared root and rate, one DiLo
 - overhead = (round wall - slowest inner steps) / round wall, and the H at which that
   exchange would be 10 % of the round (``9 * exchange / seconds per inner step``);
 - the workers' peak resident memory (``getrusage`` in the process that trains).
+- S3 requests: what the S3 server answered for the bucket during the round, from all
+  hosts (its own counter; 0 on a local root); Redis commands: what Redis ran during the
+  round (``INFO commandstats``), from all hosts: each a round trip at the RTT shown.
 
 Roots: ``s3`` (``s3://bucket/...`` on the storage host: packs, momentum, optimizer
 states and shards cross the links) against ``local`` (a directory both hosts see, as a
@@ -37,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +82,7 @@ def _settings(services: StorageServices, root: str, s3: SeaweedS3) -> FleetSetti
     return FleetSettings(
         redis_url=services.redis_url,
         shared_root=root,
-        storage_options=s3.storage_options,
+        storage_options=services.storage_options,  # s3's, or the delay proxy's
         workload_allowlist=["fleet.examples.*"],
         heartbeat_interval_s=1.0,
         heartbeat_ttl_s=30.0,
@@ -86,13 +94,25 @@ def _run_job(
     hosts: list[Host],
     model: str,
     rounds: int,
+    s3_requests: Callable[[], int] = lambda: 0,
 ) -> list[dict[str, Any]]:
+    import redis
+
     config, steps = MODELS[model]
     counters = {h.name: h.counters() for h in hosts}
     per_round: list[dict[str, Any]] = []
+    requests = [s3_requests()]
+    stats = redis.Redis.from_url(settings.redis_url)
+
+    def commands() -> int:
+        return sum(int(v["calls"]) for v in stats.info("commandstats").values())
+
+    redis_commands = [commands()]
 
     def on_round(record: RoundRecord) -> None:
         now = {h.name: h.counters() for h in hosts}
+        requests.append(s3_requests())
+        redis_commands.append(commands())
         merged = record.merged
         slowest = max(r.compute_s for r in merged)
         per_step = max(r.compute_s / max(r.steps_completed or 1, 1) for r in merged)
@@ -114,6 +134,8 @@ def _run_job(
                 "store_bytes_per_param": record.bytes_per_parameter or 0.0,
                 "peak_rss_mb": max(r.peak_rss_bytes for r in merged) / 1e6,
                 "parameters": params,
+                "s3_requests": requests[-1] - requests[-2],
+                "redis_commands": redis_commands[-1] - redis_commands[-2],
             }
         )
         counters.update(now)
@@ -165,8 +187,12 @@ def main() -> None:
     parser.add_argument("--rates", default="1000,100,20", help="link rates, Mbit/s")
     parser.add_argument("--roots", default="s3,local")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rtt-ms", default="", help="round-trip times to Redis and S3, ms (e.g. 0,50,150)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
+    rtts: list[float | None] = [float(r) for r in args.rtt_ms.split(",") if r] or [None]
     reason = skip_reason()
     if reason:
         sys.exit(f"cannot make hosts here: {reason}")
@@ -178,19 +204,20 @@ def main() -> None:
         storage = network.host("storage")
         workers = [network.host("w1"), network.host("w2")]
         # SeaweedFS's volumes on disk: the 25M runs write GBs (a host's tmpfs is RAM)
-        services = StorageServices(storage, base, data_dir=base / "weed")
+        services = StorageServices(storage, base, data_dir=base / "weed", rtt_ms=rtts[0])
         assert services.s3 is not None
         s3 = services.s3
         bucket = s3.new_bucket()
         print(
-            "DiLoCo across 2 worker hosts, 2 replicas, every link tbf-limited (no added "
-            f"delay); medians over rounds 1..{args.rounds - 1}",
+            "DiLoCo across 2 worker hosts, 2 replicas, every link tbf-limited, Redis and "
+            f"S3 at the RTT shown; medians over rounds 1..{args.rounds - 1}",
             flush=True,
         )
         header = (
-            f"{'model':>6} {'params':>7} {'root':>5} {'link':>9} {'round s':>8} "
+            f"{'model':>6} {'params':>7} {'root':>5} {'link':>9} {'rtt':>6} {'round s':>8} "
             f"{'inner s':>8} {'exch s':>7} {'overhead':>8} {'H@10%':>6} {'w1 tx/rx MB':>12} "
-            f"{'w2 tx/rx MB':>12} {'B/param':>7} {'store B/p':>9} {'RSS MB':>7}"
+            f"{'w2 tx/rx MB':>12} {'B/param':>7} {'store B/p':>9} {'RSS MB':>7} {'S3 req':>6} "
+            f"{'Redis cmd':>9}"
         )
         print(header, flush=True)
         for model in args.models.split(","):
@@ -206,16 +233,25 @@ def main() -> None:
                     write_dataset(staged, 8, manifest=True)
                 procs = _workers(settings, workers, base / "logs")
                 try:
-                    for rate in (float(r) for r in args.rates.split(",")):
+                    for rate, rtt in ((float(r), t) for r in args.rates.split(",") for t in rtts):
                         for host in [storage, *workers]:
                             host.limit(rate)
+                        if rtt is not None:
+                            services.set_rtt(rtt)
                         for host in workers:  # every row starts cold: shards fetched again
                             host.run("rm", "-rf", str(host.local_dir / "cache"))
-                        rounds = _run_job(settings, workers, model, args.rounds)
+                        rounds = _run_job(
+                            settings,
+                            workers,
+                            model,
+                            args.rounds,
+                            (lambda: s3.requests(bucket)) if root_kind == "s3" else lambda: 0,
+                        )
                         later = rounds[1:] or rounds
                         keys = (
                             "wall_s", "slowest_inner_s", "exchange_s", "overhead",
                             "h_for_10pct", "link_bytes_per_param", "store_bytes_per_param",
+                            "s3_requests", "redis_commands",
                         )  # fmt: skip
                         med = {k: statistics.median(r[k] for r in later) for k in keys}
                         mb = {
@@ -230,6 +266,7 @@ def main() -> None:
                             "parameters": rounds[0]["parameters"],
                             "root": root_kind,
                             "link_mbit": rate,
+                            "rtt_ms": rtt,
                             **med,
                             "mb_per_round": mb,
                             "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
@@ -238,13 +275,15 @@ def main() -> None:
                         rows.append(row)
                         print(
                             f"{model:>6} {row['parameters'] / 1e6:>6.1f}M {root_kind:>5} "
-                            f"{rate:>5.0f} Mb/s {med['wall_s']:>8.2f} "
+                            f"{rate:>5.0f} Mb/s "
+                            f"{'-' if rtt is None else f'{rtt:g}ms':>6} {med['wall_s']:>8.2f} "
                             f"{med['slowest_inner_s']:>8.2f} {med['exchange_s']:>7.2f} "
                             f"{100 * med['overhead']:>7.1f}% {med['h_for_10pct']:>6.0f} "
                             f"{mb['w1'][0]:>5.1f}/{mb['w1'][1]:<6.1f} "
                             f"{mb['w2'][0]:>5.1f}/{mb['w2'][1]:<6.1f} "
                             f"{med['link_bytes_per_param']:>7.2f} "
-                            f"{med['store_bytes_per_param']:>9.2f} {row['peak_rss_mb']:>7.0f}",
+                            f"{med['store_bytes_per_param']:>9.2f} {row['peak_rss_mb']:>7.0f} "
+                            f"{med['s3_requests']:>6.0f} {med['redis_commands']:>9.0f}",
                             flush=True,
                         )
                 finally:

@@ -23,6 +23,7 @@ Tree::
         PathOutsideRootError     a path escapes the shared root
         StorageFullError         no space left on the shared root (ENOSPC, EDQUOT)
         StorageIOError           any other OS error, with its errno name and text
+        StorageUnavailableError  an object store unreachable past FLEET_STORE_RETRY_S
       DatasetError               microshard datasets (fleet.data)
         DatasetFormatError       not a dataset: no shards, or a bad fetch-manifest.json
         ShardMissingError        a listed shard file does not exist
@@ -355,6 +356,27 @@ class StorageIOError(StorageError, OSError):
         self.strerror = strerror
         self.errno = getattr(errno_module, errno_name, None)
         self.filename = path
+
+
+class StorageUnavailableError(StorageError):
+    """The object store of the shared root at ``url`` could not be reached: ``operation``
+    failed with connection errors, timeouts, 5xx replies or throttling (``SlowDown``)
+    for ``retry_s`` seconds (``FLEET_STORE_RETRY_S``) of retries; ``cause`` is the last
+    failure. Transient: not one of the errors that fail a DiLoCo run
+    (``fleet.diloco.context.FATAL``): an attempt that fails with it is run again."""
+
+    fields = ("url", "operation", "cause", "retry_s")
+
+    def __init__(self, url: str, operation: str, cause: str, retry_s: float) -> None:
+        tried = f" for {retry_s:g} s" if retry_s > 0 else ""
+        super().__init__(
+            f"the store {url} is unavailable ({operation}: {cause}); retried{tried}, "
+            "see FLEET_STORE_RETRY_S"
+        )
+        self.url = url
+        self.operation = operation
+        self.cause = cause
+        self.retry_s = retry_s
 
 
 def storage_error(exc: OSError, path: str | None = None) -> StorageError:

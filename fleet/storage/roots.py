@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 def open_store(settings: FleetSettings, *, cache: bool = True) -> Store:
     """The store of ``settings.shared_root``: a :class:`LocalStore` for a path, an
     :class:`~fleet.storage.object_store.ObjectStore` for a URL (``scheme://...``), with
-    ``settings.storage_options`` and a cache at ``settings.cache_dir``.
+    ``settings.storage_options``, a cache at ``settings.cache_dir`` and retries through
+    outages for ``settings.store_retry_s`` seconds.
 
     Raises:
         StorageError: the URL's file system is unknown or cannot be opened (e.g. s3fs
@@ -30,7 +31,7 @@ def open_store(settings: FleetSettings, *, cache: bool = True) -> Store:
     if not is_url(root):
         return LocalStore(root)
     worker_cache = WorkerCache(settings.cache_dir, settings.cache_max_bytes) if cache else None
-    return ObjectStore(root, settings.storage_options, worker_cache)
+    return ObjectStore(root, settings.storage_options, worker_cache, retry_s=settings.store_retry_s)
 
 
 def is_url(root: str) -> bool:

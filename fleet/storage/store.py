@@ -79,12 +79,16 @@ def parse_manifest(data: bytes, where: str) -> PackManifest:
 class TransferCounters:
     """Bytes this process moved to (``sent_bytes``) and from (``received_bytes``) the
     shared root, counted where they move: each payload a store request carries (the
-    requests' own headers aside). Thread-safe; :meth:`snapshot` and a later
-    :meth:`since` give what one task moved."""
+    requests' own headers aside); and the ``requests`` it sent to the store: on an
+    object store, every HTTP request (a retried one once per try, a multipart upload
+    once per part, a listing once per page); none on a local root. Thread-safe;
+    :meth:`snapshot` and a later :meth:`since` give the bytes one task moved,
+    ``requests`` read before and after it the requests it made."""
 
     def __init__(self) -> None:
         self.sent_bytes = 0
         self.received_bytes = 0
+        self.requests = 0
         self._lock = threading.Lock()
 
     def sent(self, nbytes: int) -> None:
@@ -94,6 +98,11 @@ class TransferCounters:
     def received(self, nbytes: int) -> None:
         with self._lock:
             self.received_bytes += nbytes
+
+    def request(self, count: int = 1) -> None:
+        """Count ``count`` requests sent to the store."""
+        with self._lock:
+            self.requests += count
 
     def snapshot(self) -> tuple[int, int]:
         """``(sent_bytes, received_bytes)`` so far."""
@@ -160,6 +169,17 @@ class Store(ABC):
     @abstractmethod
     def exists(self, rel: str) -> bool:
         """True if a file or a non-empty directory is at ``rel``."""
+
+    def existing(self, rels: list[str]) -> list[str]:
+        """Those of ``rels`` at which a file or a non-empty directory is, in order and
+        root-relative; an object store asks once per directory the paths are in, not
+        once per path.
+
+        Raises:
+            PathOutsideRootError: a path outside the root.
+            StorageError: the store failed.
+        """
+        return [rel for rel in (self.relative(r) for r in rels) if self.exists(rel)]
 
     @abstractmethod
     def read_bytes(self, rel: str) -> bytes:
