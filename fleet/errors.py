@@ -736,13 +736,13 @@ class JobStateError(JobError):
 
 
 class RoundFailed(JobError):
-    """No replica of a round could publish a pack."""
+    """No replica of round ``round`` could publish a pack; ``errors`` says why, per attempt."""
 
     fields = ("round", "errors")
 
-    def __init__(self, round_index: int, errors: list[str]) -> None:
-        super().__init__(f"round {round_index}: no replica published a pack ({'; '.join(errors)})")
-        self.round = round_index
+    def __init__(self, round: int, errors: list[str]) -> None:
+        super().__init__(f"round {round}: no replica published a pack ({'; '.join(errors)})")
+        self.round = round
         self.errors = errors
 
 
@@ -752,13 +752,13 @@ class CorruptCheckpointError(JobError):
 
     fields = ("job_id", "round", "path", "cause")
 
-    def __init__(self, job_id: str, round_index: int, path: str, cause: str) -> None:
+    def __init__(self, job_id: str, round: int, path: str, cause: str) -> None:
         super().__init__(
-            f"job {job_id}: the pack {path} entering round {round_index} is corrupt and "
+            f"job {job_id}: the pack {path} entering round {round} is corrupt and "
             f"cannot be recomputed ({cause})"
         )
         self.job_id = job_id
-        self.round = round_index
+        self.round = round
         self.path = path
         self.cause = cause
 
