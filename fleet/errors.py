@@ -579,12 +579,14 @@ class HookFailedError(WorkloadError):
 
 class WorkloadDataError(WorkloadError):
     """A :class:`~fleet.workloads.TorchWorkload` data source (``train_data``,
-    ``eval_data``) gave no batch where one was needed."""
+    ``eval_data``) gave no batch where one was needed. ``spec`` is the workload's:
+    a data source does not know it, so :meth:`fleet.workload.Workload.call` sets it
+    when the error leaves the hook."""
 
     fields = ("spec", "source", "detail")
 
-    def __init__(self, source: str, detail: str) -> None:
-        super().__init__(f"{source}: {detail}")
+    def __init__(self, source: str, detail: str, *, spec: str | None = None) -> None:
+        super().__init__(f"{source}: {detail}", spec=spec)
         self.source = source
         self.detail = detail
 

@@ -247,3 +247,22 @@ def test_the_wire_data_is_the_fields_and_survives_json(name):
         wire = cls(*args, **kwargs).to_dict()
         assert list(wire["data"]) == list(cls.fields)
         assert json.loads(json.dumps(wire)) == wire
+
+
+def test_a_workload_data_error_leaving_a_hook_names_its_workload():
+    """A data source does not know its workload's spec: the hook call fills it in."""
+    from fleet.workload import Workload
+
+    class NoData:
+        def train_window(self) -> None:
+            raise errors.WorkloadDataError("train_data", "no batches")
+
+    with pytest.raises(errors.WorkloadDataError) as info:
+        Workload("lab.lm:make", {}, NoData()).call("train_window")
+    assert info.value.to_dict()["data"] == {
+        "spec": "lab.lm:make",
+        "source": "train_data",
+        "detail": "no batches",
+    }
+    given = errors.WorkloadDataError("eval_data", "empty", spec="lab.lm:other")
+    assert given.spec == "lab.lm:other" and str(given) == "eval_data: empty"
