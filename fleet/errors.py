@@ -275,9 +275,14 @@ class ArtifactError(CodecError):
 
 
 class StorageError(FleetError):
-    """A shared-root path or a file under it could not be used."""
+    """A shared-root path or a file under it could not be used; ``path`` is that path
+    when it is known (None otherwise)."""
 
-    fields: ClassVar[tuple[str, ...]] = ()
+    fields: ClassVar[tuple[str, ...]] = ("path",)
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class PathOutsideRootError(StorageError):

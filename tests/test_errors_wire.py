@@ -56,6 +56,7 @@ SAMPLES: list[tuple[str, list[Any], dict[str, Any]]] = [
         },
     ),
     ("StorageError", ["nothing was written to publish at x"], {}),
+    ("StorageError", ["nothing was written to publish at x"], {"path": "runs/a/x"}),
     ("PathOutsideRootError", ["../etc/passwd", "/shared"], {}),
     ("StorageFullError", ["runs/a/pack"], {}),
     ("StorageFullError", ["runs/a/pack", "EDQUOT"], {}),
@@ -266,3 +267,14 @@ def test_a_workload_data_error_leaving_a_hook_names_its_workload():
     }
     given = errors.WorkloadDataError("eval_data", "empty", spec="lab.lm:other")
     assert given.spec == "lab.lm:other" and str(given) == "eval_data: empty"
+
+
+def test_every_storage_error_names_its_path_or_none():
+    """``exc.path`` on any StorageError, on the wire too (no ``getattr`` fallback)."""
+    for name, args, kwargs in SAMPLES:
+        cls = getattr(errors, name)
+        if issubclass(cls, errors.StorageError):
+            exc = cls(*args, **kwargs)
+            assert exc.fields[0] == "path" and exc.to_dict()["data"]["path"] == exc.path
+    assert errors.StorageError("gone", path="runs/a").path == "runs/a"
+    assert errors.StorageError("gone").path is None
