@@ -929,6 +929,8 @@ def remote_class(cls: type[FleetError]) -> type[RemoteTaskError]:
     and deriving from both ``cls`` and :class:`RemoteTaskError`."""
     if issubclass(cls, RemoteTaskError):
         return cls
+    if issubclass(RemoteTaskError, cls):  # FleetError itself: RemoteTaskError is one
+        return RemoteTaskError
     klass = _REMOTE_CLASSES.get(cls)
     if klass is None:
         namespace = {
@@ -967,8 +969,8 @@ def remote_error(
     A :class:`FleetError` named ``error_type`` is rebuilt as :func:`remote_class` of it
     with its ``data`` as attributes (where a data field shares a name with one of
     :class:`RemoteTaskError`'s, e.g. :class:`HookFailedError`'s ``error_type``, the
-    attribute is the remote one and ``data`` keeps the original). Any other error
-    type gives a plain :class:`RemoteTaskError`.
+    attribute is the remote one and ``data`` keeps the original). A plain
+    :class:`FleetError`, or any other error type, gives a plain :class:`RemoteTaskError`.
     """
     remote: dict[str, Any] = {
         "method": method,
@@ -980,7 +982,7 @@ def remote_error(
         "remote_traceback": remote_traceback,
     }
     base = _fleet_error_classes().get(error_type)
-    if base is None or base is RemoteTaskError:
+    if base is None or issubclass(RemoteTaskError, base):
         return RemoteTaskError(method, worker, task_id, error_type, error, data, remote_traceback)
     klass = remote_class(base)
     message = f"{method} failed on {worker or '?'}: {error_type}: {error}"
