@@ -278,3 +278,53 @@ def test_every_storage_error_names_its_path_or_none():
             assert exc.fields[0] == "path" and exc.to_dict()["data"]["path"] == exc.path
     assert errors.StorageError("gone", path="runs/a").path == "runs/a"
     assert errors.StorageError("gone").path is None
+
+
+class LeaseLostError(errors.JobError):
+    """An error declared as a new one would be (at module level: pickle finds it)."""
+
+    job_id: str
+    lease_id: str
+    attempt: int | None = errors.field(default=None, kw_only=True)
+    template = "job {job_id}: lease {lease_id} expired (attempt {attempt})"
+
+
+def test_a_new_error_is_declared_once_and_gets_the_rest():
+    """What a new error gets from its declaration: constructor, fields, message,
+    wire form, pickling and the caller-side rebuild."""
+    assert LeaseLostError.fields == ("job_id", "lease_id", "attempt")
+    assert str(inspect.signature(LeaseLostError)) == "(job_id, lease_id, *, attempt=None)"
+    exc = LeaseLostError("j1", "l7", attempt=2)
+    assert str(exc) == "job j1: lease l7 expired (attempt 2)" and exc.args == (str(exc),)
+    wire = {"job_id": "j1", "lease_id": "l7", "attempt": 2}
+    assert exc.to_dict() == {"type": "LeaseLostError", "message": str(exc), "data": wire}
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is LeaseLostError and back.to_dict() == exc.to_dict()
+    with pytest.raises(TypeError):
+        LeaseLostError("j1", "l7", 2)  # attempt is keyword-only
+    rebuilt = errors.remote_error(
+        method="m", worker="w", task_id="t", error_type="LeaseLostError", error=str(exc),
+        data=wire, remote_traceback=None,
+    )  # fmt: skip
+    assert isinstance(rebuilt, LeaseLostError) and isinstance(rebuilt, errors.RemoteTaskError)
+    assert (rebuilt.lease_id, rebuilt.attempt, rebuilt.worker) == ("l7", 2, "w")
+
+
+def test_a_bad_declaration_fails_when_the_class_is_made():
+    with pytest.raises(TypeError, match="template"):
+
+        class NamesNoField(errors.JobError):
+            job_id: str
+            template = "job {job}"
+
+    with pytest.raises(TypeError, match="template"):
+
+        class NoMessage(errors.JobError):
+            job_id: str
+
+    with pytest.raises(ValueError, match="default"):
+
+        class OutOfOrder(errors.JobError):
+            job_id: str = "j"
+            round: int
+            template = "{job_id} {round}"
