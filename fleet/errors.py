@@ -123,7 +123,8 @@ class FleetError(Exception):
             setattr(cls, "__init__", _field_init(cls, specs))  # noqa: B010
 
     def __post_init__(self) -> None:
-        """Derive what is not given (after the fields are set, before the message)."""
+        """Derive what is not given from the fields (after they are set, before the
+        message; again when the error is unpickled or rebuilt from the wire)."""
 
     def _message(self) -> str:
         return self.template.format(**{name: getattr(self, name) for name in self._specs})
@@ -134,7 +135,7 @@ class FleetError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt from its state, not by calling the constructor again: Celery's pool
         # pickles errors from child to parent.
-        return (_restore, (type(self), self.args, dict(self.__dict__)))
+        return (_restore, (type(self), self.args, _state(self)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form: ``{"type": class name, "message": str, "data": {field: value}}``."""
@@ -172,10 +173,17 @@ def _field_init(cls: type[FleetError], specs: dict[str, _Field]) -> Callable[...
     return __init__
 
 
+def _state(exc: FleetError) -> dict[str, Any]:
+    """Its attributes, and the fields kept elsewhere (an OSError's ``strerror``)."""
+    return {name: getattr(exc, name) for name in exc.fields if hasattr(exc, name)} | vars(exc)
+
+
 def _restore(cls: type[FleetError], args: tuple[Any, ...], state: dict[str, Any]) -> FleetError:
     exc = cls.__new__(cls)
     Exception.__init__(exc, *args)
-    exc.__dict__.update(state)
+    for name, value in state.items():
+        setattr(exc, name, value)
+    exc.__post_init__()  # derived again: an OSError's errno and filename
     return exc
 
 
@@ -882,7 +890,7 @@ def remote_class(cls: type[FleetError]) -> type[RemoteTaskError]:
 
 def _remote_reduce(self: FleetError) -> tuple[Any, ...]:
     base = next(c for c in type(self).__mro__[1:] if c in _REMOTE_CLASSES)
-    return (_restore_remote, (base, self.args, dict(self.__dict__)))
+    return (_restore_remote, (base, self.args, _state(self)))
 
 
 def _restore_remote(base: type[FleetError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
