@@ -6,7 +6,8 @@ errors, ``--json``). Importing this package adds the commands to it:
 
 - :mod:`fleet.cli.pack`: ``fleet pack inspect|verify|convert``
 - :mod:`fleet.cli.worker`: ``fleet worker``, ``fleet workers``
-- :mod:`fleet.cli.diloco`: ``fleet diloco``
+- :mod:`fleet.cli.diloco`: ``fleet diloco``; its config flags (:mod:`fleet.cli.diloco_flags`)
+  and its run (:mod:`fleet.cli.diloco_run`)
 - :mod:`fleet.cli.jobs`: ``fleet jobs list|show|logs|cancel``
 - :mod:`fleet.cli.dataset`: ``fleet dataset inspect|verify|write``
 - :mod:`fleet.cli.gc`: ``fleet gc``

@@ -9,8 +9,8 @@ from typing import Any
 import click
 from rich.console import Console
 
+from fleet.cli.diloco_flags import config_options, given_flags
 from fleet.cli.root import EXIT_FAILED, _on_root, _settings, console, main
-from fleet.cli_options import config_options, given_flags
 
 #: Exit status of ``fleet diloco`` for a job that ended cancelled (failed: EXIT_FAILED).
 EXIT_CANCELLED = 3
@@ -83,7 +83,7 @@ def diloco_cmd(
 
     The config comes from --config, then the flags; --print-config shows the result.
     Exits 0 when the job completed, 1 when it failed, 3 when it was cancelled."""
-    from fleet.cli_run import diloco_config, run_diloco
+    from fleet.cli.diloco_run import diloco_config, run_diloco
 
     given = given_flags(flags)
     if resume_id is not None:
