@@ -47,6 +47,7 @@ Tree (each class's docstring says what it means and what its fields hold)::
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_module
 import inspect
 import string
@@ -183,7 +184,8 @@ def _restore(cls: type[FleetError], args: tuple[Any, ...], state: dict[str, Any]
     Exception.__init__(exc, *args)
     for name, value in state.items():
         setattr(exc, name, value)
-    exc.__post_init__()  # derived again: an OSError's errno and filename
+    with contextlib.suppress(AttributeError):  # a field missing (an older worker's data)
+        exc.__post_init__()  # derived again: an OSError's errno and filename
     return exc
 
 

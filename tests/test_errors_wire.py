@@ -328,3 +328,17 @@ def test_a_bad_declaration_fails_when_the_class_is_made():
             job_id: str = "j"
             round: int
             template = "{job_id} {round}"
+
+
+@pytest.mark.parametrize("name", _fleet_errors())
+def test_a_rebuild_from_partial_data_never_fails(name):
+    """A worker of another version may send fewer fields: the caller still gets the
+    error, with what it did send."""
+    rebuilt = errors.remote_error(
+        method="m", worker="w", task_id="t", error_type=name, error="boom", data={},
+        remote_traceback=None,
+    )  # fmt: skip
+    assert (
+        isinstance(rebuilt, errors.RemoteTaskError)
+        and str(rebuilt) == f"m failed on w: {name}: boom"
+    )
