@@ -280,7 +280,7 @@ def test_every_storage_error_names_its_path_or_none():
     assert errors.StorageError("gone").path is None
 
 
-class LeaseLostError(errors.JobError):
+class DeclaredInATestError(errors.JobError):
     """An error declared as a new one would be (at module level: pickle finds it)."""
 
     job_id: str
@@ -292,21 +292,21 @@ class LeaseLostError(errors.JobError):
 def test_a_new_error_is_declared_once_and_gets_the_rest():
     """What a new error gets from its declaration: constructor, fields, message,
     wire form, pickling and the caller-side rebuild."""
-    assert LeaseLostError.fields == ("job_id", "lease_id", "attempt")
-    assert str(inspect.signature(LeaseLostError)) == "(job_id, lease_id, *, attempt=None)"
-    exc = LeaseLostError("j1", "l7", attempt=2)
+    assert DeclaredInATestError.fields == ("job_id", "lease_id", "attempt")
+    assert str(inspect.signature(DeclaredInATestError)) == "(job_id, lease_id, *, attempt=None)"
+    exc = DeclaredInATestError("j1", "l7", attempt=2)
     assert str(exc) == "job j1: lease l7 expired (attempt 2)" and exc.args == (str(exc),)
     wire = {"job_id": "j1", "lease_id": "l7", "attempt": 2}
-    assert exc.to_dict() == {"type": "LeaseLostError", "message": str(exc), "data": wire}
+    assert exc.to_dict() == {"type": "DeclaredInATestError", "message": str(exc), "data": wire}
     back = pickle.loads(pickle.dumps(exc))
-    assert type(back) is LeaseLostError and back.to_dict() == exc.to_dict()
+    assert type(back) is DeclaredInATestError and back.to_dict() == exc.to_dict()
     with pytest.raises(TypeError):
-        LeaseLostError("j1", "l7", 2)  # attempt is keyword-only
+        DeclaredInATestError("j1", "l7", 2)  # attempt is keyword-only
     rebuilt = errors.remote_error(
-        method="m", worker="w", task_id="t", error_type="LeaseLostError", error=str(exc),
+        method="m", worker="w", task_id="t", error_type="DeclaredInATestError", error=str(exc),
         data=wire, remote_traceback=None,
     )  # fmt: skip
-    assert isinstance(rebuilt, LeaseLostError) and isinstance(rebuilt, errors.RemoteTaskError)
+    assert isinstance(rebuilt, DeclaredInATestError) and isinstance(rebuilt, errors.RemoteTaskError)
     assert (rebuilt.lease_id, rebuilt.attempt, rebuilt.worker) == ("l7", 2, "w")
 
 
