@@ -5,96 +5,139 @@ wrong and carries the values that failed as attributes (listed in ``fields``), s
 caller can act on them without parsing the message, and :meth:`FleetError.to_dict`
 turns any error into JSON for the wire.
 
-Tree::
+Each error declares its fields once, as annotations (dataclass style), and its message
+as a ``template``; its constructor, ``fields``, ``to_dict``, pickling and the class a
+caller rebuilds from the wire (:func:`remote_error`) all follow from that. A new error::
+
+    class LeaseLostError(JobError):
+        '''Lease ``lease_id`` of job ``job_id`` expired before the replica finished.'''
+
+        job_id: str
+        lease_id: str
+        attempt: int | None = field(default=None, kw_only=True)
+        template = "job {job_id}: lease {lease_id} expired"
+
+Tree (each class's docstring says what it means and what its fields hold)::
 
     FleetError
-      CodecError                 parameter packs (docs/protocol.md section 4)
-        NotAPackError            path is not a pack directory (no manifest.json)
-        UnknownPackFormatError   manifest "format" is not v1
-        ManifestError            manifest missing a key, wrong type, or not JSON
-        ValuesLengthError        byte length of values.f32le != 4 * parameter_count
-        LayoutMismatchError      pack layout_hash != target model's layout_hash
-        DigestMismatchError      content digest of values.f32le differs from manifest
-        NonFiniteValuesError     NaN/Inf found when asked to check
-        UnsupportedStateError    a model state the codec cannot walk
-        MissingLayoutError       shapes needed but the pack does not record them
-        ArtifactError            a model artifact that does not fit the model
-      StorageError               shared-root paths and the files under them
-        PathOutsideRootError     a path escapes the shared root
-        StorageFullError         no space left on the shared root (ENOSPC, EDQUOT)
-        StorageIOError           any other OS error, with its errno name and text
-        StorageUnavailableError  an object store unreachable past FLEET_STORE_RETRY_S
-      DatasetError               microshard datasets (fleet.data)
-        DatasetFormatError       not a dataset: no shards, or a bad fetch-manifest.json
-        ShardMissingError        a listed shard file does not exist
-        ShardSizeMismatchError   a shard's byte length differs from the manifest
-        ShardHashMismatchError   a shard's content hash differs from the manifest
-        DatasetPathError         a dataset or shard path that escapes the shared root
-      ProtocolError              a request or result that breaks the protocol
-        RequestValidationError   a malformed request body (missing field, wrong type)
-        UnknownMethodError       no such protocol method
-        MetricValueError         a metric value that is not bool/int/float/str
-        StepBudgetError          require_exact_steps and another step count
-        RejectedMessageError     a queued message a worker refused (not JSON, pickle, ...)
-      WorkloadError              workload factories and hooks
-        BadFactorySpecError      spec is not exactly ``module:attr``
-        NotAllowlistedError      spec does not match the worker's allowlist
-        FactoryLoadError         import or factory call failed
-        HookMissingError         a required hook is not defined
-        HookFailedError          a hook raised (original type and traceback kept)
-        WorkloadDataError        a TorchWorkload data source gave no batch
-      RegistryError              the Redis registry of workers and handles
-        HandleNotFound           model_id not held (here / anywhere)
-        OwnerLostError           the handle's owner stopped heartbeating
-        WorkerNotFound           no live worker by that name
-        NoWorkersError           fewer live workers than a run needs
-        WorkerSlotTakenError     a worker name (GPU or CPU slot) held by a live worker
-      TrainingStopped            a long task stopped between steps
-        TaskAborted              asked to abort
-        DeadlineExceeded         past its deadline with require_exact_steps
-      JobError                   jobs and the DiLoCo driver
-        JobNotFound              no job with this id
-        JobStateError            a status change the job's status does not allow
-        JobCancelled             the job was cancelled while the driver ran
-        JobOwnedError            another live orchestrator owns the job
-        FencedOutError           this orchestrator lost the job to a newer owner
-        RoundFailed              no replica of a DiLoCo round published a pack
-        CorruptCheckpointError   a committed pack is corrupt and cannot be recomputed
-      ConfigError                run configs and experiment trackers
-        RunConfigError           a run config (file or flags) that does not validate
-        TrackerError             a tracker that cannot be used
-      BrokerUnavailableError     Redis (broker, results, registry) cannot be reached
-      RemoteTaskError            a task failed on a worker (client side); a remote
-                                 FleetError comes back as its own class, which
-                                 also derives from RemoteTaskError
-      FleetTimeout               a call's result did not arrive in time (client side)
+      CodecError        parameter packs (docs/protocol.md section 4): NotAPackError,
+                        UnknownPackFormatError, ManifestError, ValuesLengthError,
+                        LayoutMismatchError, DigestMismatchError, BaseMismatchError,
+                        GlobalDigestMismatchError, NonFiniteValuesError,
+                        UnsupportedStateError, MissingLayoutError, ArtifactError
+      StorageError      shared-root paths and the files under them: PathOutsideRootError,
+                        StorageFullError, StorageIOError, StorageUnavailableError
+      DatasetError      microshard datasets (fleet.data): DatasetFormatError,
+                        ShardMissingError, ShardSizeMismatchError, ShardHashMismatchError,
+                        DatasetPathError
+      ProtocolError     a request or result that breaks the protocol:
+                        RequestValidationError, UnknownMethodError, MetricValueError,
+                        StepBudgetError, RejectedMessageError
+      WorkloadError     workload factories and hooks: BadFactorySpecError,
+                        NotAllowlistedError, FactoryLoadError, NoWorkloadError,
+                        HookMissingError, HookFailedError, WorkloadDataError
+      RegistryError     the Redis registry of workers and handles: HandleNotFound,
+                        OwnerLostError, WorkerNotFound, NoWorkersError, WorkerSlotTakenError
+      TrainingStopped   a long task stopped between steps: TaskAborted, DeadlineExceeded
+      JobError          jobs and the DiLoCo driver: JobNotFound, JobStateError,
+                        JobCancelled, JobOwnedError, FencedOutError, RoundFailed,
+                        CorruptCheckpointError
+      ConfigError       run configs and experiment trackers: RunConfigError, TrackerError
+      BrokerUnavailableError, RemoteTaskError, FleetTimeout    on the client side
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_module
-from typing import Any, ClassVar
+import inspect
+import string
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple, cast, dataclass_transform
+
+#: A field without a default: the constructor requires it, or ``__post_init__`` sets it.
+_EMPTY: Any = inspect.Parameter.empty
 
 
+class _Field(NamedTuple):
+    default: Any = _EMPTY
+    init: bool = True
+    kw_only: bool = False
+
+
+def field(*, default: Any = _EMPTY, init: bool = True, kw_only: bool = False) -> Any:
+    """A field with a ``default``, keyword-only (``kw_only``), or left out of the
+    constructor (``init=False``: its ``default``, or ``__post_init__``, sets it)."""
+    return _Field(default, init, kw_only)
+
+
+@dataclass_transform(field_specifiers=(field,))
 class FleetError(Exception):
     """Root of every error fleet raises.
 
-    Subclasses list in ``fields`` the attribute names that carry the failing data.
+    A subclass declares its fields as annotations, dataclass style: inherited ones come
+    first, a redeclared one keeps its place. They give ``fields`` (the wire's ``data``
+    keys, in order) and the constructor (the fields in order, positional unless
+    ``kw_only``), which sets them, calls ``__post_init__`` to derive the rest, then
+    makes the message: ``template`` filled with the fields (:meth:`str.format`), or
+    :meth:`_message` for a message with conditional parts. A class without fields (or
+    with an ``__init__`` of its own) takes its message as given.
+
+    Raises:
+        TypeError: at class creation, a template naming something that is not a field.
+        ValueError: at class creation, a positional field without a default after one
+            with.
     """
 
+    #: The names of the attributes that carry the failing data, in wire order.
     fields: ClassVar[tuple[str, ...]] = ()
+    #: The message, ``str.format``-ed with the fields.
+    template: ClassVar[str] = ""
+    _specs: ClassVar[dict[str, _Field]] = {}
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        specs: dict[str, _Field] = {}
+        for base in reversed(cls.__mro__[1:]):
+            specs.update(base.__dict__.get("_specs", {}))
+        for name, annotation in inspect.get_annotations(cls).items():
+            if str(annotation).split("[")[0].endswith("ClassVar"):
+                continue
+            value = cls.__dict__.get(name, _EMPTY)
+            specs[name] = spec = value if isinstance(value, _Field) else _Field(value)
+            if spec.default is not _EMPTY:
+                setattr(cls, name, spec.default)
+            elif isinstance(value, _Field):
+                delattr(cls, name)
+        cls._specs = specs
+        if "fields" not in cls.__dict__:
+            cls.fields = tuple(specs)
+        if specs and "__init__" not in cls.__dict__:
+            if cls._message is FleetError._message:
+                parsed = string.Formatter().parse(cls.template)
+                named = {n.split(".")[0].split("[")[0] for _, n, _, _ in parsed if n}
+                if not cls.template or not named <= set(specs):
+                    raise TypeError(f"{cls.__name__}.template {cls.template!r}: fields {[*specs]}")
+            setattr(cls, "__init__", _field_init(cls, specs))  # noqa: B010
+
+    def __post_init__(self) -> None:
+        """Derive what is not given from the fields (after they are set, before the
+        message; again when the error is unpickled or rebuilt from the wire)."""
+
+    def _message(self) -> str:
+        return self.template.format(**{name: getattr(self, name) for name in self._specs})
+
     def __str__(self) -> str:
         return self.message
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Subclasses take their data as named arguments, so the default (cls(*args))
-        # cannot rebuild them; Celery's pool pickles errors from child to parent.
-        return (_restore, (type(self), self.args, dict(self.__dict__)))
+        # Rebuilt from its state, not by calling the constructor again: Celery's pool
+        # pickles errors from child to parent.
+        return (_restore, (type(self), self.args, _state(self)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form: ``{"type": class name, "message": str, "data": {field: value}}``."""
@@ -105,10 +148,45 @@ class FleetError(Exception):
         }
 
 
+def _field_init(cls: type[FleetError], specs: dict[str, _Field]) -> Callable[..., None]:
+    """The constructor of ``cls``, from its fields."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for kw_only, kind in enumerate(kinds):
+        params += [
+            inspect.Parameter(name, kind, default=spec.default)
+            for name, spec in specs.items()
+            if spec.init and spec.kw_only == kw_only
+        ]
+    signature = inspect.Signature(params)
+
+    def __init__(self: FleetError, *args: Any, **kwargs: Any) -> None:
+        given = signature.bind(self, *args, **kwargs).arguments
+        FleetError.__init__(self, "")  # first: an OSError's __init__ clears errno
+        for name, spec in specs.items():
+            if (value := given.get(name, spec.default)) is not _EMPTY:
+                setattr(self, name, value)
+        self.__post_init__()
+        self.message = self._message()
+        self.args = (self.message,)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    return __init__
+
+
+def _state(exc: FleetError) -> dict[str, Any]:
+    """Its attributes, and the fields kept elsewhere (an OSError's ``strerror``)."""
+    return {name: getattr(exc, name) for name in exc.fields if hasattr(exc, name)} | vars(exc)
+
+
 def _restore(cls: type[FleetError], args: tuple[Any, ...], state: dict[str, Any]) -> FleetError:
     exc = cls.__new__(cls)
     Exception.__init__(exc, *args)
-    exc.__dict__.update(state)
+    for name, value in state.items():
+        setattr(exc, name, value)
+    with contextlib.suppress(AttributeError):  # a field missing (an older worker's data)
+        exc.__post_init__()  # derived again: an OSError's errno and filename
     return exc
 
 
@@ -116,9 +194,9 @@ def _restore(cls: type[FleetError], args: tuple[Any, ...], state: dict[str, Any]
 
 
 class CodecError(FleetError):
-    """A parameter pack could not be written, read or loaded."""
+    """A parameter pack could not be written, read or loaded (``path``: which, if known)."""
 
-    fields: ClassVar[tuple[str, ...]] = ("path",)
+    path: str | None
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(message)
@@ -128,160 +206,132 @@ class CodecError(FleetError):
 class NotAPackError(CodecError):
     """``path`` is not a pack directory (missing, a file, or without ``manifest.json``)."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"not a parameter pack: {path} ({reason})", path=path)
-        self.reason = reason
-
-    fields = ("path", "reason")
+    reason: str
+    template = "not a parameter pack: {path} ({reason})"
 
 
 class UnknownPackFormatError(CodecError):
-    """The manifest's ``format`` is not one this codec reads."""
+    """The manifest's ``format`` is not one this codec reads (``expected``)."""
 
-    fields = ("path", "format", "expected")
-
-    def __init__(self, path: str, format: object, expected: str) -> None:
-        super().__init__(
-            f"unknown pack format {format!r} in {path} (expected {expected!r})", path=path
-        )
-        self.format = format
-        self.expected = expected
+    format: object
+    expected: str
+    template = "unknown pack format {format!r} in {path} (expected {expected!r})"
 
 
 class ManifestError(CodecError):
-    """The manifest is not JSON, lacks a required key, or has a value of the wrong type."""
+    """The manifest is not JSON, lacks a required ``key``, or has a value of the wrong
+    type; ``detail`` says which (``key`` is None when the whole manifest is bad)."""
 
-    fields = ("path", "key", "detail")
+    key: str | None
+    detail: str
 
-    def __init__(self, path: str, key: str | None, detail: str) -> None:
-        where = f" key {key!r}" if key else ""
-        super().__init__(f"bad pack manifest in {path}:{where} {detail}", path=path)
-        self.key = key
-        self.detail = detail
+    def _message(self) -> str:
+        where = f" key {self.key!r}" if self.key else ""
+        return f"bad pack manifest in {self.path}:{where} {self.detail}"
 
 
 class ValuesLengthError(CodecError):
-    """``values.f32le`` is not ``4 * parameter_count`` bytes long (truncated or padded)."""
+    """``values.f32le`` is not ``4 * parameter_count`` bytes long (truncated or padded):
+    ``actual_bytes`` instead of ``expected_bytes``."""
 
-    fields = ("path", "expected_bytes", "actual_bytes", "parameter_count")
+    expected_bytes: int
+    actual_bytes: int
+    parameter_count: int = field(init=False)
+    template = (
+        "values file {path} has {actual_bytes} bytes, expected {expected_bytes} "
+        "(4 * parameter_count {parameter_count})"
+    )
 
-    def __init__(self, path: str, expected_bytes: int, actual_bytes: int) -> None:
-        super().__init__(
-            f"values file {path} has {actual_bytes} bytes, expected {expected_bytes} "
-            f"(4 * parameter_count {expected_bytes // 4})",
-            path=path,
-        )
-        self.expected_bytes = expected_bytes
-        self.actual_bytes = actual_bytes
-        self.parameter_count = expected_bytes // 4
+    def __post_init__(self) -> None:
+        self.parameter_count = self.expected_bytes // 4
 
 
 class LayoutMismatchError(CodecError):
     """The pack's layout hash differs from the layout of the model it is loaded into."""
 
-    fields = ("path", "pack_layout_hash", "model_layout_hash")
-
-    def __init__(self, path: str, pack_layout_hash: str, model_layout_hash: str) -> None:
-        super().__init__(
-            f"layout mismatch loading {path}: pack has {pack_layout_hash}, "
-            f"model has {model_layout_hash}",
-            path=path,
-        )
-        self.pack_layout_hash = pack_layout_hash
-        self.model_layout_hash = model_layout_hash
+    pack_layout_hash: str
+    model_layout_hash: str
+    template = (
+        "layout mismatch loading {path}: pack has {pack_layout_hash}, model has {model_layout_hash}"
+    )
 
 
 class DigestMismatchError(CodecError):
-    """The content digest of ``values.f32le`` differs from the one in the manifest."""
+    """The content digest of ``values.f32le`` (``actual``) differs from the one in the
+    manifest (``expected``)."""
 
-    fields = ("path", "expected", "actual")
-
-    def __init__(self, path: str, expected: str, actual: str) -> None:
-        super().__init__(
-            f"content digest mismatch in {path}: manifest says {expected}, values hash to {actual}",
-            path=path,
-        )
-        self.expected = expected
-        self.actual = actual
+    expected: str
+    actual: str
+    template = (
+        "content digest mismatch in {path}: manifest says {expected}, values hash to {actual}"
+    )
 
 
 class BaseMismatchError(CodecError):
-    """A pseudo-gradient was taken from another global model than the one the outer step
-    steps from (its manifest's ``base_values_digest``): merging it would move the model
-    by a delta relative to the wrong point (docs/protocol.md section 4.4)."""
+    """The pseudo-gradient at ``path`` was taken from global model ``actual`` (its
+    manifest's ``base_values_digest``), not from ``expected``, the one the outer step
+    steps from: merging it would move the model by a delta relative to the wrong point
+    (docs/protocol.md section 4.4)."""
 
-    fields = ("path", "expected", "actual")
-
-    def __init__(self, path: str, expected: str, actual: str) -> None:
-        super().__init__(
-            f"{path} is a pseudo-gradient from global model {actual}, "
-            f"not from {expected} that the outer step steps from",
-            path=path,
-        )
-        self.expected = expected
-        self.actual = actual
+    expected: str
+    actual: str
+    template = (
+        "{path} is a pseudo-gradient from global model {actual}, "
+        "not from {expected} that the outer step steps from"
+    )
 
 
 class GlobalDigestMismatchError(CodecError):
-    """A worker reconstructed a global model (by applying committed outer steps) whose
-    digest is not the one the run committed: it must not train from it; the global is
-    fetched in full instead (docs/protocol.md section 5.7)."""
+    """The global model of ``round`` a worker rebuilt (by applying committed outer steps,
+    at ``path``) hashes to ``actual``, not to the committed ``expected``: it must not
+    train from it; the worker catches up from a full checkpoint instead
+    (docs/protocol.md section 5.7)."""
 
-    fields = ("path", "round", "expected", "actual")
-
-    def __init__(self, path: str, round: int, expected: str, actual: str) -> None:
-        super().__init__(
-            f"the global model of round {round} rebuilt here hashes to {actual}, "
-            f"the run committed {expected}",
-            path=path,
-        )
-        self.round = round
-        self.expected = expected
-        self.actual = actual
+    round: int
+    expected: str
+    actual: str
+    template = (
+        "the global model of round {round} rebuilt here hashes to {actual}, "
+        "the run committed {expected}"
+    )
 
 
 class NonFiniteValuesError(CodecError):
-    """The pack holds NaN or infinite values (raised only when asked to check)."""
+    """The pack holds ``count`` NaN or infinite values, the first at flat index
+    ``first_index`` (raised only when asked to check)."""
 
-    fields = ("path", "count", "first_index")
-
-    def __init__(self, path: str, count: int, first_index: int) -> None:
-        super().__init__(
-            f"{count} non-finite values in {path} (first at flat index {first_index})",
-            path=path,
-        )
-        self.count = count
-        self.first_index = first_index
+    count: int
+    first_index: int
+    template = "{count} non-finite values in {path} (first at flat index {first_index})"
 
 
 class UnsupportedStateError(CodecError):
     """A model state that is not a module, ``{"model": m}``, ``{"modules": {...}}`` or a
-    ``{name: Tensor}`` mapping, or a ``{"modules"}`` name that is empty or has a dot."""
+    ``{name: Tensor}`` mapping, or a ``{"modules"}`` name that is empty or has a dot.
+    ``detail`` says what; there is no ``path`` (always None, not on the wire)."""
 
     fields = ("detail",)
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"unsupported model state: {detail}")
-        self.detail = detail
+    path: str | None = field(default=None, init=False)
+    detail: str
+    template = "unsupported model state: {detail}"
 
 
 class MissingLayoutError(CodecError):
     """Tensor shapes are needed (e.g. for safetensors) but the pack does not record them
     and no template state was given."""
 
-    def __init__(self, path: str) -> None:
-        super().__init__(
-            f"pack {path} has no 'layout' entries in its manifest; pass a template state",
-            path=path,
-        )
+    template = "pack {path} has no 'layout' entries in its manifest; pass a template state"
 
 
 class ArtifactError(CodecError):
     """A model artifact (fleet's default: the model's state dict as safetensors) does
     not match the model it is loaded into: ``missing`` / ``unexpected`` tensor names,
-    or ``mismatched`` ``{name: "artifact shape vs model shape"}``."""
+    or ``mismatched`` ``{name: "artifact shape vs model shape"}``. ``detail`` (not a
+    field) ends the message."""
 
-    fields = ("path", "missing", "unexpected", "mismatched")
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: dict[str, str]
 
     def __init__(
         self,
@@ -311,77 +361,78 @@ class ArtifactError(CodecError):
 
 
 class StorageError(FleetError):
-    """A shared-root path or a file under it could not be used."""
+    """A shared-root path or a file under it could not be used; ``path`` is that path
+    when it is known (None otherwise)."""
 
-    fields: ClassVar[tuple[str, ...]] = ()
+    path: str | None
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class PathOutsideRootError(StorageError):
-    """A path resolves outside the shared root (``..``, absolute, or a symlink out)."""
+    """``path`` resolves outside the shared ``root`` (``..``, absolute, or a symlink out)."""
 
-    fields = ("path", "root")
-
-    def __init__(self, path: str, root: str) -> None:
-        super().__init__(f"path {path!r} escapes the shared root {root!r}")
-        self.path = path
-        self.root = root
+    root: str
+    template = "path {path!r} escapes the shared root {root!r}"
 
 
 class StorageFullError(StorageError, OSError):
-    """No space left where ``path`` was being written (``ENOSPC`` or ``EDQUOT``).
-    Nothing partial is left behind: temp files are removed. Also an :class:`OSError`
-    with that errno."""
+    """No space left where ``path`` was being written (``errno_name`` ``ENOSPC`` or
+    ``EDQUOT``). Nothing partial is left behind: temp files are removed. Also an
+    :class:`OSError` with that errno."""
 
-    fields = ("path", "errno_name")
+    errno_name: str = "ENOSPC"
+    template = "no space left on the shared root writing {path} ({errno_name})"
 
-    def __init__(self, path: str, errno_name: str = "ENOSPC") -> None:
-        super().__init__(f"no space left on the shared root writing {path} ({errno_name})")
-        self.path = path
-        self.errno_name = errno_name
-        self.errno = getattr(errno_module, errno_name, None)
-        self.filename = path
+    def __post_init__(self) -> None:  # the OSError's errno and filename
+        self.errno = getattr(errno_module, self.errno_name, None)
+        self.filename = self.path
 
 
 class StorageIOError(StorageError, OSError):
     """An OS error on the shared root other than a full disk, with its ``errno_name``
     (e.g. ``"EACCES"``) and ``strerror`` text. Also an :class:`OSError` with that errno."""
 
-    fields = ("path", "errno_name", "strerror")
+    errno_name: str
+    strerror: str
 
-    def __init__(self, path: str | None, errno_name: str, strerror: str) -> None:
-        where = f" on {path}" if path else ""
-        super().__init__(f"{errno_name}: {strerror}{where}")
-        self.path = path
-        self.errno_name = errno_name
-        self.strerror = strerror
-        self.errno = getattr(errno_module, errno_name, None)
-        self.filename = path
+    def __post_init__(self) -> None:  # the OSError's errno and filename
+        self.errno = getattr(errno_module, self.errno_name, None)
+        self.filename = self.path
+
+    def _message(self) -> str:
+        where = f" on {self.path}" if self.path else ""
+        return f"{self.errno_name}: {self.strerror}{where}"
 
 
 class StorageUnavailableError(StorageError):
     """The object store of the shared root at ``url`` could not be reached: ``operation``
     failed with connection errors, timeouts, 5xx replies or throttling (``SlowDown``)
     for ``retry_s`` seconds (``FLEET_STORE_RETRY_S``) of retries; ``cause`` is the last
-    failure. Transient: not one of the errors that fail a DiLoCo run
-    (``fleet.diloco.context.FATAL``): an attempt that fails with it is run again."""
+    failure; ``path`` the shared-root path it was for, when one. Transient: not one of
+    the errors that fail a DiLoCo run (``fleet.diloco.context.FATAL``): an attempt that
+    fails with it is run again."""
 
-    fields = ("url", "operation", "cause", "retry_s")
+    path: str | None = field(default=None, kw_only=True)
+    url: str
+    operation: str
+    cause: str
+    retry_s: float
 
-    def __init__(self, url: str, operation: str, cause: str, retry_s: float) -> None:
-        tried = f" for {retry_s:g} s" if retry_s > 0 else ""
-        super().__init__(
-            f"the store {url} is unavailable ({operation}: {cause}); retried{tried}, "
-            "see FLEET_STORE_RETRY_S"
+    def _message(self) -> str:
+        tried = f" for {self.retry_s:g} s" if self.retry_s > 0 else ""
+        return (
+            f"the store {self.url} is unavailable ({self.operation}: {self.cause}); "
+            f"retried{tried}, see FLEET_STORE_RETRY_S"
         )
-        self.url = url
-        self.operation = operation
-        self.cause = cause
-        self.retry_s = retry_s
 
 
 def storage_error(exc: OSError, path: str | None = None) -> StorageError:
     """The typed error for an OS error: :class:`StorageFullError` for ``ENOSPC`` /
-    ``EDQUOT``, :class:`StorageIOError` (errno name and text) otherwise."""
+    ``EDQUOT``, :class:`StorageIOError` (errno name and text) otherwise; ``exc`` itself
+    if it is a :class:`StorageError` already."""
     if isinstance(exc, StorageError):
         return exc
     name = errno_module.errorcode.get(exc.errno or 0, "EIO" if exc.errno else "OSError")
@@ -397,7 +448,7 @@ def storage_error(exc: OSError, path: str | None = None) -> StorageError:
 class DatasetError(FleetError):
     """A microshard dataset cannot be used as it is (``path``: the dataset directory)."""
 
-    fields: ClassVar[tuple[str, ...]] = ("path",)
+    path: str
 
     def __init__(self, message: str, *, path: str) -> None:
         super().__init__(message)
@@ -407,79 +458,57 @@ class DatasetError(FleetError):
 class DatasetFormatError(DatasetError):
     """Not a dataset: no shard files, or a ``fetch-manifest.json`` that is not valid."""
 
-    fields = ("path", "detail")
-
-    def __init__(self, path: str, detail: str) -> None:
-        super().__init__(f"dataset {path}: {detail}", path=path)
-        self.detail = detail
+    detail: str
+    template = "dataset {path}: {detail}"
 
 
 class ShardMissingError(DatasetError):
-    """A microshard listed by the dataset has no file."""
+    """Microshard ``microshard_id`` listed by the dataset has no file (``shard_path``)."""
 
-    fields = ("path", "microshard_id", "shard_path")
-
-    def __init__(self, path: str, microshard_id: str, shard_path: str) -> None:
-        super().__init__(
-            f"dataset {path}: microshard {microshard_id!r} has no file {shard_path}", path=path
-        )
-        self.microshard_id = microshard_id
-        self.shard_path = shard_path
+    microshard_id: str
+    shard_path: str
+    template = "dataset {path}: microshard {microshard_id!r} has no file {shard_path}"
 
 
 class ShardSizeMismatchError(DatasetError):
-    """A microshard's file is not ``expected_bytes`` long."""
+    """A microshard's file is ``actual_bytes`` long, not ``expected_bytes``."""
 
-    fields = ("path", "microshard_id", "expected_bytes", "actual_bytes")
-
-    def __init__(
-        self, path: str, microshard_id: str, expected_bytes: int, actual_bytes: int
-    ) -> None:
-        super().__init__(
-            f"dataset {path}: microshard {microshard_id!r} has {actual_bytes} bytes, "
-            f"the manifest says {expected_bytes}",
-            path=path,
-        )
-        self.microshard_id = microshard_id
-        self.expected_bytes = expected_bytes
-        self.actual_bytes = actual_bytes
+    microshard_id: str
+    expected_bytes: int
+    actual_bytes: int
+    template = (
+        "dataset {path}: microshard {microshard_id!r} has {actual_bytes} bytes, "
+        "the manifest says {expected_bytes}"
+    )
 
 
 class ShardHashMismatchError(DatasetError):
-    """A microshard's content hash (sha2-256 multihash, hex) differs from the manifest's."""
+    """A microshard's content hash (sha2-256 multihash, hex) is ``actual``, not the
+    manifest's ``expected``."""
 
-    fields = ("path", "microshard_id", "expected", "actual")
-
-    def __init__(self, path: str, microshard_id: str, expected: str, actual: str) -> None:
-        super().__init__(
-            f"dataset {path}: microshard {microshard_id!r} hashes to {actual}, "
-            f"the manifest says {expected}",
-            path=path,
-        )
-        self.microshard_id = microshard_id
-        self.expected = expected
-        self.actual = actual
+    microshard_id: str
+    expected: str
+    actual: str
+    template = (
+        "dataset {path}: microshard {microshard_id!r} hashes to {actual}, "
+        "the manifest says {expected}"
+    )
 
 
 class DatasetPathError(DatasetError):
-    """The dataset directory, or a shard's locator, escapes the shared root; or an
-    absolute shard path lies outside ``FLEET_DATA_ROOTS`` (``data_roots``)."""
+    """The dataset directory, or a shard's locator (``shard_path``), escapes the shared
+    root; or an absolute shard path lies outside ``FLEET_DATA_ROOTS`` (``data_roots``)."""
 
-    fields = ("path", "shard_path", "data_roots")
+    shard_path: str | None = None
+    data_roots: list[str] | None = field(default=None, kw_only=True)
 
-    def __init__(
-        self, path: str, shard_path: str | None = None, *, data_roots: list[str] | None = None
-    ) -> None:
-        what = (
-            f"microshard path {shard_path!r} of dataset {path}" if shard_path else f"dataset {path}"
-        )
-        if data_roots:
-            reason = f"is outside FLEET_DATA_ROOTS ({', '.join(data_roots)})"
-        else:
-            reason = "escapes the shared root"
-        super().__init__(f"{what} {reason}", path=path)
-        self.shard_path = shard_path
-        self.data_roots = data_roots
+    def _message(self) -> str:
+        what = f"dataset {self.path}"
+        if self.shard_path:
+            what = f"microshard path {self.shard_path!r} of dataset {self.path}"
+        if self.data_roots:
+            return f"{what} is outside FLEET_DATA_ROOTS ({', '.join(self.data_roots)})"
+        return f"{what} escapes the shared root"
 
 
 # --------------------------------------------------------------------------- protocol
@@ -490,55 +519,46 @@ class ProtocolError(FleetError):
 
 
 class RequestValidationError(ProtocolError):
-    """A request body is malformed. ``errors`` lists ``{loc, msg, type}`` per problem."""
+    """A request body of ``method`` is malformed. ``errors`` lists ``{loc, msg, type}``
+    per problem."""
 
-    fields = ("method", "errors")
+    method: str
+    errors: list[dict[str, Any]]
 
-    def __init__(self, method: str, errors: list[dict[str, Any]]) -> None:
+    def _message(self) -> str:
         summary = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '<body>'}: {e['msg']}" for e in errors
+            f"{'.'.join(map(str, e['loc'])) or '<body>'}: {e['msg']}" for e in self.errors
         )
-        super().__init__(f"invalid {method} request: {summary}")
-        self.method = method
-        self.errors = errors
+        return f"invalid {self.method} request: {summary}"
 
 
 class UnknownMethodError(ProtocolError):
-    """No protocol method of that name."""
+    """No protocol method named ``method``."""
 
-    fields = ("method",)
-
-    def __init__(self, method: str) -> None:
-        super().__init__(f"unknown protocol method {method!r}")
-        self.method = method
+    method: str
+    template = "unknown protocol method {method!r}"
 
 
 class MetricValueError(ProtocolError):
-    """A hook returned a metric value that is not bool, int, float or str."""
+    """``hook`` returned metric ``key`` with a value (of type ``value_type``) that is not
+    bool, int, float or str."""
 
-    fields = ("hook", "key", "value_type")
-
-    def __init__(self, hook: str, key: str, value_type: str) -> None:
-        super().__init__(
-            f"{hook} returned metric {key!r} of type {value_type}; metric values are "
-            "bool, int, float or str"
-        )
-        self.hook = hook
-        self.key = key
-        self.value_type = value_type
+    hook: str
+    key: str
+    value_type: str
+    template = (
+        "{hook} returned metric {key!r} of type {value_type}; metric values are "
+        "bool, int, float or str"
+    )
 
 
 class StepBudgetError(ProtocolError):
-    """``require_exact_steps`` was set and a different number of steps ran."""
+    """``require_exact_steps`` was set and ``steps_completed`` steps ran, not
+    ``num_inner_steps``."""
 
-    fields = ("steps_completed", "num_inner_steps")
-
-    def __init__(self, steps_completed: int, num_inner_steps: int) -> None:
-        super().__init__(
-            f"require_exact_steps: {steps_completed} steps completed, {num_inner_steps} required"
-        )
-        self.steps_completed = steps_completed
-        self.num_inner_steps = num_inner_steps
+    steps_completed: int
+    num_inner_steps: int
+    template = "require_exact_steps: {steps_completed} steps completed, {num_inner_steps} required"
 
 
 class RejectedMessageError(ProtocolError):
@@ -546,27 +566,23 @@ class RejectedMessageError(ProtocolError):
     message, or a refused content type (pickle, YAML). The message is kept in the
     dead-letter list ``fleet:deadletter`` with this ``reason``."""
 
-    fields = ("reason", "content_type", "queue", "task_id")
+    reason: str
+    content_type: str | None = field(kw_only=True)
+    queue: str | None = field(kw_only=True)
+    task_id: str | None = field(kw_only=True)
 
-    def __init__(
-        self, reason: str, *, content_type: str | None, queue: str | None, task_id: str | None
-    ) -> None:
-        super().__init__(
-            f"message {task_id or '(no task id)'} on queue {queue or '?'} refused: {reason}"
-        )
-        self.reason = reason
-        self.content_type = content_type
-        self.queue = queue
-        self.task_id = task_id
+    def _message(self) -> str:
+        task, queue = self.task_id or "(no task id)", self.queue or "?"
+        return f"message {task} on queue {queue} refused: {self.reason}"
 
 
 # --------------------------------------------------------------------------- workload
 
 
 class WorkloadError(FleetError):
-    """A workload factory or hook could not be used."""
+    """A workload factory or hook could not be used (``spec``: the factory spec)."""
 
-    fields: ClassVar[tuple[str, ...]] = ("spec",)
+    spec: str | None
 
     def __init__(self, message: str, *, spec: str | None = None) -> None:
         super().__init__(message)
@@ -576,74 +592,59 @@ class WorkloadError(FleetError):
 class BadFactorySpecError(WorkloadError):
     """The factory spec is not exactly ``module:attr`` (one colon, both parts non-empty)."""
 
-    def __init__(self, spec: str) -> None:
-        super().__init__(f"bad workload factory spec {spec!r}: expected 'module:attr'", spec=spec)
+    template = "bad workload factory spec {spec!r}: expected 'module:attr'"
 
 
 class NotAllowlistedError(WorkloadError):
-    """The spec matches none of the worker's allowlist globs."""
+    """The spec matches none of the worker's ``allowlist`` globs."""
 
-    fields = ("spec", "allowlist")
-
-    def __init__(self, spec: str, allowlist: list[str]) -> None:
-        super().__init__(
-            f"workload {spec!r} is not on this worker's allowlist {allowlist}", spec=spec
-        )
-        self.allowlist = allowlist
+    allowlist: list[str]
+    template = "workload {spec!r} is not on this worker's allowlist {allowlist}"
 
 
 class FactoryLoadError(WorkloadError):
-    """Importing the module, finding the attribute, or calling the factory failed."""
+    """Importing the module, finding the attribute, or calling the factory failed
+    (``detail``)."""
 
-    fields = ("spec", "detail")
-
-    def __init__(self, spec: str, detail: str) -> None:
-        super().__init__(f"cannot build workload {spec!r}: {detail}", spec=spec)
-        self.detail = detail
+    detail: str
+    template = "cannot build workload {spec!r}: {detail}"
 
 
 class NoWorkloadError(WorkloadError):
-    """The call names no workload and the worker has no default one."""
+    """The call names no workload and the worker has no default one (``spec`` is None)."""
 
-    def __init__(self) -> None:
-        super().__init__("no workload given and this worker has no default workload")
+    spec: str | None = field(default=None, init=False)
+    template = "no workload given and this worker has no default workload"
 
 
 class HookMissingError(WorkloadError):
-    """The workload does not define a hook the call needs."""
+    """The workload does not define ``hook``, which the call needs."""
 
-    fields = ("spec", "hook")
-
-    def __init__(self, spec: str, hook: str) -> None:
-        super().__init__(f"workload {spec!r} has no {hook}() hook", spec=spec)
-        self.hook = hook
+    hook: str
+    template = "workload {spec!r} has no {hook}() hook"
 
 
 class HookFailedError(WorkloadError):
-    """A workload hook raised. Keeps the original exception's type, text and traceback."""
+    """Workload ``hook`` raised. Keeps the original exception's type (``error_type``),
+    text (``error``) and traceback (``hook_traceback``)."""
 
-    fields = ("spec", "hook", "error_type", "error", "hook_traceback")
-
-    def __init__(
-        self, spec: str, hook: str, error_type: str, error: str, hook_traceback: str
-    ) -> None:
-        super().__init__(f"{hook}() of {spec!r} raised {error_type}: {error}", spec=spec)
-        self.hook = hook
-        self.error_type = error_type
-        self.error = error
-        self.hook_traceback = hook_traceback
+    hook: str
+    error_type: str
+    error: str
+    hook_traceback: str
+    template = "{hook}() of {spec!r} raised {error_type}: {error}"
 
 
 class WorkloadDataError(WorkloadError):
-    """A :class:`~fleet.workloads.TorchWorkload` data source (``train_data``,
-    ``eval_data``) gave no batch where one was needed."""
+    """A :class:`~fleet.workloads.TorchWorkload` data source (``source``: ``train_data``,
+    ``eval_data``) gave no batch where one was needed (``detail``). ``spec`` is the
+    workload's: a data source does not know it, so :meth:`fleet.workload.Workload.call`
+    sets it when the error leaves the hook."""
 
-    fields = ("spec", "source", "detail")
-
-    def __init__(self, source: str, detail: str) -> None:
-        super().__init__(f"{source}: {detail}")
-        self.source = source
-        self.detail = detail
+    spec: str | None = field(default=None, kw_only=True)
+    source: str
+    detail: str
+    template = "{source}: {detail}"
 
 
 # --------------------------------------------------------------------------- registry
@@ -654,113 +655,96 @@ class RegistryError(FleetError):
 
 
 class HandleNotFound(RegistryError):
-    """No model handle with this id here. ``record`` is its registry record, if any
-    (e.g. held by another worker, or released)."""
+    """No model handle ``model_id`` here (on ``worker``, if given). ``record`` is its
+    registry record, if any (e.g. held by another worker, or released)."""
 
-    fields = ("model_id", "worker", "record")
+    model_id: str
+    worker: str | None = field(default=None, kw_only=True)
+    record: dict[str, Any] | None = field(default=None, kw_only=True)
 
-    def __init__(
-        self, model_id: str, *, worker: str | None = None, record: dict[str, Any] | None = None
-    ) -> None:
-        where = f" on worker {worker}" if worker else ""
-        owner = (
-            f" (registry: owned by {record.get('owner')})" if record else " (not in the registry)"
-        )
-        super().__init__(f"model handle {model_id!r} not found{where}{owner}")
-        self.model_id = model_id
-        self.worker = worker
-        self.record = record
+    def _message(self) -> str:
+        where = f" on worker {self.worker}" if self.worker else ""
+        owner = " (not in the registry)"
+        if self.record:
+            owner = f" (registry: owned by {self.record.get('owner')})"
+        return f"model handle {self.model_id!r} not found{where}{owner}"
 
 
 class OwnerLostError(RegistryError):
-    """The worker owning a handle stopped heartbeating; ``last_pack`` is the PackRef the
-    handle can be restored from (None if it never published one)."""
+    """The worker owning handle ``model_id`` (``owner``) stopped heartbeating;
+    ``last_pack`` is the PackRef the handle can be restored from (None if it never
+    published one)."""
 
-    fields = ("model_id", "owner", "last_pack")
+    model_id: str
+    owner: str
+    last_pack: dict[str, Any] | None
 
-    def __init__(self, model_id: str, owner: str, last_pack: dict[str, Any] | None) -> None:
-        restore = (
-            f"; restore it from its last pack {last_pack['path']!r}"
-            if last_pack
-            else "; it never published a pack"
-        )
-        super().__init__(f"owner {owner!r} of model handle {model_id!r} is lost{restore}")
-        self.model_id = model_id
-        self.owner = owner
-        self.last_pack = last_pack
+    def _message(self) -> str:
+        restore = "; it never published a pack"
+        if self.last_pack:
+            restore = f"; restore it from its last pack {self.last_pack['path']!r}"
+        return f"owner {self.owner!r} of model handle {self.model_id!r} is lost{restore}"
 
 
 class WorkerNotFound(RegistryError):
-    """No live worker with this name."""
+    """No live worker named ``worker``."""
 
-    fields = ("worker",)
-
-    def __init__(self, worker: str) -> None:
-        super().__init__(f"no live worker named {worker!r}")
-        self.worker = worker
+    worker: str
+    template = "no live worker named {worker!r}"
 
 
 class NoWorkersError(RegistryError):
     """Fewer than ``wanted`` live workers (``alive`` of them) after ``waited_s`` seconds."""
 
-    fields = ("wanted", "alive", "waited_s")
+    wanted: int
+    alive: int
+    waited_s: float
 
-    def __init__(self, wanted: int, alive: int, waited_s: float) -> None:
-        waited = f" after waiting {waited_s:g} s" if waited_s else ""
-        super().__init__(
-            f"{alive} live worker(s), {wanted} needed{waited}: start workers with "
+    def _message(self) -> str:
+        waited = f" after waiting {self.waited_s:g} s" if self.waited_s else ""
+        return (
+            f"{self.alive} live worker(s), {self.wanted} needed{waited}: start workers with "
             "`fleet worker --cpu` / `fleet worker --gpu N`, or a local fleet with `fleet up`"
         )
-        self.wanted = wanted
-        self.alive = alive
-        self.waited_s = waited_s
 
 
 class WorkerSlotTakenError(RegistryError):
-    """The worker name (its GPU or CPU slot on this node) is held by a live worker."""
+    """The worker name (its GPU or CPU slot on this node) is held by a live worker:
+    process ``holder_pid`` on ``holder_host``, last heartbeat ``heartbeat_age_s`` ago."""
 
-    fields = ("worker", "holder_pid", "holder_host", "heartbeat_age_s")
-
-    def __init__(
-        self, worker: str, holder_pid: int, holder_host: str, heartbeat_age_s: float
-    ) -> None:
-        super().__init__(
-            f"{worker} is already running as pid {holder_pid} on {holder_host} "
-            f"(heartbeat {heartbeat_age_s:.1f} s ago); pick another --slot / --gpu"
-        )
-        self.worker = worker
-        self.holder_pid = holder_pid
-        self.holder_host = holder_host
-        self.heartbeat_age_s = heartbeat_age_s
+    worker: str
+    holder_pid: int
+    holder_host: str
+    heartbeat_age_s: float
+    template = (
+        "{worker} is already running as pid {holder_pid} on {holder_host} "
+        "(heartbeat {heartbeat_age_s:.1f} s ago); pick another --slot / --gpu"
+    )
 
 
 # --------------------------------------------------------------------------- long tasks
 
 
 class TrainingStopped(FleetError):
-    """A long task stopped between steps. ``steps_completed`` steps were done."""
+    """Long task ``task_id`` stopped between steps, for ``reason``, after
+    ``steps_completed`` steps."""
 
-    fields: ClassVar[tuple[str, ...]] = ("task_id", "steps_completed", "reason")
-
-    def __init__(self, task_id: str | None, steps_completed: int, reason: str) -> None:
-        super().__init__(f"task {task_id} stopped after {steps_completed} steps: {reason}")
-        self.task_id = task_id
-        self.steps_completed = steps_completed
-        self.reason = reason
+    task_id: str | None
+    steps_completed: int
+    reason: str
+    template = "task {task_id} stopped after {steps_completed} steps: {reason}"
 
 
 class TaskAborted(TrainingStopped):
     """The task was asked to abort (``Fleet.cancel`` / a job cancel)."""
 
-    def __init__(self, task_id: str | None, steps_completed: int) -> None:
-        super().__init__(task_id, steps_completed, "aborted")
+    reason: str = field(default="aborted", init=False)
 
 
 class DeadlineExceeded(TrainingStopped):
     """The deadline passed before ``num_inner_steps`` with ``require_exact_steps``."""
 
-    def __init__(self, task_id: str | None, steps_completed: int) -> None:
-        super().__init__(task_id, steps_completed, "deadline passed")
+    reason: str = field(default="deadline passed", init=False)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -771,97 +755,77 @@ class JobError(FleetError):
 
 
 class JobNotFound(JobError):
-    """No job with this id."""
+    """No job with id ``job_id``."""
 
-    fields = ("job_id",)
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job {job_id!r}")
-        self.job_id = job_id
+    job_id: str
+    template = "no job {job_id!r}"
 
 
 class JobStateError(JobError):
-    """A status change that the job's current status does not allow."""
+    """A status change (to ``requested``) that the job's current ``status`` does not allow."""
 
-    fields = ("job_id", "status", "requested")
-
-    def __init__(self, job_id: str, status: str, requested: str) -> None:
-        super().__init__(f"job {job_id} is {status}; cannot become {requested}")
-        self.job_id = job_id
-        self.status = status
-        self.requested = requested
+    job_id: str
+    status: str
+    requested: str
+    template = "job {job_id} is {status}; cannot become {requested}"
 
 
 class RoundFailed(JobError):
-    """No replica of a round could publish a pack."""
+    """No replica of round ``round`` could publish a pack; ``errors`` says why, per attempt."""
 
-    fields = ("round", "errors")
+    round: int
+    errors: list[str]
 
-    def __init__(self, round_index: int, errors: list[str]) -> None:
-        super().__init__(f"round {round_index}: no replica published a pack ({'; '.join(errors)})")
-        self.round = round_index
-        self.errors = errors
+    def _message(self) -> str:
+        return f"round {self.round}: no replica published a pack ({'; '.join(self.errors)})"
 
 
 class CorruptCheckpointError(JobError):
-    """A committed checkpoint pack of round ``round`` (``path``) is corrupt, and the
-    inputs it was computed from are not intact either, so it cannot be recomputed."""
+    """A committed checkpoint pack of round ``round`` (``path``) is corrupt (``cause``),
+    and the inputs it was computed from are not intact either, so it cannot be recomputed."""
 
-    fields = ("job_id", "round", "path", "cause")
-
-    def __init__(self, job_id: str, round_index: int, path: str, cause: str) -> None:
-        super().__init__(
-            f"job {job_id}: the pack {path} entering round {round_index} is corrupt and "
-            f"cannot be recomputed ({cause})"
-        )
-        self.job_id = job_id
-        self.round = round_index
-        self.path = path
-        self.cause = cause
+    job_id: str
+    round: int
+    path: str
+    cause: str
+    template = (
+        "job {job_id}: the pack {path} entering round {round} is corrupt and "
+        "cannot be recomputed ({cause})"
+    )
 
 
 class JobCancelled(JobError):
-    """The job was cancelled while the driver ran."""
+    """Job ``job_id`` was cancelled while the driver ran."""
 
-    fields = ("job_id",)
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"job {job_id} was cancelled")
-        self.job_id = job_id
+    job_id: str
+    template = "job {job_id} was cancelled"
 
 
 class JobOwnedError(JobError):
-    """Another orchestrator holds the job's owner lease (and heartbeats)."""
+    """Another orchestrator (process ``owner_pid`` on ``owner_host``, last heartbeat
+    ``heartbeat_age_s`` ago) holds the job's owner lease."""
 
-    fields = ("job_id", "owner_host", "owner_pid", "heartbeat_age_s")
-
-    def __init__(
-        self, job_id: str, owner_host: str, owner_pid: int, heartbeat_age_s: float
-    ) -> None:
-        super().__init__(
-            f"job {job_id} is run by pid {owner_pid} on {owner_host} (heartbeat "
-            f"{heartbeat_age_s:.1f} s ago); stop it first, or wait until its lease expires"
-        )
-        self.job_id = job_id
-        self.owner_host = owner_host
-        self.owner_pid = owner_pid
-        self.heartbeat_age_s = heartbeat_age_s
+    job_id: str
+    owner_host: str
+    owner_pid: int
+    heartbeat_age_s: float
+    template = (
+        "job {job_id} is run by pid {owner_pid} on {owner_host} (heartbeat "
+        "{heartbeat_age_s:.1f} s ago); stop it first, or wait until its lease expires"
+    )
 
 
 class FencedOutError(JobError):
     """This orchestrator's fencing ``token`` is no longer the job's ``current`` one: a
     newer owner took the job over, so nothing this one writes is accepted."""
 
-    fields = ("job_id", "token", "current")
-
-    def __init__(self, job_id: str, token: int, current: int | None) -> None:
-        super().__init__(
-            f"job {job_id}: fencing token {token} is stale (current {current}); "
-            "another orchestrator took the job over"
-        )
-        self.job_id = job_id
-        self.token = token
-        self.current = current
+    job_id: str
+    token: int
+    current: int | None
+    template = (
+        "job {job_id}: fencing token {token} is stale (current {current}); "
+        "another orchestrator took the job over"
+    )
 
 
 # --------------------------------------------------------------------------- configs
@@ -875,23 +839,18 @@ class RunConfigError(ConfigError):
     """A run config (a ``--config`` file, flags, or both) that does not validate:
     ``source`` names the file or ``flags``, ``detail`` the keys and what is wrong."""
 
-    fields = ("source", "detail")
-
-    def __init__(self, source: str, detail: str) -> None:
-        super().__init__(f"{source}: {detail}")
-        self.source = source
-        self.detail = detail
+    source: str
+    detail: str
+    template = "{source}: {detail}"
 
 
 class TrackerError(ConfigError):
-    """A ``--tracker`` that cannot be used (unknown kind, missing place or library)."""
+    """A ``--tracker`` of ``kind`` that cannot be used (unknown kind, missing place or
+    library: ``detail``)."""
 
-    fields = ("kind", "detail")
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"tracker {kind!r}: {detail}")
-        self.kind = kind
-        self.detail = detail
+    kind: str
+    detail: str
+    template = "tracker {kind!r}: {detail}"
 
 
 # --------------------------------------------------------------------------- client side
@@ -899,67 +858,54 @@ class TrackerError(ConfigError):
 
 class BrokerUnavailableError(FleetError):
     """Redis (the broker, result backend and registry) cannot be reached, or refuses
-    the credentials or the TLS handshake. ``url`` has no password."""
+    the credentials or the TLS handshake (``cause``). ``url`` has no password."""
 
-    fields = ("url", "cause")
-
-    def __init__(self, url: str, cause: str) -> None:
-        super().__init__(
-            f"Redis at {url} is unavailable ({cause}); start a local fleet with `fleet up`, "
-            "or set FLEET_REDIS_URL to a reachable Redis"
-        )
-        self.url = url
-        self.cause = cause
+    url: str
+    cause: str
+    template = (
+        "Redis at {url} is unavailable ({cause}); start a local fleet with `fleet up`, "
+        "or set FLEET_REDIS_URL to a reachable Redis"
+    )
 
 
 class RemoteTaskError(FleetError):
-    """A fleet task failed on a worker.
+    """A fleet task (``method``, ``task_id``) failed on ``worker``.
 
     ``error_type`` is the remote exception's class name (e.g. ``"HandleNotFound"``),
-    ``data`` its fields when it was a FleetError, ``remote_traceback`` the worker's
-    traceback text. A remote :class:`FleetError` is raised as its own class (see
+    ``error`` its message, ``data`` its fields when it was a FleetError (``{}``
+    otherwise; None is taken as ``{}``), ``remote_traceback`` the worker's traceback
+    text. A remote :class:`FleetError` is raised as its own class (see
     :func:`remote_error`), which derives from both that class and this one, so
     ``except LayoutMismatchError`` and ``except RemoteTaskError`` both catch it.
     """
 
-    fields = ("method", "worker", "task_id", "error_type", "error", "data", "remote_traceback")
+    method: str
+    worker: str | None
+    task_id: str
+    error_type: str
+    error: str
+    data: dict[str, Any]
+    remote_traceback: str | None
 
-    def __init__(
-        self,
-        method: str,
-        worker: str | None,
-        task_id: str,
-        error_type: str,
-        error: str,
-        data: dict[str, Any] | None,
-        remote_traceback: str | None,
-    ) -> None:
-        super().__init__(f"{method} failed on {worker or '?'}: {error_type}: {error}")
-        self.method = method
-        self.worker = worker
-        self.task_id = task_id
-        self.error_type = error_type
-        self.error = error
-        self.data = data or {}
-        self.remote_traceback = remote_traceback
+    def __post_init__(self) -> None:
+        self.data = self.data or {}
+
+    def _message(self) -> str:
+        return f"{self.method} failed on {self.worker or '?'}: {self.error_type}: {self.error}"
 
 
 class FleetTimeout(FleetError):
-    """A call's result did not arrive within ``timeout_s`` seconds."""
+    """A call's result (``method``, ``task_id``) did not arrive within ``timeout_s`` seconds."""
 
-    fields = ("method", "task_id", "timeout_s")
-
-    def __init__(self, method: str, task_id: str, timeout_s: float) -> None:
-        super().__init__(f"{method} (task {task_id}) gave no result within {timeout_s:g} s")
-        self.method = method
-        self.task_id = task_id
-        self.timeout_s = timeout_s
+    method: str
+    task_id: str
+    timeout_s: float
+    template = "{method} (task {task_id}) gave no result within {timeout_s:g} s"
 
 
 # --------------------------------------------------------------------------- remote errors
 
 _REMOTE_CLASSES: dict[type[FleetError], type[RemoteTaskError]] = {}
-_REMOTE_FIELDS = RemoteTaskError.fields
 
 
 def _fleet_error_classes() -> dict[str, type[FleetError]]:
@@ -979,14 +925,17 @@ def remote_class(cls: type[FleetError]) -> type[RemoteTaskError]:
     and deriving from both ``cls`` and :class:`RemoteTaskError`."""
     if issubclass(cls, RemoteTaskError):
         return cls
+    if issubclass(RemoteTaskError, cls):  # FleetError itself: RemoteTaskError is one
+        return RemoteTaskError
     klass = _REMOTE_CLASSES.get(cls)
     if klass is None:
         namespace = {
             "__module__": cls.__module__,
             "__qualname__": cls.__qualname__,
             "__doc__": f"{cls.__name__} raised on a worker (see RemoteTaskError).",
-            "fields": tuple(dict.fromkeys(cls.fields + _REMOTE_FIELDS)),
+            "fields": tuple(dict.fromkeys(cls.fields + RemoteTaskError.fields)),
             "__reduce__": _remote_reduce,
+            "__init__": cls.__init__,  # built by remote_error(), never by its constructor
         }
         klass = type(cls.__name__, (cls, RemoteTaskError), namespace)
         _REMOTE_CLASSES[cls] = klass
@@ -995,7 +944,7 @@ def remote_class(cls: type[FleetError]) -> type[RemoteTaskError]:
 
 def _remote_reduce(self: FleetError) -> tuple[Any, ...]:
     base = next(c for c in type(self).__mro__[1:] if c in _REMOTE_CLASSES)
-    return (_restore_remote, (base, self.args, dict(self.__dict__)))
+    return (_restore_remote, (base, self.args, _state(self)))
 
 
 def _restore_remote(base: type[FleetError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
@@ -1017,25 +966,12 @@ def remote_error(
     A :class:`FleetError` named ``error_type`` is rebuilt as :func:`remote_class` of it
     with its ``data`` as attributes (where a data field shares a name with one of
     :class:`RemoteTaskError`'s, e.g. :class:`HookFailedError`'s ``error_type``, the
-    attribute is the remote one and ``data`` keeps the original). Any other error
-    type gives a plain :class:`RemoteTaskError`.
+    attribute is the remote one and ``data`` keeps the original). A plain
+    :class:`FleetError`, or any other error type, gives a plain :class:`RemoteTaskError`.
     """
-    remote: dict[str, Any] = {
-        "method": method,
-        "worker": worker,
-        "task_id": task_id,
-        "error_type": error_type,
-        "error": error,
-        "data": dict(data or {}),
-        "remote_traceback": remote_traceback,
-    }
+    data = dict(data or {})
+    remote = RemoteTaskError(method, worker, task_id, error_type, error, data, remote_traceback)
     base = _fleet_error_classes().get(error_type)
-    if base is None or base is RemoteTaskError:
-        return RemoteTaskError(method, worker, task_id, error_type, error, data, remote_traceback)
-    klass = remote_class(base)
-    message = f"{method} failed on {worker or '?'}: {error_type}: {error}"
-    exc = klass.__new__(klass)
-    Exception.__init__(exc, message)
-    exc.__dict__.update({k: v for k, v in (data or {}).items() if k not in remote})
-    exc.__dict__.update(remote, message=message)
-    return exc
+    if base is None or issubclass(RemoteTaskError, base):
+        return remote
+    return cast(RemoteTaskError, _restore(remote_class(base), remote.args, data | vars(remote)))

@@ -75,6 +75,8 @@ class Workload:
         Raises:
             HookMissingError: the workload has no such hook.
             HookFailedError: the hook raised (type, text and traceback kept).
+            FleetError: the hook raised one; a :class:`WorkloadError` without a
+                ``spec`` (e.g. :class:`WorkloadDataError`) gets this workload's.
         """
         fn: Callable[..., Any] | None = getattr(self.obj, hook, None)
         if not callable(fn):
@@ -82,9 +84,11 @@ class Workload:
         try:
             return fn(*args)
         except Exception as exc:
-            from fleet.errors import FleetError
+            from fleet.errors import FleetError, WorkloadError
 
             if isinstance(exc, FleetError):
+                if isinstance(exc, WorkloadError) and exc.spec is None:
+                    exc.spec = self.spec
                 raise
             raise HookFailedError(
                 self.spec, hook, type(exc).__name__, str(exc), traceback.format_exc()
