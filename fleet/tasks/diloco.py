@@ -217,6 +217,6 @@ def collect_garbage(
     """Delete the given files and directories under the shared root (missing ones are
     skipped), then each parent directory that became empty."""
     rels = [rt.shared.relative(rel) for rel in req.paths]
-    present = [rel for rel in rels if rt.shared.exists(rel)]
+    present = rt.shared.existing(rels)  # one listing per directory on an object store
     freed = rt.shared.remove(rels)
     return CollectGarbageResult(deleted=present, freed_bytes=freed)
