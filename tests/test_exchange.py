@@ -280,3 +280,46 @@ def test_a_worker_that_joins_mid_run_catches_up_and_is_used(settings, private):
     assert first.base_digest == records[0].global_digest
     assert joined[0].name in {o.worker for o in records[2].merged}
     assert os.path.isdir(private.cache(30))
+
+
+def test_a_committed_pseudo_gradient_gone_bad_on_the_store_is_replaced_by_a_checkpoint(
+    settings, private
+):
+    """Round 0 commits; then one bit of the outer step's worker's own pseudo-gradient is
+    flipped on the shared root (that worker read its copy from its disk, so the step was
+    computed right). The other worker cannot replay round 0's step in round 1: its
+    attempt fails naming the pack, the worker holding the model publishes it in full as
+    round 1's checkpoint, the replica is re-run, and the other worker catches up from that
+    checkpoint in round 2. Every round commits once, with both replicas."""
+    for slot in (28, 29):
+        private.start(slot)
+    fleet = Fleet(settings)
+    flipped: list[str] = []
+
+    def on_round(record: RoundRecord) -> None:
+        if record.round != 0:
+            return
+        own = next(o for o in record.merged if o.worker == record.outer_step_worker)
+        assert own.pack is not None
+        values = fleet.shared.resolve(own.pack.path) / "values.bin"  # the int8 codes
+        data = bytearray(values.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        values.write_bytes(bytes(data))
+        flipped.append(own.pack.path)
+
+    try:
+        run = DiLoCoRun.start(fleet, _config(private, rounds=3), on_round=on_round)
+        job = run.run()
+    finally:
+        fleet.close()
+    assert job.status == "completed", job.error
+    records = run.rounds()
+    assert [r.round for r in records] == [0, 1, 2]
+    assert all([o.replica for o in r.merged] == [0, 1] for r in records)
+    failed = [o for o in records[1].replicas if o.status == "failed"]
+    assert len(failed) == 1 and "DigestMismatchError" in (failed[0].error or "")
+    assert flipped[0] in (failed[0].error or "")
+    # round 1's model was published in full and the failed worker caught up from it
+    back = next(o for o in records[2].merged if o.worker == failed[0].worker)
+    assert back.global_source == "caught-up" and back.steps_replayed == 1
+    assert {o.base_digest for o in records[2].merged} == {records[1].global_digest}

@@ -105,27 +105,21 @@ def _fleet_tasks(flower: str) -> dict:
 def test_workers_tasks_and_metrics_through_the_api(flower, diloco_job, two_workers):
     wait_until(
         lambda: any(
-            t["name"] == "fleet.run_inner_loop" and t["state"] == "SUCCESS"
+            t["name"] == "fleet.replica_round" and t["state"] == "SUCCESS"
             for t in _fleet_tasks(flower).values()
         ),
         30,
-        "Flower seeing fleet.run_inner_loop succeed",
+        "Flower seeing fleet.replica_round succeed",
         interval_s=0.5,
     )
     tasks = _fleet_tasks(flower)
     names = {t["name"] for t in tasks.values()}
-    assert {
-        "fleet.init_model",
-        "fleet.export_parameter_pack",
-        "fleet.run_inner_loop",
-        "fleet.evaluate",
-        "fleet.load_parameter_pack",
-    } <= names
-    inner = [t for t in tasks.values() if t["name"] == "fleet.run_inner_loop"]
+    assert {"fleet.init_model", "fleet.replica_round", "fleet.evaluate_global"} <= names, names
+    inner = [t for t in tasks.values() if t["name"] == "fleet.replica_round"]
     assert {t["worker"] for t in inner} == {w.name for w in two_workers}
     for t in inner:  # readable arguments: PackRefs and paths, batches summarized
-        assert "<5 items>" in t["kwargs"] and "output_parameter_pack_path" in t["kwargs"]
-        assert len(t["kwargs"]) < 1000
+        assert "<5 items>" in t["kwargs"] and "output_path" in t["kwargs"], t["kwargs"]
+        assert len(t["kwargs"]) < 1500
 
     status, body = _get(f"{flower}/api/workers?refresh=1")
     assert status == 200, body
@@ -133,23 +127,23 @@ def test_workers_tasks_and_metrics_through_the_api(flower, diloco_job, two_worke
     for w in two_workers:
         queues = {q["name"] for q in workers[w.name]["active_queues"]}
         assert queues == {w.queue, "fleet.gpu"}
-        assert "fleet.run_inner_loop" in workers[w.name]["registered"]
+        assert "fleet.replica_round" in workers[w.name]["registered"]
 
     status, metrics = _get(f"{flower}/metrics", auth=None)
     assert status == 200
     assert (
-        'flower_events_total{task="fleet.run_inner_loop",type="task-succeeded"'
+        'flower_events_total{task="fleet.replica_round",type="task-succeeded"'
         in metrics.replace(", ", ",")
         or any(
             "flower_events_total" in line
-            and 'task="fleet.run_inner_loop"' in line
+            and 'task="fleet.replica_round"' in line
             and "task-succeeded" in line
             for line in metrics.splitlines()
         )
     )
     assert any(
         "flower_events_total" in line
-        and 'task="fleet.run_inner_loop"' in line
+        and 'task="fleet.replica_round"' in line
         and "task-progress" in line
         for line in metrics.splitlines()
     ), "long tasks send task-progress events"
@@ -191,7 +185,7 @@ def test_tasks_page_in_headless_chromium(chromium, flower, diloco_job, artifacts
     dom = subprocess.run(
         [*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False
     )
-    assert "fleet.run_inner_loop" in dom.stdout, dom.stderr[-2000:]
+    assert "fleet.replica_round" in dom.stdout, dom.stderr[-2000:]
     shot = artifacts_dir / "flower-tasks.png"
     subprocess.run(
         [*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=False

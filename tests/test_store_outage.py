@@ -331,7 +331,10 @@ def test_a_diloco_job_rides_out_the_store_killed_mid_round(
     assert not [r.error for m in rounds for r in m.replicas if r.error], "an attempt failed"
     assert all(m.merged for m in rounds)
     assert state is not None and state.next_round == 3
-    final = state.global_pack
+    checkpoint = state.checkpoints[-1]  # the job ends by publishing its model in full
+    assert checkpoint.round == 3
+    final = checkpoint.global_pack
+    assert final.values_digest == state.global_digest
     reader = _store(up, root, tmp_path / "verify-cache", retry_s=0)
     with reader.pack_reader(
         final.path, layout_hash=final.layout_hash, values_digest=final.values_digest

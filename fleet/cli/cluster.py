@@ -32,6 +32,8 @@ def up_cmd(workers: int | None, flower: bool, flower_port: int, root: Path) -> N
     from fleet.registry import Registry
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C stops it even when started from a shell that ignores SIGINT in background jobs
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cluster = LocalCluster(root, workers=workers, flower=flower, flower_port=flower_port)
     # Ctrl-C (or SIGTERM) at any moment, start-up included, is the normal way to stop:
     # leaving the ``with`` block stops every process, and the command exits 0.

@@ -69,3 +69,15 @@ class RunLayout:
     def replica_state(self, replica: int, round_index: int, attempt: int) -> str:
         """Replica ``replica``'s state after round ``round_index``, attempt ``attempt``."""
         return f"{self.run_dir}/replica-{replica}/state-{round_index:04d}-a{attempt}"
+
+
+def names_pack(error_path: str, pack_path: str) -> bool:
+    """True if an error's path (as the worker saw it) is the pack ``pack_path`` or one of
+    its files."""
+    path = error_path.rstrip("/")
+    return (
+        path == pack_path
+        or path.endswith("/" + pack_path)
+        or path.startswith(pack_path + "/")
+        or f"/{pack_path}/" in path
+    )

@@ -14,6 +14,7 @@ from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.context import FATAL, RunContext
 from fleet.diloco.liveness import Liveness
 from fleet.diloco.placement import replacement_worker
+from fleet.diloco.recovery import republish_after_corrupt_step
 from fleet.diloco.state import Attempt
 from fleet.errors import FleetError, RoundFailed
 from fleet.protocol import ReplicaRoundResult
@@ -110,6 +111,13 @@ class QuorumWait:
                     error,
                     level=logging.WARNING,
                 )
+                others = [w for w in self.attempts.finished if w != attempt.worker]
+                others += [w for w in sorted(liveness.alive()) if w not in others]
+                republished = republish_after_corrupt_step(
+                    ctx, self.attempts.state, exc, [w for w in others if w != attempt.worker]
+                )
+                if republished is not None:
+                    self.attempts.state = republished
         elif liveness.lost(attempt.worker):
             self.attempts.outcomes.append(self.attempts.outcome(attempt, "lost"))
             ctx.fleet.registry.request_abort(attempt.task_id)  # if it ever runs again

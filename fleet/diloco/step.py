@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from fleet.diloco.attempts import Attempts
 from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.context import RunContext
+from fleet.diloco.layout import names_pack
 from fleet.diloco.placement import outer_step_worker
 from fleet.diloco.quorum import Done
 from fleet.diloco.state import DriverState
@@ -112,7 +113,7 @@ def step_round(
             return request, result, time.monotonic() - started, worker
         except (CodecError, StorageError) as exc:
             path = str(getattr(exc, "path", "") or "")
-            bad = [i for i in order if _names(path, done[i][0].pack_path)]
+            bad = [i for i in order if names_pack(path, done[i][0].pack_path)]
             if not bad:
                 raise
             for i in bad:
@@ -186,15 +187,3 @@ def rebuild(ctx: RunContext, spec: GlobalModelSpec, path: str) -> PublishGlobalR
     fields = {"run": ctx.store.job_id, "global_model": spec.model_dump(mode="json"), "path": path}
     call = ctx.fleet.prepare("publish_global", fields, PublishGlobalResult.model_validate)
     return ctx.fleet.run(call, True, None)
-
-
-def _names(error_path: str, pack_path: str) -> bool:
-    """True if an error's path (as the worker saw it) is the pack ``pack_path`` or one of
-    its files."""
-    path = error_path.rstrip("/")
-    return (
-        path == pack_path
-        or path.endswith("/" + pack_path)
-        or path.startswith(pack_path + "/")
-        or f"/{pack_path}/" in path
-    )
