@@ -329,3 +329,40 @@ def test_fleet_gc_removes_what_nothing_needs(fleet_settings, fleet, two_workers)
     assert not any(p.exists() for p in gone)
     assert all(p.exists() for p in [*kept, young, unknown, root / referenced.path])
     fleet.release_model(handle)
+
+
+def test_trimmed_mean_in_a_real_run_takes_the_middle_replica_per_coordinate(fleet, two_workers):
+    """Three replicas, TrimmedMean and plain averaging (SGD lr 1, no momentum), exact
+    fp32 pseudo-gradients: the committed model is the initial one minus, coordinate by
+    coordinate, the median of the three pseudo-gradients (the smallest and largest
+    dropped), computed here with torch.median from the published packs."""
+    root = fleet.shared
+    deltas: list[torch.Tensor] = []
+
+    def keep(record: RoundRecord) -> None:
+        deltas.extend(_decoded(root.resolve(w.pack.path)) for w in record.step.replicas)
+
+    cfg = DiLoCoConfig(
+        workload=DIGITS,
+        replicas=3,
+        rounds=1,
+        inner_steps=3,
+        eval_every=0,
+        merge_policy="TrimmedMean",
+        outer=OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0),
+        pseudo_gradient=PseudoGradientConfig(codec="fp32"),
+    )
+    run = DiLoCoRun.start(fleet, cfg, on_round=keep)
+    job = run.run()
+    assert job.status == "completed", job.error
+    assert len(deltas) == 3 and not torch.equal(deltas[0], deltas[1])
+    state = run.state()
+    assert state is not None
+    first, last = state.checkpoints[0], state.checkpoints[-1]
+    assert (first.round, last.round) == (0, 1)
+    theta0 = read_pack(root.resolve(first.global_pack.path))[1]
+    theta1 = read_pack(root.resolve(last.global_pack.path), verify=True)[1]
+    median = torch.stack(deltas).median(dim=0).values
+    assert torch.allclose(theta1, theta0 - median, rtol=0, atol=1e-6)
+    # and not the plain mean, which the outlier-free middle differs from
+    assert not torch.allclose(theta1, theta0 - torch.stack(deltas).mean(dim=0), rtol=0, atol=1e-6)

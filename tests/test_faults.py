@@ -132,6 +132,7 @@ def test_one_orchestrator_per_job(cluster, fleet):
     first is SIGKILLed the job shows orphaned, a resume takes it over, aborts the dead
     owner's replicas, and every round is committed exactly once."""
     job_id = f"owned-{time.time_ns()}"
+    handles_before = {h.model_id for h in fleet.registry.handles()}
     first = _fleet_cli(
         cluster.settings,
         "diloco",
@@ -199,7 +200,61 @@ def test_one_orchestrator_per_job(cluster, fleet):
     assert inner_loops_started(jobs, job_id) == 3 * 2 + 1
     assert any("adopted 1 finished and aborted 1 running" in x.line for x in logs)
     assert jobs.tracked_tasks(job_id) == set()
-    assert fleet.registry.handles() == []
+    # the job released every handle it made (other tests' handles are theirs)
+    assert {h.model_id for h in fleet.registry.handles()} == handles_before
+
+
+def test_a_stalled_orchestrator_is_fenced_out_when_it_wakes(cluster, fleet):
+    """The first orchestrator is SIGSTOPped mid-round (alive, but silent): its lease
+    runs out, a second takes the job over and finishes it. Woken with SIGCONT, the
+    first finds its fencing token stale: it writes nothing, says FencedOutError and
+    exits non-zero; every round is committed exactly once, by the second."""
+    job_id = f"fenced-{time.time_ns()}"
+    first = _fleet_cli(
+        cluster.settings,
+        "diloco",
+        "--workload",
+        DIGITS,
+        "--config-json",
+        '{"step_sleep_s": 0.1}',
+        "--replicas",
+        "2",
+        "--rounds",
+        "3",
+        "--inner-steps",
+        "30",
+        "--eval-every",
+        "0",
+        "--job-id",
+        job_id,
+    )
+    jobs = JobStore(fleet.registry)
+    try:
+        wait_until(
+            lambda: (
+                jobs.redis.exists(f"fleet:job:{job_id}") and inner_loops_started(jobs, job_id) >= 2
+            ),
+            90,
+            "round 0 training",
+        )
+        first.send_signal(signal.SIGSTOP)
+        wait_until(lambda: jobs.get(job_id).shown_status == "orphaned", 30, "lease expired")
+        run = DiLoCoRun.resume(fleet, job_id)
+        job = run.run()
+        assert job.status == "completed"
+        committed = [m["round"] for m in jobs.metrics(job_id)]
+        first.send_signal(signal.SIGCONT)
+        out = first.communicate(timeout=120)[0].decode()
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGCONT)
+            first.kill()
+            first.wait(10)
+    assert first.returncode not in (0, None), out
+    assert "FencedOutError" in out and "Traceback" not in out, out
+    assert committed == [0, 1, 2]
+    assert [m["round"] for m in jobs.metrics(job_id)] == [0, 1, 2], "nothing written after"
+    assert jobs.get(job_id).status == "completed"
 
 
 # --------------------------------------------------------------------------- 2. Redis outages
@@ -289,7 +344,9 @@ def test_redis_gone_past_the_retry_budget_fails_the_job_once_it_is_back(cluster)
         thread, outcome = run_in_thread(run)
         wait_until(lambda: inner_loops_started(run.jobs, run.job_id) >= 2, 60, "round 0 training")
         cluster.server.stop()
-        time.sleep(8.0)
+        stopped = time.monotonic()
+        # the outage outlasts the 3 s budget: its length is the scenario, not a sync
+        wait_until(lambda: time.monotonic() - stopped >= 8.0, 10, "the outage")
         assert thread.is_alive(), "the orchestrator waits to record the failure"
         cluster.server.start()
         thread.join(timeout=60)

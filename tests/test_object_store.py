@@ -29,7 +29,7 @@ from fleet.settings import FleetSettings
 from fleet.storage import open_store
 from fleet.storage.cache import WorkerCache
 from fleet.storage.object_store import ObjectStore
-from tests.harness import CHARLM, REPO, SMALL_CHARLM, WorkerProcess, settings_for
+from tests.harness import CHARLM, REPO, SMALL_CHARLM, WorkerProcess, settings_for, wait_until
 
 
 def _store(s3_server, root: str, cache_dir: Path) -> ObjectStore:
@@ -124,11 +124,12 @@ def test_an_upload_cut_short_leaves_no_readable_pack_and_gc_cleans_up(
         cwd=REPO,
         stdout=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 120
-    while not store.fs.list_multipart_uploads(bucket):  # 256 MB: a multipart upload
+
+    def uploading() -> bool:  # 256 MB: a multipart upload
         assert proc.poll() is None, "the upload finished before it could be cut short"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+        return bool(store.fs.list_multipart_uploads(bucket))
+
+    wait_until(uploading, 120, "the multipart upload started", interval_s=0.02)
     os.kill(proc.pid, signal.SIGKILL)  # the worker dies mid-upload
     proc.wait()
     with pytest.raises(NotAPackError):
