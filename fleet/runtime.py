@@ -169,9 +169,12 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ model store
 
-    def held(self, model_id: str, *, reads_only: bool = False) -> HeldModel:
-        """The state behind ``model_id`` in this process. A caller that may change the
-        state (the default) forgets which pack it last held (:attr:`HeldModel.loaded`).
+    def held(self, model_id: str, *, tracks_loaded: bool = False) -> HeldModel:
+        """The state behind ``model_id`` in this process. By default the model forgets
+        which pack it last held (:attr:`HeldModel.loaded`, ``state_key``), since the
+        caller may change its state; ``tracks_loaded`` is for a caller that keeps both
+        right itself (it loads packs through ``load_pack_into_held``, or resets them
+        before it trains).
 
         Raises:
             HandleNotFound: not held here; carries the registry record if any.
@@ -184,7 +187,7 @@ class WorkerRuntime:
                 worker=self.identity.name,
                 record=record.model_dump(mode="json") if record else None,
             )
-        if not reads_only:
+        if not tracks_loaded:
             held.loaded = held.state_key = None
         return held
 

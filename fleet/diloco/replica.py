@@ -148,7 +148,7 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
     if recorded is not None:  # a redelivered message: it ran already, to completion
         log.info("already ran: returning the published %s", req.output_path)
         return recorded  # type: ignore[no-any-return]
-    held = rt.held(req.model_id, reads_only=True)
+    held = rt.held(req.model_id, tracks_loaded=True)
     counted = store.counters.snapshot()
     started_at, started = time.time(), time.perf_counter()
     root = run_dir(rt.settings.cache_dir, req.run)

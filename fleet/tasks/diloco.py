@@ -133,7 +133,7 @@ def evaluate_global(
     sent, received = rt.shared.counters.since(counted)
     split = req.split if isinstance(req.split, str) else req.split.model_dump()
     if req.model_id is not None:
-        held = rt.held(req.model_id, reads_only=True)
+        held = rt.held(req.model_id, tracks_loaded=True)
         load_pack_into_held(held, model.path, req.state_dict_filter, model.ref())
         workload, state = held.workload, held.state
     else:

@@ -37,7 +37,7 @@ def load_parameter_pack(
 ) -> EmptyResult:
     """fleet extension: load a pack into a held model in place (its optimizer and other
     state stay); the pack becomes the handle's last pack."""
-    held = rt.held(req.model_id, reads_only=True)  # load_pack_into_held keeps track
+    held = rt.held(req.model_id, tracks_loaded=True)  # load_pack_into_held keeps track
     rel = rt.shared.relative(req.parameter_pack_path)
     path = rt.shared.local_pack(rel, req.pack)
     load_pack_into_held(held, path, req.state_dict_filter, req.pack)
@@ -71,7 +71,7 @@ def export_parameter_pack(
 ) -> ExportResult:
     """Publish a held model as a pack at ``parameter_pack_path`` (shared-root relative)
     and record it as the handle's last pack. The result carries the PackRef."""
-    held = rt.held(req.model_id, reads_only=True)
+    held = rt.held(req.model_id, tracks_loaded=True)
     rel = rt.shared.relative(req.parameter_pack_path)
     with rt.shared.output(rel) as dest:
         publish_state_pack(

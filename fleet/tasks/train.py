@@ -54,7 +54,7 @@ def train_window(
 @protocol_task("evaluate")
 def evaluate(rt: WorkerRuntime, req: EvaluateRequest, ref: WorkloadRef | None) -> MetricsResult:
     """Run the workload's ``evaluate(state, split)`` on a held model."""
-    held = rt.held(req.model_id, reads_only=True)
+    held = rt.held(req.model_id, tracks_loaded=True)
     split = req.split if isinstance(req.split, str) else req.split.model_dump()
     metrics = check_metrics("evaluate", held.workload.call("evaluate", held.state, split))
     rt.registry.touch(req.model_id)
@@ -94,7 +94,7 @@ def run_inner_loop(
     if recorded is not None:  # a redelivered message: it ran already, to completion
         log.info("already ran: returning the published %s", req.output_parameter_pack_path)
         return recorded  # type: ignore[no-any-return]
-    held = rt.held(req.model_id, reads_only=True)
+    held = rt.held(req.model_id, tracks_loaded=True)
     started_at = time.time()
     started = time.perf_counter()
     batches = local_batches(rt, req.batches, req.shard_checks)
