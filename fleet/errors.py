@@ -384,7 +384,7 @@ class StorageFullError(StorageError, OSError):
     :class:`OSError` with that errno."""
 
     errno_name: str = "ENOSPC"
-    template = "no space left on the shared root writing {path} ({errno_name})"
+    template = "no space left writing {path} ({errno_name})"
 
     def __post_init__(self) -> None:  # the OSError's errno and filename
         self.errno = getattr(errno_module, self.errno_name, None)

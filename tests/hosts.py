@@ -110,7 +110,7 @@ class Host:
                 "private",
                 "sh",
                 "-c",
-                'mount -t tmpfs -o size=4g tmpfs "$0" && echo ready && exec sleep infinity',
+                'mount -t tmpfs -o size=10g tmpfs "$0" && echo ready && exec sleep infinity',
                 str(self.local_dir),
             ],
             stdout=subprocess.PIPE,
