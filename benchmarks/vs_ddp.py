@@ -124,6 +124,9 @@ def _data_parallel(
     if rank == 0:
         Path(out).write_text(json.dumps(curve))
     if world > 1:
+        # rank 1 waits for rank 0's last evaluation: gloo's teardown with a peer still
+        # busy aborted a rank now and then (std::terminate)
+        dist.barrier()
         dist.destroy_process_group()
 
 
