@@ -229,10 +229,9 @@ def test_int8_with_error_feedback_from_the_cli_on_a_workload_not_ours(
         # from round 1 on every replica starts from the state (optimizer, residual) its
         # worker kept, and from the global model it stepped to itself
         assert all(o.state_source == "held" for r in records[1:] for o in r.merged)
-        # the outer step's worker holds the new global model; the other applied the step
-        # itself (each worker keeps its own run directory, even in a shared cache)
-        for r in records[1:]:
-            assert sorted(o.global_source for o in r.merged) == ["held", "stepped"]
+        # the outer step's worker holds the new global model, and so does the other
+        # worker: the test workers share one cache directory, as workers on one box do
+        assert all(o.global_source == "held" for r in records[1:] for o in r.merged)
     assert all(r.deadline_s is not None for r in records[1:]), "adaptive from round 1"
     show = subprocess.run(
         [sys.executable, "-m", "fleet", "jobs", "show", job_id],

@@ -4,7 +4,7 @@ checked against the digests the run committed.
 
 Every replica's worker keeps the global model it trained from (``theta_r``) and the
 outer optimizer's buffers (``m_r``), each a v1 pack in the run's directory
-``<cache_dir>/diloco/<worker>/<run>/`` named by its values digest. When round ``r`` commits, what
+``<cache_dir>/diloco/<run>/`` named by its values digest. When round ``r`` commits, what
 crosses the link to a worker is only the round's encoded pseudo-gradients; the worker
 applies the outer step itself (:func:`fleet.diloco.outer.stream_outer_step`, bit-exact
 and deterministic: the same inputs give the same bits on every worker) and checks the
@@ -44,18 +44,15 @@ log = logging.getLogger("fleet.diloco")
 KEEP_MODELS = 3
 
 
-def run_dir(cache_dir: Path, worker: str, run: str) -> Path:
-    """Where worker ``worker`` keeps a run's state (``<cache_dir>/diloco/<worker>/<run>``).
-    Each worker has its own, also when workers on one box share a cache directory: one
-    worker's pruning never deletes a model or pseudo-gradient another is reading.
+def run_dir(cache_dir: Path, run: str) -> Path:
+    """Where a worker keeps a run's state (``<cache_dir>/diloco/<run>``).
 
     Raises:
-        ValueError: ``worker`` or ``run`` is not a plain name.
+        ValueError: ``run`` is not a plain name.
     """
-    for name in (worker, run):
-        if not name or "/" in name or name.startswith(".") or "\x00" in name:
-            raise ValueError(f"not a plain name: {name!r}")
-    return Path(cache_dir) / "diloco" / worker / run
+    if not run or "/" in run or run.startswith(".") or "\x00" in run:
+        raise ValueError(f"not a run id: {run!r}")
+    return Path(cache_dir) / "diloco" / run
 
 
 def _key(digest: str) -> str:

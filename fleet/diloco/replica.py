@@ -151,7 +151,7 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
     held = rt.held(req.model_id, tracks_loaded=True)
     counted = store.counters.snapshot()
     started_at, started = time.time(), time.perf_counter()
-    root = run_dir(rt.settings.cache_dir, rt.identity.name, req.run)
+    root = run_dir(rt.settings.cache_dir, req.run)
     models = GlobalModels(store, root)
     base = models.resolve(req.global_model)
     try:  # the load reads it whole, checking its digest: a model held here may have rotted
@@ -276,9 +276,7 @@ def _checkpoint_replica(
     the background, and record the checkpoint once it landed."""
     assert req.checkpoint_path is not None
     store, rel = rt.shared, rt.shared.relative(req.checkpoint_path)
-    staging = (
-        run_dir(rt.settings.cache_dir, rt.identity.name, req.run) / ".uploads" / uuid.uuid4().hex
-    )
+    staging = run_dir(rt.settings.cache_dir, req.run) / ".uploads" / uuid.uuid4().hex
     copy_tree(here, staging / "files", link=True)  # private: the next round may prune `here`
     if (here / RESIDUAL_DIR).is_dir():
         copy_tree(here / RESIDUAL_DIR, staging / RESIDUAL_DIR, link=True)

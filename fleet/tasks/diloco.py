@@ -40,7 +40,7 @@ from fleet.tasks.base import protocol_task
 
 
 def _models(rt: WorkerRuntime, run: str) -> GlobalModels:
-    return GlobalModels(rt.shared, run_dir(rt.settings.cache_dir, rt.identity.name, run))
+    return GlobalModels(rt.shared, run_dir(rt.settings.cache_dir, run))
 
 
 @protocol_task("replica_round")
