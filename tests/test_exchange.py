@@ -130,11 +130,21 @@ def test_only_pseudo_gradients_move_and_every_worker_rebuilds_the_committed_mode
         if r.round == len(records) - 1:  # the last one also publishes the final model
             continue
         # on the wire (the stores' counters): each worker sends its int8
-        # pseudo-gradient and receives the other's, about 1 byte per parameter each way
+        # pseudo-gradient, about 1 byte per parameter
         for worker, moved in r.wire.items():
             assert 1.0 * params < moved.sent < 1.1 * params, (worker, moved)
-            assert 1.0 * params < moved.received < 1.1 * params, (worker, moved)
-        assert r.bytes_per_parameter is not None and 2.0 < r.bytes_per_parameter < 2.2
+    # and receives the other's once per round: in the outer step it computes, or in its
+    # next attempt (which worker finishes first varies), so over rounds 1..n-2 a worker
+    # received one pseudo-gradient per round, give or take the one at either end
+    middle = records[1:-1]
+    for worker in records[0].wire:
+        received = sum(r.wire[worker].received for r in middle)
+        assert (len(middle) - 1) * params < received < (len(middle) + 1) * 1.1 * params, (
+            worker,
+            received,
+        )
+    both = sum(r.wire[w].received for r in middle for w in r.wire)
+    assert (2 * len(middle) - 1) * params < both < (2 * len(middle) + 1) * 1.1 * params
     final = run.state().checkpoint
     assert final.round == 4 and final.global_pack.values_digest == records[-1].global_digest
     # the outer step's worker published it in full (the model and the momentum), and

@@ -607,7 +607,7 @@ def test_enospc_in_the_pseudo_gradient_publish_fails_the_job_cleanly_and_resume_
             assert error.path.endswith("round-0000/replica-0-a0")
             job = run.jobs.get(run.job_id)
             assert job.status == "failed"
-            assert "StorageFullError: no space left on the shared root" in (job.error or "")
+            assert "StorageFullError: no space left writing" in (job.error or "")
             assert "(ENOSPC)" in (job.error or "")
             leftovers = [p for p in tiny_shared_root.rglob("*") if ".tmp" in p.name]
             assert leftovers == []
