@@ -18,6 +18,7 @@ all-reduce.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -391,7 +392,7 @@ class GlobalModels:
         ):
             if not folder.is_dir():
                 continue
-            entries = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+            entries = sorted(folder.iterdir(), key=_mtime, reverse=True)
             for old in entries[per_name:]:
                 freed += _tree_bytes(old)
                 shutil.rmtree(old, ignore_errors=True)
@@ -411,9 +412,24 @@ class GlobalModels:
 
 
 def _tree_bytes(path: Path) -> int:
-    if not path.exists():
-        return 0
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the files under ``path``; files that vanish meanwhile count 0 (workers on
+    one box share a run directory, and another may be deleting in it)."""
+    total = 0
+    try:
+        for p in path.rglob("*"):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                if p.is_file():
+                    total += p.stat().st_size
+    except FileNotFoundError:
+        pass
+    return total
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # deleted by another worker sharing the directory
+        return 0.0
 
 
 __all__ = [
