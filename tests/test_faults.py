@@ -124,6 +124,30 @@ def _fleet_cli(settings: FleetSettings, *args: str) -> subprocess.Popen[bytes]:
     )
 
 
+def _digits_cli(
+    settings: FleetSettings, job_id: str, config_json: str, inner_steps: int
+) -> subprocess.Popen[bytes]:
+    """``fleet diloco`` on digits as its own process: 2 replicas, 3 rounds, no eval."""
+    return _fleet_cli(
+        settings,
+        "diloco",
+        "--workload",
+        DIGITS,
+        "--config-json",
+        config_json,
+        "--replicas",
+        "2",
+        "--rounds",
+        "3",
+        "--inner-steps",
+        str(inner_steps),
+        "--eval-every",
+        "0",
+        "--job-id",
+        job_id,
+    )
+
+
 # --------------------------------------------------------------------------- 1. ownership
 
 
@@ -133,24 +157,7 @@ def test_one_orchestrator_per_job(cluster, fleet):
     owner's replicas, and every round is committed exactly once."""
     job_id = f"owned-{time.time_ns()}"
     handles_before = {h.model_id for h in fleet.registry.handles()}
-    first = _fleet_cli(
-        cluster.settings,
-        "diloco",
-        "--workload",
-        DIGITS,
-        "--config-json",
-        '{"step_sleep_s": 0.15, "slow_replica": 1}',
-        "--replicas",
-        "2",
-        "--rounds",
-        "3",
-        "--inner-steps",
-        "40",
-        "--eval-every",
-        "0",
-        "--job-id",
-        job_id,
-    )
+    first = _digits_cli(cluster.settings, job_id, '{"step_sleep_s": 0.15, "slow_replica": 1}', 40)
     jobs = JobStore(fleet.registry)
     try:
         # round 1 in flight: replica 0 finished (fast), replica 1 (slow) training
@@ -210,24 +217,7 @@ def test_a_stalled_orchestrator_is_fenced_out_when_it_wakes(cluster, fleet):
     first finds its fencing token stale: it writes nothing, says FencedOutError and
     exits non-zero; every round is committed exactly once, by the second."""
     job_id = f"fenced-{time.time_ns()}"
-    first = _fleet_cli(
-        cluster.settings,
-        "diloco",
-        "--workload",
-        DIGITS,
-        "--config-json",
-        '{"step_sleep_s": 0.1}',
-        "--replicas",
-        "2",
-        "--rounds",
-        "3",
-        "--inner-steps",
-        "30",
-        "--eval-every",
-        "0",
-        "--job-id",
-        job_id,
-    )
+    first = _digits_cli(cluster.settings, job_id, '{"step_sleep_s": 0.1}', 30)
     jobs = JobStore(fleet.registry)
     try:
         wait_until(
