@@ -4,11 +4,11 @@
                                          [--roots s3,local] [--rounds 3]
                                          [--rtt-ms 0,50,150]
 
-Hosts are Linux namespaces (tests/hosts.py): a storage host with Redis and a real S3
+Hosts are Linux namespaces (fleet/testing/hosts.py): a storage host with Redis and a real S3
 server (SeaweedFS), two worker hosts with private tmpfs caches, every host's link
 limited to the rate with tbf (no netem on this kernel: bandwidth only). With
 ``--rtt-ms``, every host reaches Redis and S3 through the delay element on the storage
-host (a TCP proxy adding that round-trip time, tests/delay_proxy.py), for each RTT in
+host (a TCP proxy adding that round-trip time, fleet/testing/delay_proxy.py), for each RTT in
 turn; without it, directly (the ``rtt`` column shows ``-``). The orchestrator is this
 process. For each model, shared root, rate and RTT, one DiLoCo job (2 replicas, the
 charlm microshard dataset, no eval) and, per round:
@@ -59,8 +59,8 @@ from fleet.local import WorkerProcess  # noqa: E402
 from fleet.registry import Registry  # noqa: E402
 from fleet.settings import FleetSettings  # noqa: E402
 from fleet.storage import open_store  # noqa: E402
-from tests.hosts import Host, Network, StorageServices, skip_reason  # noqa: E402
-from tests.seaweed import SeaweedS3  # noqa: E402
+from fleet.testing.hosts import Host, Network, StorageServices, skip_reason  # noqa: E402
+from fleet.testing.seaweed import SeaweedS3  # noqa: E402
 
 CHARLM = "fleet.examples.charlm:make"
 MODELS: dict[str, tuple[dict[str, Any], int]] = {
@@ -71,8 +71,14 @@ MODELS: dict[str, tuple[dict[str, Any], int]] = {
         6,
     ),
     "100M": (
-        {"d_model": 768, "n_layers": 14, "n_heads": 12, "context": 64, "batch_size": 2,
-         "max_corpus_mb": 4},
+        {
+            "d_model": 768,
+            "n_layers": 14,
+            "n_heads": 12,
+            "context": 64,
+            "batch_size": 2,
+            "max_corpus_mb": 4,
+        },
         2,
     ),
 }

@@ -153,9 +153,9 @@ def main() -> None:
 
 
 def _s3_server(where: str | None) -> tuple[Any, list[str]]:
-    """A local SeaweedFS (tests/seaweed.py) and the worker's s3 arguments."""
+    """A local SeaweedFS (fleet/testing/seaweed.py) and the worker's s3 arguments."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.seaweed import SeaweedS3
+    from fleet.testing.seaweed import SeaweedS3
 
     server = SeaweedS3(Path(tempfile.mkdtemp(prefix="fleet-bench-weed-", dir=where)))
     server.wait_ready()

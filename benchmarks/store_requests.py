@@ -2,7 +2,7 @@
 
     python benchmarks/store_requests.py [--parameters 1000000] [--json PATH]
 
-A private SeaweedFS (tests/seaweed.py) serves an ``s3://`` root; each operation a DiLoCo
+A private SeaweedFS (fleet/testing/seaweed.py) serves an ``s3://`` root; each operation a DiLoCo
 round makes of the store runs once on a fresh :class:`~fleet.storage.object_store.ObjectStore`
 (an empty worker cache), and the table shows the requests it sent
 (``store.counters.requests``: every HTTP request, each try of a retried one) and their
@@ -45,7 +45,7 @@ from fleet.codec import write_pack  # noqa: E402
 from fleet.settings import FleetSettings  # noqa: E402
 from fleet.storage import open_store  # noqa: E402
 from fleet.storage.object_store import ObjectStore  # noqa: E402
-from tests.seaweed import SeaweedS3  # noqa: E402
+from fleet.testing.seaweed import SeaweedS3  # noqa: E402
 
 ROUND = "runs/job/round-0003"
 

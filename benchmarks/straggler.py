@@ -4,7 +4,7 @@ the adaptive deadline (fleet.diloco.deadline), at equal wall-clock time.
     python benchmarks/straggler.py [--budget-s 25] [--inner-steps 20]
 
 Starts a private redis-server and two CPU workers and runs DiLoCo (2 replicas) on the
-burn_p2p-style test workload (tests/workloads/shards.py: a digits MLP reading its
+burn_p2p-style test workload (fleet/testing/shard_workload.py: a digits MLP reading its
 microshards from shard_paths), whose ``straggler`` knob makes replica 1's steps 3x
 slower in a random 40 % of rounds (the same rounds for every run). Each run stops at
 the round that reaches ``--budget-s`` seconds; prints its rounds, mean round seconds,
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,10 +27,9 @@ from fleet.diloco import DiLoCoConfig, DiLoCoRun, QuorumConfig
 from fleet.diloco.config import AdaptiveDeadlineConfig, DatasetConfig
 from fleet.local import RedisServer, running_workers
 from fleet.settings import FleetSettings
+from fleet.testing.shard_workload import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tests.workloads.shards import write_shards  # noqa: E402
 
 STEP_SLEEP_S = 0.02
 
@@ -75,7 +73,7 @@ def main() -> None:
         redis_url=server.url,
         shared_root=work / "shared",
         node="bench",
-        workload_allowlist=["tests.workloads.*"],
+        workload_allowlist=["fleet.testing.*"],
     )
     write_shards(work / "shared" / "datasets" / "digits", 24)
     rows = []
@@ -87,7 +85,7 @@ def main() -> None:
             DiLoCoRun.start(
                 fleet,
                 DiLoCoConfig(
-                    workload="tests.workloads.shards:make",
+                    workload="fleet.testing.shard_workload:make",
                     config={"step_sleep_s": STEP_SLEEP_S},
                     replicas=2,
                     rounds=2,
@@ -97,7 +95,7 @@ def main() -> None:
             ).run()
             for name, quorum in modes:
                 config = DiLoCoConfig(
-                    workload="tests.workloads.shards:make",
+                    workload="fleet.testing.shard_workload:make",
                     config={
                         "step_sleep_s": STEP_SLEEP_S,
                         "straggler": {"replica": 1, "factor": 3, "rounds": slow_rounds},

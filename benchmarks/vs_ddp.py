@@ -24,7 +24,7 @@ the clock starts, as DDP's processes have). Prints each run's final eval loss wi
 standard error and, for target losses (the single worker's final loss first), the
 seconds each method took to reach it: the median of ``--repeats`` runs and their range.
 
-``--links``: the slow-link run, on hosts made of Linux namespaces (tests/hosts.py,
+``--links``: the slow-link run, on hosts made of Linux namespaces (fleet/testing/hosts.py,
 needs root): two worker hosts and a storage host (Redis and a SeaweedFS S3 server, the
 shared root), every host's link limited to the rate with tbf (this kernel has no netem:
 bandwidth only, no added delay). DDP runs one rank on each worker host, all-reducing
@@ -301,7 +301,7 @@ def over_links(
     inner_s: dict[tuple[float, str], list[float]],
 ) -> dict[float, dict[str, list[tuple[Curve, Bytes]]]]:
     """DDP and DiLoCo across two worker hosts, for each rate in ``--links``."""
-    from tests.hosts import Network, StorageServices, skip_reason
+    from fleet.testing.hosts import Network, StorageServices, skip_reason
 
     reason = skip_reason()
     if reason:

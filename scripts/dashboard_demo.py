@@ -58,7 +58,7 @@ def main() -> int:
     from fleet.diloco.config import AdaptiveDeadlineConfig, DatasetConfig
     from fleet.local import RedisServer, free_port, running_workers, worker_env
     from fleet.settings import FleetSettings
-    from tests.workloads.shards import write_shards
+    from fleet.testing.shard_workload import write_shards
 
     work = Path(tempfile.mkdtemp(prefix="fleet-dashboard-"))
     with ExitStack() as stack:
@@ -68,7 +68,7 @@ def main() -> int:
         settings = FleetSettings(
             redis_url=redis.url,
             shared_root=str(work / "shared"),
-            workload_allowlist=["tests.workloads.*"],
+            workload_allowlist=["fleet.testing.*"],
             node="dashboard",
         )
         env = worker_env(settings, [str(REPO)])
@@ -116,7 +116,7 @@ def main() -> int:
 
         workers = stack.enter_context(
             running_workers(
-                settings, [0, 1], logs, workload="tests.workloads.shards:make",
+                settings, [0, 1], logs, workload="fleet.testing.shard_workload:make",
                 pythonpath=[str(REPO)], cwd=REPO,
             )
         )  # fmt: skip
@@ -126,7 +126,7 @@ def main() -> int:
         fleet = Fleet(settings)
         stack.callback(fleet.close)
         cfg = DiLoCoConfig(
-            workload="tests.workloads.shards:make",
+            workload="fleet.testing.shard_workload:make",
             config={
                 "step_sleep_s": 0.04,
                 "straggler": {"replica": 1, "factor": 4, "rounds": list(range(6, args.rounds, 7))},

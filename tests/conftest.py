@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: The kinds of test whose skip hides a claim, and how each is recognised: by its
 #: module, or by a fixture it uses (the one that skips where the machine cannot host it).
 MUST_RUN: dict[str, tuple[str, str]] = {
-    "multi-host": ("module", "test_multi_host.py"),  # needs root + ip netns (tests/hosts.py)
+    "multi-host": ("module", "test_multi_host.py"),  # root + ip netns (fleet/testing/hosts.py)
     "latency": ("module", "test_latency.py"),  # the same hosts, with the delay proxy
     "enospc": ("fixture", "tiny_shared_root"),  # needs a tmpfs mount (tests/test_faults.py)
     "browser": ("fixture", "chromium"),  # needs chromium (tests/test_flower.py)
@@ -81,15 +81,18 @@ def conformance_dir() -> Path:
 
 # --------------------------------------------------------------------------- real servers
 
+# fleet's testing kit (fleet/testing/plugin.py), configured below for our tests: its
+# fleet_redis is our session's Redis, its fleet_settings and fleet_workers are ours, so
+# its fleet_client reaches the two session workers. pytester runs a user's test session.
+pytest_plugins = ["fleet.testing.plugin", "pytester"]
+
 from tests.harness import RedisServer, WorkerProcess, running_workers, settings_for  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    """A private redis-server for the whole session (CI fails if it cannot start)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
+def redis_server(fleet_redis: RedisServer) -> RedisServer:
+    """The kit's private redis-server for the whole session (CI fails if it cannot start)."""
+    return fleet_redis
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +114,12 @@ def two_workers(fleet_settings, artifacts_dir) -> Iterator[list[WorkerProcess]]:
         yield workers
 
 
+@pytest.fixture(scope="session")
+def fleet_workers(two_workers) -> list[WorkerProcess]:
+    """The kit's workers are the session's two (its fleet_client reaches them)."""
+    return two_workers
+
+
 @pytest.fixture
 def fleet(fleet_settings, two_workers):
     from fleet.client import Fleet
@@ -122,7 +131,7 @@ def fleet(fleet_settings, two_workers):
 
 # --------------------------------------------------------------------------- S3 (SeaweedFS)
 
-from tests.seaweed import SeaweedS3  # noqa: E402
+from fleet.testing.seaweed import SeaweedS3  # noqa: E402
 
 
 @pytest.fixture(scope="session")

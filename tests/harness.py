@@ -1,10 +1,10 @@
-"""Test settings and worker helpers over :mod:`fleet.local`."""
+"""Our tests' settings and worker helpers over :mod:`fleet.local` and :mod:`fleet.testing`
+(the test workloads under ``tests/workloads``, the repository on PYTHONPATH)."""
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from fleet import local
 from fleet.local import RedisServer, WorkerProcess
 from fleet.settings import FleetSettings
+from fleet.testing import wait_until
 
 if TYPE_CHECKING:
     from fleet.diloco import DiLoCoRun
@@ -46,25 +47,6 @@ __all__ = [
 ]
 
 
-def wait_until(
-    predicate: Callable[[], object],
-    timeout_s: float = 60.0,
-    what: str = "condition",
-    *,
-    interval_s: float = 0.05,
-) -> None:
-    """Call ``predicate`` every ``interval_s`` seconds until it returns something true.
-
-    Raises:
-        AssertionError: not true after ``timeout_s`` seconds (the message names ``what``).
-    """
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not met in {timeout_s:g} s: {what}")
-        time.sleep(interval_s)
-
-
 def run_in_thread(run: DiLoCoRun) -> tuple[threading.Thread, dict[str, object]]:
     """Run a DiLoCo job in a daemon thread; its outcome dict gets ``"job"`` (the finished
     Job) or ``"error"`` (what the run raised)."""
@@ -93,7 +75,7 @@ def settings_for(redis_url: str, shared_root: Path, **overrides: object) -> Flee
     values: dict[str, object] = {
         "redis_url": redis_url,
         "shared_root": shared_root,
-        "workload_allowlist": ["tests.workloads.*"],
+        "workload_allowlist": ["tests.workloads.*", "fleet.testing.*"],
         "node": "testnode",
         "heartbeat_interval_s": 0.5,
         "heartbeat_ttl_s": 3.0,

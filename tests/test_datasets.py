@@ -34,10 +34,10 @@ from fleet.errors import (
 from fleet.jobs import JobStore
 from fleet.local import worker_env
 from fleet.storage import LocalStore
+from fleet.testing.shard_workload import write_shards
 from tests.harness import REPO, inner_loops_started, run_in_thread, running_workers, wait_until
-from tests.workloads.shards import write_shards
 
-SHARDS = "tests.workloads.shards:make"
+SHARDS = "fleet.testing.shard_workload:make"
 
 
 # --------------------------------------------------------------------------- datasets

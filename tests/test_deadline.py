@@ -17,10 +17,10 @@ from fleet.diloco.deadline import RoundDeadline
 from fleet.diloco.state import ReplicaOutcome, RoundRecord
 from fleet.protocol import OuterStepSpec, WeightedPack
 from fleet.storage import PackRef
+from fleet.testing.shard_workload import write_shards
 from tests.harness import run_in_thread
-from tests.workloads.shards import write_shards
 
-SHARDS = "tests.workloads.shards:make"
+SHARDS = "fleet.testing.shard_workload:make"
 
 
 def _record(index: int, seconds: list[float], steps: int = 10) -> RoundRecord:

@@ -51,7 +51,7 @@ from tests.harness import (
     wait_until,
 )
 
-ALLOW = ["tests.workloads.*", "fleet.examples.*"]
+ALLOW = ["tests.workloads.*", "fleet.examples.*", "fleet.testing.*"]
 
 
 @dataclass

@@ -459,7 +459,7 @@ def test_batches_are_json_batch_refs(fleet, two_workers):
     assert info.value.error_type == "RequestValidationError"
 
 
-SHARDS = "tests.workloads.shards:make"
+SHARDS = "fleet.testing.shard_workload:make"
 
 
 def test_a_remote_fleet_error_comes_back_as_its_own_class(fleet, two_workers):
@@ -571,8 +571,8 @@ def test_absolute_shard_paths_are_files_on_the_worker(
     paths resolve under the shared root. FLEET_DATA_ROOTS restricts absolute paths."""
     from fleet.local import WorkerProcess
     from fleet.registry import Registry
+    from fleet.testing.shard_workload import write_shards
     from tests.harness import REPO
-    from tests.workloads.shards import write_shards
 
     own_disk = tmp_path / "data" / "mnist"  # outside the shared root
     files = write_shards(own_disk, 2)

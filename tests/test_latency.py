@@ -1,7 +1,7 @@
-"""The delay element of the namespace hosts (tests/hosts.py, tests/delay_proxy.py): a
-worker host reaches Redis and S3 on the storage host through a proxy that adds a
-round-trip time, measured from the worker host against the direct path, with the
-link's bandwidth limit (tbf) still in force beside it."""
+"""The delay element of the namespace hosts (fleet/testing/hosts.py,
+fleet/testing/delay_proxy.py): a worker host reaches Redis and S3 on the storage host
+through a proxy that adds a round-trip time, measured from the worker host against the
+direct path, with the link's bandwidth limit (tbf) still in force beside it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import redis
 import s3fs
 
-from tests.hosts import Host, Network, StorageServices, skip_reason
+from fleet.testing.hosts import Host, Network, StorageServices, skip_reason
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 

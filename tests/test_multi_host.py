@@ -1,4 +1,4 @@
-"""DiLoCo across hosts that share no file system (tests/hosts.py): a storage host with
+"""DiLoCo across hosts that share no file system (fleet/testing/hosts.py): a storage host with
 Redis and a real S3 server (SeaweedFS), worker hosts with private tmpfs caches, the
 orchestrator on its own host running the ``fleet diloco`` command a user types. Links
 are rate-limited with tbf (no netem here: bandwidth only, no added delay)."""
@@ -19,9 +19,9 @@ from fleet.jobs import JobStore
 from fleet.local import WorkerProcess
 from fleet.registry import Registry
 from fleet.settings import FleetSettings
+from fleet.testing.hosts import Host, Network, StorageServices, skip_reason
+from fleet.testing.seaweed import SeaweedS3
 from tests.harness import CHARLM, REPO, SMALL_CHARLM, inner_loops_started, settings_for, wait_until
-from tests.hosts import Host, Network, StorageServices, skip_reason
-from tests.seaweed import SeaweedS3
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 

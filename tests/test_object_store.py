@@ -293,9 +293,9 @@ def test_a_burn_p2p_style_workload_on_an_s3_root(s3_server, s3_root, redis_serve
     from fleet.diloco import DiLoCoConfig, DiLoCoRun
     from fleet.diloco.config import DatasetConfig
     from fleet.registry import Registry
-    from tests.workloads.shards import write_shards
+    from fleet.testing.shard_workload import write_shards
 
-    shards = "tests.workloads.shards:make"
+    shards = "fleet.testing.shard_workload:make"
     redis_url = redis_server.url.rsplit("/", 1)[0] + "/9"
     settings = settings_for(
         redis_url,

@@ -26,10 +26,10 @@ from fleet.diloco.outer import PackInput, stream_outer_step
 from fleet.errors import BaseMismatchError, DigestMismatchError
 from fleet.local import worker_env
 from fleet.protocol import FullCheckpoint, GlobalModelSpec, ReplicaRoundRequest, ReplicaRoundResult
+from fleet.testing.shard_workload import write_shards
 from tests.harness import DIGITS, REPO, running_workers, wait_until
-from tests.workloads.shards import write_shards
 
-SHARDS = "tests.workloads.shards:make"
+SHARDS = "fleet.testing.shard_workload:make"
 P = 50_021  # not a multiple of any block, chunk or vector width
 
 

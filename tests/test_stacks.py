@@ -18,11 +18,11 @@ from fleet.diloco.config import DatasetConfig
 from fleet.jobs import JobStore
 from fleet.local import worker_env
 from fleet.stacks import artifact_name, stacks_path
+from fleet.testing.shard_workload import write_shards
 from tests.harness import run_in_thread, running_workers, wait_until
-from tests.workloads.shards import write_shards
 
-SHARDS = "tests.workloads.shards:make"
-#: The shards workload's hook that sleeps for an hour (tests/workloads/shards.py).
+SHARDS = "fleet.testing.shard_workload:make"
+#: The shards workload's hook that sleeps for an hour (fleet/testing/shard_workload.py).
 STUCK_FUNCTION = "_step_sleep_s"
 
 

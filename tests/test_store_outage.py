@@ -24,6 +24,7 @@ from fleet.errors import StorageError, StorageUnavailableError, remote_error
 from fleet.settings import FleetSettings
 from fleet.storage import open_store
 from fleet.storage.object_store import ObjectStore
+from fleet.testing.seaweed import SeaweedS3
 from tests.harness import (
     CHARLM,
     REPO,
@@ -34,7 +35,6 @@ from tests.harness import (
     settings_for,
     wait_until,
 )
-from tests.seaweed import SeaweedS3
 
 #: How long the DiLoCo test keeps the store down. The issue asks for 60 s; 6 s keeps the
 #: test short on 2 cores and is still longer than any one request's own retries

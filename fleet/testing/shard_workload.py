@@ -1,4 +1,5 @@
-"""A workload written the way burn_p2p's torch MNIST demo is, not the way fleet's examples
+"""A test workload for fleet's tests, benchmarks and a user's checks of their fleet,
+written the way burn_p2p's torch MNIST demo is, not the way fleet's examples
 are: it reads its training data only from the ``shard_paths`` of its BatchRefs
 (``cached_microshard_group``) or ``payload.shard_paths`` (``micro_epoch``), keeps its
 optimizer inside the model state and writes no optimizer file, defines no artifact
@@ -150,7 +151,7 @@ class ShardWorkload:
         state["model"].train()
         loss = torch.nn.functional.cross_entropy(state["model"](x), y)
         state["optimizer"].zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         state["optimizer"].step()
         return float(loss)
 
@@ -163,7 +164,8 @@ class ShardWorkload:
             for batch in batches:
                 paths = self._shard_paths(batch)
                 self._log_reads(paths)
-                payload = batch.get("payload") if isinstance(batch.get("payload"), dict) else {}
+                given = batch.get("payload")
+                payload: dict[str, Any] = given if isinstance(given, dict) else {}
                 slow = self.slow_replica is None or payload.get("replica") == self.slow_replica
                 sleep_s = self._step_sleep_s(payload, first=steps == 0) if slow else 0.0
                 for path in paths:

@@ -62,7 +62,7 @@ class SeaweedS3:
     Args:
         data_dir: where it keeps its volumes.
         ip: the address it serves on (a namespace's address, or 127.0.0.1).
-        prefix: a command prefix, e.g. to run it on a test host (tests/hosts.py).
+        prefix: a command prefix, e.g. to run it on a test host (:mod:`fleet.testing.hosts`).
         log_path: its log (default: in ``data_dir``).
     """
 

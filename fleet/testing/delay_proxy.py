@@ -1,7 +1,7 @@
 """A TCP proxy that adds latency: the delay element of the namespace hosts
-(tests/hosts.py), since this kernel has no netem.
+(:mod:`fleet.testing.hosts`), since this kernel has no netem.
 
-    python tests/delay_proxy.py --delay-file PATH \\
+    python -m fleet.testing.delay_proxy --delay-file PATH \\
         --listen 0.0.0.0:7379=127.0.0.1:6379 [--listen ...]
 
 Each ``--listen ADDR:PORT=TARGET:PORT`` accepts connections and opens one to the target

@@ -13,7 +13,7 @@ host; it carries no workload traffic.
 Links are rate-limited with ``tc qdisc ... tbf`` in both directions (the host's
 ``eth0`` and its switch port). This kernel has tbf and htb but no netem, so latency
 comes from a delay element instead: :class:`StorageServices` with ``rtt_ms`` puts a
-TCP proxy on the storage host (tests/delay_proxy.py) in front of Redis and S3, which
+TCP proxy on the storage host (:mod:`fleet.testing.delay_proxy`) in front of Redis and S3, which
 holds every chunk for half the round-trip time in each direction; every host reaches
 both through it, over its own rate-limited link. Everything is torn down by
 :meth:`Network.close` (and :meth:`StorageServices.close`).
@@ -35,8 +35,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-#: The delay element (a TCP proxy), run on the storage host.
-DELAY_PROXY = Path(__file__).with_name("delay_proxy.py")
+#: The delay element (a TCP proxy), run on the storage host as ``python -m``.
+DELAY_PROXY = "fleet.testing.delay_proxy"
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -251,8 +251,8 @@ class Network:
 
 class StorageServices:
     """What a storage host runs: a Redis (no persistence) and SeaweedFS's S3 gateway
-    (tests/seaweed.py), both reachable from every host and from ``ctl``; with
-    ``rtt_ms``, behind the delay element (tests/delay_proxy.py), so that every request
+    (:mod:`fleet.testing.seaweed`), both reachable from every host and from ``ctl``; with
+    ``rtt_ms``, behind the delay element (:mod:`fleet.testing.delay_proxy`), so that every request
     to either costs that round trip.
 
     Args:
@@ -276,7 +276,7 @@ class StorageServices:
         data_dir: Path | None = None,
         rtt_ms: float | None = None,
     ) -> None:
-        from tests.seaweed import SeaweedS3
+        from fleet.testing.seaweed import SeaweedS3
 
         self.host = host
         self.s3: SeaweedS3 | None = None
@@ -304,13 +304,13 @@ class StorageServices:
             raise
 
     def _start_proxy(self, log_dir: Path, rtt_ms: float) -> None:
-        from tests.seaweed import free_ports
+        from fleet.testing.seaweed import free_ports
 
         assert self.s3 is not None
         self.s3_proxy_port = free_ports(1)[0]
         self._delay_file.write_text(f"{rtt_ms:g}\n")
         self.proxy = self.host.popen(
-            sys.executable, str(DELAY_PROXY), "--delay-file", str(self._delay_file),
+            sys.executable, "-m", DELAY_PROXY, "--delay-file", str(self._delay_file),
             "--listen", f"0.0.0.0:{self.REDIS_PROXY_PORT}=127.0.0.1:{self.REDIS_PORT}",
             "--listen", f"0.0.0.0:{self.s3_proxy_port}=127.0.0.1:{self.s3.port}",
             log=log_dir / "delay-proxy.log",
@@ -347,7 +347,7 @@ class StorageServices:
         """``FLEET_STORAGE_OPTIONS`` for the S3 gateway, through the proxy when there is
         one."""
         assert self.s3 is not None
-        options = self.s3.storage_options
+        options: dict[str, Any] = dict(self.s3.storage_options)
         if self.s3_proxy_port is not None:
             options["endpoint_url"] = f"http://{self.host.ip}:{self.s3_proxy_port}"
         return options
