@@ -197,3 +197,15 @@ def test_two_removers_of_the_same_trees_both_succeed(tmp_path):
             thread.join()
         assert not errors, errors
         assert not (tmp_path / "runs" / f"job-{attempt}").exists()
+
+
+def test_the_outer_steps_chunk_size_keeps_its_earlier_name_as_an_alias():
+    """``merge_chunk_bytes`` (a job spec or --config file written before the rename)
+    still sets ``outer_step_chunk_bytes``; a job spec written now round-trips."""
+    from fleet.diloco import DiLoCoConfig
+
+    old = DiLoCoConfig.model_validate({"workload": "m:f", "merge_chunk_bytes": 8192})
+    assert old.outer_step_chunk_bytes == 8192
+    new = DiLoCoConfig(workload="m:f", outer_step_chunk_bytes=16384)
+    again = DiLoCoConfig.model_validate(new.model_dump())
+    assert again.outer_step_chunk_bytes == 16384

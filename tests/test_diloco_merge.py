@@ -195,7 +195,7 @@ def test_sigkill_of_the_outer_step_worker_mid_step(fleet_settings, artifacts_dir
             inner_steps=2,
             eval_every=0,
             workers=list(by_name)[:2],
-            merge_chunk_bytes=4096,
+            outer_step_chunk_bytes=4096,
             pseudo_gradient=PseudoGradientConfig(codec="fp32"),
         )
         run = DiLoCoRun.start(fleet, cfg, on_round=keep)

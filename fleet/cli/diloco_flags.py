@@ -69,7 +69,7 @@ CONFIG_FLAGS = (
     ConfigFlag("--keep-checkpoints", "keep_checkpoints", int),
     ConfigFlag("--state-checkpoint-every", "state_checkpoint_every", int),
     ConfigFlag("--model-schema-hash", "model_schema_hash"),
-    ConfigFlag("--merge-chunk-bytes", "merge_chunk_bytes", int),
+    ConfigFlag("--outer-step-chunk-bytes", "outer_step_chunk_bytes", int),
     ConfigFlag("--dataset", "dataset.path"),
     ConfigFlag("--dataset-glob", "dataset.glob"),
     ConfigFlag("--dataset-seed", "dataset.seed", int),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fleet.devices import AUTO
 from fleet.protocol import (
@@ -206,10 +206,14 @@ class DiLoCoConfig(BaseModel):
     dataset: DatasetConfig | None = None
     """Microshards leased to the replicas each round; None: the workload draws its own
     data, sharded by the BatchRef's ``payload.replica`` (docs/protocol.md)."""
-    merge_chunk_bytes: int = Field(default=1 << 20, ge=4096)
+    outer_step_chunk_bytes: int = Field(
+        default=1 << 20,
+        ge=4096,
+        validation_alias=AliasChoices("outer_step_chunk_bytes", "merge_chunk_bytes"),
+    )
     """Bytes of each pack the outer step holds in memory at once (its extra memory is
-    about ``(2 * (replicas + buffers) + 6) * merge_chunk_bytes``, whatever the model's
-    size)."""
+    about ``(2 * (replicas + buffers) + 6) * outer_step_chunk_bytes``, whatever the
+    model's size). Its earlier name, ``merge_chunk_bytes``, is read as an alias."""
 
     @field_validator("merge_policy")
     @classmethod

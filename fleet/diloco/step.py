@@ -63,7 +63,7 @@ def round_step(ctx: RunContext, attempts: Attempts, done: Done, *, final: bool) 
         run=ctx.store.job_id,
         global_model=attempts.state.global_model(),
         step=step,
-        chunk_bytes=cfg.merge_chunk_bytes,
+        chunk_bytes=cfg.outer_step_chunk_bytes,
         checkpoint_path=ctx.layout.checkpoint(index + 1) if due else None,
         checkpoint_wait=final,
     )
