@@ -701,6 +701,9 @@ class ReplicaRoundResult(_Model):
     checkpoint_scheduled: bool = False
     sent_bytes: int = 0
     received_bytes: int = 0
+    store_requests: int = 0
+    """Requests its worker sent to the store while it ran (every HTTP request of an
+    object store, each try of a retried one; none on a local root)."""
     load_s: float = 0.0
     """Getting the global model, the replica's state and the leased shards."""
     compute_s: float = 0.0
@@ -732,6 +735,8 @@ class OuterStepResult(_Model):
     steps_replayed: int = 0
     sent_bytes: int = 0
     received_bytes: int = 0
+    store_requests: int = 0
+    """Requests the step's worker sent to the store while it ran."""
     seconds: float
 
 

@@ -14,6 +14,8 @@ scalars of :func:`round_scalars`, at step ``round + 1`` (the rounds completed):
 | ``round/outer_step_s``, ``round/eval_s`` | the outer step, the evaluation |
 | ``round/exchange_bytes`` | bytes every worker moved to and from the shared root |
 | ``round/bytes_per_parameter`` | the busiest worker's bytes (sent + received) per parameter |
+| ``round/store_requests`` | the most store requests a merged replica's worker sent |
+| ``round/outer_step_requests`` | store requests of the outer step's worker |
 | ``round/deadline_s`` | the round's deadline (fixed or adaptive), when it had one |
 | ``replicas/merged``, ``replicas/dropped`` | replicas in the outer step, and the others |
 
@@ -96,6 +98,8 @@ def round_scalars(record: RoundRecord, replicas: int) -> dict[str, float]:
     out["round/exchange_bytes"] = float(record.exchange_bytes)
     if record.bytes_per_parameter is not None:
         out["round/bytes_per_parameter"] = record.bytes_per_parameter
+    out["round/store_requests"] = float(max((r.store_requests for r in merged), default=0))
+    out["round/outer_step_requests"] = float(record.outer_step_requests)
     if record.deadline_s is not None:
         out["round/deadline_s"] = record.deadline_s
     out["replicas/merged"] = float(len(merged))

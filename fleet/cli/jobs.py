@@ -101,7 +101,7 @@ def jobs_show(job_id: str, as_json: bool) -> None:
     replicas = int(job.spec.get("replicas", 1))
     table = Table(
         "round", "merged", "wall s", "inner s", "exchange s", "exchange MB", "B/param",
-        "deadline s", "outer step s", "eval loss", title="rounds",
+        "deadline s", "outer step s", "step req", "eval loss", title="rounds",
     )  # fmt: skip
     for record in records:
         x = round_scalars(record, replicas)
@@ -116,12 +116,14 @@ def jobs_show(job_id: str, as_json: bool) -> None:
             "-" if record.bytes_per_parameter is None else f"{record.bytes_per_parameter:.2f}",
             "-" if record.deadline_s is None else f"{record.deadline_s:.2f}",
             f"{x['round/outer_step_s']:.3f}",
+            str(record.outer_step_requests),
             with_stderr(loss, record.eval.loss_stderr if record.eval else None),
         )
     console.print(table)
     leases = Table(
         "round", "replica", "attempt", "worker", "status", "global", "state", "sent MB",
-        "received MB", "microshards", title="attempts: leases, sources, bytes",
+        "received MB", "requests", "microshards",
+        title="attempts: leases, sources, bytes, store requests",
     )  # fmt: skip
     for record in records:
         for r in record.replicas:
@@ -136,6 +138,7 @@ def jobs_show(job_id: str, as_json: bool) -> None:
                 r.state_source or "-",
                 f"{r.sent_bytes / 1e6:.2f}",
                 f"{r.received_bytes / 1e6:.2f}",
+                str(r.store_requests),
                 ids,
             )
     console.print(leases)

@@ -300,6 +300,7 @@ class Attempts:
                 "publish_s": result.publish_s,
                 "sent_bytes": result.sent_bytes,
                 "received_bytes": result.received_bytes,
+                "store_requests": result.store_requests,
                 "peak_rss_bytes": result.peak_rss_bytes,
                 "global_source": result.global_source,
                 "base_digest": result.base_digest,

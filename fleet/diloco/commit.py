@@ -106,6 +106,7 @@ def commit(
         outer_step_s=timing.outer_step_s,
         eval_s=timing.eval_s,
         outer_step_worker=stepped.worker,
+        outer_step_requests=result.store_requests,
         input_digest=state.global_digest,
         step=step,
         parameter_count=result.parameter_count,

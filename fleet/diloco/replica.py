@@ -149,7 +149,7 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
         log.info("already ran: returning the published %s", req.output_path)
         return recorded  # type: ignore[no-any-return]
     held = rt.held(req.model_id, tracks_loaded=True)
-    counted = store.counters.snapshot()
+    counted, requests_before = store.counters.snapshot(), store.counters.requests
     started_at, started = time.time(), time.perf_counter()
     root = run_dir(rt.settings.cache_dir, req.run)
     models = GlobalModels(store, root)
@@ -239,6 +239,7 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
     models.prune()
     pg = published.pseudo_gradient
     sent, received = store.counters.since(counted)
+    requests = store.counters.requests - requests_before
     result = ReplicaRoundResult(
         steps_completed=loop.steps,
         metrics=loop.metrics,
@@ -256,6 +257,7 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
         checkpoint_scheduled=req.checkpoint_path is not None,
         sent_bytes=sent,
         received_bytes=received,
+        store_requests=requests,
         load_s=loaded - started,
         compute_s=loop.compute_s,
         save_s=(trained - loaded) - loop.compute_s,

@@ -109,6 +109,8 @@ class ReplicaOutcome(BaseModel):
     publish_s: float = 0.0
     sent_bytes: int = 0
     received_bytes: int = 0
+    store_requests: int = 0
+    """Requests its worker sent to the store while it ran (none on a local root)."""
     peak_rss_bytes: int = 0
     """Its worker process's peak resident memory when it finished."""
     global_source: str | None = None
@@ -166,6 +168,8 @@ class RoundRecord(BaseModel):
     outer_step_s: float
     eval_s: float = 0.0
     outer_step_worker: str | None = None
+    outer_step_requests: int = 0
+    """Requests the outer step's worker sent to the store while it stepped."""
     input_digest: str | None = None
     """The values digest of the global model that entered the round."""
     step: OuterStepSpec

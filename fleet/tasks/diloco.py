@@ -66,7 +66,7 @@ def outer_step(
         CodecError, StorageError: a pack is missing or corrupt (the error names it).
     """
     store = rt.shared
-    counted = store.counters.snapshot()
+    counted, requests_before = store.counters.snapshot(), store.counters.requests
     started = time.perf_counter()
     models = _models(rt, req.run)
     base = models.resolve(req.global_model, chunk_bytes=req.chunk_bytes)
@@ -92,6 +92,7 @@ def outer_step(
         steps_replayed=base.steps_replayed,
         sent_bytes=sent,
         received_bytes=received,
+        store_requests=store.counters.requests - requests_before,
         seconds=time.perf_counter() - started,
     )
 
