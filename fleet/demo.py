@@ -35,8 +35,8 @@ DEMO_MICROSHARDS = 256
 #: Microshards leased per replica per round (DiLoCo splits replicas x this by speed).
 DEMO_SHARDS_PER_REPLICA = 8
 #: charlm settings of the demo (``--config-json`` overrides them), from
-#: ``benchmarks/sweep.py`` (README, "Why the demo's defaults"): inner AdamW lr 0.004, the
-#: best of the sweep at every H and outer optimizer; and 5,632 held-out windows of 128
+#: ``benchmarks/sweep.py`` (docs/benchmarks.md, "Why the demo's defaults"): inner AdamW
+#: lr 0.004, the best of the sweep at every H and outer optimizer; and 5,632 held-out windows of 128
 #: bytes, as many as the validation split holds without overlap: a standard error of
 #: ~0.29 % of the loss (charlm's default of 64 windows gives ~2.7 %).
 DEMO_CONFIG: dict[str, Any] = {"lr": 0.004, "eval_windows": 5632}

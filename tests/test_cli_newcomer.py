@@ -1,5 +1,5 @@
-"""The CLI as a newcomer meets it: no live worker, failed jobs, printed paths, the README's
-commands."""
+"""The CLI as a newcomer meets it: no live worker, failed jobs, printed paths, the commands
+of the README and the docs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 import shlex
 import time
 import warnings
+from pathlib import Path
 
 import click
 import pytest
@@ -110,16 +111,32 @@ def test_pack_commands_take_paths_relative_to_the_shared_root(
     fleet.release_model(handle)
 
 
-def _readme_commands() -> list[list[str]]:
-    text = (REPO / "README.md").read_text()
+#: The pages a user reads commands from: the README, the docs site's pages (docs/, the
+#: API reference included) and ops/README.md, which the site's Operations page includes.
+DOC_PAGES = (
+    REPO / "README.md",
+    *sorted((REPO / "docs").rglob("*.md")),
+    REPO / "ops" / "README.md",
+)
+
+
+def _doc_commands(page: Path) -> list[list[str]]:
+    """``fleet ...`` lines of a page's bash blocks, as argument lists."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
         block = block.replace("\\\n", " ")  # continuation lines
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
             if line.startswith("fleet "):
                 commands.append(shlex.split(line)[1:])
     return commands
+
+
+def _readme_commands() -> list[tuple[str, list[str]]]:
+    """``(page, args)`` for every ``fleet ...`` line of :data:`DOC_PAGES`."""
+    return [
+        (str(page.relative_to(REPO)), args) for page in DOC_PAGES for args in _doc_commands(page)
+    ]
 
 
 def parse_cli(args: list[str]) -> click.Command:
@@ -137,16 +154,33 @@ def parse_cli(args: list[str]) -> click.Command:
     return command
 
 
-@pytest.mark.parametrize("args", _readme_commands(), ids=lambda a: " ".join(a)[:60])
-def test_every_fleet_command_in_the_readme_parses(args):
-    """Each `fleet ...` line of the README names real commands and options."""
-    assert parse_cli(args) is not main
+@pytest.mark.parametrize(
+    ("page", "args"),
+    [
+        pytest.param(page, args, id=f"{page}: {' '.join(args)[:60]}")
+        for page, args in _readme_commands()
+    ],
+)
+def test_every_fleet_command_in_the_readme_and_docs_parses(page, args):
+    """Each `fleet ...` line of the README and the docs names real commands and options."""
+    assert parse_cli(args) is not main, page
 
 
 def test_the_readme_check_catches_a_wrong_flag():
     with pytest.raises(click.UsageError):
         parse_cli(["jobs", "logs", "JOB", "--folow"])
-    assert len(_readme_commands()) >= 10
+    pages = {page for page, _ in _readme_commands()}
+    assert {"README.md", "docs/many-machines.md", "docs/operations.md"} <= pages, pages
+    assert len(_doc_commands(REPO / "README.md")) >= 3
+    assert len(_readme_commands()) >= 20
+
+
+def test_the_readme_links_to_pages_that_exist():
+    """The README is the way into the docs site (mkdocs build --strict checks the site's
+    own links; the README is not one of its pages)."""
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", (REPO / "README.md").read_text())
+    assert "docs/diloco.md" in links and len(links) >= 15, links
+    assert [link for link in links if not (REPO / link).is_file()] == []
 
 
 def test_the_scripts_say_how_to_get_fleet_on_the_path():

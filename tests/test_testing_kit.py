@@ -4,9 +4,12 @@ and the conformance check failing a workload that breaks a re-run."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fleet.testing import ConformanceFailure, check_workload
+from tests.harness import REPO
 
 #: The user's project: a model, an optimizer and DataLoaders, and nothing else.
 USER_WORKLOAD = """
@@ -36,25 +39,27 @@ def make(config):
     )
 """
 
-#: The user's test, as the docs show it.
-USER_TEST = """
-from fleet.testing import check_workload
 
-
-def test_my_model_trains_on_the_fleet(fleet_client):
-    report = check_workload(fleet_client, "mylab_train:make", {"lr": 1e-2}, inner_steps=20)
-    assert report.final_loss < report.initial_loss
-"""
+def _docs_test() -> tuple[str, str]:
+    """The conftest and the test of docs/own-model.md ("Testing your workload"), as a
+    user copies them."""
+    text = (REPO / "docs" / "own-model.md").read_text()
+    found = re.search(r"```python\n(# conftest\.py\n.*?)```", text, re.S)
+    assert found, "docs/own-model.md shows no conftest.py block"
+    conftest, test = found.group(1).split("# test_train.py\n")
+    return conftest, test
 
 
 @pytest.mark.timeout(900)
 def test_a_users_workload_test_passes_through_the_plugin(pytester):
-    """A fresh directory holding only the user's workload, a conftest naming the plugin
-    and the ~10-line test: pytest (in a subprocess) starts the kit's Redis and two
-    workers, the check runs two DiLoCo jobs, and the user's assertion holds."""
-    pytester.makepyfile(mylab_train=USER_WORKLOAD)
-    pytester.makeconftest('pytest_plugins = ["fleet.testing.plugin"]\n')
-    pytester.makepyfile(test_mylab=USER_TEST)
+    """A fresh directory holding only the user's workload (``mylab/train.py``) and the
+    docs' conftest and ~10-line test: pytest (in a subprocess) starts the kit's Redis and
+    two workers, the check runs a DiLoCo job and its re-runs, and the user's assertion
+    holds."""
+    conftest, test = _docs_test()
+    (pytester.mkpydir("mylab") / "train.py").write_text(USER_WORKLOAD)
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(test_train=test)
     result = pytester.runpytest_subprocess("-p", "no:randomly", "-q", timeout=840)
     result.assert_outcomes(passed=1)
 
