@@ -93,22 +93,6 @@ def test_lr_1_without_momentum_is_the_average_exactly(name):
     assert torch.equal(got, avg)
 
 
-@pytest.mark.parametrize(
-    ("name", "lr", "mu", "nesterov"),
-    [("nesterov", 0.7, 0.9, True), ("nesterov", 0.4, 0.0, False), ("sgd", 0.3, 0.5, False)],
-)
-def test_delta_gain_is_how_torch_sgds_step_moves_with_the_last_gradient(name, lr, mu, nesterov):
-    """theta' = f(theta, buffers) - g * delta: two runs differing only in the last
-    gradient (by ``d``) end ``g * d`` apart."""
-    theta, deltas = _deltas(2)
-    d = 0.25
-    one = _torch_rounds(theta, deltas, lr, mu, nesterov)
-    other = _torch_rounds(theta, [deltas[0], deltas[1] + d], lr, mu, nesterov)
-    measured = float(((one - other) / d).mean())
-    gain = outer_optimizer(OuterOptimizerConfig(name=name, lr=lr, momentum=mu)).delta_gain
-    assert gain == pytest.approx(measured, rel=1e-4)
-
-
 @pytest.mark.parametrize("name", ["nesterov", "sgd"])
 def test_a_momentum_buffer_only_with_momentum(name):
     assert outer_optimizer(OuterOptimizerConfig(name=name, momentum=0.5)).buffers == ("momentum",)
@@ -142,7 +126,7 @@ def test_a_users_module_class_spec_is_built_from_the_config():
     config = OuterOptimizerConfig(name=f"{__name__}:HalfStep", lr=0.5)
     optimizer = outer_optimizer(config)
     assert type(optimizer).__name__ == "HalfStep" and optimizer.config is config
-    assert optimizer.buffers == () and optimizer.delta_gain is None
+    assert optimizer.buffers == ()
     theta = torch.tensor([1.0, 2.0])
     got, state = outer_step(theta, torch.tensor([0.0, 4.0]), None, config)
     assert got.tolist() == [0.5, 3.0] and state == {}

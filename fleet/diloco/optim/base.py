@@ -44,14 +44,6 @@ class OuterOptimizer(ABC):
         ``("momentum",)``; none for stateless steps."""
         return ()
 
-    @property
-    def delta_gain(self) -> float | None:
-        """``g`` if the new parameters depend on the pseudo-gradient as ``theta' = f(theta,
-        buffers) - g * delta`` (a step linear in ``delta``, as SGD and Nesterov), else
-        None. An overlapped run (:mod:`fleet.diloco.pipeline`) needs it: a replica moves
-        the predicted start point by ``-g`` times its own correction."""
-        return None
-
     @abstractmethod
     def step(
         self,

@@ -28,10 +28,6 @@ class Nesterov(OuterOptimizer):
     def buffers(self) -> tuple[str, ...]:
         return ("momentum",) if self.config.momentum else ()
 
-    @property
-    def delta_gain(self) -> float:
-        return self.config.lr * (1.0 + self.config.momentum)
-
     def step(
         self,
         theta: torch.Tensor,

@@ -25,10 +25,6 @@ class SGD(OuterOptimizer):
     def buffers(self) -> tuple[str, ...]:
         return ("momentum",) if self.config.momentum else ()
 
-    @property
-    def delta_gain(self) -> float:
-        return self.config.lr
-
     def step(
         self,
         theta: torch.Tensor,
