@@ -47,7 +47,7 @@ from fleet.codec.pack import write_values_pack
 from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.outer import PackInput, average, outer_step, stream_outer_step
 from fleet.protocol import OuterOptimizerConfig
-NESTEROV = outer_optimizer(OuterOptimizerConfig())
+NESTEROV = outer_optimizer(OuterOptimizerConfig(name="nesterov"))
 
 mode, d, n, chunk = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 if mode == "s3":
@@ -79,7 +79,10 @@ elif mode == "memory":
     replicas = [read_pack(f, verify=True)[1] for f in files[1:-1]]
     momentum = read_pack(files[-1], verify=True)[1]
     new_theta, new_state = outer_step(
-        theta, average(replicas, [1.0] * n), {"momentum": momentum}, OuterOptimizerConfig()
+        theta,
+        average(replicas, [1.0] * n),
+        {"momentum": momentum},
+        OuterOptimizerConfig(name="nesterov"),
     )
     write_values_pack(d / "out-g", new_theta, manifest)
     write_values_pack(d / "out-m", new_state["momentum"], manifest)

@@ -40,10 +40,6 @@ DEMO_SHARDS_PER_REPLICA = 8
 #: bytes, as many as the validation split holds without overlap: a standard error of
 #: ~0.29 % of the loss (charlm's default of 64 windows gives ~2.7 %).
 DEMO_CONFIG: dict[str, Any] = {"lr": 0.004, "eval_windows": 5632}
-#: The outer optimizer of the demo: plain averaging of the replicas (SGD, lr 1, no
-#: momentum), which beat the published Nesterov (lr 0.7, momentum 0.9) at every H of
-#: the sweep at this scale, as arXiv 2503.09799 finds for small models and few replicas.
-DEMO_OUTER = OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0)
 #: Evaluate the global model every this many rounds (and after the last): each
 #: evaluation of the 5,632 windows costs ~8-14 s of a worker on one core.
 DEMO_EVAL_EVERY = 2
@@ -134,8 +130,10 @@ def run_diloco_and_baseline(
     baseline_worker: str,
     console: Console,
     dataset: str | None = None,
+    eval_worker: str | None = None,
 ) -> tuple[RunSummary, RunSummary]:
-    """Run DiLoCo, then the baseline for the same wall-clock time; return both runs.
+    """Run DiLoCo, then the baseline for the same wall-clock time; return both runs
+    (each evaluating on ``eval_worker`` beside its training, if given).
     With ``dataset`` both lease its microshards: DiLoCo ``replicas x`` 8 per round split
     by the workers' measured speed, the baseline 8 per round, 4 microshards per BatchRef."""
 
@@ -156,8 +154,8 @@ def run_diloco_and_baseline(
         replicas=replicas,
         rounds=rounds,
         inner_steps=inner_steps,
-        outer=DEMO_OUTER,
         eval_every=DEMO_EVAL_EVERY,
+        eval_worker=eval_worker,
         dataset=leases(replicas),
     )
     diloco = DiLoCoRun.start(fleet, diloco_cfg)
@@ -205,6 +203,8 @@ def run_demo(
     ``config`` overrides :data:`DEMO_CONFIG`."""
     config = {**DEMO_CONFIG, **config}
     workers = fleet.wait_for_workers(replicas, timeout_s=120)
+    # a worker beyond the replicas' evaluates the global models beside their training
+    eval_worker = workers[replicas].name if len(workers) > replicas else None
     if flower_url:
         console.print(f"Flower: [link={flower_url}]{flower_url}[/link]", highlight=False)
     console.print(f"workers: {', '.join(w.name for w in workers)}", highlight=False)
@@ -228,6 +228,7 @@ def run_demo(
         rounds=rounds,
         inner_steps=inner_steps,
         baseline_worker=workers[0].name,
+        eval_worker=eval_worker,
         console=console,
         dataset=dataset,
     )
@@ -238,7 +239,9 @@ def run_demo(
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "workers": [{"name": w.name, "device": w.device_name} for w in workers],
-            "note": "DiLoCo uses one worker per replica; the baseline one of the same workers",
+            "note": "DiLoCo uses one worker per replica; the baseline one of the same "
+            "workers; both evaluate on the eval worker beside training, if there is one",
+            "eval_worker": eval_worker,
         },
     }
     json_path, png_path, comparison = write_report(out_dir, d_run, b_run, extra)

@@ -253,6 +253,15 @@ class JobStore:
         if names:
             self.redis.hdel(keys.job_checkpoints(job_id), *names)
 
+    def record_evaluation(self, job_id: str, round_index: int, evaluation_json: str) -> None:
+        """Record the evaluation of round ``round_index``'s committed global model, run
+        beside later rounds (not fenced: it states a fact about a committed model)."""
+        self.redis.hset(keys.job_evaluations(job_id), str(round_index), evaluation_json)
+
+    def evaluations(self, job_id: str) -> dict[int, str]:
+        """Every evaluation recorded with :meth:`record_evaluation`, by round."""
+        return {int(k): v for k, v in self.redis.hgetall(keys.job_evaluations(job_id)).items()}
+
     # ------------------------------------------------------------------ ownership
 
     def claim(self, job_id: str, *, host: str, pid: int, ttl_s: float) -> int:

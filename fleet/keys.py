@@ -92,6 +92,13 @@ def job_checkpoints(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:checkpoints"
 
 
+def job_evaluations(job_id: str) -> str:
+    """Hash: evaluations of a DiLoCo job's committed global models that ran beside later
+    rounds (:mod:`fleet.diloco.evaluation`): field ``<round>`` -> a LandedEvaluation
+    (JSON)."""
+    return f"{PREFIX}job:{job_id}:evaluations"
+
+
 def job_owner(job_id: str) -> str:
     """String with a TTL: the job's owner lease ``{token, host, pid, started_at,
     heartbeat_at}``, renewed by the owning orchestrator's heartbeat."""

@@ -49,15 +49,24 @@ class RunSummary(BaseModel):
 
 
 def loss_curve(run: RunSummary) -> list[tuple[float, float]]:
-    """``[(seconds since the run started, eval loss)]``: the initial model, then each
-    round whose global model was evaluated (at the end of its evaluation)."""
+    """``[(seconds since the run started, eval loss)]``: the initial model (when round 0
+    started), then each round whose global model was evaluated (when the round ended: its
+    commit, or the end of its evaluation where that ran before the next round)."""
     points = []
     if run.initial_eval is not None and run.initial_eval.loss is not None:
-        points.append((run.initial_eval.at - run.started_at, run.initial_eval.loss))
+        points.append((_initial_at(run), run.initial_eval.loss))
     for m in run.rounds:
         if m.eval is not None and m.eval.loss is not None:
             points.append((m.started_at + m.wall_s - run.started_at, m.eval.loss))
     return points
+
+
+def _initial_at(run: RunSummary) -> float:
+    """Seconds since the run started at which its initial model was ready: when round 0
+    started (after the initial evaluation, unless that ran beside round 0)."""
+    assert run.initial_eval is not None
+    at = run.rounds[0].started_at if run.rounds else run.initial_eval.at
+    return at - run.started_at
 
 
 def tokens_curve(run: RunSummary) -> list[tuple[float, float]]:
@@ -153,7 +162,7 @@ def evaluations(run: RunSummary) -> list[tuple[float, Evaluation]]:
     """``[(seconds since the run started, evaluation)]`` with a loss, as :func:`loss_curve`."""
     points = []
     if run.initial_eval is not None and run.initial_eval.loss is not None:
-        points.append((run.initial_eval.at - run.started_at, run.initial_eval))
+        points.append((_initial_at(run), run.initial_eval))
     for m in run.rounds:
         if m.eval is not None and m.eval.loss is not None:
             points.append((m.started_at + m.wall_s - run.started_at, m.eval))

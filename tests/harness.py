@@ -75,7 +75,7 @@ def settings_for(redis_url: str, shared_root: Path, **overrides: object) -> Flee
     values: dict[str, object] = {
         "redis_url": redis_url,
         "shared_root": shared_root,
-        "workload_allowlist": ["tests.workloads.*", "fleet.testing.*"],
+        "workload_allowlist": ["tests.workloads.*", "fleet.testing.*", "benchmarks.user_mlp"],
         "node": "testnode",
         "heartbeat_interval_s": 0.5,
         "heartbeat_ttl_s": 3.0,

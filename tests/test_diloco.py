@@ -32,7 +32,7 @@ def test_outer_step_is_a_hand_computed_nesterov_step():
     theta = torch.tensor([1.0, -2.0, 0.5, 4.0])
     replicas = [torch.tensor([0.8, -1.0, 0.5, 3.0]), torch.tensor([0.6, -1.6, 1.5, 3.0])]
     weights = [3.0, 1.0]
-    cfg = OuterOptimizerConfig(name="nesterov", lr=0.7, momentum=0.9)
+    cfg = OuterOptimizerConfig(name="nesterov")
     avg = average(replicas, weights)
     assert torch.allclose(avg, torch.tensor([0.75, -1.15, 0.75, 3.0]))
     # round 1: buffer starts as delta
@@ -66,7 +66,7 @@ def test_the_optimizer_objects_give_the_bits_of_the_2023_formula():
     delta = theta - avg
     new_m = m * mu + delta
     expected = (avg + delta * (1.0 - lr)) - new_m * (lr * mu)
-    got, state = outer_step(theta, avg, {"momentum": m}, OuterOptimizerConfig())
+    got, state = outer_step(theta, avg, {"momentum": m}, OuterOptimizerConfig(name="nesterov"))
     assert torch.equal(got, expected) and torch.equal(state["momentum"], new_m)
     heavy, _ = outer_step(
         theta, avg, {"momentum": m}, OuterOptimizerConfig(name="sgd", lr=0.5, momentum=0.5)
@@ -136,6 +136,7 @@ def test_three_rounds_eval_loss_falls_and_the_merge_is_exact(fleet, two_workers)
         replicas=2,
         rounds=3,
         inner_steps=15,
+        outer=OuterOptimizerConfig(name="nesterov"),
         pseudo_gradient=PseudoGradientConfig(codec="fp32"),
     )
     run = DiLoCoRun.start(fleet, cfg, on_round=keep_deltas)

@@ -48,7 +48,7 @@ def packs(tmp_path_factory):
 @pytest.mark.parametrize(
     "outer",
     [
-        OuterOptimizerConfig(),
+        OuterOptimizerConfig(name="nesterov"),
         OuterOptimizerConfig(name="sgd", lr=0.3, momentum=0.5),
         OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0),
     ],
@@ -110,7 +110,7 @@ def test_a_corrupt_input_names_itself_and_publishes_nothing(packs, tmp_path):
             [PackInput(r) for r in replicas],
             [1.0] * len(replicas),
             {},
-            outer_optimizer(OuterOptimizerConfig()),
+            outer_optimizer(OuterOptimizerConfig(name="nesterov")),
             "WeightedMean",
             tmp_path / "g",
             {"momentum": tmp_path / "m"},
@@ -232,8 +232,9 @@ def test_garbage_collection_keeps_what_keep_checkpoints_says(fleet, two_workers)
     newest stay, with nothing else of the run (its pseudo-gradients and replica states
     are deleted once the final checkpoint is in)."""
     cfg = DiLoCoConfig(
-        workload=DIGITS, replicas=2, rounds=6, inner_steps=3, eval_every=0, checkpoint_every=2
-    )
+        workload=DIGITS, replicas=2, rounds=6, inner_steps=3, eval_every=0, checkpoint_every=2,
+        outer=OuterOptimizerConfig(name="nesterov"),  # with its momentum buffer
+    )  # fmt: skip
     run = DiLoCoRun.start(fleet, cfg)
     job = run.run()
     assert job.status == "completed"

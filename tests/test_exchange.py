@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fleet.client import Fleet
-from fleet.diloco import DiLoCoConfig, DiLoCoRun
+from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig
 from fleet.diloco.state import RoundRecord
 from fleet.local import WorkerProcess
 from fleet.registry import Registry
@@ -92,6 +92,7 @@ def _config(private: PrivateWorkers, **overrides: object) -> DiLoCoConfig:
         "inner_steps": 3,
         "eval_every": 0,
         "workers": [p.name for p in private.procs.values()],
+        "outer": OuterOptimizerConfig(name="nesterov"),  # a momentum buffer to carry
     }
     values.update(overrides)
     return DiLoCoConfig(**values)  # type: ignore[arg-type]

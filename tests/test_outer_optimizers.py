@@ -81,7 +81,7 @@ def test_the_step_leaves_its_inputs_unchanged():
     avg = theta - delta
     momentum = torch.ones(P)
     copies = theta.clone(), avg.clone(), momentum.clone()
-    outer_step(theta, avg, {"momentum": momentum}, OuterOptimizerConfig())
+    outer_step(theta, avg, {"momentum": momentum}, OuterOptimizerConfig(name="nesterov"))
     assert all(torch.equal(a, b) for a, b in zip((theta, avg, momentum), copies, strict=True))
 
 
@@ -99,10 +99,23 @@ def test_a_momentum_buffer_only_with_momentum(name):
     assert outer_optimizer(OuterOptimizerConfig(name=name, momentum=0.0)).buffers == ()
 
 
-def test_the_default_optimizer_is_the_papers_nesterov():
+def test_nesterov_named_alone_is_the_papers_setting():
     theta, deltas = _deltas(3)
-    got, _ = _fleet_rounds(theta, deltas, OuterOptimizerConfig())
+    got, _ = _fleet_rounds(theta, deltas, OuterOptimizerConfig(name="nesterov"))
     assert torch.allclose(got, _torch_rounds(theta, deltas, 0.7, 0.9, True), rtol=1e-5, atol=1e-6)
+    legacy_flag = OuterOptimizerConfig.model_validate({"nesterov": True})
+    legacy, _ = _fleet_rounds(theta, deltas, legacy_flag)
+    assert torch.equal(legacy, got)
+
+
+def test_the_default_optimizer_averages_the_replicas():
+    """Every round the new global model is the replicas' mean: theta minus the mean
+    pseudo-gradient, with no buffer carried between rounds."""
+    theta, deltas = _deltas(3)
+    optimizer = outer_optimizer(OuterOptimizerConfig())
+    assert optimizer.buffers == ()
+    got, _ = _fleet_rounds(theta, deltas, OuterOptimizerConfig())
+    assert torch.allclose(got, theta - sum(deltas), rtol=1e-6, atol=1e-6)
 
 
 class HalfStep(OuterOptimizer):

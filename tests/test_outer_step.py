@@ -143,7 +143,7 @@ def test_what_it_refuses_before_reading_publishes_nothing(tmp_path):
     write_values_pack(tmp_path / "r1", theta - deltas[1], like)
     write_values_pack(tmp_path / "m", deltas[2], like)
     r0, r1, m = PackInput(tmp_path / "r0"), PackInput(tmp_path / "r1"), PackInput(tmp_path / "m")
-    nesterov = OuterOptimizerConfig()
+    nesterov = OuterOptimizerConfig(name="nesterov")
     out_m = {"momentum": tmp_path / "out" / "m"}
     with pytest.raises(ValueError, match="2 replicas with 1 weights"):
         _step(tmp_path, [r0, r1], [1.0], "WeightedMean")
@@ -213,7 +213,8 @@ def test_it_reports_what_it_published_read_and_wrote(tmp_path):
     pg = _pseudo_gradient(tmp_path / "pg", deltas[2], like, like.values_digest)
     started = time.perf_counter()
     result = _step(
-        tmp_path, [*replicas, pg], [1.0, 1.0, 1.0], "WeightedMean", OuterOptimizerConfig(),
+        tmp_path, [*replicas, pg], [1.0, 1.0, 1.0], "WeightedMean",
+        OuterOptimizerConfig(name="nesterov"),
         {"momentum": PackInput(tmp_path / "m")},
     )  # fmt: skip
     elapsed = time.perf_counter() - started

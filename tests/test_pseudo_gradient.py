@@ -125,7 +125,7 @@ def test_the_streamed_outer_step_over_pseudo_gradients(tmp_path, like):
     deltas = [_read(tmp_path / "r0"), _read(tmp_path / "r1"), theta - locals_[2]]
     weights = [3.0, 1.0, 2.0]
     delta = average(deltas, weights)
-    optimizer = outer_optimizer(OuterOptimizerConfig())
+    optimizer = outer_optimizer(OuterOptimizerConfig(name="nesterov"))
     expected_m = torch.empty(P)
     expected = optimizer.step(
         theta.clone(), theta - delta, delta.clone(), {"momentum": m}, {"momentum": expected_m}

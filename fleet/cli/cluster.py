@@ -121,7 +121,8 @@ def demo_cmd(
             )
         else:
             console.print("starting a local fleet ...")
-            with LocalCluster(root, workers=replicas, flower=flower) as local:
+            # one worker per replica, and one that evaluates beside their training
+            with LocalCluster(root, workers=replicas + 1, flower=flower) as local:
                 fleet = Fleet(local.settings)
                 json_path, png_path, comparison = run_demo(
                     fleet,

@@ -52,6 +52,8 @@ CONFIG_FLAGS = (
     ConfigFlag("--device", "device"),
     ConfigFlag("--eval-every", "eval_every", int),
     ConfigFlag("--eval-split", "eval_split", click.Choice(["Train", "Validation", "Test"])),
+    ConfigFlag("--eval-overlap/--eval-blocking", "eval_overlap"),
+    ConfigFlag("--eval-worker", "eval_worker"),
     ConfigFlag("--min-replicas", "quorum.min_replicas", int),
     ConfigFlag("--round-deadline-s", "quorum.round_deadline_s", float),
     ConfigFlag("--adaptive-deadline/--generous-deadline", "quorum.adaptive_deadline.tight"),

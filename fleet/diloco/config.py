@@ -158,7 +158,7 @@ class DiLoCoConfig(BaseModel):
     inner_steps: int = Field(default=50, ge=1)
     """H: inner optimizer steps per replica per round."""
     outer: OuterOptimizerConfig = Field(default_factory=OuterOptimizerConfig)
-    """The outer optimizer (SGD with Nesterov momentum on the pseudo-gradient)."""
+    """The outer optimizer applied to the merged pseudo-gradient (default: averaging)."""
     pseudo_gradient: PseudoGradientConfig = Field(default_factory=PseudoGradientConfig)
     """What each replica publishes for the outer step (codec, error feedback)."""
     merge_policy: MergePolicy = "WeightedMean"
@@ -170,6 +170,16 @@ class DiLoCoConfig(BaseModel):
     """Evaluate the global model every this many rounds (and after the last); 0: never."""
     eval_split: EvalSplit = "Validation"
     """The split the global model is evaluated on."""
+    eval_overlap: bool = True
+    """Evaluate a round's global model beside the next rounds' training, so the next
+    round starts as soon as the outer step has committed; the result is recorded against
+    its round when it lands (fleet.diloco.evaluation). It runs on ``eval_worker``, else
+    on an idle worker (alive, running no replica of the round). Without one, or with
+    False, the evaluation runs on the outer step's worker before the next round starts.
+    The run's last round is evaluated before the run ends either way."""
+    eval_worker: str | None = None
+    """The worker that evaluates beside training (kept out of the replicas' placement
+    while another worker is alive). None: any idle worker."""
     quorum: QuorumConfig = Field(default_factory=QuorumConfig)
     """When a round closes without waiting for every replica."""
     model_schema_hash: str = "fleet-diloco"

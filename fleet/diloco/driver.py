@@ -24,10 +24,21 @@ from fleet.diloco.commit import collect_garbage, take_up_checkpoints
 from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.context import RunContext
 from fleet.diloco.data import RunData
+from fleet.diloco.divergence import RisingTrainingLoss
+from fleet.diloco.evaluation import BackgroundEvaluations
 from fleet.diloco.layout import RunLayout
-from fleet.diloco.placement import place_replicas
+from fleet.diloco.placement import place_replicas, training_workers
 from fleet.diloco.round import Round
-from fleet.diloco.state import DriverState, Evaluation, HandleRef, RoundRecord, RunStore, rounds_of
+from fleet.diloco.state import (
+    DriverState,
+    Evaluation,
+    HandleRef,
+    LandedEvaluation,
+    RoundRecord,
+    RunStore,
+    rounds_of,
+    with_landed,
+)
 from fleet.diloco.step import verify_checkpoint
 from fleet.errors import (
     BrokerUnavailableError,
@@ -51,7 +62,8 @@ class DiLoCoRun:
 
     Args:
         fleet: a client of the fleet.
-        on_round: called with each round's record after it is committed.
+        on_round: called with each round's record after it is committed and, when its
+            evaluation runs beside later rounds, once that landed (in round order).
     """
 
     def __init__(
@@ -68,6 +80,7 @@ class DiLoCoRun:
         self.jobs = JobStore(fleet.registry)
         self.layout = RunLayout(job.job_id)
         self.on_round = on_round
+        self.rising = RisingTrainingLoss(config.outer)
 
     @classmethod
     def start(
@@ -175,9 +188,10 @@ class DiLoCoRun:
                 raise
 
     def _rounds(self, ctx: RunContext) -> Job:
+        evaluations = BackgroundEvaluations(ctx)
         state, plan = ctx.store.load()
         if state is None:
-            state = self._initial_state(ctx)
+            state = self._initial_state(ctx, evaluations)
         else:
             self._log("resuming at round %d (global %s)", state.next_round, state.global_digest)
             if ctx.data is not None:
@@ -189,19 +203,56 @@ class DiLoCoRun:
         previous = records[-1] if records else None
         for record in records[-self.config.quorum.adaptive_deadline.window_rounds :]:
             ctx.deadline.observe(record)
+        unreported: list[RoundRecord] = []
         for index in range(state.next_round, self.config.rounds):
-            record, state = Round(ctx, state, index, plan).run()
+            record, state = Round(ctx, state, index, plan, evaluations).run()
             plan, previous = None, record
-            if not self._committed(record, state):
+            unreported.append(record)
+            go_on = self._committed(record, state)
+            unreported = self._report(evaluations, unreported)
+            if not go_on:
                 break
+        if evaluations.in_flight:
+            self._log("waiting for %d evaluations to land", len(evaluations.in_flight))
+        self._report(evaluations, unreported, wait=True)
+        evaluations.collect([])
         return self._finish(ctx, state, previous)
 
-    def _initial_state(self, ctx: RunContext) -> DriverState:
+    def _report(
+        self, evaluations: BackgroundEvaluations, unreported: list[RoundRecord], wait: bool = False
+    ) -> list[RoundRecord]:
+        """Hand ``on_round`` each committed round whose evaluation is not in flight any
+        more, in round order; the records still waiting (with ``wait``: none)."""
+        evaluations.harvest(wait=wait)
+        pending = evaluations.pending()
+        ready: list[RoundRecord] = []
+        for record in unreported:
+            if record.round in pending:
+                break
+            ready.append(record)
+        found = self.jobs.evaluations(self.job_id) if any(r.eval is None for r in ready) else {}
+        for record in ready:
+            landed = with_landed(record, found.get(record.round))
+            if landed is not record:
+                loss = landed.eval.loss if landed.eval else None
+                self._log(
+                    "round %d evaluated beside training: eval loss %s (%.1fs)",
+                    landed.round,
+                    "-" if loss is None else f"{loss:.4f}",
+                    landed.eval_s,
+                )
+            if self.on_round is not None:
+                self.on_round(landed)
+        return unreported[len(ready) :]
+
+    def _initial_state(self, ctx: RunContext, evaluations: BackgroundEvaluations) -> DriverState:
         """Round 0's global model: built by the workload on a worker, published in full (the
-        run's first checkpoint), evaluated."""
+        run's first checkpoint), evaluated (beside round 0 on an idle worker if there is
+        one, recorded as round -1's evaluation)."""
         cfg, started = self.config, time.time()
         grace_s = ctx.fleet.registry.liveness_grace_s
         alive = [w.name for w in ctx.fleet.wait_for_workers(1, timeout_s=grace_s)]
+        alive = training_workers(alive, cfg.eval_worker if cfg.eval_overlap else None)
         worker = place_replicas(1, alive, [], cfg.workers)[0]
         timeout = cfg.replica_call_timeout_s
         handle = ctx.fleet.init_model(
@@ -210,8 +261,11 @@ class DiLoCoRun:
         pack = ctx.fleet.export_parameter_pack(
             handle, self.layout.checkpoint(0), cfg.model_schema_hash
         )
-        initial = None
-        if cfg.eval_every:
+        initial, beside = None, None
+        if cfg.eval_every:  # beside round 0, on a worker none of its replicas will use
+            busy = place_replicas(cfg.replicas, alive, [], cfg.workers)
+            beside = evaluations.worker_for({worker, *busy})
+        if cfg.eval_every and beside is None:
             metrics = ctx.fleet.evaluate(handle, cfg.eval_split, timeout_s=timeout)
             initial = Evaluation(at=time.time(), worker=handle.worker, metrics=metrics)
         state = DriverState(
@@ -231,6 +285,8 @@ class DiLoCoRun:
         )
         ctx.store.save_state(state)
         self._log("initial global model %s from %s", pack.path, worker)
+        if beside is not None:
+            evaluations.submit(-1, state.global_model(), beside, None)
         return state
 
     def _committed(self, record: RoundRecord, state: DriverState) -> bool:
@@ -250,8 +306,9 @@ class DiLoCoRun:
             "-" if per_parameter is None else f"{per_parameter:.2f}",
             "-" if loss is None else f"{loss:.4f}",
         )
-        if self.on_round is not None:
-            self.on_round(record)
+        warning = self.rising.observe(record)
+        if warning is not None:
+            self._log(warning, level=logging.WARNING)
         budget = self.config.max_wall_s
         if budget is not None and time.time() - state.started_at >= budget:
             self._log("wall-clock budget of %.1fs reached after round %d", budget, record.round)
@@ -341,7 +398,13 @@ class DiLoCoRun:
 
     def state(self) -> DriverState | None:
         """The committed driver state (initial evaluation, start time, packs)."""
-        return RunStore(self.jobs, self.job_id, 0).load()[0]
+        state = RunStore(self.jobs, self.job_id, 0).load()[0]
+        if state is not None and state.initial_eval is None:
+            landed = self.jobs.evaluations(self.job_id).get(-1)
+            if landed is not None:
+                initial = LandedEvaluation.model_validate_json(landed).evaluation
+                state = state.model_copy(update={"initial_eval": initial})
+        return state
 
 
 __all__ = ["DiLoCoRun"]

@@ -1,14 +1,32 @@
-"""The evaluation of a round's new global model, on the worker that made it (the outer
-step's worker holds it: nothing crosses a link), into a replica's warm handle there if
-it has one; on any worker otherwise (which catches up to the model first)."""
+"""The evaluation of a round's new global model.
+
+Off the critical path (``eval_overlap``, the default): the round commits without it and
+the next round starts at once, while an idle worker (``eval_worker``, or one that ran no
+replica of the round) evaluates the committed model, catching up to it from the shared
+root. Its result lands in Redis against its round (:class:`BackgroundEvaluations`,
+:func:`fleet.diloco.state.rounds_of`). The run's last round is evaluated before the run
+ends.
+
+On the critical path (no idle worker, ``eval_overlap`` off, or the last round): on the
+worker that made the model (the outer step's worker holds it: nothing crosses a link),
+into a replica's warm handle there if it has one; on any worker otherwise.
+
+Why not a thread beside a replica's inner steps on a busy worker: a workload's
+evaluation would then share torch's global random generator with the training beside
+it (a DataLoader draws its base seed from it at every ``iter``), and the replica's
+round would no longer re-run bit for bit.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
+from fleet.calls import FleetFuture
+from fleet.diloco.commit import collect_garbage
 from fleet.diloco.context import RunContext
-from fleet.diloco.state import Evaluation, HandleRef, WireBytes
+from fleet.diloco.state import Evaluation, HandleRef, LandedEvaluation, WireBytes
 from fleet.errors import CodecError, FleetError
 from fleet.protocol import EvaluateGlobalResult, GlobalModelSpec
 
@@ -53,22 +71,7 @@ def evaluate_global(
     tries.append((None, None))
     last: FleetError | None = None
     for target, model_id in tries:
-        fields = {
-            "run": ctx.store.job_id,
-            "global_model": spec.model_dump(mode="json"),
-            "split": cfg.eval_split,
-            "model_id": model_id,
-            "device": cfg.device,
-        }
-        call = fleet.prepare(
-            "evaluate_global",
-            fields,
-            EvaluateGlobalResult.model_validate,
-            worker=target,
-            workload=cfg.workload,
-            config=cfg.config,
-        )
-        future = fleet.submit(call)
+        future = _submit(ctx, spec, target, model_id)
         try:
             result = future.result(cfg.replica_call_timeout_s)
         except FleetError as exc:
@@ -77,9 +80,161 @@ def evaluate_global(
             ctx.log("evaluation on %s failed: %s", target or "the pool", exc, level=logging.WARNING)
             last = exc
             continue
-        ran_on = future.worker or target or "?"
-        evaluation = Evaluation(at=time.time(), worker=ran_on, metrics=result.metrics)
-        wire = {ran_on: WireBytes(sent=result.sent_bytes, received=result.received_bytes)}
+        evaluation, wire = _landed(future, result, target)
         return evaluation, time.monotonic() - started, wire
     assert last is not None
     raise last
+
+
+def _submit(
+    ctx: RunContext,
+    spec: GlobalModelSpec,
+    worker: str | None,
+    model_id: str | None,
+    *,
+    own_models: bool = False,
+) -> FleetFuture[EvaluateGlobalResult]:
+    cfg = ctx.config
+    fields = {
+        "run": ctx.store.job_id,
+        "global_model": spec.model_dump(mode="json"),
+        "split": cfg.eval_split,
+        "model_id": model_id,
+        "device": cfg.device,
+        "own_models": own_models,
+    }
+    call = ctx.fleet.prepare(
+        "evaluate_global",
+        fields,
+        EvaluateGlobalResult.model_validate,
+        worker=worker,
+        workload=cfg.workload,
+        config=cfg.config,
+    )
+    return ctx.fleet.submit(call)
+
+
+def _landed(
+    future: FleetFuture[EvaluateGlobalResult], result: EvaluateGlobalResult, target: str | None
+) -> tuple[Evaluation, dict[str, WireBytes]]:
+    ran_on = future.worker or target or "?"
+    evaluation = Evaluation(at=time.time(), worker=ran_on, metrics=result.metrics)
+    return evaluation, {ran_on: WireBytes(sent=result.sent_bytes, received=result.received_bytes)}
+
+
+@dataclass
+class _InFlight:
+    round: int
+    worker: str
+    future: FleetFuture[EvaluateGlobalResult]
+    started: float
+    spec: GlobalModelSpec
+    holder: str | None
+    """The worker that holds the model (the outer step's), to evaluate on if this fails."""
+
+
+class BackgroundEvaluations:
+    """The evaluations of a run's committed rounds that run beside later rounds'
+    training (module docstring): at most one in flight per worker (a round finding
+    every idle worker still evaluating is evaluated before the next round starts, so
+    evaluations never pile up behind training); each one's result recorded against its
+    round in Redis as it lands (:meth:`fleet.jobs.JobStore.record_evaluation`). The
+    packs an evaluation in flight may read are not deleted under it: the commits'
+    garbage waits until none is in flight (:meth:`collect`)."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.in_flight: list[_InFlight] = []
+        self.deferred_garbage: list[str] = []
+        self.failed_on: set[str] = set()
+        """Workers an evaluation failed on (e.g. one whose allowlist refuses the
+        workload): not asked again in this run."""
+
+    def collect(self, garbage: list[str]) -> None:
+        """Delete ``garbage`` (shared-root paths a commit superseded) and what was
+        deferred before, once no evaluation is in flight; until then, defer it."""
+        self.deferred_garbage += garbage
+        if not self.in_flight and self.deferred_garbage:
+            collect_garbage(self.ctx.fleet, self.deferred_garbage)
+            self.deferred_garbage = []
+
+    def worker_for(self, busy: set[str]) -> str | None:
+        """The worker to evaluate on now: ``eval_worker`` if alive, else an alive worker
+        not in ``busy`` (the round's replicas' workers), in either case one not
+        evaluating already (finished evaluations are recorded first); None if there is
+        none (or ``eval_overlap`` is off)."""
+        cfg = self.ctx.config
+        if not cfg.eval_overlap:
+            return None
+        self.harvest()
+        evaluating = {e.worker for e in self.in_flight} | self.failed_on
+        alive = sorted(w.name for w in self.ctx.fleet.workers() if w.name not in evaluating)
+        if cfg.eval_worker is not None:
+            return cfg.eval_worker if cfg.eval_worker in alive else None
+        return next((w for w in alive if w not in busy), None)
+
+    def submit(
+        self, round_index: int, spec: GlobalModelSpec, worker: str, holder: str | None
+    ) -> None:
+        """Start evaluating round ``round_index``'s committed global model ``spec`` on
+        ``worker``; should that fail, it is evaluated on ``holder`` (the worker that
+        holds the model) when the failure is seen."""
+        future = _submit(self.ctx, spec, worker, None, own_models=True)
+        started = time.monotonic()
+        self.in_flight.append(_InFlight(round_index, worker, future, started, spec, holder))
+        self.ctx.log("round %d's evaluation runs on %s beside training", round_index, worker)
+
+    def pending(self) -> set[int]:
+        """The rounds whose evaluation is in flight."""
+        return {e.round for e in self.in_flight}
+
+    def harvest(self, *, wait: bool = False) -> list[int]:
+        """Record the evaluations that finished (with ``wait``: every one in flight,
+        each within ``replica_call_timeout_s``); the rounds that landed. One that failed
+        is run again at once where the model is held (:func:`evaluate_global`, as on
+        the critical path), and its worker is not asked again; failing there too, its
+        round is left without an evaluation (logged).
+
+        Raises:
+            BrokerUnavailableError: Redis cannot be reached.
+        """
+        cfg, landed, still = self.ctx.config, [], []
+        for e in self.in_flight:
+            if not wait and not e.future.ready():
+                still.append(e)
+                continue
+            try:
+                result = e.future.result(cfg.replica_call_timeout_s)
+                evaluation, wire = _landed(e.future, result, e.worker)
+            except FleetError as exc:
+                self.failed_on.add(e.worker)
+                self.ctx.log(
+                    "round %d's evaluation on %s failed (%s): evaluating it on %s",
+                    e.round,
+                    e.worker,
+                    exc,
+                    e.holder or "the pool",
+                    level=logging.WARNING,
+                )
+                try:
+                    evaluation, _, wire = evaluate_global(self.ctx, e.spec, e.holder, [])
+                except FleetError as again:
+                    self.ctx.log(
+                        "round %d is left without an evaluation: %s",
+                        e.round,
+                        again,
+                        level=logging.WARNING,
+                    )
+                    continue
+            record = LandedEvaluation(
+                evaluation=evaluation,
+                eval_s=time.monotonic() - e.started,
+                sent_bytes=sum(w.sent for w in wire.values()),
+                received_bytes=sum(w.received for w in wire.values()),
+            )
+            self.ctx.jobs.record_evaluation(
+                self.ctx.store.job_id, e.round, record.model_dump_json()
+            )
+            landed.append(e.round)
+        self.in_flight = still
+        return landed

@@ -56,6 +56,12 @@ def place_replicas(
     return [w for w in placed if w is not None]
 
 
+def training_workers(alive: Sequence[str], eval_worker: str | None) -> list[str]:
+    """The alive workers replicas may be placed on: all but ``eval_worker`` (kept for
+    evaluations beside training), unless it is the only one."""
+    return [w for w in alive if w != eval_worker] or list(alive)
+
+
 def replacement_worker(
     alive: Sequence[str],
     load: dict[str, int],

@@ -1,8 +1,9 @@
 """One DiLoCo round, from its parts: place the replicas and launch their attempts
 (:mod:`~fleet.diloco.attempts`), wait for a quorum (:mod:`~fleet.diloco.quorum`), run
 the outer step on the first finished replica's worker (:mod:`~fleet.diloco.step`),
-evaluate the new global model there (:mod:`~fleet.diloco.evaluation`), commit
-(:mod:`~fleet.diloco.commit`) and delete what the commit superseded.
+evaluate the new global model there or, after the commit, beside the next round on an
+idle worker (:mod:`~fleet.diloco.evaluation`), commit (:mod:`~fleet.diloco.commit`) and
+delete what the commit superseded.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import time
 
 from fleet.diloco.attempts import Attempts
-from fleet.diloco.commit import Stepped, Timing, collect_garbage, commit
+from fleet.diloco.commit import Stepped, Timing, commit
 from fleet.diloco.context import RunContext
-from fleet.diloco.evaluation import due, evaluate_global, is_final
-from fleet.diloco.placement import place_replicas
+from fleet.diloco.evaluation import BackgroundEvaluations, due, evaluate_global, is_final
+from fleet.diloco.placement import place_replicas, training_workers
 from fleet.diloco.quorum import QuorumWait
 from fleet.diloco.state import DriverState, RoundPlan, RoundRecord
 from fleet.diloco.step import step_round
@@ -21,14 +22,21 @@ from fleet.diloco.step import step_round
 
 class Round:
     """Round ``index`` of a run, from ``state`` (and the plan of a previous owner, if it
-    left this round in flight)."""
+    left this round in flight); its evaluation goes to ``evaluations`` when an idle
+    worker can run it beside the next round."""
 
     def __init__(
-        self, ctx: RunContext, state: DriverState, index: int, plan: RoundPlan | None
+        self,
+        ctx: RunContext,
+        state: DriverState,
+        index: int,
+        plan: RoundPlan | None,
+        evaluations: BackgroundEvaluations,
     ) -> None:
         self.ctx = ctx
         self.index = index
         self.attempts = Attempts(ctx, state, index, plan)
+        self.evaluations = evaluations
 
     def run(self) -> tuple[RoundRecord, DriverState]:
         """Run the round to its commit; the round's record and the state after it.
@@ -44,6 +52,7 @@ class Round:
         attempts.release_abandoned()
         grace_s = ctx.fleet.registry.liveness_grace_s  # workers re-announce after an outage
         alive = [w.name for w in ctx.fleet.wait_for_workers(1, timeout_s=grace_s)]
+        alive = training_workers(alive, cfg.eval_worker if cfg.eval_overlap else None)
         placement = place_replicas(cfg.replicas, alive, attempts.handles, cfg.workers)
         if attempts.plan.leases is None and ctx.data is not None:
             planned = ctx.data.plan(attempts.state, placement)
@@ -65,8 +74,10 @@ class Round:
             ctx, attempts, done, final=is_final(ctx, self.index, run_started)
         )
         stepped = Stepped(request, result, worker, {})
-        evaluation, eval_s = None, 0.0
-        if due(ctx, self.index, run_started):
+        evaluation, eval_s, beside = None, 0.0, None
+        if due(ctx, self.index, run_started) and not is_final(ctx, self.index, run_started):
+            beside = self.evaluations.worker_for(set(placement))
+        if due(ctx, self.index, run_started) and beside is None:
             step = request.step.model_copy(
                 update={
                     "global_digest": result.global_digest,
@@ -89,5 +100,7 @@ class Round:
         record, state, garbage = commit(
             ctx, attempts, done, stepped, evaluation, timing, quorum.deadline_s
         )
-        collect_garbage(ctx.fleet, garbage)
+        if beside is not None:
+            self.evaluations.submit(self.index, state.global_model(), beside, worker)
+        self.evaluations.collect(garbage)
         return record, state

@@ -67,6 +67,17 @@ class Evaluation(BaseModel):
         return _number(self.metrics.get("loss_stderr"))
 
 
+class LandedEvaluation(BaseModel):
+    """The evaluation of a committed round's global model that ran beside later rounds'
+    training, recorded against its round once it landed: the evaluation, its seconds
+    (on the orchestrator's clock, from submission) and the bytes its worker moved."""
+
+    evaluation: Evaluation
+    eval_s: float
+    sent_bytes: int = 0
+    received_bytes: int = 0
+
+
 def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
@@ -302,8 +313,20 @@ class RunStore:
 
 
 def rounds_of(jobs: JobStore, job_id: str) -> list[RoundRecord]:
-    """Every committed round of a DiLoCo job, in order."""
-    return [RoundRecord.model_validate(m) for m in jobs.metrics(job_id)]
+    """Every committed round of a DiLoCo job, in order, each with its evaluation (one
+    that ran beside later rounds is taken from where it landed)."""
+    records = [RoundRecord.model_validate(m) for m in jobs.metrics(job_id)]
+    landed = jobs.evaluations(job_id) if any(r.eval is None for r in records) else {}
+    return [with_landed(r, landed.get(r.round)) for r in records]
+
+
+def with_landed(record: RoundRecord, landed_json: str | None) -> RoundRecord:
+    """``record`` with the evaluation that landed for it (JSON of a
+    :class:`LandedEvaluation`, or None: ``record`` as it is)."""
+    if record.eval is not None or landed_json is None:
+        return record
+    landed = LandedEvaluation.model_validate_json(landed_json)
+    return record.model_copy(update={"eval": landed.evaluation, "eval_s": landed.eval_s})
 
 
 def state_of(jobs: JobStore, job_id: str) -> DriverState | None:

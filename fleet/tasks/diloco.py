@@ -130,7 +130,13 @@ def evaluate_global(
         CodecError, StorageError: the global model cannot be had.
     """
     counted = rt.shared.counters.snapshot()
-    model = _models(rt, req.run).resolve(req.global_model)
+    models = _models(rt, req.run)
+    if req.own_models:
+        models = GlobalModels(rt.shared, models.root / "evaluators" / rt.identity.name)
+        model = models.resolve(req.global_model)
+        models.prune()
+    else:
+        model = models.resolve(req.global_model)
     sent, received = rt.shared.counters.since(counted)
     split = req.split if isinstance(req.split, str) else req.split.model_dump()
     if req.model_id is not None:

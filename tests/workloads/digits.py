@@ -4,7 +4,7 @@ Extra config: ``fail_in`` (a hook that raises), ``hang_in`` (a hook that hangs f
 hour deaf to signals, as a call stuck in native code is: the soft time limit's and
 fleet's interrupt signals are blocked; it first writes its pid to ``hang_pid_file``),
 ``step_sleep_s`` (slow steps), ``slow_replica`` (only that DiLoCo replica is slow),
-``ema_decay``.
+``eval_sleep_s`` (a costly evaluation), ``ema_decay``.
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ class DigitsWorkload(HandWrittenDigits):
 
     def evaluate(self, state: dict[str, Any], split: Any) -> dict[str, Any]:
         self._maybe_fail("evaluate")
+        time.sleep(float(self.config.get("eval_sleep_s", 0.0)))
         return super().evaluate(state, split)
 
     def merge_candidate_models(

@@ -1,0 +1,134 @@
+"""Evaluation off the critical path (fleet.diloco.evaluation): with a worker to spare,
+round r's global model is evaluated there while round r+1 trains, its result recorded
+against round r; without one, or with ``--eval-blocking``, before round r+1 starts. A
+run ends on an evaluated model either way, and every due round has its evaluation.
+The evaluation is made costly (``eval_sleep_s``) so that the order is observable, and
+the rounds costlier still (``step_sleep_s``), so that the spare worker is free again by
+the time the next round's model is due (else that round's evaluation runs blocking)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from itertools import pairwise
+
+import pytest
+
+from fleet.diloco import DiLoCoConfig, DiLoCoRun
+from fleet.diloco.state import RoundRecord
+from fleet.jobs import JobStore
+from fleet.local import WorkerProcess, running_workers
+from fleet.testing.waits import wait_until
+from tests.harness import DIGITS
+
+EVAL_S = 1.0
+STEP_S = 0.7  # x 3 inner steps: a round outlasts an evaluation
+
+
+@pytest.fixture(scope="module")
+def third_worker(fleet_settings, two_workers, artifacts_dir) -> Iterator[WorkerProcess]:
+    with running_workers(fleet_settings, [2], artifacts_dir / "logs-eval") as workers:
+        yield workers[0]
+
+
+def _run(fleet, **overrides) -> tuple[DiLoCoRun, list[RoundRecord]]:
+    config = DiLoCoConfig(
+        workload=DIGITS,
+        config={"eval_sleep_s": EVAL_S, "step_sleep_s": STEP_S},
+        replicas=2,
+        rounds=4,
+        inner_steps=3,
+        eval_every=1,
+        **overrides,
+    )
+    seen: list[int] = []
+    run = DiLoCoRun.start(fleet, config, on_round=lambda r: seen.append(r.round))
+    assert run.run().status == "completed"
+    assert seen == [0, 1, 2, 3]  # on_round in order, each once
+    return run, run.rounds()
+
+
+def test_a_spare_worker_evaluates_while_the_next_round_trains(fleet, third_worker):
+    """Three workers, two replicas: the one running no replica evaluates (in a suite,
+    another module's worker may be the spare one: which one is not asserted)."""
+    run, rounds = _run(fleet)
+    state = run.state()
+    assert state is not None and state.initial_eval is not None
+    trainers = {r.worker for r in rounds[0].replicas}
+    assert state.initial_eval.worker not in trainers  # round 0 trained meanwhile
+    assert state.initial_eval.at > rounds[0].started_at
+    for done, following in pairwise(rounds):
+        assert done.eval is not None
+        assert done.eval.worker not in {r.worker for r in done.replicas}
+        assert done.eval.worker != done.outer_step_worker
+        # the next round started before this round's evaluation landed
+        assert following.started_at < done.eval.at
+        assert done.wall_s < done.eval_s + (done.closed_at - done.started_at)
+    last = rounds[-1]  # the run ends on an evaluated model, evaluated before it ended
+    assert last.eval is not None and last.eval.worker == last.outer_step_worker
+    assert last.eval.at <= last.started_at + last.wall_s
+    # what landed is recorded against its round in Redis, for any reader of the job
+    landed = JobStore(fleet.registry).evaluations(run.job_id)
+    assert sorted(landed) == [-1, 0, 1, 2]
+
+
+def test_a_named_eval_worker_runs_no_replica(fleet, two_workers, third_worker):
+    eval_worker = two_workers[0].name
+    _, rounds = _run(fleet, eval_worker=eval_worker)
+    for record in rounds:
+        assert eval_worker not in {r.worker for r in record.replicas}
+        assert record.eval is not None
+    assert all(r.eval is not None and r.eval.worker == eval_worker for r in rounds[:-1])
+
+
+def test_blocking_evaluations_finish_before_the_next_round(fleet, third_worker):
+    run, rounds = _run(fleet, eval_overlap=False)
+    for done, following in pairwise(rounds):
+        assert done.eval is not None and done.eval.at <= following.started_at
+        assert done.eval_s >= EVAL_S and done.wall_s >= done.eval_s
+    assert JobStore(fleet.registry).evaluations(run.job_id) == {}
+
+
+def test_what_an_evaluation_in_flight_reads_outlives_the_commits_beside_it(
+    fleet, third_worker, two_workers
+):
+    """The spare worker is frozen (SIGSTOP) with the initial model's evaluation in its
+    queue while three rounds commit, each publishing a checkpoint that supersedes the
+    one before (``keep_checkpoints`` 1). Thawed, it still finds checkpoint 0: the commits'
+    deletions waited for the evaluation in flight."""
+    config = DiLoCoConfig(
+        workload=DIGITS,
+        config={},
+        replicas=2,
+        rounds=4,
+        inner_steps=3,
+        eval_every=1,
+        checkpoint_every=1,
+        keep_checkpoints=1,
+        workers=[w.name for w in two_workers],
+    )
+    run = DiLoCoRun.start(fleet, config)
+    jobs = JobStore(fleet.registry)
+    os.killpg(third_worker.proc.pid, signal.SIGSTOP)
+    thawed = threading.Event()
+
+    def thaw() -> None:
+        try:  # once three rounds committed (and superseded checkpoint 0)
+            wait_until(lambda: len(jobs.metrics(run.job_id)) >= 3, 120, "three rounds")
+        finally:
+            os.killpg(third_worker.proc.pid, signal.SIGCONT)
+            thawed.set()
+
+    threading.Thread(target=thaw, daemon=True).start()
+    try:
+        assert run.run().status == "completed"
+    finally:
+        os.killpg(third_worker.proc.pid, signal.SIGCONT)
+    assert thawed.is_set()
+    state = run.state()
+    assert state is not None and state.initial_eval is not None
+    assert state.initial_eval.worker == third_worker.name
+    assert state.checkpoints[0].round == 4  # checkpoint 0 was superseded, and deleted last
+    assert all(r.eval is not None for r in run.rounds())
