@@ -130,14 +130,16 @@ def test_round_trip_is_encode_then_decode(name):
 
 
 def test_the_registry_and_its_refusals():
-    assert sorted(CODECS) == ["bf16", "fp16", "fp32", "int8"]
+    assert sorted(CODECS) == ["bf16", "fp16", "fp32", "int8", "topk"]
     assert (
         repr(codec_for("fp16")) == "FP16()" and repr(codec_for("int8", 8)) == "INT8(block_size=8)"
     )
     for block_size in (1, 2, 1 << 16):
         assert codec_for("int8", block_size).block_size == block_size
     assert codec_for("int8").block_size == 256
-    with pytest.raises(ValueError, match=r"no codec 'int4' \(known: bf16, fp16, fp32, int8\)"):
+    with pytest.raises(
+        ValueError, match=r"no codec 'int4' \(known: bf16, fp16, fp32, int8, topk\)"
+    ):
         codec_for("int4")
     for block_size in (0, -4, 3, 6, 255):
         with pytest.raises(ValueError, match=f"power of two, got {block_size}"):

@@ -4,7 +4,7 @@ error-feedback residual), encoded by a :class:`~fleet.codec.codecs.Codec` (int8 
 default) for the outer step (Douillard et al. 2023, arXiv:2311.08105).
 
 A pack directory holds ``manifest.json`` (written last) and the files its codec names
-(``values.bin``, and ``scales.f32le`` for int8), in layout order. ``values_digest`` is
+(``values.bin``, and ``scales.f32le`` for int8 and topk), in layout order. ``values_digest`` is
 ``xxh3_64`` over the per-file xxh3_64 digests, each as 8 big-endian bytes, in the
 codec's file order (:func:`combine_digests`; an absent scales file counts as the digest
 of no bytes, so older fp32/fp16/bf16 packs keep their digests); ``base_values_digest``
@@ -50,7 +50,9 @@ class PseudoGradientManifest(BaseModel):
     codec: str
     """A name in :data:`~fleet.codec.codecs.CODECS`."""
     block_size: int | None = Field(default=None, ge=1)
-    """Values per scale (the scaled codecs: int8)."""
+    """Values per scale (int8), per block (topk)."""
+    top_k: int | None = Field(default=None, ge=1)
+    """Values kept per full block (topk)."""
     model_schema_hash: str
     layout_hash: str
     parameter_count: int = Field(ge=0, strict=True)
@@ -71,7 +73,8 @@ class PseudoGradientManifest(BaseModel):
     @property
     def codec_object(self) -> Codec:
         """The codec that reads this pack's values."""
-        return codec_for(self.codec, self.block_size or 256)
+        top_k = self.top_k if self.codec == "topk" else None
+        return codec_for(self.codec, self.block_size or 256, top_k=top_k)
 
     def files(self) -> list[tuple[str, int]]:
         """``(file name, bytes)`` of each data file, in digest order."""
@@ -100,8 +103,8 @@ def parse_pseudo_gradient_manifest(raw: object, where: str) -> PseudoGradientMan
 
     Raises:
         UnknownPackFormatError: another format.
-        ManifestError: a key missing or mistyped, an unknown codec, or a file name that
-            is not plain.
+        ManifestError: a key missing or mistyped, an unknown codec, a file name that is
+            not plain, or a block size or ``top_k`` the codec refuses.
     """
     if not is_pseudo_gradient(raw):
         fmt = raw.get("format") if isinstance(raw, dict) else None
@@ -117,10 +120,17 @@ def parse_pseudo_gradient_manifest(raw: object, where: str) -> PseudoGradientMan
             raise ManifestError(where, "values_file", f"{name!r} is not a plain file name")
     if manifest.codec == "int8" and (manifest.block_size is None or manifest.scales_file is None):
         raise ManifestError(where, "block_size", "int8 needs block_size and scales_file")
+    if manifest.codec == "topk" and None in (
+        manifest.block_size,
+        manifest.top_k,
+        manifest.scales_file,
+    ):
+        raise ManifestError(where, "block_size", "topk needs block_size, top_k and scales_file")
     try:
         wanted = [name for name, _ in manifest.files()]
-    except ValueError as exc:  # a block size that is not a power of two
-        raise ManifestError(where, "block_size", str(exc)) from exc
+    except ValueError as exc:  # a block size that is not a power of two, top_k > block_size
+        key = "top_k" if "top_k" in str(exc) else "block_size"
+        raise ManifestError(where, key, str(exc)) from exc
     if names != wanted:
         raise ManifestError(
             where, "values_file", f"the {manifest.codec} codec writes {wanted}, not {names}"
@@ -215,6 +225,11 @@ class PseudoGradientReader:
     ``finish``). It closes the files it is given (one per :meth:`~PseudoGradientManifest.
     files` entry, in order).
 
+    Raises (:meth:`read_into`):
+        ValuesLengthError: a file ends early.
+        CodecError: bytes the codec refuses (topk: an index beyond its block, a
+            non-finite scale), before the digest is checked.
+
     Raises (:meth:`finish`):
         DigestMismatchError: the bytes do not hash to ``values_digest``.
         NonFiniteValuesError: ``check_finite`` and a decoded value is NaN or infinite.
@@ -267,7 +282,7 @@ class PseudoGradientReader:
             data = self._read(f, self._part_bytes(index, n), name, expected)
             hasher.update(data)
             parts.append(data)
-        block = self.codec.decode_into(parts, out.view(-1))
+        block = self.codec.decode_into(parts, out.view(-1)[:n], where=self.path)
         if self._check_finite and not math.isfinite(float(block.sum())):
             self._bad += int((~torch.isfinite(block)).sum())
         self.remaining -= n

@@ -39,7 +39,13 @@ class PseudoGradientConfig(BaseModel):
     """A codec of fleet.codec.codecs: int8 (the default: 1 byte a value plus a float32
     scale per block; with error feedback it lost nothing measurable against fp32 at
     0.254x the bytes, benchmarks/compression.py), fp16, bf16 (2 bytes), fp32 (4 bytes,
-    exact)."""
+    exact), or topk: sparse, as SparseLoCo (arXiv:2508.15706): of each block of
+    block_size values the largest 1/16 by magnitude, at 2 bits each (sign and one of
+    two magnitudes per block) with their indices packed, 0.11 bytes a value; the rest is
+    carried by error feedback. With it, scale the outer lr by the replica count
+    (averaging: --outer-lr 2 for 2 replicas), as the mean of sparse pseudo-gradients
+    moves a value only one replica sent by 1/replicas of it: over 20 rounds of charlm it
+    came within 1.5 % of fp32's eval loss at 0.14 bytes per parameter up."""
     block_size: int = Field(default=256, ge=1, le=1 << 16)
     """Values per int8 scale (a power of two)."""
     error_feedback: bool = True
