@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 MUST_RUN: dict[str, tuple[str, str]] = {
     "multi-host": ("module", "test_multi_host.py"),  # root + ip netns (fleet/testing/hosts.py)
     "latency": ("module", "test_latency.py"),  # the same hosts, with the delay proxy
+    "outages": ("module", "test_multi_host_outages.py"),  # the same hosts: a link down, RTTs
     "enospc": ("fixture", "tiny_shared_root"),  # needs a tmpfs mount (tests/test_faults.py)
     "browser": ("fixture", "chromium"),  # needs chromium (tests/test_flower.py)
 }
