@@ -37,7 +37,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
-from fleet.diloco.state import ReplicaStatus, RoundRecord
+from fleet.diloco.state import LandedEvaluation, ReplicaStatus, RoundRecord
 from fleet.jobs import JobStore
 from fleet.registry import Registry
 from fleet.settings import FleetSettings
@@ -123,6 +123,11 @@ class FleetCollector(Collector):
                     "round_deadline_seconds",
                     "The last committed round's deadline (fixed or adaptive), if it had one",
                 ),
+                (
+                    "eval_loss",
+                    "Eval loss of the newest evaluated global model (evaluations beside "
+                    "training land a round or so after their round commits)",
+                ),
             )
         }
         per_parameter = GaugeMetricFamily(
@@ -144,6 +149,9 @@ class FleetCollector(Collector):
             values = round_gauges(last, int(job.spec.get("replicas", 1)))
             for name, value in values.items():
                 gauges[name].add_metric([job.job_id], value)
+            loss = newest_eval_loss(metrics, self.jobs.evaluations(job.job_id))
+            if loss is not None:
+                gauges["eval_loss"].add_metric([job.job_id], loss)
             for direction, value in bytes_per_parameter(last).items():
                 per_parameter.add_metric([job.job_id, direction], value)
             ended = Counter(str(r.get("status")) for r in last.get("replicas") or [])
@@ -152,6 +160,28 @@ class FleetCollector(Collector):
         yield from gauges.values()
         yield per_parameter
         yield replicas
+
+
+def with_landed_json(record: dict[str, Any], landed: dict[int, str]) -> dict[str, Any]:
+    """A round record's JSON with the evaluation that landed for it beside later rounds
+    (``landed``: :meth:`~fleet.jobs.JobStore.evaluations`), if it has none of its own."""
+    found = landed.get(record.get("round", -1)) if record.get("eval") is None else None
+    if found is None:
+        return record
+    evaluation = LandedEvaluation.model_validate_json(found)
+    return {**record, "eval": evaluation.evaluation.model_dump(mode="json"),
+            "eval_s": evaluation.eval_s}  # fmt: skip
+
+
+def newest_eval_loss(records: list[dict[str, Any]], landed: dict[int, str]) -> float | None:
+    """The eval loss of the newest round record (JSON) that has an evaluation, its own or
+    one that landed beside later rounds (``landed``); None if none has."""
+    for record in reversed(records):
+        evaluation = with_landed_json(record, landed).get("eval")
+        loss = _number((evaluation or {}).get("metrics", {}).get("loss"))
+        if loss is not None:
+            return loss
+    return None
 
 
 def _number(value: object) -> float | None:

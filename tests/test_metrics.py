@@ -79,3 +79,38 @@ def test_round_gauges_leave_out_what_a_round_record_lacks(fleet_settings):
     assert not [line for line in mine if "bytes_per_parameter" in line or "deadline" in line]
     merged = f'fleet_diloco_round_replicas{{job_id="{job.job_id}",status="merged"}} 1.0'
     assert merged in mine
+
+
+def test_an_evaluation_that_landed_beside_later_rounds_reaches_the_exporter(fleet_settings):
+    """The last committed round was evaluated beside the next round's training: its
+    record has no evaluation, the job's landed evaluations have it, the gauge shows it."""
+    from fleet.diloco.state import Evaluation, LandedEvaluation, ReplicaOutcome, RoundRecord
+    from fleet.jobs import JobStore
+    from fleet.protocol import OuterStepSpec, WeightedPack
+    from fleet.storage import PackRef
+
+    jobs = JobStore.from_settings(fleet_settings)
+    job = jobs.create("diloco", {"replicas": 1})
+    jobs.set_status(job.job_id, "running")
+    step = OuterStepSpec(round=0, replicas=[WeightedPack(pack=PackRef(path="p"), weight=1.0)])
+    record = RoundRecord(
+        round=0, started_at=0.0, closed_at=2.0, wall_s=2.0, outer_step_s=0.1, step=step,
+        replicas=[ReplicaOutcome(replica=0, attempt=0, worker="w", status="merged",
+                                 started_at=0, finished_at=1)],
+    )  # fmt: skip
+    jobs.add_metrics(job.job_id, record.model_dump(mode="json", exclude_none=True))
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(fleet_settings))
+
+    def eval_gauges() -> list[str]:
+        text = generate_latest(registry).decode()
+        return [line for line in text.splitlines() if f'job_id="{job.job_id}"' in line
+                and line.startswith("fleet_diloco_eval_loss")]  # fmt: skip
+
+    assert eval_gauges() == []
+    landed = LandedEvaluation(
+        evaluation=Evaluation(at=3.0, worker="spare", metrics={"loss": 1.25}), eval_s=1.0
+    )
+    jobs.record_evaluation(job.job_id, 0, landed.model_dump_json())
+    assert eval_gauges() == [f'fleet_diloco_eval_loss{{job_id="{job.job_id}"}} 1.25']
+    jobs.set_status(job.job_id, "cancelled")

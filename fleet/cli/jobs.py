@@ -73,6 +73,11 @@ def jobs_show(job_id: str, as_json: bool) -> None:
     store = _job_store()
     job = store.get(job_id)
     metrics = store.metrics(job_id)
+    if job.kind == "diloco":  # with the evaluations that landed beside later rounds
+        from fleet.metrics import with_landed_json
+
+        landed = store.evaluations(job_id)
+        metrics = [with_landed_json(m, landed) for m in metrics]
     if as_json:
         _print_json({**job.model_dump(mode="json"), "status": job.shown_status, "metrics": metrics})
         return
