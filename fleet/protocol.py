@@ -759,12 +759,15 @@ class OuterStepResult(_Model):
 
 
 class EvaluateGlobalResult(_Model):
-    """fleet: a global model's evaluation metrics, and the bytes the worker moved to get
-    the model (none when it held it)."""
+    """fleet: a global model's evaluation metrics, the bytes the worker moved to get
+    the model (none when it held it), and when the evaluation started and ended on the
+    worker's clock (unix s)."""
 
     metrics: Metrics
     sent_bytes: int = 0
     received_bytes: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 class PublishGlobalResult(_Model):

@@ -289,8 +289,8 @@ def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:
         ax_time.broken_barh(
             [(closed, max(m.outer_step_s, min_width))], (n - 0.4, 0.8), facecolors="tab:purple"
         )
-        if m.eval_s:
-            evaluation = (closed + m.outer_step_s, max(m.eval_s, min_width))
+        if m.eval_s and m.eval is not None:  # as it ran (beside later rounds, or not)
+            evaluation = (m.eval.at - m.eval_s - start, max(m.eval_s, min_width))
             ax_time.broken_barh([evaluation], (n + 0.6, 0.8), facecolors="tab:cyan")
     ax_time.set_yticks(range(len(rows)), rows)
     ax_time.invert_yaxis()

@@ -118,7 +118,8 @@ def _landed(
     future: FleetFuture[EvaluateGlobalResult], result: EvaluateGlobalResult, target: str | None
 ) -> tuple[Evaluation, dict[str, WireBytes]]:
     ran_on = future.worker or target or "?"
-    evaluation = Evaluation(at=time.time(), worker=ran_on, metrics=result.metrics)
+    at = result.finished_at or time.time()  # the worker's clock, where it reports one
+    evaluation = Evaluation(at=at, worker=ran_on, metrics=result.metrics)
     return evaluation, {ran_on: WireBytes(sent=result.sent_bytes, received=result.received_bytes)}
 
 
@@ -206,6 +207,9 @@ class BackgroundEvaluations:
             try:
                 result = e.future.result(cfg.replica_call_timeout_s)
                 evaluation, wire = _landed(e.future, result, e.worker)
+                eval_s = time.monotonic() - e.started
+                if result.finished_at is not None and result.started_at is not None:
+                    eval_s = result.finished_at - result.started_at  # on its worker
             except FleetError as exc:
                 self.failed_on.add(e.worker)
                 self.ctx.log(
@@ -217,7 +221,7 @@ class BackgroundEvaluations:
                     level=logging.WARNING,
                 )
                 try:
-                    evaluation, _, wire = evaluate_global(self.ctx, e.spec, e.holder, [])
+                    evaluation, eval_s, wire = evaluate_global(self.ctx, e.spec, e.holder, [])
                 except FleetError as again:
                     self.ctx.log(
                         "round %d is left without an evaluation: %s",
@@ -228,7 +232,7 @@ class BackgroundEvaluations:
                     continue
             record = LandedEvaluation(
                 evaluation=evaluation,
-                eval_s=time.monotonic() - e.started,
+                eval_s=eval_s,
                 sent_bytes=sum(w.sent for w in wire.values()),
                 received_bytes=sum(w.received for w in wire.values()),
             )

@@ -69,8 +69,8 @@ class Evaluation(BaseModel):
 
 class LandedEvaluation(BaseModel):
     """The evaluation of a committed round's global model that ran beside later rounds'
-    training, recorded against its round once it landed: the evaluation, its seconds
-    (on the orchestrator's clock, from submission) and the bytes its worker moved."""
+    training, recorded against its round once it landed: the evaluation (``at``: when
+    it ended, on its worker's clock), its seconds on that worker and the bytes it moved."""
 
     evaluation: Evaluation
     eval_s: float

@@ -129,7 +129,7 @@ def evaluate_global(
         HandleNotFound: ``model_id`` is not held here.
         CodecError, StorageError: the global model cannot be had.
     """
-    counted = rt.shared.counters.snapshot()
+    counted, started_at = rt.shared.counters.snapshot(), time.time()
     models = _models(rt, req.run)
     if req.own_models:
         models = GlobalModels(rt.shared, models.root / "evaluators" / rt.identity.name)
@@ -148,7 +148,13 @@ def evaluate_global(
         device = resolve_device(req.device)
         state = state_from_pack(workload, device, model.path, req.state_dict_filter, model.ref())
     metrics = check_metrics("evaluate", workload.call("evaluate", state, split))
-    return EvaluateGlobalResult(metrics=metrics, sent_bytes=sent, received_bytes=received)
+    return EvaluateGlobalResult(
+        metrics=metrics,
+        sent_bytes=sent,
+        received_bytes=received,
+        started_at=started_at,
+        finished_at=time.time(),
+    )
 
 
 @protocol_task("publish_global")
