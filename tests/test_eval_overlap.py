@@ -16,6 +16,7 @@ from itertools import pairwise
 
 import pytest
 
+from fleet.client import Fleet
 from fleet.diloco import DiLoCoConfig, DiLoCoRun
 from fleet.diloco.state import RoundRecord
 from fleet.jobs import JobStore
@@ -24,12 +25,22 @@ from fleet.testing.waits import wait_until
 from tests.harness import DIGITS
 
 EVAL_S = 1.0
-STEP_S = 0.7  # x 3 inner steps: a round outlasts an evaluation
+STEP_S = 0.7  # x 5 inner steps: a round outlasts an evaluation, even under load
 
 
 @pytest.fixture(scope="module")
 def third_worker(fleet_settings, two_workers, artifacts_dir) -> Iterator[WorkerProcess]:
+    """A third worker, its workload built (a cold first evaluation would outlast round 0,
+    and round 0's would then run blocking)."""
     with running_workers(fleet_settings, [2], artifacts_dir / "logs-eval") as workers:
+        client = Fleet(fleet_settings)
+        try:
+            probe = client.capability_probe(
+                worker=workers[0].name, workload=DIGITS, config={}, wait=False
+            )
+            probe.result(timeout_s=120)
+        finally:
+            client.close()
         yield workers[0]
 
 
@@ -39,7 +50,7 @@ def _run(fleet, **overrides) -> tuple[DiLoCoRun, list[RoundRecord]]:
         config={"eval_sleep_s": EVAL_S, "step_sleep_s": STEP_S},
         replicas=2,
         rounds=4,
-        inner_steps=3,
+        inner_steps=5,
         eval_every=1,
         **overrides,
     )
