@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleet.diloco.state import ReplicaOutcome, RoundRecord, WireBytes
+from fleet.diloco.state import (
+    Evaluation,
+    LandedEvaluation,
+    ReplicaOutcome,
+    RoundRecord,
+    WireBytes,
+)
 from fleet.jobs import JobStore
 from fleet.local import free_port, worker_env
 from fleet.protocol import OuterStepSpec, WeightedPack
@@ -196,6 +202,11 @@ def running_round(fleet_settings) -> Iterator[tuple[str, RoundRecord]]:
     )  # fmt: skip
     data = record.model_dump(mode="json")
     jobs.add_metrics(job.job_id, data)
+    # its evaluation ran beside the next round and landed apart from the record
+    landed = LandedEvaluation(
+        evaluation=Evaluation(at=118.0, worker="w2", metrics={"loss": 2.5}), eval_s=4.0
+    )
+    jobs.record_evaluation(job.job_id, 0, landed.model_dump_json())
     yield job.job_id, record
     jobs.set_status(job.job_id, "cancelled")
 
@@ -269,6 +280,7 @@ def test_prometheus_scrapes_the_exporter_and_flower_and_serves_the_dashboard(
     assert value(f"fleet_diloco_round_wall_seconds{selector}") == record.wall_s
     assert value(f"fleet_diloco_round_exchange_seconds{selector}") == 0.5 + 0.75
     assert value(f"fleet_diloco_round_deadline_seconds{selector}") == 12.0
+    assert value(f"fleet_diloco_eval_loss{selector}") == 2.5
     per_parameter = f"fleet_diloco_round_bytes_per_parameter{selector[:-1]}"
     assert value(f'{per_parameter}, direction="sent"}}') == 1.2  # the busiest: 1200 B / 1000
     assert value(f'{per_parameter}, direction="received"}}') == 4.0
