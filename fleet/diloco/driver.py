@@ -311,6 +311,11 @@ class DiLoCoRun:
             self._log(warning, level=logging.WARNING)
         budget = self.config.max_wall_s
         if budget is not None and time.time() - state.started_at >= budget:
+            if self.config.eval_every and record.eval is None:
+                # spent after the round chose not to evaluate: one more, final, round
+                self._log("wall-clock budget reached during round %d: one more round, "
+                          "evaluated", record.round)  # fmt: skip
+                return True
             self._log("wall-clock budget of %.1fs reached after round %d", budget, record.round)
             return False
         return True

@@ -71,13 +71,15 @@ class Round:
         closed = time.monotonic()
         run_started = attempts.state.started_at
         request, result, step_s, worker = step_round(
-            ctx, attempts, done, final=is_final(ctx, self.index, run_started)
+            ctx, attempts, done, final=(final := is_final(ctx, self.index, run_started))
         )
         stepped = Stepped(request, result, worker, {})
         evaluation, eval_s, beside = None, 0.0, None
-        if due(ctx, self.index, run_started) and not is_final(ctx, self.index, run_started):
+        # decided once, with the step: the round is evaluated if it is final or due
+        evaluate = final or due(ctx, self.index, run_started)
+        if evaluate and not final:
             beside = self.evaluations.worker_for(set(placement))
-        if due(ctx, self.index, run_started) and beside is None:
+        if evaluate and beside is None:
             step = request.step.model_copy(
                 update={
                     "global_digest": result.global_digest,
