@@ -41,7 +41,7 @@ Tree (each class's docstring says what it means and what its fields hold)::
       TrainingStopped   a long task stopped between steps: TaskAborted, DeadlineExceeded
       JobError          jobs and the DiLoCo driver: JobNotFound, JobStateError,
                         JobCancelled, JobOwnedError, FencedOutError, RoundFailed,
-                        CorruptCheckpointError
+                        CorruptCheckpointError, FragmentSplitError
       ConfigError       run configs and experiment trackers: RunConfigError, TrackerError
       BrokerUnavailableError, RemoteTaskError, FleetTimeout    on the client side
 """
@@ -778,6 +778,20 @@ class RoundFailed(JobError):
 
     def _message(self) -> str:
         return f"round {self.round}: no replica published a pack ({'; '.join(self.errors)})"
+
+
+class FragmentSplitError(JobError):
+    """A model of ``parameter_count`` values cannot be split into ``fragments`` Streaming
+    DiLoCo fragments of whole ``align``-value blocks (``streaming.fragments`` is too large
+    for the model)."""
+
+    parameter_count: int
+    fragments: int
+    align: int
+    template = (
+        "a model of {parameter_count} values cannot be split into {fragments} fragments "
+        "of whole {align}-value blocks; use fewer fragments"
+    )
 
 
 class CorruptCheckpointError(JobError):

@@ -504,6 +504,25 @@ class ReplicaStart(_Model):
     checkpoint: ReplicaCheckpoint | None = None
 
 
+class FragmentSpec(_Model):
+    """fleet: the Streaming DiLoCo fragment a replica's round synchronises
+    (:mod:`fleet.diloco.fragments`; Douillard et al. 2025, arXiv:2501.18512): fragment
+    ``index`` of ``count`` (contiguous ranges of the model's values). The replica starts
+    from its own parameters after its last merged attempt, with the fragments
+    synchronised since mixed in from the global model (weight ``mixing`` on its own),
+    and sends the pseudo-gradient of fragment ``index`` only."""
+
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    mixing: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _index_below_count(self) -> FragmentSpec:
+        if self.index >= self.count:
+            raise ValueError(f"fragment {self.index} of {self.count}")
+        return self
+
+
 class ReplicaRoundRequest(_Model):
     """fleet: one attempt of a DiLoCo replica's round (docs/protocol.md section 5.7): get
     the round's global model (held, or caught up), train ``num_inner_steps`` steps from
@@ -527,6 +546,9 @@ class ReplicaRoundRequest(_Model):
     global_model: GlobalModelSpec
     start: ReplicaStart = Field(default_factory=ReplicaStart)
     exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)
+    fragment: FragmentSpec | None = None
+    """Streaming DiLoCo: the fragment this round synchronises (None: the whole model,
+    from the global model)."""
     output_path: str
     """Where the pseudo-gradient pack is published (shared-root relative)."""
     checkpoint_path: str | None = None

@@ -62,6 +62,10 @@ class PseudoGradientManifest(BaseModel):
     base_values_digest: str | None = None
     """The digest of the global model ``delta`` is relative to."""
     layout: list[dict[str, Any]] | None = None
+    value_range: tuple[int, int] | None = None
+    """The values of the layout this pack holds, ``[start, stop)`` in layout order (a
+    Streaming DiLoCo fragment, docs/protocol.md section 4.4); None: all of them.
+    ``parameter_count`` is then ``stop - start``."""
 
     @field_validator("codec")
     @classmethod
@@ -118,6 +122,14 @@ def parse_pseudo_gradient_manifest(raw: object, where: str) -> PseudoGradientMan
     for name in names:
         if not name or "/" in name or name in (".", ".."):
             raise ManifestError(where, "values_file", f"{name!r} is not a plain file name")
+    if manifest.value_range is not None:
+        start, stop = manifest.value_range
+        if not 0 <= start < stop or stop - start != manifest.parameter_count:
+            raise ManifestError(
+                where,
+                "value_range",
+                f"[{start}, {stop}) is not parameter_count {manifest.parameter_count} values",
+            )
     if manifest.codec == "int8" and (manifest.block_size is None or manifest.scales_file is None):
         raise ManifestError(where, "block_size", "int8 needs block_size and scales_file")
     if manifest.codec == "topk" and None in (
@@ -181,33 +193,41 @@ def writing_pseudo_gradient(
     codec: Codec,
     *,
     base_values_digest: str | None = None,
+    value_range: tuple[int, int] | None = None,
 ) -> Iterator[PseudoGradientSink]:
     """Write a pseudo-gradient pack with the layout of ``like`` block by block; published
-    atomically when the block ends (``sink.manifest`` then holds its manifest).
+    atomically when the block ends (``sink.manifest`` then holds its manifest). With
+    ``value_range`` ``(start, stop)`` it holds only those values of the layout (a
+    fragment), and ``stop - start`` are written.
 
     Raises:
-        ValueError: fewer or more values than the layout has.
+        ValueError: fewer or more values than the layout (or the range) has, or a range
+            outside the layout.
         StorageError: the file system failed; nothing is published then.
     """
     with publishing(path, mkdir=True, replace_dir=lambda p: (p / MANIFEST_FILE).is_file()) as tmp:
-        names = [name for name, _ in codec.files(like.parameter_count)]
+        count = like.parameter_count
+        if value_range is not None:
+            if not 0 <= value_range[0] < value_range[1] <= like.parameter_count:
+                raise ValueError(f"value range {value_range} outside [0, {count})")
+            count = value_range[1] - value_range[0]
+        names = [name for name, _ in codec.files(count)]
         with ExitStack() as files:
             opened = [files.enter_context(open(tmp / name, "wb")) for name in names]
             sink = PseudoGradientSink(opened, codec, str(path))
             yield sink
-        if sink.written != like.parameter_count:
-            raise ValueError(
-                f"{sink.written} values written, the layout has {like.parameter_count}"
-            )
+        if sink.written != count:
+            raise ValueError(f"{sink.written} values written, the pack holds {count}")
         manifest = PseudoGradientManifest(
             format=PSEUDO_GRADIENT_FORMAT_V1,
             codec=codec.name,
             model_schema_hash=like.model_schema_hash,
             layout_hash=like.layout_hash,
-            parameter_count=like.parameter_count,
+            parameter_count=count,
             values_digest=sink.digest,
             base_values_digest=base_values_digest,
             layout=like.layout,
+            value_range=value_range,
             **codec.manifest_fields(),
         )
         text = json.dumps(manifest.model_dump(mode="json", exclude_none=True), indent=2)

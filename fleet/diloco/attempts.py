@@ -22,6 +22,7 @@ from typing import Any
 from fleet.calls import FleetFuture
 from fleet.data.batches import synthetic_batches
 from fleet.diloco.context import FATAL, RunContext
+from fleet.diloco.fragments import fragment_spec
 from fleet.diloco.placement import replacement_worker
 from fleet.diloco.state import (
     Attempt,
@@ -227,6 +228,7 @@ class Attempts:
                 "global_model": self.state.global_model(),
                 "start": self.state.replicas[replica],
                 "exchange": cfg.pseudo_gradient.spec(),
+                "fragment": fragment_spec(cfg, self.index),
                 "output_path": layout.replica_pack(self.index, replica, attempt_no),
                 "checkpoint_path": layout.replica_state(replica, self.index, attempt_no)
                 if due

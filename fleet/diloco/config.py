@@ -23,6 +23,7 @@ __all__ = [
     "OuterOptimizerConfig",
     "PseudoGradientConfig",
     "QuorumConfig",
+    "StreamingConfig",
 ]
 
 #: Merge policies that make sense for averaging replica models in the outer step.
@@ -70,6 +71,25 @@ class PseudoGradientConfig(BaseModel):
             block_size=self.block_size,
             error_feedback=self.error_feedback and self.codec != "fp32",
         )
+
+
+class StreamingConfig(BaseModel):
+    """Streaming DiLoCo (Douillard et al. 2025, arXiv:2501.18512;
+    :mod:`fleet.diloco.fragments`): the model's values are split into ``fragments``
+    ranges and round ``r`` synchronises fragment ``r mod fragments`` only, so each
+    fragment is synchronised every ``fragments`` rounds, staggered, and a round sends
+    ``1/fragments`` of the model. A replica keeps its own values of the other fragments
+    between rounds (on its worker). For the paper's H steps between a fragment's
+    synchronisations, set ``inner_steps`` to H / fragments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    fragments: int = Field(default=1, ge=1)
+    """P: fragments of the model, synchronised one per round in turn (1: the whole model
+    every round, bit for bit synchronous DiLoCo)."""
+    mixing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """alpha: the weight a replica keeps on its own values when it takes a synchronised
+    fragment's global values back (0: replaced by them, as synchronous DiLoCo)."""
 
 
 class AdaptiveDeadlineConfig(BaseModel):
@@ -167,6 +187,9 @@ class DiLoCoConfig(BaseModel):
     """The outer optimizer applied to the merged pseudo-gradient (default: averaging)."""
     pseudo_gradient: PseudoGradientConfig = Field(default_factory=PseudoGradientConfig)
     """What each replica publishes for the outer step (codec, error feedback)."""
+    streaming: StreamingConfig | None = None
+    """Streaming DiLoCo: synchronise one fragment of the model per round (None: the
+    whole model every round)."""
     merge_policy: MergePolicy = "WeightedMean"
     """How replica models are averaged (WeightedMean, NormClippedWeightedMean, TrimmedMean)."""
     device: str = AUTO

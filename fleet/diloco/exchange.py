@@ -50,16 +50,23 @@ def publish_pseudo_gradient(
     residual: Path | None = None,
     out_residual: Path | None = None,
     base_digest: str | None = None,
+    value_range: tuple[int, int] | None = None,
     chunk_numel: int = CHUNK_NUMEL,
 ) -> Published:
     """Encode ``base - trained`` (+ ``residual``) as a pseudo-gradient pack at ``out``
     and, with ``out_residual``, publish the new residual there (a v1 pack).
+
+    With ``value_range`` ``(start, stop)`` (a Streaming DiLoCo fragment,
+    :mod:`fleet.diloco.fragments`) only those values are encoded and sent; the
+    residual keeps every value, the others carried unchanged (zero without one).
 
     Args:
         base: the round's global pack (local directory), its digest checked against
             ``base_digest``.
         trained: the replica's parameters after its inner steps (a local v1 pack).
         residual: the residual carried from the last round (a v1 pack), or None (zero).
+        value_range: the values to send, ``[start, stop)``, ``start`` a multiple of the
+            codec's alignment; None: all.
         chunk_numel: values per step; a multiple of the codec's alignment.
 
     Raises:
@@ -81,24 +88,45 @@ def publish_pseudo_gradient(
                 raise LayoutMismatchError(
                     str(reader.path), reader.manifest.layout_hash, like.layout_hash
                 )
-        size = min(chunk_numel, max(like.parameter_count, 1))
+        count = like.parameter_count
+        start, stop = value_range if value_range is not None else (0, count)
+        if start % codec.align:
+            raise ValueError(f"value range {value_range} does not start on a codec block")
+        size = min(chunk_numel, max(count, 1))
         blocks = [torch.empty(size, dtype=torch.float32) for _ in readers]
+        zeros = torch.zeros(size, dtype=torch.float32)
         sink = stack.enter_context(
-            writing_pseudo_gradient(out, like, codec, base_values_digest=like.values_digest)
+            writing_pseudo_gradient(
+                out, like, codec, base_values_digest=like.values_digest, value_range=value_range
+            )
         )
         residual_sink = (
             stack.enter_context(writing_pack(out_residual, like))
             if out_residual is not None
             else None
         )
-        while base_reader.remaining:
-            theta, local, *carried = (r.read_into(b) for r, b in zip(readers, blocks, strict=True))
-            intended = theta.sub_(local)
-            if carried:
-                intended.add_(carried[0])
-            sent = sink.write(intended)
-            if residual_sink is not None:
-                residual_sink.write(intended.sub_(sent))
+        for first, last, sent_here in (
+            (0, start, False),
+            (start, stop, True),
+            (stop, count, False),
+        ):
+            left = last - first
+            while left:
+                k = min(size, left)
+                theta, local, *carried = (
+                    r.read_into(b[:k]) for r, b in zip(readers, blocks, strict=True)
+                )
+                left -= k
+                if not sent_here:  # another fragment's values: its residual waits
+                    if residual_sink is not None:
+                        residual_sink.write(carried[0] if carried else zeros[:k])
+                    continue
+                intended = theta.sub_(local)
+                if carried:
+                    intended.add_(carried[0])
+                sent = sink.write(intended)
+                if residual_sink is not None:
+                    residual_sink.write(intended.sub_(sent))
         for reader in readers:
             reader.finish()
     assert sink.manifest is not None

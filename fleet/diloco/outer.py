@@ -156,6 +156,28 @@ def _nbytes(reader: PackReader | PseudoGradientReader) -> int:
     return manifest.exchange_bytes
 
 
+def _value_range(
+    refs: Sequence[PackInput],
+    readers: Sequence[PackReader | PseudoGradientReader],
+    parameter_count: int,
+) -> tuple[int, int]:
+    """The values ``[start, stop)`` every replica pack holds (one Streaming DiLoCo
+    fragment, or all of them).
+
+    Raises:
+        LayoutMismatchError: the replicas hold different ranges, or one outside the layout.
+    """
+    ranges = [getattr(r.manifest, "value_range", None) or (0, parameter_count) for r in readers]
+    for ref, got in zip(refs, ranges, strict=True):
+        if tuple(got) != tuple(ranges[0]) or not 0 <= got[0] < got[1] <= parameter_count:
+            raise LayoutMismatchError(
+                str(ref.path),
+                f"values {list(got)}",
+                f"values {list(ranges[0])} of {parameter_count}",
+            )
+    return int(ranges[0][0]), int(ranges[0][1])
+
+
 def stream_outer_step(
     global_pack: PackInput,
     replicas: Sequence[PackInput],
@@ -179,6 +201,11 @@ def stream_outer_step(
     chunk_bytes`` for N replicas and B buffers, whatever the parameter count P. The
     result is bit-identical to :func:`average` + :func:`outer_step` on whole vectors.
 
+    Replica packs that hold one range of the values (a Streaming DiLoCo fragment,
+    ``value_range`` in their manifests) step only those; every other value of the
+    global pack and of the buffers is copied (a buffer not kept yet starts at zero
+    there, which the step treats as torch's first-step momentum ``m = delta``).
+
     Args:
         state: the optimizer's buffers after the last round, by name (empty in the
             first round).
@@ -186,7 +213,8 @@ def stream_outer_step(
         single_thread: run the arithmetic on one torch thread (restored after).
 
     Raises:
-        LayoutMismatchError: an input's layout differs from the global pack's.
+        LayoutMismatchError: an input's layout differs from the global pack's, or the
+            replicas hold different ranges of it.
         BaseMismatchError: a pseudo-gradient was taken from another global model than
             ``global_pack`` (its ``base_values_digest``); nothing is published.
         DigestMismatchError, NonFiniteValuesError, ValuesLengthError, NotAPackError: an
@@ -226,7 +254,7 @@ def stream_outer_step(
                     str(ref.path), reader.manifest.layout_hash, readers[0].manifest.layout_hash
                 )
             readers.append(reader)
-        theta_reader, like = readers[0], readers[0].manifest
+        like = readers[0].manifest
         if not isinstance(like, PackManifest):
             raise LayoutMismatchError(str(global_pack.path), "pseudo-gradient", "a v1 pack")
         for ref, reader in zip(replicas, readers[1 : 1 + len(replicas)], strict=True):
@@ -234,6 +262,7 @@ def stream_outer_step(
             if base is not None and like.values_digest is not None and base != like.values_digest:
                 raise BaseMismatchError(str(ref.path), like.values_digest, base)
         is_delta = [isinstance(r, PseudoGradientReader) for r in readers[1 : 1 + len(replicas)]]
+        start, stop = _value_range(replicas, readers[1 : 1 + len(replicas)], like.parameter_count)
         align = max(
             [ALIGN_NUMEL] + [r.block_size for r in readers if isinstance(r, PseudoGradientReader)]
         )
@@ -241,33 +270,49 @@ def stream_outer_step(
         size = min(n, max(like.parameter_count, 1))
         rows = [[torch.empty(size, dtype=torch.float32) for _ in readers] for _ in range(2)]
         scratch = torch.empty(size, dtype=torch.float32)
+        zeros = torch.zeros(size, dtype=torch.float32)
         new_blocks = {name: torch.empty(size, dtype=torch.float32) for name in names}
         global_sink = stack.enter_context(writing_pack(out_global, like))
         sinks = {name: stack.enter_context(writing_pack(out_state[name], like)) for name in names}
+        # (values, stepped): chunks of n values; outside the replicas' range (another
+        # Streaming DiLoCo fragment's values) the global values and buffers are copied
+        plan = [
+            (min(n, last - at), stepped)
+            for first, last, stepped in (
+                (0, start, False),
+                (start, stop, True),
+                (stop, like.parameter_count, False),
+            )
+            for at in range(first, last, n)
+        ]
+        replica_readers = range(1, 1 + len(replicas))
 
-        def read_row(row: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [reader.read_into(block) for reader, block in zip(readers, row, strict=True)]
+        def read_row(row: list[torch.Tensor], k: int, stepped: bool) -> list[torch.Tensor]:
+            return [
+                reader.read_into(block[:k]) if stepped or i not in replica_readers else block[:0]
+                for i, (reader, block) in enumerate(zip(readers, row, strict=True))
+            ]
 
         # Double buffering: a thread reads (and hashes, and checks) the next row of blocks
         # while this one computes and writes the current row; file reads, xxhash and
         # torch all release the GIL.
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
-        pending = pool.submit(read_row, rows[0])
-        count = 0
-        while True:
+        pending = pool.submit(read_row, rows[0], *plan[0]) if plan else None
+        for count, (k, stepped) in enumerate(plan, start=1):
+            assert pending is not None
             row = pending.result()
-            if not row[0].numel():
-                break
-            count += 1
-            if theta_reader.remaining:
-                pending = pool.submit(read_row, rows[count % 2])
-            else:
-                pending = pool.submit(lambda: [torch.empty(0)])
+            if count < len(plan):
+                pending = pool.submit(read_row, rows[count % 2], *plan[count])
             t, parts = row[0], row[1 : 1 + len(replicas)]
-            k = t.numel()
             old = dict.fromkeys(names)
             tail = 1 + len(replicas) + len(buffer_names)
             old.update(zip(buffer_names, row[1 + len(replicas) : tail], strict=True))
+            if not stepped:
+                global_sink.write(t)
+                for name, sink in sinks.items():
+                    kept = old[name]
+                    sink.write(kept if kept is not None else zeros[:k])
+                continue
             new = {name: block[:k] for name, block in new_blocks.items()}
             if any(is_delta):
                 for part, delta_given in zip(parts, is_delta, strict=True):

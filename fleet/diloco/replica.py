@@ -19,6 +19,13 @@ One attempt (:func:`replica_round`, the ``fleet.replica_round`` task's body):
 5. with a checkpoint path, the replica's state published in the background
    (:mod:`fleet.diloco.uploads`).
 
+Streaming DiLoCo (a request with a ``fragment``, :mod:`fleet.diloco.fragments`): the
+replica's own parameters after its attempt stay on the worker too, and the next
+attempt starts from them, with the fragments synchronised since then mixed in from the
+global model; only the round's fragment of the pseudo-gradient is sent. An attempt
+that finds no parameters of its own here (the first round, a re-run on another worker)
+starts from the global model.
+
 An attempt's files are keyed by ``(round, attempt)``, so a re-run on the same worker
 starts from the same state and reproduces the same bits; a re-run elsewhere starts
 from the last checkpoint (not bit-identical to the lost attempt).
@@ -39,16 +46,30 @@ from pathlib import Path
 
 from fleet.codec.codecs import codec_for
 from fleet.codec.manifest import read_manifest
+from fleet.codec.pack import read_pack, write_values_pack
 from fleet.data.localize import local_batches
 from fleet.diloco.exchange import Published, publish_pseudo_gradient
-from fleet.diloco.globals import GlobalModels, copy_tree, publish_file, publish_tree, run_dir
+from fleet.diloco.fragments import (
+    fragment_align,
+    fragment_range,
+    fragments_to_mix,
+    mix_fragments,
+)
+from fleet.diloco.globals import (
+    GlobalModels,
+    HeldGlobal,
+    copy_tree,
+    publish_file,
+    publish_tree,
+    run_dir,
+)
 from fleet.diloco.uploads import Upload, background_uploads
 from fleet.errors import CodecError
 from fleet.inner_loop import run_loop
 from fleet.jobs import JobStore
 from fleet.model_packs import load_pack_into_held, publish_state_pack
 from fleet.protocol import ReplicaCheckpoint, ReplicaRoundRequest, ReplicaRoundResult, ReplicaStart
-from fleet.runtime import WorkerRuntime
+from fleet.runtime import HeldModel, WorkerRuntime
 from fleet.storage import PackRef, Store
 
 log = logging.getLogger("fleet.diloco")
@@ -57,6 +78,8 @@ log = logging.getLogger("fleet.diloco")
 #: pack), and its record (written last: the attempt finished).
 OPTIMIZER_FILE = "optimizer"
 RESIDUAL_DIR = "residual"
+#: The replica's parameters after its inner steps (a v1 pack; kept for Streaming DiLoCo).
+PARAMETERS_DIR = "parameters"
 RECORD_FILE = "attempt.json"
 _ATTEMPT = re.compile(r"^r(\d+)-a(\d+)$")
 
@@ -64,13 +87,15 @@ _ATTEMPT = re.compile(r"^r(\d+)-a(\d+)$")
 @dataclass(frozen=True)
 class StartState:
     """Where an attempt's replica state comes from: an optimizer state file (and its
-    encoding) and a residual pack on local disk (either may be None), and which source
-    gave them (``held``, ``checkpoint``, ``fresh``)."""
+    encoding), a residual pack and the replica's own parameters (Streaming DiLoCo) on
+    local disk (any may be None), and which source gave them (``held``,
+    ``checkpoint``, ``fresh``)."""
 
     optimizer: Path | None
     encoding: str | None
     residual: Path | None
     source: str
+    parameters: Path | None = None
 
 
 class ReplicaFiles:
@@ -100,11 +125,13 @@ class ReplicaFiles:
                 record = json.loads((path / RECORD_FILE).read_text())
                 optimizer = path / OPTIMIZER_FILE
                 residual = path / RESIDUAL_DIR
+                parameters = path / PARAMETERS_DIR
                 return StartState(
                     optimizer if optimizer.is_file() else None,
                     record.get("optimizer_encoding"),
                     residual if residual.is_dir() else None,
                     "held",
+                    parameters if (parameters / "manifest.json").is_file() else None,
                 )
         checkpoint = start.checkpoint
         if checkpoint is not None:
@@ -172,12 +199,16 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
     here = files.attempt(req.round, req.attempt)
     shutil.rmtree(here, ignore_errors=True)  # a failed earlier try of this very attempt
     here.mkdir(parents=True)
+    spec = req.exchange
+    value_range = None
+    if req.fragment is not None:
+        value_range = _start_streaming(held, req, base, begin, here)
     opt_path = here / OPTIMIZER_FILE
     in_memory = (req.run, req.replica, req.start.round, req.start.attempt)
     if begin.optimizer is not None and not (begin.source == "held" and held.state_key == in_memory):
         shutil.copyfile(begin.optimizer, opt_path)  # the loop loads it
     held.loaded = held.state_key = None  # the steps change the state
-    params_path = here / "parameters"
+    params_path = here / PARAMETERS_DIR
     params = {
         "model_id": req.model_id,
         "batches": batches,
@@ -197,7 +228,6 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
         publish_state_pack(
             held.workload, held.state, params_path, req.model_schema_hash, req.state_dict_filter
         )
-    spec = req.exchange
     feedback = spec.error_feedback
     residual_out = here / RESIDUAL_DIR if feedback else None
     with models.new_delta() as delta:
@@ -211,6 +241,7 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
                 residual=begin.residual if feedback else None,
                 out_residual=residual_out,
                 base_digest=base.values_digest,
+                value_range=value_range,
             )
 
         try:  # the base is read whole again here, its digest checked
@@ -227,7 +258,8 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
         publish_tree(store, delta, out_rel)
         uploaded = time.perf_counter()
         models.keep_delta(delta, published.pseudo_gradient.values_digest)
-    shutil.rmtree(params_path, ignore_errors=True)
+    if req.fragment is None:  # else the next attempt starts from them
+        shutil.rmtree(params_path, ignore_errors=True)
     encoding = loop.result.get("inner_optimizer_state_encoding")
     record = {"optimizer_encoding": encoding, "finished_at": time.time()}
     (here / RECORD_FILE).write_text(json.dumps(record))
@@ -269,6 +301,43 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
     )
     store.record_result(out_rel, key, result)
     return result
+
+
+def _start_streaming(
+    held: HeldModel, req: ReplicaRoundRequest, base: HeldGlobal, begin: StartState, here: Path
+) -> tuple[int, int]:
+    """Streaming DiLoCo: load the replica's own parameters after its last merged attempt
+    (if this worker holds them; the global model stays loaded otherwise) with the
+    fragments synchronised since then mixed in from the global model ``base``, and
+    return the values ``[start, stop)`` of the fragment this round sends.
+
+    Raises:
+        FragmentSplitError: the model is too small for the fragments.
+        CodecError: the parameters kept here are corrupt or of another layout.
+    """
+    fragment = req.fragment
+    assert fragment is not None
+    count = int(read_manifest(base.path).parameter_count)
+    align = fragment_align(codec_for(req.exchange.codec, req.exchange.block_size).align)
+    sent = fragment_range(count, fragment.count, fragment.index, align)
+    if begin.parameters is None:
+        log.info("fragment %d of %d: starts from the global model", fragment.index, fragment.count)
+        return sent
+    like, global_values = read_pack(base.path, values_digest=base.values_digest)
+    _, own = read_pack(
+        begin.parameters, verify=True, check_finite=True, layout_hash=like.layout_hash
+    )
+    mixed = sorted(fragments_to_mix(req.start.round, req.round, fragment.count))
+    ranges = [fragment_range(count, fragment.count, f, align) for f in mixed]
+    log.info(
+        "fragment %d of %d: starts from its own parameters of round %s, fragments %s mixed in",
+        fragment.index, fragment.count, req.start.round, mixed,
+    )  # fmt: skip
+    start = here / "start-parameters"
+    write_values_pack(start, mix_fragments(own, global_values, ranges, fragment.mixing), like)
+    load_pack_into_held(held, start, req.state_dict_filter)
+    shutil.rmtree(start, ignore_errors=True)
+    return sent
 
 
 def _checkpoint_replica(
