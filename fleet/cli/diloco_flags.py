@@ -14,7 +14,12 @@ import click
 from pydantic import BaseModel
 
 from fleet.codec.codecs import CODECS
-from fleet.diloco.config import OUTER_MERGE_POLICIES, DatasetConfig, DiLoCoConfig
+from fleet.diloco.config import (
+    OUTER_MERGE_POLICIES,
+    DatasetConfig,
+    DiLoCoConfig,
+    StreamingConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ CONFIG_FLAGS = (
     ConfigFlag("--pseudo-gradient", "pseudo_gradient.codec", click.Choice(sorted(CODECS))),
     ConfigFlag("--pseudo-gradient-block-size", "pseudo_gradient.block_size", int),
     ConfigFlag("--error-feedback/--no-error-feedback", "pseudo_gradient.error_feedback"),
+    ConfigFlag("--fragments", "streaming.fragments", int),
+    ConfigFlag("--fragment-mixing", "streaming.mixing", float),
     ConfigFlag("--merge-policy", "merge_policy", click.Choice(OUTER_MERGE_POLICIES)),
     ConfigFlag("--device", "device"),
     ConfigFlag("--eval-every", "eval_every", int),
@@ -86,7 +93,7 @@ CONFIG_FLAGS = (
 )
 
 #: Nested config tables, by field path (their models hold the fields' docs and defaults).
-_NESTED: dict[str, type[BaseModel]] = {"dataset": DatasetConfig}
+_NESTED: dict[str, type[BaseModel]] = {"dataset": DatasetConfig, "streaming": StreamingConfig}
 
 
 def field_info(path: str) -> tuple[str, Any]:
