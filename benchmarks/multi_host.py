@@ -2,7 +2,8 @@
 
     sudo python benchmarks/multi_host.py [--models charlm,25M,100M] [--rates 1000,100,20]
                                          [--roots s3,local] [--rounds 3]
-                                         [--rtt-ms 0,50,150]
+                                         [--rtt-ms 0,50,150] [--fragments 1,4]
+                                         [--inner-steps H]
 
 Hosts are Linux namespaces (fleet/testing/hosts.py): a storage host with Redis and a real S3
 server (SeaweedFS), two worker hosts with private tmpfs caches, every host's link
@@ -32,7 +33,9 @@ local disk or an NFS mount with no network cost: only Redis crosses the links). 
 layers: about 25M parameters, 100 MB packs) and ``100M`` (d_model 768, 14 layers: about
 100M parameters, GPT-2-small's size without its vocabulary). Round 0 (the first fetch
 of the dataset and of the initial model) is left out of the medians; each job starts
-with empty worker caches.
+with empty worker caches. ``--fragments`` runs each row once per fragment count P
+(Streaming DiLoCo, arXiv:2501.18512: round r sends fragment r mod P, 1/P of the model;
+1: synchronous), shown in the ``P`` column; ``--inner-steps`` overrides each model's H.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ sys.path.insert(0, str(REPO))
 
 from fleet.client import Fleet  # noqa: E402
 from fleet.diloco import DiLoCoConfig, DiLoCoRun  # noqa: E402
-from fleet.diloco.config import DatasetConfig  # noqa: E402
+from fleet.diloco.config import DatasetConfig, StreamingConfig  # noqa: E402
 from fleet.diloco.state import RoundRecord  # noqa: E402
 from fleet.local import WorkerProcess  # noqa: E402
 from fleet.registry import Registry  # noqa: E402
@@ -101,10 +104,14 @@ def _run_job(
     model: str,
     rounds: int,
     s3_requests: Callable[[], int] = lambda: 0,
+    *,
+    fragments: int = 1,
+    inner_steps: int | None = None,
 ) -> list[dict[str, Any]]:
     import redis
 
     config, steps = MODELS[model]
+    steps = inner_steps or steps
     counters = {h.name: h.counters() for h in hosts}
     per_round: list[dict[str, Any]] = []
     requests = [s3_requests()]
@@ -157,6 +164,7 @@ def _run_job(
             eval_every=0,
             dataset=DatasetConfig(path="data/charlm", microshards_per_lease=2),
             replica_call_timeout_s=1800,
+            streaming=StreamingConfig(fragments=fragments) if fragments > 1 else None,
         )
         job = DiLoCoRun.start(fleet, cfg, on_round=on_round).run()
         if job.status != "completed":
@@ -197,6 +205,8 @@ def main() -> None:
         "--rtt-ms", default="", help="round-trip times to Redis and S3, ms (e.g. 0,50,150)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--fragments", default="1", help="Streaming DiLoCo P values, e.g. 1,4")
+    parser.add_argument("--inner-steps", type=int, default=None, help="H (default: per model)")
     args = parser.parse_args()
     rtts: list[float | None] = [float(r) for r in args.rtt_ms.split(",") if r] or [None]
     reason = skip_reason()
@@ -220,8 +230,9 @@ def main() -> None:
             flush=True,
         )
         header = (
-            f"{'model':>6} {'params':>7} {'root':>5} {'link':>9} {'rtt':>6} {'round s':>8} "
-            f"{'inner s':>8} {'exch s':>7} {'overhead':>8} {'H@10%':>6} {'w1 tx/rx MB':>12} "
+            f"{'model':>6} {'params':>7} {'root':>5} {'link':>9} {'rtt':>6} {'P':>2} "
+            f"{'round s':>8} {'inner s':>8} {'exch s':>7} {'overhead':>8} {'H@10%':>6} "
+            f"{'w1 tx/rx MB':>12} "
             f"{'w2 tx/rx MB':>12} {'B/param':>7} {'store B/p':>9} {'RSS MB':>7} {'S3 req':>6} "
             f"{'Redis cmd':>9}"
         )
@@ -239,7 +250,13 @@ def main() -> None:
                     write_dataset(staged, 8, manifest=True)
                 procs = _workers(settings, workers, base / "logs")
                 try:
-                    for rate, rtt in ((float(r), t) for r in args.rates.split(",") for t in rtts):
+                    cases = [
+                        (float(r), t, int(p))
+                        for r in args.rates.split(",")
+                        for t in rtts
+                        for p in args.fragments.split(",")
+                    ]
+                    for rate, rtt, fragments in cases:
                         for host in [storage, *workers]:
                             host.limit(rate)
                         if rtt is not None:
@@ -252,6 +269,8 @@ def main() -> None:
                             model,
                             args.rounds,
                             (lambda: s3.requests(bucket)) if root_kind == "s3" else lambda: 0,
+                            fragments=fragments,
+                            inner_steps=args.inner_steps,
                         )
                         later = rounds[1:] or rounds
                         keys = (
@@ -273,6 +292,7 @@ def main() -> None:
                             "root": root_kind,
                             "link_mbit": rate,
                             "rtt_ms": rtt,
+                            "fragments": fragments,
                             **med,
                             "mb_per_round": mb,
                             "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
@@ -282,7 +302,8 @@ def main() -> None:
                         print(
                             f"{model:>6} {row['parameters'] / 1e6:>6.1f}M {root_kind:>5} "
                             f"{rate:>5.0f} Mb/s "
-                            f"{'-' if rtt is None else f'{rtt:g}ms':>6} {med['wall_s']:>8.2f} "
+                            f"{'-' if rtt is None else f'{rtt:g}ms':>6} {fragments:>2} "
+                            f"{med['wall_s']:>8.2f} "
                             f"{med['slowest_inner_s']:>8.2f} {med['exchange_s']:>7.2f} "
                             f"{100 * med['overhead']:>7.1f}% {med['h_for_10pct']:>6.0f} "
                             f"{mb['w1'][0]:>5.1f}/{mb['w1'][1]:<6.1f} "

@@ -22,7 +22,7 @@ from fleet.cli import main
 from fleet.data.dataset import read_dataset, verify_dataset
 from fleet.data.leases import DataCursor, give_back, lease_sizes, plan_leases
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, QuorumConfig
-from fleet.diloco.config import DatasetConfig
+from fleet.diloco.config import DatasetConfig, StreamingConfig
 from fleet.diloco.state import RoundRecord
 from fleet.errors import (
     DatasetFormatError,
@@ -328,9 +328,12 @@ def test_a_quorum_dropped_replica_gives_its_shards_back(fleet, two_workers, data
     _assert_each_shard_once_per_epoch(records, 12)
 
 
+@pytest.mark.parametrize("fragments", [1, 2], ids=["synchronous", "streaming"])
 def test_a_killed_replica_is_re_run_on_the_same_shards(
-    fleet_settings, artifacts_dir, fleet, two_workers, dataset, tmp_path
+    fleet_settings, artifacts_dir, fleet, two_workers, dataset, tmp_path, fragments
 ):
+    """Also with Streaming DiLoCo (two fragments): the re-run of the killed fragment's
+    replica gets the same lease, and no shard is leased twice in an epoch."""
     reads = tmp_path / "reads"
     reads.mkdir()
     with running_workers(fleet_settings, [12], artifacts_dir / "logs") as (victim,):
@@ -343,6 +346,7 @@ def test_a_killed_replica_is_re_run_on_the_same_shards(
             eval_every=0,
             workers=[victim.name, two_workers[0].name],
             dataset=DatasetConfig(path=dataset, microshards_per_lease=3),
+            streaming=StreamingConfig(fragments=fragments) if fragments > 1 else None,
         )
         run = DiLoCoRun.start(fleet, cfg)
         thread, outcome = run_in_thread(run)
