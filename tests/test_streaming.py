@@ -309,3 +309,16 @@ def test_a_replica_trains_its_fragments_on_from_its_own_parameters(fleet):
     # measured: 0.61 in round 0, then 0.93 and 0.73 (restarting from the global model
     # each round: 0.44 and 0.36)
     assert min(norms[1] + norms[2]) > max(norms[0]), norms
+
+
+def test_a_model_too_small_for_its_fragments_fails_the_job_before_its_first_round(fleet):
+    config = DiLoCoConfig(
+        workload=USER_MLP, config={"hidden": 8}, replicas=2, rounds=2, inner_steps=2,
+        eval_every=0, streaming=StreamingConfig(fragments=4),
+    )  # fmt: skip
+    run = DiLoCoRun.start(fleet, config)
+    with pytest.raises(FragmentSplitError, match="1392 values cannot be split into 4 fragments"):
+        run.run()
+    job = run.jobs.get(run.job_id)
+    assert job.status == "failed" and "FragmentSplitError" in (job.error or "")
+    assert run.rounds() == []

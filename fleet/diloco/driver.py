@@ -26,6 +26,7 @@ from fleet.diloco.context import RunContext
 from fleet.diloco.data import RunData
 from fleet.diloco.divergence import RisingTrainingLoss
 from fleet.diloco.evaluation import BackgroundEvaluations
+from fleet.diloco.fragments import check_fragments
 from fleet.diloco.layout import RunLayout
 from fleet.diloco.placement import place_replicas, training_workers
 from fleet.diloco.round import Round
@@ -261,6 +262,7 @@ class DiLoCoRun:
         pack = ctx.fleet.export_parameter_pack(
             handle, self.layout.checkpoint(0), cfg.model_schema_hash
         )
+        check_fragments(cfg, pack.parameter_count or 0)
         initial, beside = None, None
         if cfg.eval_every:  # beside round 0, on a worker none of its replicas will use
             busy = place_replicas(cfg.replicas, alive, [], cfg.workers)

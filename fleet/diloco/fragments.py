@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fleet.codec.codecs import codec_for
 from fleet.diloco.outer import ALIGN_NUMEL
 from fleet.errors import FragmentSplitError
 from fleet.protocol import FragmentSpec
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from fleet.diloco.config import DiLoCoConfig
 
 __all__ = [
+    "check_fragments",
     "fragment_align",
     "fragment_of_round",
     "fragment_range",
@@ -53,6 +55,20 @@ def fragment_spec(config: DiLoCoConfig, round_index: int) -> FragmentSpec | None
         count=streaming.fragments,
         mixing=streaming.mixing,
     )
+
+
+def check_fragments(config: DiLoCoConfig, parameter_count: int) -> None:
+    """Check before a run's first round that its model splits into its fragments.
+
+    Raises:
+        FragmentSplitError: a fragment would be empty.
+    """
+    if config.streaming is None:
+        return
+    codec = config.pseudo_gradient
+    align = fragment_align(codec_for(codec.codec, codec.block_size).align)
+    for index in range(config.streaming.fragments):
+        fragment_range(parameter_count, config.streaming.fragments, index, align)
 
 
 def fragment_align(codec_align: int) -> int:
