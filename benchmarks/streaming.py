@@ -1,7 +1,7 @@
 """Streaming DiLoCo against synchronous DiLoCo at equal inner steps, in one run.
 
     python benchmarks/streaming.py [--rounds 16] [--inner-steps 100] [--fragments 4]
-        [--replicas 2] [--eval-windows N]
+        [--replicas 2] [--eval-windows N] [--codec int8|topk|...]
 
 Starts a private redis-server and one CPU worker per replica (one torch thread each)
 and trains the charlm example (byte-level transformer on the stdlib sources; the
@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fleet.client import Fleet
+from fleet.codec.codecs import CODECS
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig
-from fleet.diloco.config import StreamingConfig
+from fleet.diloco.config import PseudoGradientConfig, StreamingConfig
 from fleet.local import RedisServer, running_workers
 from fleet.settings import FleetSettings
 
@@ -69,6 +70,7 @@ def _run(fleet: Fleet, args: argparse.Namespace, name: str, fragments: int, h: i
         outer=OuterOptimizerConfig(),  # the default: averaging
         state_checkpoint_every=10_000,  # recovery checkpoints are no part of the exchange
         streaming=StreamingConfig(fragments=fragments) if fragments > 1 else None,
+        pseudo_gradient=PseudoGradientConfig(codec=args.codec),
     )
     run = DiLoCoRun.start(fleet, config)
     run.run()
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--fragments", type=int, default=4)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--eval-windows", type=int, default=CHARLM["eval_windows"])
+    parser.add_argument("--codec", default="int8", choices=sorted(CODECS))
     args = parser.parse_args()
     p, h = args.fragments, args.inner_steps
 
@@ -117,8 +120,8 @@ def main() -> None:
     base = rows[0]
     print(
         f"\ncharlm {json.dumps(CHARLM | {'eval_windows': args.eval_windows})}: "
-        f"N={args.replicas}, {args.rounds * h} inner steps per replica, averaging, int8 "
-        "pseudo-gradients with error feedback; one CPU worker per replica"
+        f"N={args.replicas}, {args.rounds * h} inner steps per replica, averaging, "
+        f"{args.codec} pseudo-gradients with error feedback; one CPU worker per replica"
     )
     print(
         f"{'run':<30}{'H/round':>8}{'rounds':>7}{'eval loss':>11}{'± s.e.':>8}{'vs sync':>9}"

@@ -80,3 +80,16 @@ def test_the_warning_fires_once_per_climb_and_not_on_a_single_rise():
     averaging = RisingTrainingLoss(OuterOptimizerConfig(), rounds=2)
     said = [averaging.observe(_record(i, x)) for i, x in enumerate([1.0, 1.1, 1.2])][-1]
     assert said is not None and "inner learning rate" in said
+
+
+def test_with_fragments_the_warning_compares_blocks_of_rounds():
+    """Streaming DiLoCo with 2 fragments: a rise from round to round inside noisy short
+    rounds says nothing; the means of blocks of 2 rounds rising twice do."""
+    watch = RisingTrainingLoss(OuterOptimizerConfig(), rounds=2, window=2)
+    noisy = [2.0, 2.1, 1.9, 2.0, 1.8, 1.9]  # rises every other round; the blocks fall
+    assert [watch.observe(_record(i, x)) for i, x in enumerate(noisy)] == [None] * 6
+    climbing = [1.9, 2.0, 2.0, 2.1]  # blocks: 1.85 -> 1.95 -> 2.05
+    fired = [watch.observe(_record(6 + i, x)) for i, x in enumerate(climbing)]
+    assert fired[:3] == [None] * 3
+    assert fired[3] is not None and "rose 2 blocks of 2 rounds in a row" in fired[3]
+    assert "(1.8500 -> 1.9500 -> 2.0500, to round 9)" in fired[3]

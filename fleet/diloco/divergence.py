@@ -24,15 +24,22 @@ class RisingTrainingLoss:
     """Fires once the training loss (:func:`train_loss`) rose ``rounds`` rounds in a row,
     and again only after it fell in between.
 
+    With ``window`` > 1 (Streaming DiLoCo's P fragments: a round is 1/P of the model's
+    synchronisation cycle, and its few inner steps make its loss noisy) the losses
+    compared are the means of consecutive blocks of ``window`` rounds.
+
     Args:
         outer: the run's outer optimizer, named in the message.
-        rounds: consecutive rises that fire it.
+        rounds: consecutive rises (of blocks, with ``window``) that fire it.
+        window: rounds per block.
     """
 
-    def __init__(self, outer: OuterOptimizerConfig, rounds: int = 2) -> None:
+    def __init__(self, outer: OuterOptimizerConfig, rounds: int = 2, window: int = 1) -> None:
         self.outer = outer
         self.rounds = rounds
+        self.window = window
         self.losses: list[float] = []
+        self.block: list[float] = []
         self.fired = False
 
     def observe(self, record: RoundRecord) -> str | None:
@@ -40,7 +47,11 @@ class RisingTrainingLoss:
         loss = train_loss(record)
         if loss is None:
             return None
-        self.losses.append(loss)
+        self.block.append(loss)
+        if len(self.block) < self.window:
+            return None
+        self.losses.append(sum(self.block) / len(self.block))
+        self.block = []
         recent = self.losses[-self.rounds - 1 :]
         rising = len(recent) == self.rounds + 1 and all(b > a for a, b in pairwise(recent))
         if not rising:
@@ -60,7 +71,8 @@ class RisingTrainingLoss:
                 "overshoot at this H; averaging (--outer-optimizer sgd --outer-lr 1 "
                 "--outer-momentum 0, the default) does not"
             )
+        unit = "rounds" if self.window == 1 else f"blocks of {self.window} rounds"
         return (
-            f"the replicas' training loss rose {self.rounds} rounds in a row "
+            f"the replicas' training loss rose {self.rounds} {unit} in a row "
             f"({trail}, to round {record.round}): {advice}"
         )

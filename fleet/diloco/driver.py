@@ -81,7 +81,8 @@ class DiLoCoRun:
         self.jobs = JobStore(fleet.registry)
         self.layout = RunLayout(job.job_id)
         self.on_round = on_round
-        self.rising = RisingTrainingLoss(config.outer)
+        fragments = config.streaming.fragments if config.streaming is not None else 1
+        self.rising = RisingTrainingLoss(config.outer, window=fragments)
 
     @classmethod
     def start(
