@@ -140,6 +140,11 @@ def _run_job(
                 "wall_s": record.wall_s,
                 "slowest_inner_s": slowest,
                 "exchange_s": record.wall_s - slowest,
+                # the exchange's parts on the slowest replica (in --json only)
+                "load_s": max(r.load_s for r in merged),
+                "encode_s": max(r.encode_s for r in merged),
+                "publish_s": max(r.publish_s for r in merged),
+                "outer_step_s": record.outer_step_s,
                 "overhead": (record.wall_s - slowest) / record.wall_s,
                 "h_for_10pct": 9 * (record.wall_s - slowest) / per_step,
                 "bytes": moved,

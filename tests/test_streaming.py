@@ -24,11 +24,21 @@ from fleet.codec.readers import open_reader
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig
 from fleet.diloco.config import PseudoGradientConfig, StreamingConfig
 from fleet.diloco.exchange import publish_pseudo_gradient
-from fleet.diloco.fragments import fragment_range, fragments_to_mix, mix_fragments
+from fleet.diloco.fragments import (
+    fragment_range,
+    fragments_to_mix,
+    mix_fragments,
+    write_mixed_pack,
+)
 from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.outer import PackInput, stream_outer_step
 from fleet.diloco.state import RoundRecord
-from fleet.errors import FragmentSplitError, LayoutMismatchError, ManifestError
+from fleet.errors import (
+    DigestMismatchError,
+    FragmentSplitError,
+    LayoutMismatchError,
+    ManifestError,
+)
 from tests.harness import running_workers, settings_for
 
 P = 10_000
@@ -66,6 +76,33 @@ def test_a_replica_mixes_in_the_fragments_synchronised_since_its_last_round():
     mixed = mix_fragments(own.clone(), theta, [(0, 2), (6, 8)], alpha=0.25)
     assert mixed.tolist() == [0.75, 0.75, 0, 0, 0, 0, 0.75, 0.75]
     assert mix_fragments(own.clone(), theta, [(2, 4)], alpha=0.0).tolist()[2:4] == [1.0, 1.0]
+
+
+def test_the_mixed_start_is_streamed_in_chunks_and_checks_its_inputs(tmp_path):
+    """Chunks of 1000 values that cut the ranges anywhere give what mixing whole vectors
+    gives, bit for bit; an own pack of another layout, or a global model that is not the
+    named one, publishes nothing."""
+    gen = torch.Generator().manual_seed(5)
+    theta, own = torch.randn(P, generator=gen), torch.randn(P, generator=gen)
+    like = write_pack(tmp_path / "global", {"w": theta.clone()}, "schema")
+    write_values_pack(tmp_path / "own", own, like)
+    ranges = [(1024, 3072), (7168, P)]
+    write_mixed_pack(
+        tmp_path / "mixed", tmp_path / "own", tmp_path / "global", ranges, 0.3,
+        global_digest=like.values_digest, chunk_numel=1000,
+    )  # fmt: skip
+    expected = mix_fragments(own.clone(), theta, ranges, 0.3)
+    assert torch.equal(read_pack(tmp_path / "mixed")[1], expected)
+    other = write_pack(tmp_path / "other", {"w": torch.zeros(P - 1), "b": torch.zeros(1)}, "s")
+    write_values_pack(tmp_path / "own-other", own, other)
+    with pytest.raises(LayoutMismatchError):
+        write_mixed_pack(tmp_path / "bad", tmp_path / "own-other", tmp_path / "global", ranges, 0)
+    with pytest.raises(DigestMismatchError):
+        write_mixed_pack(
+            tmp_path / "bad", tmp_path / "own", tmp_path / "global", ranges, 0,
+            global_digest="xxh3_64:" + "0" * 16,
+        )  # fmt: skip
+    assert not (tmp_path / "bad").exists()
 
 
 # --------------------------------------------------------------------------- the exchange

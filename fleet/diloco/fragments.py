@@ -22,11 +22,15 @@ never straddle two fragments.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from fleet.codec.codecs import codec_for
+from fleet.codec.manifest import PackManifest
+from fleet.codec.pack import PackReader, writing_pack
 from fleet.diloco.outer import ALIGN_NUMEL
 from fleet.errors import FragmentSplitError
 from fleet.protocol import FragmentSpec
@@ -42,6 +46,7 @@ __all__ = [
     "fragment_spec",
     "fragments_to_mix",
     "mix_fragments",
+    "write_mixed_pack",
 ]
 
 
@@ -134,3 +139,52 @@ def mix_fragments(
         else:
             own[start:stop].mul_(alpha).add_(global_values[start:stop].mul(1.0 - alpha))
     return own
+
+
+def write_mixed_pack(
+    out: Path,
+    own: Path,
+    global_pack: Path,
+    ranges: list[tuple[int, int]],
+    alpha: float,
+    *,
+    global_digest: str | None = None,
+    chunk_numel: int = 1 << 18,
+) -> PackManifest:
+    """Publish at ``out`` the replica's own parameters (the v1 pack ``own``) with the
+    values of ``ranges`` mixed in from ``global_pack`` (:func:`mix_fragments`), read and
+    written ``chunk_numel`` values at a time: memory stays a few chunks whatever the
+    model's size. Both inputs' digests and finiteness are checked as they are read.
+
+    Raises:
+        LayoutMismatchError: ``own`` has another layout than ``global_pack``.
+        DigestMismatchError: ``global_pack`` is not ``global_digest``, or an input's
+            values do not match its manifest; nothing is published.
+        CodecError: an input is corrupt otherwise.
+    """
+    with ExitStack() as stack:
+        theta = stack.enter_context(
+            PackReader(global_pack, values_digest=global_digest, check_finite=True)
+        )
+        like = theta.manifest
+        mine = stack.enter_context(PackReader(own, layout_hash=like.layout_hash, check_finite=True))
+        sink = stack.enter_context(writing_pack(out, like))
+        count = like.parameter_count
+        size = min(chunk_numel, max(count, 1))
+        theta_block, own_block = torch.empty(size), torch.empty(size)
+        at = 0
+        while at < count:
+            k = min(size, count - at)
+            global_values = theta.read_into(theta_block[:k])
+            values = mine.read_into(own_block[:k])
+            here = [
+                (max(start, at) - at, min(stop, at + k) - at)
+                for start, stop in ranges
+                if start < at + k and stop > at
+            ]
+            sink.write(mix_fragments(values, global_values, here, alpha))
+            at += k
+        theta.finish()
+        mine.finish()
+    assert sink.manifest is not None
+    return sink.manifest

@@ -46,14 +46,13 @@ from pathlib import Path
 
 from fleet.codec.codecs import codec_for
 from fleet.codec.manifest import read_manifest
-from fleet.codec.pack import read_pack, write_values_pack
 from fleet.data.localize import local_batches
 from fleet.diloco.exchange import Published, publish_pseudo_gradient
 from fleet.diloco.fragments import (
     fragment_align,
     fragment_range,
     fragments_to_mix,
-    mix_fragments,
+    write_mixed_pack,
 )
 from fleet.diloco.globals import (
     GlobalModels,
@@ -323,10 +322,6 @@ def _start_streaming(
     if begin.parameters is None:
         log.info("fragment %d of %d: starts from the global model", fragment.index, fragment.count)
         return sent
-    like, global_values = read_pack(base.path, values_digest=base.values_digest)
-    _, own = read_pack(
-        begin.parameters, verify=True, check_finite=True, layout_hash=like.layout_hash
-    )
     mixed = sorted(fragments_to_mix(req.start.round, req.round, fragment.count))
     ranges = [fragment_range(count, fragment.count, f, align) for f in mixed]
     log.info(
@@ -334,7 +329,10 @@ def _start_streaming(
         fragment.index, fragment.count, req.start.round, mixed,
     )  # fmt: skip
     start = here / "start-parameters"
-    write_values_pack(start, mix_fragments(own, global_values, ranges, fragment.mixing), like)
+    write_mixed_pack(
+        start, begin.parameters, base.path, ranges, fragment.mixing,
+        global_digest=base.values_digest,
+    )  # fmt: skip
     load_pack_into_held(held, start, req.state_dict_filter)
     shutil.rmtree(start, ignore_errors=True)
     return sent
