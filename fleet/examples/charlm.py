@@ -22,7 +22,12 @@ samples the same windows.
 
 Config (all optional): ``d_model`` (128), ``n_layers`` (2), ``n_heads`` (4),
 ``context`` (128), ``batch_size`` (16), ``lr`` (2e-3, AdamW), ``weight_decay`` (0.01),
-``seed`` (0), ``eval_windows`` (64), ``max_corpus_mb`` (None: all), ``threads`` (None).
+``seed`` (0), ``eval_windows`` (64), ``max_corpus_mb`` (None: all), ``threads`` (None),
+``warmup_steps`` (0: none; else the learning rate ramps linearly to ``lr`` over the
+first this many inner optimizer steps, counted by the optimizer's own step count, which
+a DiLoCo replica's inner optimizer state carries across rounds: the global step),
+``eval_timing`` (False; True: evaluation metrics carry ``eval_s``, the seconds the
+evaluation itself took, no model load).
 Metrics: ``loss`` (nats per byte), ``bits_per_byte``, ``examples``, ``tokens``.
 """
 
@@ -157,6 +162,8 @@ class CharLMWorkload(MergeHooks):
         self.weight_decay = float(config.get("weight_decay", 0.01))
         self.seed = int(config.get("seed", 0))
         self.eval_windows = int(config.get("eval_windows", 64))
+        self.warmup_steps = int(config.get("warmup_steps", 0))
+        self.eval_timing = bool(config.get("eval_timing", False))
         max_mb = config.get("max_corpus_mb")
         self.corpus = load_corpus(None if max_mb is None else int(float(max_mb) * 1e6))
         if config.get("threads"):
@@ -262,6 +269,8 @@ class CharLMWorkload(MergeHooks):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if self.warmup_steps > 0:
+                self._warm_lr(optimizer)
             optimizer.step()
             losses.append(loss.item())
         mean = sum(losses) / len(losses)
@@ -273,6 +282,22 @@ class CharLMWorkload(MergeHooks):
             "tokens": n * self.context,
         }
 
+    def _warm_lr(self, optimizer: torch.optim.Optimizer) -> None:
+        """Set the learning rate of the step about to be taken: ``lr * (n + 1) /
+        warmup_steps`` for the optimizer's ``n``-th step (its own step count, so no
+        scheduler state), ``lr`` from step ``warmup_steps - 1`` on."""
+        done = 0
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                step = optimizer.state.get(param, {}).get("step")
+                if step is not None:
+                    done = int(step)
+                    break
+            break
+        lr = self.lr * min(1.0, (done + 1) / self.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
     def evaluate(self, state: dict[str, Any], split: Any) -> dict[str, Any]:
         """Mean next-byte cross-entropy (nats) on ``eval_windows`` fixed windows spread
         evenly over the split, and its standard error over the windows
@@ -283,6 +308,7 @@ class CharLMWorkload(MergeHooks):
         starts = torch.linspace(0, len(data) - self.context - 2, self.eval_windows).long()
         model = state["model"]
         device = next(model.parameters()).device
+        started = time.perf_counter()
         model.eval()
         per_window = []
         with torch.no_grad():
@@ -296,12 +322,15 @@ class CharLMWorkload(MergeHooks):
         losses = torch.cat(per_window)
         mean = float(losses.mean())
         stderr = float(losses.std() / math.sqrt(len(losses))) if len(losses) > 1 else 0.0
-        return {
+        metrics: dict[str, Any] = {
             "loss": mean,
             "loss_stderr": stderr,
             "bits_per_byte": mean / math.log(2),
             "examples": len(starts),
         }
+        if self.eval_timing:
+            metrics["eval_s"] = time.perf_counter() - started
+        return metrics
 
 
 def make(config: dict[str, Any]) -> CharLMWorkload:
