@@ -124,6 +124,7 @@ SAMPLES: list[tuple[str, list[Any], dict[str, Any]]] = [
     ("JobStateError", ["j1", "completed", "running"], {}),
     ("RoundFailed", [3, ["r0: StepBudgetError", "r1: HookFailedError"]], {}),
     ("CorruptCheckpointError", ["j1", 2, "runs/j1/global/r2", "digest mismatch"], {}),
+    ("FragmentSplitError", [3000, 4, 1024], {}),
     ("JobCancelled", ["j1"], {}),
     ("JobOwnedError", ["j1", "n", 77, 2.5], {}),
     ("FencedOutError", ["j1", 3, 4], {}),

@@ -9,6 +9,8 @@ other fragments' global values untouched, and trains from its own parameters."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -359,3 +361,23 @@ def test_a_model_too_small_for_its_fragments_fails_the_job_before_its_first_roun
     job = run.jobs.get(run.job_id)
     assert job.status == "failed" and "FragmentSplitError" in (job.error or "")
     assert run.rounds() == []
+
+
+def test_the_orchestrator_plans_fragments_without_torch():
+    """The orchestrator runs where torch cannot be imported (tests/test_packaging.py):
+    planning and checking a run's fragments must not need it."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "from fleet.diloco import DiLoCoConfig\n"
+        "from fleet.diloco.config import PseudoGradientConfig, StreamingConfig\n"
+        "from fleet.diloco.fragments import check_fragments, fragment_spec\n"
+        "import fleet.diloco.driver\n"
+        "c = DiLoCoConfig(workload='x:y', streaming=StreamingConfig(fragments=4),\n"
+        "                 pseudo_gradient=PseudoGradientConfig(codec='topk'))\n"
+        "check_fragments(c, 100_000)\n"
+        "print(fragment_spec(c, 5).index)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"

@@ -60,6 +60,9 @@ __all__ = [
     "le_bytes",
 ]
 
+#: Streamed values (the outer step's chunks, Streaming DiLoCo's fragment boundaries)
+#: start at multiples of this many, SIMD-aligned offsets as the whole vector's.
+ALIGN_NUMEL = 1024
 VALUES_BIN = "values.bin"
 SCALES_FILE = "scales.f32le"
 _INT8_MAX = 127.0

@@ -26,16 +26,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from fleet.codec.codecs import codec_for
-from fleet.codec.manifest import PackManifest
-from fleet.codec.pack import PackReader, writing_pack
-from fleet.diloco.outer import ALIGN_NUMEL
+from fleet.codec.codecs import ALIGN_NUMEL, codec_for
 from fleet.errors import FragmentSplitError
 from fleet.protocol import FragmentSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the orchestrator plans fragments without torch
+    import torch
+
+    from fleet.codec.manifest import PackManifest
     from fleet.diloco.config import DiLoCoConfig
 
 __all__ = [
@@ -162,6 +160,10 @@ def write_mixed_pack(
             values do not match its manifest; nothing is published.
         CodecError: an input is corrupt otherwise.
     """
+    import torch
+
+    from fleet.codec.pack import PackReader, writing_pack
+
     with ExitStack() as stack:
         theta = stack.enter_context(
             PackReader(global_pack, values_digest=global_digest, check_finite=True)

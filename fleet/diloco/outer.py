@@ -31,6 +31,7 @@ from typing import cast
 
 import torch
 
+from fleet.codec.codecs import ALIGN_NUMEL
 from fleet.codec.manifest import PackManifest
 from fleet.codec.pack import PackReader, writing_pack
 from fleet.codec.pseudo_gradient import PseudoGradientReader
@@ -42,9 +43,6 @@ from fleet.protocol import OuterOptimizerConfig
 #: Default bytes of each pack held at once by :func:`stream_outer_step` (1 MiB: blocks
 #: that stay in cache while the step runs over them; measured by benchmarks/outer_step.py).
 CHUNK_BYTES = 1 << 20
-#: Chunks hold a multiple of this many values, so every chunk but the last starts at a
-#: SIMD-aligned offset, as the whole vector does.
-ALIGN_NUMEL = 1024
 
 
 def _weights(weights: Sequence[float]) -> list[float]:
