@@ -47,8 +47,10 @@ def test_the_hard_time_limit_kills_a_stuck_child(redis_server, tmp_path, artifac
         redis_server.url,
         tmp_path / "shared",
         pool_queue="fleet.time-limit-test",
-        task_soft_time_limit_s=2,
-        task_time_limit_s=4,
+        # limits every task of the worker: init_model took over 2 s once under the
+        # suite's load, and its soft limit failed the test before the hang began
+        task_soft_time_limit_s=6,
+        task_time_limit_s=8,
     )
     worker = _worker(settings, 21, artifacts_dir)
     fleet = Fleet(settings)
