@@ -41,6 +41,7 @@ __all__ = [
     "fragment_align",
     "fragment_of_round",
     "fragment_range",
+    "fragment_ranges",
     "fragment_spec",
     "fragments_to_mix",
     "mix_fragments",
@@ -66,12 +67,22 @@ def check_fragments(config: DiLoCoConfig, parameter_count: int) -> None:
     Raises:
         FragmentSplitError: a fragment would be empty.
     """
-    if config.streaming is None:
-        return
-    codec = config.pseudo_gradient
-    align = fragment_align(codec_for(codec.codec, codec.block_size).align)
-    for index in range(config.streaming.fragments):
-        fragment_range(parameter_count, config.streaming.fragments, index, align)
+    if config.streaming is not None:
+        codec = config.pseudo_gradient
+        fragment_ranges(parameter_count, config.streaming.fragments, codec.codec, codec.block_size)
+
+
+def fragment_ranges(
+    parameter_count: int, fragments: int, codec: str, block_size: int
+) -> list[tuple[int, int]]:
+    """Every fragment's values ``[start, stop)``, in order (:func:`fragment_range`), cut
+    on blocks of the pseudo-gradient codec ``codec`` at ``block_size``.
+
+    Raises:
+        FragmentSplitError: a fragment would be empty.
+    """
+    align = fragment_align(codec_for(codec, block_size).align)
+    return [fragment_range(parameter_count, fragments, i, align) for i in range(fragments)]
 
 
 def fragment_align(codec_align: int) -> int:

@@ -49,8 +49,7 @@ from fleet.codec.manifest import read_manifest
 from fleet.data.localize import local_batches
 from fleet.diloco.exchange import Published, publish_pseudo_gradient
 from fleet.diloco.fragments import (
-    fragment_align,
-    fragment_range,
+    fragment_ranges,
     fragments_to_mix,
     write_mixed_pack,
 )
@@ -317,13 +316,14 @@ def _start_streaming(
     fragment = req.fragment
     assert fragment is not None
     count = int(read_manifest(base.path).parameter_count)
-    align = fragment_align(codec_for(req.exchange.codec, req.exchange.block_size).align)
-    sent = fragment_range(count, fragment.count, fragment.index, align)
+    exchange = req.exchange
+    all_ranges = fragment_ranges(count, fragment.count, exchange.codec, exchange.block_size)
+    sent = all_ranges[fragment.index]
     if begin.parameters is None:
         log.info("fragment %d of %d: starts from the global model", fragment.index, fragment.count)
         return sent
     mixed = sorted(fragments_to_mix(req.start.round, req.round, fragment.count))
-    ranges = [fragment_range(count, fragment.count, f, align) for f in mixed]
+    ranges = [all_ranges[f] for f in mixed]
     log.info(
         "fragment %d of %d: starts from its own parameters of round %s, fragments %s mixed in",
         fragment.index, fragment.count, req.start.round, mixed,
