@@ -3,7 +3,7 @@
     sudo python benchmarks/multi_host.py [--models charlm,25M,100M] [--rates 1000,100,20]
                                          [--roots s3,local] [--rounds 3]
                                          [--rtt-ms 0,50,150] [--fragments 1,4]
-                                         [--inner-steps H]
+                                         [--delay-steps 0,2] [--inner-steps H]
 
 Hosts are Linux namespaces (fleet/testing/hosts.py): a storage host with Redis and a real S3
 server (SeaweedFS), two worker hosts with private tmpfs caches, every host's link
@@ -18,8 +18,9 @@ charlm microshard dataset, no eval) and, per round:
   wire carried, TCP and HTTP headers included), and per parameter: the busiest host's
   (sent + received) / P, the figure DiLoCo's exchange is judged by;
 - the same as the workers' stores counted it (the round record's ``bytes_per_parameter``);
-- exchange time: round wall minus the slowest replica's inner steps (its compute);
-- overhead = (round wall - slowest inner steps) / round wall, and the H at which that
+- exchange time: the round's period (from the previous round's commit to its own; for
+  round 0 its wall) minus the slowest replica's inner steps (its compute);
+- overhead = (period - slowest inner steps) / period, and the H at which that
   exchange would be 10 % of the round (``9 * exchange / seconds per inner step``);
 - the workers' peak resident memory (``getrusage`` in the process that trains).
 - S3 requests: what the S3 server answered for the bucket during the round, from all
@@ -35,7 +36,10 @@ layers: about 25M parameters, 100 MB packs) and ``100M`` (d_model 768, 14 layers
 of the dataset and of the initial model) is left out of the medians; each job starts
 with empty worker caches. ``--fragments`` runs each row once per fragment count P
 (Streaming DiLoCo, arXiv:2501.18512: round r sends fragment r mod P, 1/P of the model;
-1: synchronous), shown in the ``P`` column; ``--inner-steps`` overrides each model's H.
+1: synchronous), shown in the ``P`` column, and with P > 1 once per ``--delay-steps``
+tau (0: each round from the committed global model; > 0: rounds pipelined, the
+previous round's fragment mixed in after tau inner steps), the ``tau`` column;
+``--inner-steps`` overrides each model's H.
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ def _run_job(
     *,
     fragments: int = 1,
     inner_steps: int | None = None,
+    delay_steps: int = 0,
 ) -> list[dict[str, Any]]:
     import redis
 
@@ -121,8 +126,13 @@ def _run_job(
         return sum(int(v["calls"]) for v in stats.info("commandstats").values())
 
     redis_commands = [commands()]
+    ends: list[float] = []
 
     def on_round(record: RoundRecord) -> None:
+        # a round's period: from the previous round's commit to its own (pipelined
+        # rounds overlap: their own wall clocks would count the overlap twice)
+        ends.append(record.started_at + record.wall_s)
+        wall_s = ends[-1] - ends[-2] if len(ends) > 1 else record.wall_s
         now = {h.name: h.counters() for h in hosts}
         requests.append(s3_requests())
         redis_commands.append(commands())
@@ -137,16 +147,17 @@ def _run_job(
         per_round.append(
             {
                 "round": record.round,
-                "wall_s": record.wall_s,
+                "wall_s": wall_s,
                 "slowest_inner_s": slowest,
-                "exchange_s": record.wall_s - slowest,
+                "exchange_s": wall_s - slowest,
                 # the exchange's parts on the slowest replica (in --json only)
                 "load_s": max(r.load_s for r in merged),
                 "encode_s": max(r.encode_s for r in merged),
                 "publish_s": max(r.publish_s for r in merged),
                 "outer_step_s": record.outer_step_s,
-                "overhead": (record.wall_s - slowest) / record.wall_s,
-                "h_for_10pct": 9 * (record.wall_s - slowest) / per_step,
+                "overhead": (wall_s - slowest) / wall_s,
+                "h_for_10pct": 9 * (wall_s - slowest) / per_step,
+                "late_mix_s": max(r.late_mix_s for r in merged),
                 "bytes": moved,
                 "link_bytes_per_param": max(sum(v) for v in moved.values()) / params,
                 "store_bytes_per_param": record.bytes_per_parameter or 0.0,
@@ -169,7 +180,9 @@ def _run_job(
             eval_every=0,
             dataset=DatasetConfig(path="data/charlm", microshards_per_lease=2),
             replica_call_timeout_s=1800,
-            streaming=StreamingConfig(fragments=fragments) if fragments > 1 else None,
+            streaming=StreamingConfig(fragments=fragments, delay_steps=delay_steps)
+            if fragments > 1
+            else None,
         )
         job = DiLoCoRun.start(fleet, cfg, on_round=on_round).run()
         if job.status != "completed":
@@ -212,6 +225,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--fragments", default="1", help="Streaming DiLoCo P values, e.g. 1,4")
     parser.add_argument("--inner-steps", type=int, default=None, help="H (default: per model)")
+    parser.add_argument(
+        "--delay-steps",
+        default="0",
+        help="Streaming DiLoCo tau values (pipelined rounds when > 0), e.g. 0,2",
+    )
     args = parser.parse_args()
     rtts: list[float | None] = [float(r) for r in args.rtt_ms.split(",") if r] or [None]
     reason = skip_reason()
@@ -235,7 +253,7 @@ def main() -> None:
             flush=True,
         )
         header = (
-            f"{'model':>6} {'params':>7} {'root':>5} {'link':>9} {'rtt':>6} {'P':>2} "
+            f"{'model':>6} {'params':>7} {'root':>5} {'link':>9} {'rtt':>6} {'P':>2} {'tau':>3} "
             f"{'round s':>8} {'inner s':>8} {'exch s':>7} {'overhead':>8} {'H@10%':>6} "
             f"{'w1 tx/rx MB':>12} "
             f"{'w2 tx/rx MB':>12} {'B/param':>7} {'store B/p':>9} {'RSS MB':>7} {'S3 req':>6} "
@@ -256,12 +274,13 @@ def main() -> None:
                 procs = _workers(settings, workers, base / "logs")
                 try:
                     cases = [
-                        (float(r), t, int(p))
+                        (float(r), t, int(p), int(d))
                         for r in args.rates.split(",")
                         for t in rtts
                         for p in args.fragments.split(",")
+                        for d in (args.delay_steps.split(",") if int(p) > 1 else ["0"])
                     ]
-                    for rate, rtt, fragments in cases:
+                    for rate, rtt, fragments, delay in cases:
                         for host in [storage, *workers]:
                             host.limit(rate)
                         if rtt is not None:
@@ -276,6 +295,7 @@ def main() -> None:
                             (lambda: s3.requests(bucket)) if root_kind == "s3" else lambda: 0,
                             fragments=fragments,
                             inner_steps=args.inner_steps,
+                            delay_steps=delay,
                         )
                         later = rounds[1:] or rounds
                         keys = (
@@ -298,6 +318,7 @@ def main() -> None:
                             "link_mbit": rate,
                             "rtt_ms": rtt,
                             "fragments": fragments,
+                            "delay_steps": delay,
                             **med,
                             "mb_per_round": mb,
                             "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
@@ -308,6 +329,7 @@ def main() -> None:
                             f"{model:>6} {row['parameters'] / 1e6:>6.1f}M {root_kind:>5} "
                             f"{rate:>5.0f} Mb/s "
                             f"{'-' if rtt is None else f'{rtt:g}ms':>6} {fragments:>2} "
+                            f"{delay:>3} "
                             f"{med['wall_s']:>8.2f} "
                             f"{med['slowest_inner_s']:>8.2f} {med['exchange_s']:>7.2f} "
                             f"{100 * med['overhead']:>7.1f}% {med['h_for_10pct']:>6.0f} "

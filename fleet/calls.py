@@ -155,6 +155,10 @@ class FleetFuture(Generic[T]):
         """True once the task finished (successfully or not)."""
         return bool(self._fleet._guard(self.async_result.ready))
 
+    def started(self) -> bool:
+        """True once a worker took the task (``task_track_started``), or it finished."""
+        return bool(self._fleet._guard(lambda: self.async_result.state) != "PENDING")
+
     def progress(self) -> dict[str, Any] | None:
         """The last PROGRESS meta of a long task (step, loss, examples_per_s, ...)."""
         state, info = self._fleet._guard(lambda: (self.async_result.state, self.async_result.info))

@@ -157,8 +157,9 @@ def _retryable(exc: Exception) -> bool:
 
 class OutageRetry(Retry):
     """redis-py's :class:`Retry` with exponential backoff for ``budget_s`` seconds, one
-    log line per outage, and :class:`BrokerUnavailableError` when the budget is spent
-    (or at once for credentials and TLS failures)."""
+    log line at the start and one at the end of an outage (when ``budget_s`` > 0), and
+    :class:`BrokerUnavailableError` when the budget is spent (or at once for credentials
+    and TLS failures)."""
 
     def __init__(self, url: str, budget_s: float) -> None:
         super().__init__(
@@ -185,7 +186,10 @@ class OutageRetry(Retry):
 
         def on_failure(error: Exception, failures: int) -> None:
             nonlocal failed
-            if _retryable(error):
+            if _retryable(error) and self.budget_s > 0:
+                # a client that does not retry (budget 0: an abort check, a CLI ping)
+                # raises to its caller, which says what it does instead; it opens no
+                # outage, since nothing of its own would see Redis back and log the end
                 failed = True
                 self.outage.failed(error, self.budget_s)
             if with_failure_count:

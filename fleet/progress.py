@@ -188,6 +188,17 @@ class StepMonitor:
         self.last_step_at: float | None = None
         self.started = time.monotonic()
         self._last_publish = 0.0
+        self._at_step: dict[int, Callable[[], None]] = {}
+
+    def call_at(self, step: int, action: Callable[[], None]) -> None:
+        """Run ``action`` on the task's thread once ``step`` steps are reported, before
+        the next step starts (Streaming DiLoCo's late mix); :meth:`take` returns it if
+        that never happened."""
+        self._at_step[step] = action
+
+    def take(self, step: int) -> Callable[[], None] | None:
+        """The action registered at ``step`` that has not run (None if it ran)."""
+        return self._at_step.pop(step, None)
 
     def check(self) -> None:
         """Raise if the task must stop now (abort or deadline)."""
@@ -216,6 +227,9 @@ class StepMonitor:
                 }
             )
         self.check()
+        action = self._at_step.pop(step, None)
+        if action is not None:
+            action()
 
 
 _current: contextvars.ContextVar[StepMonitor | None] = contextvars.ContextVar(

@@ -515,11 +515,22 @@ class FragmentSpec(_Model):
     index: int = Field(ge=0)
     count: int = Field(ge=1)
     mixing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    late_step: OuterStepSpec | None = None
+    """Pipelined rounds (``streaming.delay_steps`` > 0): the previous round's outer step,
+    not yet committed when this attempt was launched (no digests). The replica applies
+    it to the request's ``global_model`` itself, beside its first ``delay_steps`` inner
+    steps, mixes that round's fragment in from the result after them, and sends its
+    pseudo-gradient against the result (whose digest the run checks once the step
+    commits). None: the request's ``global_model`` is the round's."""
+    delay_steps: int = Field(default=0, ge=0)
+    """With ``late_step``: the inner steps run before its fragment is mixed in."""
 
     @model_validator(mode="after")
     def _index_below_count(self) -> FragmentSpec:
         if self.index >= self.count:
             raise ValueError(f"fragment {self.index} of {self.count}")
+        if self.late_step is not None and self.late_step.global_digest is not None:
+            raise ValueError("a late step is not committed yet: it has no global_digest")
         return self
 
 
@@ -554,6 +565,16 @@ class ReplicaRoundRequest(_Model):
     checkpoint_path: str | None = None
     """Publish the replica's state after this attempt here (a directory), in the
     background (None: not this round)."""
+
+    @model_validator(mode="after")
+    def _late_step_follows_global(self) -> ReplicaRoundRequest:
+        late = self.fragment.late_step if self.fragment is not None else None
+        if late is not None and not late.round == self.global_model.round == self.round - 1:
+            raise ValueError(
+                f"round {self.round}'s late step must be round {self.round - 1}'s, from its "
+                f"global model; got step {late.round} from round {self.global_model.round}"
+            )
+        return self
 
 
 class OuterStepRequest(_Model):
@@ -758,6 +779,12 @@ class ReplicaRoundResult(_Model):
     finished_at: float = 0.0
     peak_rss_bytes: int = 0
     """The worker process's peak resident memory so far (``getrusage``), in bytes."""
+    late_mix_step: int | None = None
+    """With a late step (pipelined Streaming DiLoCo): the inner steps done when its
+    fragment was mixed in (``delay_steps``, or the loop's last step when the mix had to
+    wait for the loop's end)."""
+    late_mix_s: float = 0.0
+    """Seconds that mix held the inner loop up, waiting for the late step included."""
 
 
 class OuterStepResult(_Model):

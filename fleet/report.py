@@ -229,7 +229,8 @@ def _loss_panel(
         pad = 0.05 * (high - low or 1.0)
         ax.set_ylim(low - pad, high + pad)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a run evaluated nothing: no curve to name
+        ax.legend()
 
 
 def plot(diloco: RunSummary, baseline: RunSummary, out_file: Path) -> None:

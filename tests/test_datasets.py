@@ -328,12 +328,17 @@ def test_a_quorum_dropped_replica_gives_its_shards_back(fleet, two_workers, data
     _assert_each_shard_once_per_epoch(records, 12)
 
 
-@pytest.mark.parametrize("fragments", [1, 2], ids=["synchronous", "streaming"])
+@pytest.mark.parametrize(
+    ("fragments", "delay_steps"),
+    [(1, 0), (2, 0), (2, 5)],
+    ids=["synchronous", "streaming", "pipelined"],
+)
 def test_a_killed_replica_is_re_run_on_the_same_shards(
-    fleet_settings, artifacts_dir, fleet, two_workers, dataset, tmp_path, fragments
+    fleet_settings, artifacts_dir, fleet, two_workers, dataset, tmp_path, fragments, delay_steps
 ):
-    """Also with Streaming DiLoCo (two fragments): the re-run of the killed fragment's
-    replica gets the same lease, and no shard is leased twice in an epoch."""
+    """Also with Streaming DiLoCo (two fragments), and with its rounds pipelined (round
+    1 launched beside round 0's outer step): the re-run of the killed fragment's replica
+    gets the same lease, and no shard is leased twice in an epoch."""
     reads = tmp_path / "reads"
     reads.mkdir()
     with running_workers(fleet_settings, [12], artifacts_dir / "logs") as (victim,):
@@ -346,7 +351,9 @@ def test_a_killed_replica_is_re_run_on_the_same_shards(
             eval_every=0,
             workers=[victim.name, two_workers[0].name],
             dataset=DatasetConfig(path=dataset, microshards_per_lease=3),
-            streaming=StreamingConfig(fragments=fragments) if fragments > 1 else None,
+            streaming=StreamingConfig(fragments=fragments, delay_steps=delay_steps)
+            if fragments > 1
+            else None,
         )
         run = DiLoCoRun.start(fleet, cfg)
         thread, outcome = run_in_thread(run)
@@ -384,10 +391,17 @@ def test_a_killed_replica_is_re_run_on_the_same_shards(
         _assert_each_shard_once_per_epoch(run.rounds(), 12)
 
 
-def test_resume_neither_repeats_nor_skips_a_shard(fleet_settings, fleet, two_workers, dataset):
-    """SIGKILL the orchestrator while a round is in flight; resume: rounds 0..8
-    committed once each, in order, and every microshard leased once per epoch."""
-    flags: list[str] = []
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--fragments", "2", "--fragment-delay-steps", "3"]],
+    ids=["synchronous", "pipelined"],
+)
+def test_resume_neither_repeats_nor_skips_a_shard(
+    fleet_settings, fleet, two_workers, dataset, flags
+):
+    """SIGKILL the orchestrator while a round is in flight (pipelined: a round's
+    attempts may be running beside the previous round's outer step); resume: rounds
+    0..8 committed once each, in order, and every microshard leased once per epoch."""
     committed = 2
     job_id = f"lease-resume-{time.time_ns()}"
     proc = subprocess.Popen(

@@ -89,6 +89,37 @@ def test_a_short_outage_is_ridden_out_with_one_log_line(tmp_path, caplog):
     server.stop()
 
 
+def test_a_client_that_does_not_retry_leaves_no_outage_open(tmp_path, caplog):
+    """A worker's abort check asks Redis once, without retrying, and says itself what it
+    does when Redis is away. Its failure must not open an outage in the process's view
+    of Redis that nothing will close (the multi-host link-down test once saw a pool
+    child log "unreachable" three times and "back" twice): every outage logged is
+    logged ended."""
+    from fleet.connection import redis_client
+    from fleet.local import RedisServer
+
+    server = RedisServer(tmp_path / "r")
+    try:
+        settings = settings_for(server.url, tmp_path / "shared", redis_retry_s=30.0)
+        once = redis_client(settings, retry_s=0)
+        with caplog.at_level("WARNING", logger="fleet.redis"):
+            assert once.ping()
+            server.stop()
+            with pytest.raises(BrokerUnavailableError):
+                once.ping()  # the abort check, while Redis is away
+            server.start()
+            retrying = redis_client(settings)  # the process's other calls: none fails
+            assert retrying.ping()
+        retrying.close()
+        once.close()
+    finally:
+        server.stop()
+    said = [r.getMessage() for r in caplog.records]
+    gone = [m for m in said if "is unreachable" in m]
+    back = [m for m in said if "is back after" in m]
+    assert len(gone) == len(back), said
+
+
 def test_the_result_backend_retries_for_the_whole_budget():
     """Celery's result backend sleeps a random (full-jitter) pause before each retry; the
     retry count fleet configures makes those pauses last the Redis retry budget, so a

@@ -15,8 +15,15 @@ from tests.harness import settings_for, wait_until
 
 @pytest.fixture
 def registry(redis_server, tmp_path):
-    reg = Registry.from_settings(settings_for(redis_server.url, tmp_path, heartbeat_ttl_s=0.5))
+    # a 2 s TTL: short enough to watch a worker expire, long enough that a loaded
+    # machine's pause between registering and the next call does not expire it first
+    reg = Registry.from_settings(settings_for(redis_server.url, tmp_path, heartbeat_ttl_s=2.0))
     yield reg
+    # the session's Redis is every test's: no made-up worker outlives its test (a DiLoCo
+    # run would otherwise see it, and send it an evaluation nobody takes up)
+    for name in reg.redis.smembers(keys.WORKERS):
+        if name.startswith("reg-w"):
+            reg.deregister_worker(name)
     reg.redis.close()
 
 
@@ -45,7 +52,7 @@ def test_worker_heartbeat_and_expiry(registry):
     assert registry.worker("reg-w1").status == "alive"
     registry.heartbeat("reg-w1", 100)
     assert registry.worker("reg-w1").heartbeat_at is not None
-    # no heartbeat within heartbeat_ttl_s (0.5 s): lost
+    # no heartbeat within heartbeat_ttl_s (2 s): lost
     wait_until(lambda: registry.worker("reg-w1").status == "lost", 30, "reg-w1 lost")
     registry.heartbeat("reg-w1", 100)
     assert registry.worker("reg-w1").status == "alive"

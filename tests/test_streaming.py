@@ -9,8 +9,10 @@ other fragments' global values untouched, and trains from its own parameters."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import time
 from itertools import pairwise
 from pathlib import Path
 
@@ -20,18 +22,21 @@ import torch
 from fleet.client import Fleet
 from fleet.codec import read_pack, write_pack
 from fleet.codec.codecs import codec_for
-from fleet.codec.pack import write_values_pack
+from fleet.codec.pack import mix_range_into, write_values_pack
 from fleet.codec.pseudo_gradient import parse_pseudo_gradient_manifest, writing_pseudo_gradient
 from fleet.codec.readers import open_reader
 from fleet.diloco import DiLoCoConfig, DiLoCoRun, OuterOptimizerConfig
-from fleet.diloco.config import PseudoGradientConfig, StreamingConfig
+from fleet.diloco.config import DatasetConfig, PseudoGradientConfig, StreamingConfig
 from fleet.diloco.exchange import publish_pseudo_gradient
 from fleet.diloco.fragments import (
     fragment_range,
+    fragment_ranges,
     fragments_to_mix,
     mix_fragments,
     write_mixed_pack,
 )
+from fleet.diloco.globals import run_dir
+from fleet.diloco.layout import RunLayout
 from fleet.diloco.optim import outer_optimizer
 from fleet.diloco.outer import PackInput, stream_outer_step
 from fleet.diloco.state import RoundRecord
@@ -40,12 +45,15 @@ from fleet.errors import (
     FragmentSplitError,
     LayoutMismatchError,
     ManifestError,
+    NonFiniteValuesError,
 )
-from tests.harness import running_workers, settings_for
+from fleet.testing.shard_workload import write_shards
+from tests.harness import DIGITS, running_workers, settings_for
 
 P = 10_000
 NESTEROV = OuterOptimizerConfig(name="nesterov", lr=0.7, momentum=0.9)
 USER_MLP = "benchmarks.user_mlp:make"
+SHARDS = "fleet.testing.shard_workload:make"
 
 
 # --------------------------------------------------------------------------- fragments
@@ -108,6 +116,43 @@ def test_the_mixed_start_is_streamed_in_chunks_and_checks_its_inputs(tmp_path):
 
 
 # --------------------------------------------------------------------------- the exchange
+
+
+def test_a_range_is_mixed_into_a_models_tensors_in_place(tmp_path):
+    """The late mix between two inner steps: the pack's values [a, b) mixed into the
+    model's tensors (a range across tensor edges, a transposed one included) match
+    mixing the flat vectors, bit for bit, with alpha 0 and 0.25; only the range
+    changes; a non-finite value there is refused, the model unchanged."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 20))
+    with torch.no_grad():
+        model[1].weight.set_(model[1].weight.detach().t().contiguous().t())  # not contiguous
+    assert not model[1].weight.is_contiguous()
+    stepped = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    write_pack(tmp_path / "stepped", stepped, "s")
+    theta = read_pack(tmp_path / "stepped")[1]
+    for alpha in (0.0, 0.25):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        write_pack(tmp_path / f"own-{alpha}", model, "s")
+        flat = read_pack(tmp_path / f"own-{alpha}")[1]
+        mix_range_into(tmp_path / "stepped", model, (1000, 1500), alpha)
+        write_pack(tmp_path / f"mixed-{alpha}", model, "s")
+        got = read_pack(tmp_path / f"mixed-{alpha}")[1]
+        assert torch.equal(got, mix_fragments(flat.clone(), theta, [(1000, 1500)], alpha))
+        assert torch.equal(got[:1000], flat[:1000]) and torch.equal(got[1500:], flat[1500:])
+        assert not torch.equal(got[1000:1500], flat[1000:1500])
+        model.load_state_dict(before)
+    bad = dict(stepped)
+    bad["1.bias"] = bad["1.bias"].clone()
+    bad["1.bias"][3] = float("nan")
+    write_pack(tmp_path / "bad", bad, "s")
+    before = read_pack(tmp_path / "own-0.0")[1]
+    with pytest.raises(NonFiniteValuesError):
+        mix_range_into(tmp_path / "bad", model, (0, 40 * 30 + 30 + 30 * 20 + 20), 0.0)
+    write_pack(tmp_path / "after", model, "s")
+    assert torch.equal(read_pack(tmp_path / "after")[1], before)
+    with pytest.raises(ValueError, match="values"):
+        mix_range_into(tmp_path / "stepped", model, (0, 10**6), 0.0)
 
 
 def _base(tmp_path: Path) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -257,7 +302,7 @@ def test_one_fragment_is_synchronous_diloco_bit_for_bit(redis_server, tmp_path, 
     Redis database, a shared root and worker caches each): synchronous, and streaming
     with one fragment; every round commits the same global model, bit for bit."""
     digests = []
-    for db, streaming in ((6, None), (7, StreamingConfig(fragments=1))):
+    for db, streaming in ((6, None), (13, StreamingConfig(fragments=1))):
         base = redis_server.url.rsplit("/", 1)[0]
         settings = settings_for(
             f"{base}/{db}", tmp_path / f"shared-{db}", node=f"bitwise{db}",
@@ -272,6 +317,22 @@ def test_one_fragment_is_synchronous_diloco_bit_for_bit(redis_server, tmp_path, 
         digests.append([r.global_digest for r in run.rounds()])
     assert digests[0] == digests[1]
     assert len(set(digests[0])) == 3
+
+
+def _assert_each_round_changed_its_fragment_only(
+    fleet, job_id: str, fragments: list[tuple[int, int]]
+) -> None:
+    """Between the checkpoints entering rounds r and r + 1 (one every round), the global
+    model's values of round r's fragment changed, and no other value, bit for bit."""
+    globals_ = [
+        read_pack(fleet.shared.resolve(f"runs/{job_id}/checkpoint-{r:04d}/global"))[1]
+        for r in range(len(fragments) + 1)
+    ]
+    for r, (start, stop) in enumerate(fragments):
+        before, after = globals_[r], globals_[r + 1]
+        assert torch.equal(before[:start], after[:start]), r
+        assert torch.equal(before[stop:], after[stop:]), r
+        assert not torch.equal(before[start:stop], after[start:stop]), r
 
 
 def test_four_fragments_with_the_sparse_codec_on_a_users_model(fleet):
@@ -310,14 +371,7 @@ def test_four_fragments_with_the_sparse_codec_on_a_users_model(fleet):
     for r in range(8):
         for size in sizes[r]:
             assert 0.2 * whole < size < 0.3 * whole + 4096, (r, size, whole)
-    globals_ = [
-        read_pack(root.resolve(f"runs/{run.job_id}/checkpoint-{r:04d}/global"))[1] for r in range(9)
-    ]
-    for r, (start, stop) in enumerate(fragments):
-        before, after = globals_[r], globals_[r + 1]
-        assert torch.equal(before[:start], after[:start]), r
-        assert torch.equal(before[stop:], after[stop:]), r
-        assert not torch.equal(before[start:stop], after[start:stop]), r
+    _assert_each_round_changed_its_fragment_only(fleet, run.job_id, fragments)
     state = run.state()
     assert state is not None and state.initial_eval is not None
     evals = [r.eval.loss for r in records if r.eval is not None]
@@ -350,6 +404,201 @@ def test_a_replica_trains_its_fragments_on_from_its_own_parameters(fleet):
     assert min(norms[1] + norms[2]) > max(norms[0]), norms
 
 
+def test_a_fragment_merged_late_still_commits_its_round_once(fleet):
+    """Pipelined rounds (tau = 3 of 10 inner steps, 4 fragments, a user's model): each
+    round's attempts start before the previous round commits, mix its fragment in after
+    3 steps from the outer step they applied themselves, and train from it: every
+    replica's pseudo-gradient is against the committed global model (the outer step
+    refuses any other), every round commits once with both replicas, only its fragment
+    of the global model changes, and the model learns."""
+    fragments: dict[int, tuple[int, int]] = {}
+
+    def keep(record: RoundRecord) -> None:
+        path = fleet.shared.resolve(record.step.replicas[0].pack.path)
+        fragments[record.round] = tuple(
+            json.loads((path / "manifest.json").read_text())["value_range"]
+        )
+
+    run = _run(
+        fleet, keep, config={"hidden": 512}, rounds=6, inner_steps=10, eval_every=3,
+        checkpoint_every=1, keep_checkpoints=7, outer=OuterOptimizerConfig(),
+        streaming=StreamingConfig(fragments=4, delay_steps=3),
+    )  # fmt: skip
+    records = run.rounds()
+    assert [r.round for r in records] == list(range(6))
+    assert len(run.jobs.metrics(run.job_id)) == 6  # committed once each
+    for before, record in pairwise(records):
+        assert len(record.merged) == 2, record.replicas
+        # launched with the previous round's outer step to apply (only an attempt
+        # launched before that step committed gets one): it mixed it in after 3 steps
+        assert record.started_at < before.started_at + before.wall_s
+        for outcome in record.merged:
+            assert outcome.late_mix_step == 3
+            assert outcome.base_digest == record.input_digest
+    assert all(o.late_mix_step is None for o in records[0].merged)
+    _assert_each_round_changed_its_fragment_only(
+        fleet, run.job_id, [fragments[r] for r in range(6)]
+    )
+    state = run.state()
+    assert state is not None and state.initial_eval is not None
+    evals = [r.eval.loss for r in records if r.eval is not None]
+    assert len(evals) == 2 and evals[-1] < 0.9 * state.initial_eval.loss, evals
+
+
+@pytest.mark.parametrize("delay_steps", [0, 2], ids=["streaming", "pipelined"])
+def test_a_diverged_replica_is_given_up_and_its_round_commits_with_the_rest(fleet, delay_steps):
+    """Replica 1's parameters turn NaN in round 2's last step (a hand-written workload):
+    its worker refuses to publish them, naming the file; re-run, it diverges again each
+    time, is given up, and round 2 commits with replica 0 alone. Pipelined, round 3's
+    attempts are launched with that step (over replica 0) and are used. Every round
+    commits once, and the run ends on a finite, evaluated model."""
+    rounds, steps = 5, 4
+    run = _run(
+        fleet, workload=DIGITS, rounds=rounds, inner_steps=steps, eval_every=rounds,
+        config={"diverge": {"replica": 1, "round": 2, "step": steps - 1}},
+        outer=OuterOptimizerConfig(),
+        streaming=StreamingConfig(fragments=2, delay_steps=delay_steps),
+    )  # fmt: skip
+    records = run.rounds()
+    assert [r.round for r in records] == list(range(rounds))
+    assert len(run.jobs.metrics(run.job_id)) == rounds  # committed once each
+    for record in records:
+        statuses = {(o.replica, o.attempt): o.status for o in record.replicas}
+        if record.round == 2:
+            assert statuses[0, 0] == "merged" and len(statuses) > 2, record.replicas
+            failed = [o for o in record.replicas if o.replica == 1]
+            assert all(o.status == "failed" for o in failed), failed
+            assert all("NonFiniteValuesError" in (o.error or "") for o in failed), failed
+        else:
+            assert statuses == {(0, 0): "merged", (1, 0): "merged"}, record.replicas
+    late = [o.late_mix_step for r in records[1:] for o in r.merged]
+    assert late == [delay_steps or None] * len(late)
+    assert records[-1].eval is not None and math.isfinite(records[-1].eval.loss)
+    state = run.state()
+    assert state is not None
+    read_pack(fleet.shared.resolve(state.checkpoint.global_pack.path), check_finite=True)
+
+
+def test_a_step_refused_after_the_next_round_launched_restarts_that_round(
+    redis_server, tmp_path, artifacts_dir
+):
+    """Pipelined (tau = 2), two workers with caches of their own (as on two hosts):
+    replica 1's pseudo-gradient of round 2 is truncated on the shared root after it is
+    published, before round 2's quorum closes (and the copy its worker kept is dropped,
+    so whichever worker runs the outer step reads the damaged one). Round 3's attempts
+    are launched applying a step over both replicas; the outer step refuses the
+    truncated pack by name and commits round 2 with replica 0 alone. Round 3's attempts
+    are then aborted, and the round starts again from the commit: its attempts numbered
+    after the aborted ones (its record shows them), none with a late step. Every round
+    commits once, and round 4 is pipelined again."""
+    rounds, steps, tau = 5, 4, 2
+    job_id = f"refused-late-{time.time_ns()}"
+    base = redis_server.url.rsplit("/", 1)[0]
+    hosts = [
+        settings_for(
+            f"{base}/12",  # a registry of its own
+            tmp_path / "shared",
+            node="twohosts",
+            pool_queue="fleet.twohosts",
+            cache_dir=tmp_path / f"cache-{slot}",
+        )
+        for slot in (0, 1)
+    ]
+    truncated = tmp_path / "shared" / RunLayout(job_id).replica_pack(2, 1, 0)
+    logs = artifacts_dir / "logs" / "streaming-two-caches"
+    with running_workers(hosts[0], [40], logs), running_workers(hosts[1], [41], logs):
+        fleet = Fleet(hosts[0])
+        try:
+            run = _run(
+                fleet, job_id=job_id, workload=DIGITS, rounds=rounds, inner_steps=steps,
+                config={"truncate_peer": {
+                    "replica": 0, "round": 2, "step": steps - 1, "pack": str(truncated),
+                    "held": str(run_dir(tmp_path / "cache-1", job_id) / "delta"),
+                    "marker": str(tmp_path / "truncated"),
+                }},
+                outer=OuterOptimizerConfig(),
+                streaming=StreamingConfig(fragments=2, delay_steps=tau),
+            )  # fmt: skip
+            records = run.rounds()
+            said = [line.line for line in run.jobs.logs(run.job_id)]
+        finally:
+            fleet.close()
+    assert [r.round for r in records] == list(range(rounds))
+    assert (tmp_path / "truncated").exists()
+    dropped = [o for o in records[2].replicas if o.status == "dropped"]
+    assert [(o.replica, o.attempt) for o in dropped] == [(1, 0)], records[2].replicas
+    assert "ValuesLengthError" in (dropped[0].error or "") and job_id in dropped[0].error
+    assert [o.replica for o in records[2].merged] == [0]
+    assert len([x for x in said if x.startswith("round 3 starts again")]) == 1, said
+    statuses = {(o.replica, o.attempt): o.status for o in records[3].replicas}
+    assert statuses == {(0, 0): "aborted", (1, 0): "aborted", (0, 1): "merged",
+                        (1, 1): "merged"}, records[3].replicas  # fmt: skip
+    assert [o.late_mix_step for o in records[3].merged] == [None, None]
+    assert all(o.base_digest == records[3].input_digest for o in records[3].merged)
+    assert [o.late_mix_step for o in records[4].merged] == [tau, tau]
+
+
+def test_the_late_fragment_is_mixed_into_the_model_between_steps(fleet):
+    """tau = H, alpha = 0: the fragment of round r is mixed into the held model after
+    round r + 1's last step, through the loop's progress report: the parameters the
+    replica keeps on its worker after round r + 1 hold round r's committed fragment of
+    the global model, bit for bit (and their own values elsewhere)."""
+    checked: list[int] = []
+
+    def keep(record: RoundRecord) -> None:
+        if record.round == 0:
+            return
+        ranges = fragment_ranges(record.parameter_count, 2, "int8", 256)
+        start, stop = ranges[(record.round - 1) % 2]
+        entering = fleet.shared.resolve(f"runs/{job_id}/checkpoint-{record.round:04d}/global")
+        theta = read_pack(entering)[1]
+        for outcome in record.merged:
+            kept = run_dir(fleet.settings.cache_dir, job_id) / f"replica-{outcome.replica}"
+            own = read_pack(kept / f"r{record.round}-a{outcome.attempt}" / "parameters")[1]
+            assert torch.equal(own[start:stop], theta[start:stop]), record.round
+            assert not torch.equal(own, theta)
+            checked.append(record.round)
+
+    job_id = f"late-mix-{time.time_ns()}"
+    _run(
+        fleet, keep, job_id=job_id, rounds=4, inner_steps=4, checkpoint_every=1,
+        keep_checkpoints=5, outer=OuterOptimizerConfig(),
+        pseudo_gradient=PseudoGradientConfig(block_size=256),
+        streaming=StreamingConfig(fragments=2, delay_steps=4),
+    )  # fmt: skip
+    assert checked == [1, 1, 2, 2, 3, 3]
+
+
+@pytest.fixture
+def dataset(fleet_settings):
+    """A 12-microshard dataset under the shared root."""
+    name = f"datasets/digits-{time.time_ns()}"
+    write_shards(Path(fleet_settings.shared_root) / name, 12, manifest=True)
+    return name
+
+
+def test_a_loop_that_reports_no_steps_mixes_the_late_fragment_in_after_it(fleet, dataset):
+    """A burn_p2p workload whose ``run_inner_loop`` reports no progress (fleet's shard
+    workload): the late fragment is mixed into its parameters after the loop, and its
+    rounds commit with both replicas."""
+    run = _run(
+        fleet, workload=SHARDS, config={"hidden": 64}, rounds=3, inner_steps=6,
+        dataset=DatasetConfig(path=dataset, microshards_per_lease=2),
+        streaming=StreamingConfig(fragments=2, delay_steps=2),
+    )  # fmt: skip
+    records = run.rounds()
+    for record in records[1:]:
+        assert len(record.merged) == 2
+        assert {o.late_mix_step for o in record.merged} == {6}
+        assert all(o.base_digest == record.input_digest for o in record.merged)
+
+
+def test_a_delay_beyond_the_round_is_a_config_error():
+    with pytest.raises(ValueError, match=r"delay_steps \(5\) is above inner_steps \(4\)"):
+        DiLoCoConfig(workload=USER_MLP, inner_steps=4,
+                     streaming=StreamingConfig(fragments=2, delay_steps=5))  # fmt: skip
+
+
 def test_a_model_too_small_for_its_fragments_fails_the_job_before_its_first_round(fleet):
     config = DiLoCoConfig(
         workload=USER_MLP, config={"hidden": 8}, replicas=2, rounds=2, inner_steps=2,
@@ -370,7 +619,7 @@ def test_the_orchestrator_plans_fragments_without_torch():
         "import sys\n"
         "sys.modules['torch'] = None\n"
         "from fleet.diloco import DiLoCoConfig\n"
-        "from fleet.diloco.config import PseudoGradientConfig, StreamingConfig\n"
+        "from fleet.diloco.config import DatasetConfig, PseudoGradientConfig, StreamingConfig\n"
         "from fleet.diloco.fragments import check_fragments, fragment_spec\n"
         "import fleet.diloco.driver\n"
         "c = DiLoCoConfig(workload='x:y', streaming=StreamingConfig(fragments=4),\n"

@@ -55,6 +55,7 @@ CONFIG_FLAGS = (
     ConfigFlag("--error-feedback/--no-error-feedback", "pseudo_gradient.error_feedback"),
     ConfigFlag("--fragments", "streaming.fragments", int),
     ConfigFlag("--fragment-mixing", "streaming.mixing", float),
+    ConfigFlag("--fragment-delay-steps", "streaming.delay_steps", int),
     ConfigFlag("--merge-policy", "merge_policy", click.Choice(OUTER_MERGE_POLICIES)),
     ConfigFlag("--device", "device"),
     ConfigFlag("--eval-every", "eval_every", int),

@@ -529,6 +529,26 @@ def _direct(tensor: torch.Tensor) -> bool:
     )
 
 
+def _tensors_for(
+    pack: Path, manifest: PackManifest, state: Any, state_dict_filter: FilterLike
+) -> tuple[list[torch.Tensor], Path]:
+    """The tensors of ``state`` the pack's values fill, in layout order (by
+    ``state_dict_filter``, else the manifest's), and the pack's values file.
+
+    Raises:
+        LayoutMismatchError: ``state``'s layout is not the pack's.
+        ValuesLengthError: the values file's length is not the manifest's.
+        UnsupportedStateError: ``state`` cannot be walked.
+    """
+    sdf = as_filter(
+        state_dict_filter if state_dict_filter is not None else manifest.state_dict_filter
+    )
+    layout, tensors = layout_and_tensors(state, sdf)
+    if layout.layout_hash != manifest.layout_hash:
+        raise LayoutMismatchError(str(pack), manifest.layout_hash, layout.layout_hash)
+    return tensors, _values_file(pack, manifest)
+
+
 def load_pack_into(
     path: PathLike,
     state: Any,
@@ -568,13 +588,7 @@ def load_pack_into(
     pack = Path(path)
     manifest = read_manifest(pack)
     check_expected(manifest, pack, layout_hash=layout_hash, values_digest=values_digest)
-    sdf = as_filter(
-        state_dict_filter if state_dict_filter is not None else manifest.state_dict_filter
-    )
-    layout, tensors = layout_and_tensors(state, sdf)
-    if layout.layout_hash != manifest.layout_hash:
-        raise LayoutMismatchError(str(pack), manifest.layout_hash, layout.layout_hash)
-    values_path = _values_file(pack, manifest)
+    tensors, values_path = _tensors_for(pack, manifest, state, state_dict_filter)
     with open(values_path, "rb", buffering=0) as f:
         if verify or check_finite:
             checked = os.fdopen(os.dup(f.fileno()), "rb", buffering=0)
@@ -587,6 +601,72 @@ def load_pack_into(
             f.seek(0)
         _read_into_tensors(f, tensors, values_path, manifest.values_nbytes)
     return manifest
+
+
+def mix_values_(own: torch.Tensor, other: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``own = alpha * own + (1 - alpha) * other``, in place (alpha 0: a copy of
+    ``other``, bit for bit); returns ``own``. Streaming DiLoCo's fragment mix
+    (arXiv:2501.18512 section 2.2), the one formula every mixing path uses.
+
+    Args:
+        own, other: tensors of one shape, dtype and device.
+        alpha: the weight kept on ``own``, in ``[0, 1)``.
+    """
+    if alpha == 0.0:
+        return own.copy_(other)
+    return own.mul_(alpha).add_(other.mul(1.0 - alpha))
+
+
+def mix_range_into(
+    path: PathLike,
+    state: Any,
+    value_range: tuple[int, int],
+    alpha: float,
+    *,
+    state_dict_filter: FilterLike = None,
+) -> None:
+    """Mix the pack's flat values ``[start, stop)`` into the same values of ``state``, in
+    place: ``own = alpha * own + (1 - alpha) * pack`` (alpha 0: a copy, bit for bit);
+    Streaming DiLoCo's fragment mix (arXiv:2501.18512; :mod:`fleet.diloco.fragments`)
+    into a model between two inner steps. Only the range is read (4 bytes a value) and
+    checked finite; the digest is not (use it on a pack this process wrote or checked).
+    Each tensor keeps its dtype and device.
+
+    Raises:
+        NotAPackError, ManifestError, ValuesLengthError: see :func:`read_manifest`.
+        LayoutMismatchError: ``state``'s layout is not the pack's.
+        NonFiniteValuesError: a NaN or infinite value in the range (``state`` unchanged).
+        ValueError: the range is not within the pack.
+    """
+    pack = Path(path)
+    manifest = read_manifest(pack)
+    start, stop = value_range
+    if not 0 <= start <= stop <= manifest.parameter_count:
+        raise ValueError(f"values [{start}, {stop}) of a {manifest.parameter_count}-value pack")
+    tensors, values_path = _tensors_for(pack, manifest, state, state_dict_filter)
+    values = torch.empty(stop - start, dtype=torch.float32)
+    with open(values_path, "rb", buffering=0) as f:
+        f.seek(4 * start)
+        _readinto_exact(f, _bytes_of(values), values_path, manifest.values_nbytes)
+    if not _LITTLE_ENDIAN:
+        values = torch.from_numpy(values.numpy().byteswap())
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0, 0]) + start
+        raise NonFiniteValuesError(str(values_path), int((~finite).sum()), first)
+    offset = 0
+    with torch.no_grad():
+        for tensor in tensors:
+            n = tensor.numel()
+            a, b = max(start, offset), min(stop, offset + n)
+            if a < b:
+                target = tensor.detach()
+                flat = target.view(-1) if target.is_contiguous() else target.reshape(-1).clone()
+                piece = values[a - start : b - start].to(device=flat.device, dtype=flat.dtype)
+                mix_values_(flat[a - offset : b - offset], piece, alpha)
+                if not target.is_contiguous():
+                    target.copy_(flat.view(target.shape))
+            offset += n
 
 
 def _read_into_tensors(f: Any, tensors: list[torch.Tensor], values_path: Path, nbytes: int) -> None:
@@ -622,6 +702,8 @@ __all__ = [
     "check_expected",
     "is_pack",
     "load_pack_into",
+    "mix_range_into",
+    "mix_values_",
     "read_manifest",
     "read_pack",
     "write_pack",

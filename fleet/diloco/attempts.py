@@ -33,7 +33,12 @@ from fleet.diloco.state import (
     RoundPlan,
 )
 from fleet.errors import CodecError, FleetError
-from fleet.protocol import ReplicaRoundRequest, ReplicaRoundResult
+from fleet.protocol import (
+    GlobalModelSpec,
+    OuterStepSpec,
+    ReplicaRoundRequest,
+    ReplicaRoundResult,
+)
 
 
 @dataclass
@@ -69,12 +74,40 @@ class Attempts:
         """Workers whose attempt finished, in order (the outer step runs on the first)."""
         self.adopted: dict[int, tuple[Attempt, ReplicaRoundResult]] = {}
         self.plan = self._adopt(inherited)
+        self.late: tuple[GlobalModelSpec, OuterStepSpec] | None = None
+        """Pipelined Streaming DiLoCo, until the previous round commits: the global model
+        entering the previous round and that round's outer step, not yet committed
+        (:meth:`launch_before_commit`); attempts launched meanwhile apply it themselves."""
+
+    def launch_before_commit(self, entering: GlobalModelSpec, step: OuterStepSpec) -> None:
+        """Launch this round's attempts before the previous round (``entering`` it, with
+        outer step ``step``) commits: their requests carry the step as ``late_step``,
+        and the plan is saved only at :meth:`previous_committed` (a new owner resumes
+        the previous round and aborts these)."""
+        self.late = (entering, step)
+
+    def previous_committed(self, state: DriverState) -> None:
+        """The previous round committed ``state``: later attempts start from its global
+        model; the plan, with the attempts launched before, is saved now."""
+        self.state, self.late = state, None
+        self.ctx.store.save_plan(self.plan)
+
+    def follow_aborted(self, launched: Attempts) -> None:
+        """This round starts again after its attempts ``launched`` before the previous
+        round committed were aborted (the outer step they applied was not the one
+        committed): their outcomes go to this round's record, their packs to its
+        garbage, and their numbers are not used again (one still stopping writes
+        nowhere this round's attempts do)."""
+        self.outcomes += launched.outcomes
+        self.plan.attempts += [
+            a.model_copy(update={"aborted": True}) for a in launched.plan.attempts
+        ]
 
     def _adopt(self, inherited: RoundPlan | None) -> RoundPlan:
         if inherited is None or inherited.round != self.index:
             return RoundPlan(round=self.index, started_at=time.time())
         self.plan = inherited
-        for attempt in inherited.attempts:
+        for attempt in (a for a in inherited.attempts if not a.aborted):
             result = attempt.result or self.ctx.fleet.finished_result(
                 "replica_round", attempt.task_id, ReplicaRoundResult.model_validate
             )
@@ -82,7 +115,11 @@ class Attempts:
                 attempt.result = result
                 self.adopted[attempt.replica] = (attempt, result)
                 self.finished.append(attempt.worker)
-        stale = [a for a in inherited.attempts if self.adopted.get(a.replica, (None,))[0] != a]
+        stale = [
+            a
+            for a in inherited.attempts
+            if not a.aborted and self.adopted.get(a.replica, (None,))[0] != a
+        ]
         if stale:
             self.ctx.fleet.registry.request_abort(*(a.task_id for a in stale))
             self.outcomes += [self.outcome(a, "aborted", error="previous owner") for a in stale]
@@ -213,6 +250,14 @@ class Attempts:
         else:
             batches = data.batches(self.index, replica, lease)
         due = state_checkpoint_due(cfg.state_checkpoint_every, cfg.replicas, replica, self.index)
+        fragment = fragment_spec(cfg, self.index)
+        if self.late is not None and fragment is not None and cfg.streaming is not None:
+            global_model = self.late[0]
+            fragment = fragment.model_copy(
+                update={"late_step": self.late[1], "delay_steps": cfg.streaming.delay_steps}
+            )
+        else:
+            global_model = self.state.global_model()
         return ReplicaRoundRequest.model_validate(
             {
                 "run": self.ctx.store.job_id,
@@ -225,10 +270,10 @@ class Attempts:
                 "num_inner_steps": cfg.inner_steps,
                 "require_exact_steps": cfg.require_exact_steps,
                 "model_schema_hash": cfg.model_schema_hash,
-                "global_model": self.state.global_model(),
+                "global_model": global_model,
                 "start": self.state.replicas[replica],
                 "exchange": cfg.pseudo_gradient.spec(),
-                "fragment": fragment_spec(cfg, self.index),
+                "fragment": fragment,
                 "output_path": layout.replica_pack(self.index, replica, attempt_no),
                 "checkpoint_path": layout.replica_state(replica, self.index, attempt_no)
                 if due
@@ -253,7 +298,8 @@ class Attempts:
             started_at=time.time(),
         )
         self.plan.attempts.append(attempt)
-        self.ctx.store.save_plan(self.plan)
+        if self.late is None:
+            self.ctx.store.save_plan(self.plan)
         return Running(attempt, future)
 
     def abort(self, running: Iterable[Running], error: str | None) -> None:
@@ -309,6 +355,8 @@ class Attempts:
                 "steps_replayed": result.steps_replayed,
                 "state_source": result.state_source,
                 "pack": result.pack,
+                "late_mix_step": result.late_mix_step,
+                "late_mix_s": result.late_mix_s,
                 "metrics": result.metrics,
             }
         )

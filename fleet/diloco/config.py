@@ -80,7 +80,14 @@ class StreamingConfig(BaseModel):
     fragment is synchronised every ``fragments`` rounds, staggered, and a round sends
     ``1/fragments`` of the model. A replica keeps its own values of the other fragments
     between rounds (on its worker). For the paper's H steps between a fragment's
-    synchronisations, set ``inner_steps`` to H / fragments."""
+    synchronisations, set ``inner_steps`` to H / fragments.
+
+    With ``delay_steps`` tau > 0 (the paper's overlap, section 2.3) the rounds are
+    pipelined: round ``r + 1`` starts as soon as round ``r``'s pseudo-gradients are in,
+    before round ``r``'s outer step; each replica applies that step itself, beside its
+    first tau inner steps, and mixes round ``r``'s fragment in after them. The
+    exchange's outer step and download leave the critical path; the pseudo-gradient's
+    encode and upload stay on it (fleet.diloco.round)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -90,6 +97,12 @@ class StreamingConfig(BaseModel):
     mixing: float = Field(default=0.0, ge=0.0, lt=1.0)
     """alpha: the weight a replica keeps on its own values when it takes a synchronised
     fragment's global values back (0: replaced by them, as synchronous DiLoCo)."""
+    delay_steps: int = Field(default=0, ge=0)
+    """tau: inner steps of round ``r + 1`` a replica runs before it mixes in round ``r``'s
+    fragment (0: no overlap, each round starts from the committed global model; at most
+    ``inner_steps``; a workload whose loop reports no progress between steps, or loads
+    packs only through an ``import_parameter_pack_path`` hook, mixes it in after its
+    last step)."""
 
 
 class AdaptiveDeadlineConfig(BaseModel):
@@ -253,6 +266,16 @@ class DiLoCoConfig(BaseModel):
     """Bytes of each pack the outer step holds in memory at once (its extra memory is
     about ``(2 * (replicas + buffers) + 6) * outer_step_chunk_bytes``, whatever the
     model's size). Its earlier name, ``merge_chunk_bytes``, is read as an alias."""
+
+    @model_validator(mode="after")
+    def _delay_within_round(self) -> DiLoCoConfig:
+        streaming = self.streaming
+        if streaming is not None and streaming.delay_steps > self.inner_steps:
+            raise ValueError(
+                f"streaming.delay_steps ({streaming.delay_steps}) is above inner_steps "
+                f"({self.inner_steps}): a fragment is mixed in within the next round"
+            )
+        return self
 
     @field_validator("merge_policy")
     @classmethod

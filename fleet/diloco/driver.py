@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleet.client import Fleet
+from fleet.diloco.attempts import Attempts
 from fleet.diloco.commit import collect_garbage, take_up_checkpoints
 from fleet.diloco.config import DiLoCoConfig
 from fleet.diloco.context import RunContext
@@ -29,7 +30,7 @@ from fleet.diloco.evaluation import BackgroundEvaluations
 from fleet.diloco.fragments import check_fragments
 from fleet.diloco.layout import RunLayout
 from fleet.diloco.placement import place_replicas, training_workers
-from fleet.diloco.round import Round
+from fleet.diloco.round import Launched, Round
 from fleet.diloco.state import (
     DriverState,
     Evaluation,
@@ -206,14 +207,23 @@ class DiLoCoRun:
         for record in records[-self.config.quorum.adaptive_deadline.window_rounds :]:
             ctx.deadline.observe(record)
         unreported: list[RoundRecord] = []
-        for index in range(state.next_round, self.config.rounds):
-            record, state = Round(ctx, state, index, plan, evaluations).run()
-            plan, previous = None, record
-            unreported.append(record)
-            go_on = self._committed(record, state)
-            unreported = self._report(evaluations, unreported)
-            if not go_on:
-                break
+        launched: Launched | None = None
+        aborted: Attempts | None = None
+        try:
+            for index in range(state.next_round, self.config.rounds):
+                round_ = Round(ctx, state, index, plan, evaluations, launched, aborted)
+                launched = None
+                record, state = round_.run()
+                launched, aborted = round_.next, round_.next_aborted
+                plan, previous = None, record
+                unreported.append(record)
+                go_on = self._committed(record, state)
+                unreported = self._report(evaluations, unreported)
+                if not go_on:
+                    break
+        finally:
+            if launched is not None:  # the run stops (budget spent, or an error)
+                launched.abort("the run stopped")
         if evaluations.in_flight:
             self._log("waiting for %d evaluations to land", len(evaluations.in_flight))
         self._report(evaluations, unreported, wait=True)

@@ -5,7 +5,12 @@ the next round starts at once, while an idle worker (``eval_worker``, or one tha
 replica of the round) evaluates the committed model, catching up to it from the shared
 root. Its result lands in Redis against its round (:class:`BackgroundEvaluations`,
 :func:`fleet.diloco.state.rounds_of`). The run's last round is evaluated before the run
-ends.
+ends, and the run waits for the evaluations still in flight. One whose worker is lost,
+that its worker has not taken up within a heartbeat TTL of its submission (a worker
+stuck, or busy with another job, while its heartbeat goes on), or that has no result
+within ``replica_call_timeout_s``, is given up, at the next commit or at the end, and
+evaluated where the model is held; so the garbage its packs hold back is not held for
+the rest of the run.
 
 On the critical path (no idle worker, ``eval_overlap`` off, or the last round): on the
 worker that made the model (the outer step's worker holds it: nothing crosses a link),
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from fleet.calls import FleetFuture
 from fleet.diloco.commit import collect_garbage
 from fleet.diloco.context import RunContext
+from fleet.diloco.liveness import Liveness
 from fleet.diloco.state import Evaluation, HandleRef, LandedEvaluation, WireBytes
 from fleet.errors import CodecError, FleetError
 from fleet.protocol import EvaluateGlobalResult, GlobalModelSpec
@@ -41,13 +47,15 @@ def is_final(ctx: RunContext, round_index: int, started_at: float) -> bool:
     return round_index == cfg.rounds - 1 or spent
 
 
-def due(ctx: RunContext, round_index: int, started_at: float) -> bool:
+def due(ctx: RunContext, round_index: int, final: bool) -> bool:
     """True if round ``round_index``'s global model is evaluated: every ``eval_every``
-    rounds, and the last round (:func:`is_final`), so a run stopped by its budget ends
-    on an evaluated model."""
-    cfg = ctx.config
-    last = is_final(ctx, round_index, started_at)
-    return bool(cfg.eval_every) and (not (round_index + 1) % cfg.eval_every or last)
+    rounds, and the last round, so a run stopped by its budget ends on an evaluated
+    model. ``final`` is :func:`is_final` as the round decided it before its outer step:
+    asked again after the step, a budget spent during the step would make a round that
+    ran as not final evaluated as if it were (beside training, while the run goes on
+    for one more round, evaluated too)."""
+    every = ctx.config.eval_every
+    return final or (bool(every) and not (round_index + 1) % every)
 
 
 def evaluate_global(
@@ -150,6 +158,7 @@ class BackgroundEvaluations:
         self.failed_on: set[str] = set()
         """Workers an evaluation failed on (e.g. one whose allowlist refuses the
         workload): not asked again in this run."""
+        self._liveness = Liveness(ctx.fleet, ctx.fleet.registry.liveness_grace_s)
 
     def collect(self, garbage: list[str]) -> None:
         """Delete ``garbage`` (shared-root paths a commit superseded) and what was
@@ -190,33 +199,43 @@ class BackgroundEvaluations:
         return {e.round for e in self.in_flight}
 
     def harvest(self, *, wait: bool = False) -> list[int]:
-        """Record the evaluations that finished (with ``wait``: every one in flight,
-        each within ``replica_call_timeout_s``); the rounds that landed. One that failed
-        is run again at once where the model is held (:func:`evaluate_global`, as on
-        the critical path), and its worker is not asked again; failing there too, its
-        round is left without an evaluation (logged).
+        """Record the evaluations that finished, and give up those whose worker is lost,
+        stuck or too slow (:meth:`_give_up`); the rounds that landed. With ``wait``,
+        every one in flight first finishes or is given up (:meth:`_settle`). One that
+        failed or was given up is run again at once where the model is held
+        (:func:`evaluate_global`, as on the critical path), and its worker is not asked
+        again in this run; failing there too, its round is left without an evaluation
+        (logged).
 
         Raises:
             BrokerUnavailableError: Redis cannot be reached.
+            JobCancelled, FencedOutError: while waiting (``wait``), see
+                :meth:`~fleet.diloco.context.RunContext.poll`.
         """
         cfg, landed, still = self.ctx.config, [], []
+        given_up = self._settle() if wait else self._give_up(self._liveness)
         for e in self.in_flight:
-            if not wait and not e.future.ready():
+            failure = given_up.get(e.future.task_id)
+            if failure is None and not e.future.ready():
                 still.append(e)
                 continue
-            try:
-                result = e.future.result(cfg.replica_call_timeout_s)
+            if failure is None:
+                try:
+                    result = e.future.result(cfg.replica_call_timeout_s)
+                except FleetError as exc:
+                    failure = str(exc)
+            if failure is None:
                 evaluation, wire = _landed(e.future, result, e.worker)
                 eval_s = time.monotonic() - e.started
                 if result.finished_at is not None and result.started_at is not None:
                     eval_s = result.finished_at - result.started_at  # on its worker
-            except FleetError as exc:
+            else:
                 self.failed_on.add(e.worker)
                 self.ctx.log(
                     "round %d's evaluation on %s failed (%s): evaluating it on %s",
                     e.round,
                     e.worker,
-                    exc,
+                    failure,
                     e.holder or "the pool",
                     level=logging.WARNING,
                 )
@@ -242,3 +261,45 @@ class BackgroundEvaluations:
             landed.append(e.round)
         self.in_flight = still
         return landed
+
+    def _settle(self) -> dict[str, str]:
+        """Wait until every evaluation in flight has finished or is given up
+        (:meth:`_give_up`). Returns why each was given up, by task id.
+
+        Raises:
+            JobCancelled, FencedOutError: see :meth:`~fleet.diloco.context.RunContext.poll`.
+        """
+        given_up: dict[str, str] = {}
+        for liveness in self.ctx.poll():
+            given_up |= self._give_up(liveness, given_up)
+            if all(e.future.task_id in given_up or e.future.ready() for e in self.in_flight):
+                return given_up
+        raise AssertionError("unreachable: poll() yields forever")
+
+    def _give_up(
+        self, liveness: Liveness, given_up: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """Give up the evaluations in flight (not finished, not in ``given_up``) whose
+        worker is lost; that no worker took up within a heartbeat TTL
+        (``FLEET_HEARTBEAT_TTL_S``) of their submission (a worker stuck, or busy with
+        another job's task, while its heartbeat goes on); or that have no result within
+        ``replica_call_timeout_s`` of their submission. Each one is asked to abort (it
+        stops before it starts, if it ever does). Returns why each was given up, by
+        task id."""
+        pickup_s = self.ctx.fleet.registry.heartbeat_ttl_s
+        timeout_s = self.ctx.config.replica_call_timeout_s
+        now, reasons = time.monotonic(), {}
+        for e in self.in_flight:
+            if e.future.task_id in (given_up or {}) or e.future.ready():
+                continue
+            if liveness.lost(e.worker):
+                reason = "its worker was lost"
+            elif now - e.started > pickup_s and not e.future.started():
+                reason = f"not taken up within {pickup_s:g} s"
+            elif now - e.started > timeout_s:
+                reason = f"no result within {timeout_s:g} s"
+            else:
+                continue
+            e.future.cancel()
+            reasons[e.future.task_id] = reason
+        return reasons

@@ -142,11 +142,10 @@ def mix_fragments(
         own, global_values: flat float32 ``[P]``.
         alpha: the weight kept on the replica's own values, in ``[0, 1)``.
     """
+    from fleet.codec.pack import mix_values_  # torch: not for the orchestrator
+
     for start, stop in ranges:
-        if alpha == 0.0:
-            own[start:stop].copy_(global_values[start:stop])
-        else:
-            own[start:stop].mul_(alpha).add_(global_values[start:stop].mul(1.0 - alpha))
+        mix_values_(own[start:stop], global_values[start:stop], alpha)
     return own
 
 

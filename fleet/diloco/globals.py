@@ -19,6 +19,8 @@ all-reduce.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -138,6 +140,13 @@ def verify_local(path: Path, ref: PackRef | None = None) -> None:
             reader.read_into(block)
 
 
+def _step_key(base: HeldGlobal, step: OuterStepSpec) -> str:
+    """The name of what applying ``step`` (digests aside) to ``base`` gave."""
+    inputs = step.model_copy(update={"global_digest": None, "state_digests": {}})
+    text = json.dumps([base.values_digest, base.state_digests, inputs.model_dump(mode="json")])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _digest_of(path: Path) -> str:
     digest = read_manifest(path).values_digest
     if digest is None:
@@ -159,6 +168,10 @@ class GlobalModels:
         self.models = root / "global"
         self.buffers = root / "buffer"
         self.deltas = root / "delta"
+        self.stepped = root / "stepped"
+        """What each outer step applied here gave (digests, by its inputs): a step
+        applied again before it is committed (a pipelined round's late step, on the
+        worker that ran the committed one) is found, not recomputed."""
         """The pseudo-gradients this worker encoded, by digest: the outer step reads its
         own replicas' from here, not back from the shared root."""
 
@@ -318,6 +331,12 @@ class GlobalModels:
             done = self.held(step.global_digest, step.state_digests)
             if done is not None:
                 return done
+        memo = self.stepped / _step_key(base, step)
+        if step.global_digest is None and memo.is_file():  # applied here before
+            known = json.loads(memo.read_text())
+            done = self.held(known["global"], known["state"])
+            if done is not None:
+                return HeldGlobal(done.path, done.values_digest, done.state, "stepped", 1)
         optimizer = outer_optimizer(step.outer)
         replicas = []
         for weighted in step.replicas:
@@ -360,7 +379,11 @@ class GlobalModels:
                     )
                 state[name] = self._admit(self.buffers, tmp / name, buffer_digest)
             path = self._admit(self.models, tmp / "global", digest)
-        return HeldGlobal(path, digest, state, "stepped", 1)
+        result = HeldGlobal(path, digest, state, "stepped", 1)
+        self.stepped.mkdir(parents=True, exist_ok=True)
+        with publishing(memo) as out:
+            out.write_text(json.dumps({"global": digest, "state": result.state_digests}))
+        return result
 
     # ------------------------------------------------------------------ publishing
 
@@ -389,11 +412,17 @@ class GlobalModels:
             (self.models, keep),
             (self.buffers, 4 * keep),
             (self.deltas, 2 * keep),
+            (self.stepped, 4 * keep),
         ):
             if not folder.is_dir():
                 continue
             entries = sorted(folder.iterdir(), key=_mtime, reverse=True)
             for old in entries[per_name:]:
+                if old.is_file():
+                    with contextlib.suppress(FileNotFoundError):
+                        freed += old.stat().st_size
+                        old.unlink()
+                    continue
                 freed += _tree_bytes(old)
                 shutil.rmtree(old, ignore_errors=True)
         return freed

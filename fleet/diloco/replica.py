@@ -33,22 +33,29 @@ from the last checkpoint (not bit-identical to the lost attempt).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import resource
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet import progress
 from fleet.codec.codecs import codec_for
 from fleet.codec.manifest import read_manifest
+from fleet.codec.pack import mix_range_into
 from fleet.data.localize import local_batches
 from fleet.diloco.exchange import Published, publish_pseudo_gradient
 from fleet.diloco.fragments import (
+    fragment_of_round,
     fragment_ranges,
     fragments_to_mix,
     write_mixed_pack,
@@ -179,28 +186,33 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
     root = run_dir(rt.settings.cache_dir, req.run)
     models = GlobalModels(store, root)
     base = models.resolve(req.global_model)
-    try:  # the load reads it whole, checking its digest: a model held here may have rotted
-        load_pack_into_held(held, base.path, req.state_dict_filter, base.ref())
-    except CodecError as exc:
-        log.warning(
-            "the global model held here is corrupt (%s: %s); fetching it again",
-            type(exc).__name__,
-            exc,
-        )
-        models.forget_models()
-        base = models.resolve(req.global_model)
-        load_pack_into_held(held, base.path, req.state_dict_filter, base.ref())
-    base_ref = base.ref()
-    batches = local_batches(rt, req.batches, req.shard_checks)
     files = ReplicaFiles(root, req.replica)
     begin = files.start(req.start, store)
+    # Streaming DiLoCo from the replica's own parameters: those are loaded instead (the
+    # global model's digest is checked where it is read: the mix, the encode)
+    if req.fragment is None or begin.parameters is None:
+        try:  # the load reads it whole, checking its digest: a model held here may rot
+            load_pack_into_held(held, base.path, req.state_dict_filter, base.ref())
+        except CodecError as exc:
+            log.warning(
+                "the global model held here is corrupt (%s: %s); fetching it again",
+                type(exc).__name__,
+                exc,
+            )
+            models.forget_models()
+            base = models.resolve(req.global_model)
+            load_pack_into_held(held, base.path, req.state_dict_filter, base.ref())
+    base_ref = base.ref()
+    batches = local_batches(rt, req.batches, req.shard_checks)
     here = files.attempt(req.round, req.attempt)
     shutil.rmtree(here, ignore_errors=True)  # a failed earlier try of this very attempt
     here.mkdir(parents=True)
     spec = req.exchange
-    value_range = None
+    value_range, late = None, None
     if req.fragment is not None:
         value_range = _start_streaming(held, req, base, begin, here)
+        if req.fragment.late_step is not None:
+            late = LateMix(models, base, req, here)
     opt_path = here / OPTIMIZER_FILE
     in_memory = (req.run, req.replica, req.start.round, req.start.attempt)
     if begin.optimizer is not None and not (begin.source == "held" and held.state_key == in_memory):
@@ -220,12 +232,21 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
         "input_parameter_pack": base_ref.model_dump(mode="json"),
     }
     loaded = time.perf_counter()
-    loop = run_loop(held, params, batches, opt_path)
-    trained = time.perf_counter()
-    if not (params_path / "manifest.json").is_file():
-        publish_state_pack(
-            held.workload, held.state, params_path, req.model_schema_hash, req.state_dict_filter
-        )
+    with late.stepping() if late is not None else contextlib.nullcontext():
+        if late is not None:
+            late.arm(held)
+        loop = run_loop(held, params, batches, opt_path)
+        trained = time.perf_counter()
+        if not (params_path / "manifest.json").is_file():
+            publish_state_pack(
+                held.workload,
+                held.state,
+                params_path,
+                req.model_schema_hash,
+                req.state_dict_filter,
+            )
+        if late is not None:
+            base = late.finish(params_path, loop.steps)
     feedback = spec.error_feedback
     residual_out = here / RESIDUAL_DIR if feedback else None
     with models.new_delta() as delta:
@@ -251,6 +272,8 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
                         type(exc).__name__, exc)  # fmt: skip
             models.forget_models()
             base = models.resolve(req.global_model)
+            if late is not None:
+                base = models.step(base, late.step)
             published = encode(base.path)
         encoded = time.perf_counter()
         publish_tree(store, delta, out_rel)
@@ -296,6 +319,8 @@ def replica_round(rt: WorkerRuntime, req: ReplicaRoundRequest) -> ReplicaRoundRe
         started_at=started_at,
         finished_at=started_at + (uploaded - started),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        late_mix_step=late.mixed_at if late is not None else None,
+        late_mix_s=late.mix_s if late is not None else 0.0,
     )
     store.record_result(out_rel, key, result)
     return result
@@ -322,7 +347,15 @@ def _start_streaming(
     if begin.parameters is None:
         log.info("fragment %d of %d: starts from the global model", fragment.index, fragment.count)
         return sent
-    mixed = sorted(fragments_to_mix(req.start.round, req.round, fragment.count))
+    # a late step's fragment is mixed in after the first inner steps (LateMix), from the
+    # model that step gives: here only those synchronised before it, from global_model
+    until = req.round - 1 if fragment.late_step is not None else req.round
+    mixed = sorted(fragments_to_mix(req.start.round, until, fragment.count))
+    if not mixed:
+        log.info("fragment %d of %d: starts from its own parameters of round %s",
+                 fragment.index, fragment.count, req.start.round)  # fmt: skip
+        load_pack_into_held(held, begin.parameters, req.state_dict_filter)
+        return sent
     ranges = [all_ranges[f] for f in mixed]
     log.info(
         "fragment %d of %d: starts from its own parameters of round %s, fragments %s mixed in",
@@ -336,6 +369,105 @@ def _start_streaming(
     load_pack_into_held(held, start, req.state_dict_filter)
     shutil.rmtree(start, ignore_errors=True)
     return sent
+
+
+class LateMix:
+    """Pipelined Streaming DiLoCo (``fragment.late_step``; arXiv:2501.18512 section 2.3,
+    the overlap tau): the previous round's outer step applied to ``base`` on a thread of
+    its own (:meth:`stepping`) while the first inner steps run, and its fragment mixed
+    into the replica's parameters after ``fragment.delay_steps`` of them.
+
+    The mix happens between two steps (:meth:`arm`: at the step the loop reports through
+    :func:`fleet.progress.report`, on the held model's tensors, in place, reading the
+    fragment's values only: :func:`fleet.codec.pack.mix_range_into`) or, for a loop that
+    reports no steps or a workload that loads packs through its
+    ``import_parameter_pack_path`` hook, into the parameters pack after the loop
+    (:meth:`finish`). Either way the pseudo-gradient is taken against the stepped model.
+    """
+
+    def __init__(self, models: GlobalModels, base: HeldGlobal, req: ReplicaRoundRequest,
+                 here: Path) -> None:  # fmt: skip
+        fragment = req.fragment
+        assert fragment is not None and fragment.late_step is not None
+        self.models, self.base, self.here = models, base, here
+        self.step = fragment.late_step
+        self.delay_steps = fragment.delay_steps
+        self.alpha = fragment.mixing
+        self.filter = req.state_dict_filter
+        count = int(read_manifest(base.path).parameter_count)
+        ranges = fragment_ranges(count, fragment.count, req.exchange.codec, req.exchange.block_size)
+        self.range = ranges[fragment_of_round(self.step.round, fragment.count)]
+        self.mixed_at: int | None = None
+        """The inner steps done when the fragment was mixed in."""
+        self.mix_s = 0.0
+        """Seconds the mix took, waiting for the step included."""
+        self._future: Future[HeldGlobal] | None = None
+        self._held: HeldModel | None = None
+
+    @contextlib.contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Apply the late step on a thread while the block runs (joined when it ends)."""
+        with ThreadPoolExecutor(1, thread_name_prefix="fleet-late-step") as pool:
+            self._future = pool.submit(self.models.step, self.base, self.step)
+            try:
+                yield
+            finally:
+                monitor = progress.current()
+                if monitor is not None:
+                    monitor.take(self.delay_steps)
+
+    def arm(self, held: HeldModel) -> None:
+        """Mix in after ``delay_steps`` inner steps, if the loop reports them and the
+        model loads in place."""
+        monitor = progress.current()
+        if monitor is None or held.workload.has("import_parameter_pack_path"):
+            return
+        self._held = held
+        if self.delay_steps == 0:
+            self._mix_held()
+        else:
+            monitor.call_at(self.delay_steps, self._mix_held)
+
+    def stepped(self) -> HeldGlobal:
+        """The late step's model (waits for the thread).
+
+        Raises:
+            GlobalDigestMismatchError, CodecError, StorageError: as
+                :meth:`GlobalModels.step`.
+        """
+        assert self._future is not None
+        return self._future.result()
+
+    def _mix_held(self) -> None:
+        started = time.perf_counter()
+        held = self._held
+        assert held is not None
+        stepped = self.stepped()  # this worker wrote it, or checked it coming in
+        mix_range_into(stepped.path, held.state, self.range, self.alpha,
+                       state_dict_filter=self.filter)  # fmt: skip
+        held.loaded = None  # the next steps change it
+        self.mixed_at = self.delay_steps
+        self.mix_s = time.perf_counter() - started
+        log.info("fragment of round %d mixed in after %d inner steps (%.2fs)",
+                 self.step.round, self.delay_steps, self.mix_s)  # fmt: skip
+
+    def finish(self, params: Path, steps: int) -> HeldGlobal:
+        """After the loop: mix the fragment into the parameters pack ``params`` if it was
+        not mixed during the loop; the late step's model, to take the pseudo-gradient
+        against."""
+        stepped = self.stepped()
+        if self.mixed_at is None:
+            started = time.perf_counter()
+            mixed = self.here / "late-mixed"
+            write_mixed_pack(mixed, params, stepped.path, [self.range], self.alpha,
+                             global_digest=stepped.values_digest)  # fmt: skip
+            shutil.rmtree(params)
+            os.rename(mixed, params)
+            self.mixed_at = steps
+            self.mix_s = time.perf_counter() - started
+            log.info("fragment of round %d mixed in after the loop's %d steps",
+                     self.step.round, steps)  # fmt: skip
+        return stepped
 
 
 def _checkpoint_replica(
@@ -373,4 +505,4 @@ def _checkpoint_replica(
     background_uploads().submit(Upload(what, upload, staging))
 
 
-__all__ = ["ReplicaFiles", "StartState", "replica_round"]
+__all__ = ["LateMix", "ReplicaFiles", "StartState", "replica_round"]

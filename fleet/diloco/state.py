@@ -96,6 +96,9 @@ class Attempt(BaseModel):
     """Where it publishes the replica's state in the background (a checkpoint round)."""
     started_at: float
     result: ReplicaRoundResult | None = None
+    aborted: bool = False
+    """Aborted before the round could use it (launched, pipelined, with an outer step
+    that was not committed): never adopted, its number not used again."""
 
 
 class ReplicaOutcome(BaseModel):
@@ -134,6 +137,11 @@ class ReplicaOutcome(BaseModel):
     """held, checkpoint or fresh."""
     pack: PackRef | None = None
     """The pseudo-gradient it published."""
+    late_mix_step: int | None = None
+    """Pipelined Streaming DiLoCo: the inner steps done when it mixed the previous
+    round's fragment in (None: it started from the committed global model)."""
+    late_mix_s: float = 0.0
+    """Seconds that mix held its inner loop up."""
     metrics: dict[str, MetricValue] = Field(default_factory=dict)
     error: str | None = None
     lease: Lease | None = None

@@ -10,7 +10,9 @@ fleet's interrupt signals are blocked; it first writes its pid to ``hang_pid_fil
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -167,7 +169,47 @@ class DigitsWorkload(HandWrittenDigits):
 
     def train_window(self, state: dict[str, Any], batches: list[dict[str, Any]]) -> dict[str, Any]:
         self._maybe_fail("train_window")
-        return super().train_window(state, batches)
+        metrics = super().train_window(state, batches)
+        self._maybe_diverge(state, batches)
+        self._maybe_truncate_peer(batches)
+        return metrics
+
+    def _maybe_truncate_peer(self, batches: list[dict[str, Any]]) -> None:
+        """``truncate_peer: {"replica": i, "round": r, "step": s, "pack": dir, "held":
+        dir, "marker": file}``: after step s of round r, replica i waits for another
+        replica's pack ``dir`` to be published and kept by its worker (in ``held``, its
+        cache of pseudo-gradients by digest), then truncates the pack's values to half
+        and drops the kept copy, once (``marker`` says it is done): a pack damaged on
+        the shared root after it was published, and read from there by any worker."""
+        at = self.config.get("truncate_peer")
+        for batch in batches if at else []:
+            payload = (batch or {}).get("payload") or {}
+            if not all(payload.get(k) == at[k] for k in ("replica", "round", "step")):
+                continue
+            pack = Path(at["pack"])
+            manifest = pack / "manifest.json"
+            _wait_for(manifest)  # another worker publishes it
+            digest = json.loads(manifest.read_text())["values_digest"]
+            held = Path(at["held"]) / digest.replace(":", "-")
+            _wait_for(held / "manifest.json")  # and then keeps it
+            try:
+                Path(at["marker"]).open("x").close()
+            except FileExistsError:
+                return
+            values = pack / "values.bin"
+            os.truncate(values, values.stat().st_size // 2)
+            shutil.rmtree(held)
+
+    def _maybe_diverge(self, state: dict[str, Any], batches: list[dict[str, Any]]) -> None:
+        """``diverge: {"replica": i, "round": r, "step": s}``: replica i's parameters turn
+        NaN after step s of round r (a replica that diverged; its optimizer's state and
+        the loss it reports stay finite)."""
+        at = self.config.get("diverge")
+        for batch in batches if at else []:
+            payload = (batch or {}).get("payload") or {}
+            if all(payload.get(k) == at[k] for k in ("replica", "round", "step")):
+                with torch.no_grad():
+                    next(state["model"].parameters()).fill_(float("nan"))
 
     def evaluate(self, state: dict[str, Any], split: Any) -> dict[str, Any]:
         self._maybe_fail("evaluate")
@@ -203,6 +245,13 @@ class DigitsWithInnerLoop(DigitsWorkload):
             losses.append(self.train_window(state, [])["loss"])
             progress.report(step + 1, loss=losses[-1], examples=self.batch_size)
         return {"steps_completed": len(losses), "metrics": {"loss": losses[-1], "hook": True}}
+
+
+def _wait_for(path: Path, timeout_s: float = 120.0) -> None:
+    """Wait until ``path`` exists (another process writes it), at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def make_workload(config: dict[str, Any]) -> DigitsWorkload:
