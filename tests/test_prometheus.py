@@ -87,9 +87,11 @@ class Served:
         self.log_file.close()
 
 
-def derived_config(exporter: str, flower: str, scrape_interval_s: float = 0.5) -> dict:
+def derived_config(exporter: str, flower: str, scrape_interval_s: float = 2.0) -> dict:
     """ops/prometheus.yml with its targets pointed at the live processes, its rule file
-    at ops/alerts.yml, and a short scrape interval; nothing else changed."""
+    at ops/alerts.yml, and a short scrape interval, each scrape given all of it (the
+    exporter reads every job of the session's Redis, hundreds by the time this runs: a
+    scrape that times out marks every series stale); nothing else changed."""
     config = yaml.safe_load((REPO / "ops" / "prometheus.yml").read_text())
     targets = {"fleet": exporter, "flower": flower}
     assert {c["job_name"] for c in config["scrape_configs"]} == set(targets)
@@ -97,6 +99,7 @@ def derived_config(exporter: str, flower: str, scrape_interval_s: float = 0.5) -
         scrape["static_configs"] = [{"targets": [targets[scrape["job_name"]]]}]
     config["rule_files"] = [str(REPO / "ops" / name) for name in config["rule_files"]]
     config["global"]["scrape_interval"] = f"{int(scrape_interval_s * 1000)}ms"
+    config["global"]["scrape_timeout"] = f"{int(scrape_interval_s * 1000)}ms"
     config["global"]["evaluation_interval"] = f"{int(scrape_interval_s * 1000)}ms"
     return config
 

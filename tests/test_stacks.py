@@ -163,9 +163,13 @@ def test_a_task_past_its_soft_time_limit_leaves_its_stacks(
     assert "train_window task" in text and "soft time limit exceeded" in text
     main_thread = text.split("-- thread MainThread")[1].split("-- thread")[0]
     assert STUCK_FUNCTION in main_thread, text
-    assert any(
-        f"stacks of every thread written to {stacks_path(job.job_id, task_id)}" in x.line
-        for x in jobs.logs(job.job_id)
+    wait_until(  # the task's log lines reach Redis through a listener thread
+        lambda: any(
+            f"stacks of every thread written to {stacks_path(job.job_id, task_id)}" in x.line
+            for x in jobs.logs(job.job_id)
+        ),
+        30,
+        "the log line naming the stacks",
     )
 
 
@@ -199,9 +203,16 @@ def test_a_task_killed_at_its_hard_time_limit_leaves_its_stacks(
     assert text.count("Thread 0x") + text.count("Current thread 0x") >= 3, "every thread"
     shown, _ = _show(fleet_settings, job.job_id)
     assert stacks_path(job.job_id, task_id) in shown
-    assert any(
-        "train_window was killed" in x.line and x.task_id == task_id for x in jobs.logs(job.job_id)
+    wait_until(  # logged, then the local copy deleted, after the upload seen above
+        lambda: any(
+            "train_window was killed" in x.line and x.task_id == task_id
+            for x in jobs.logs(job.job_id)
+        ),
+        30,
+        "the log line of the killed task",
     )
-    assert not list((Path(limited_worker.settings.cache_dir) / "stacks").rglob("*.txt")), (
-        "uploaded files leave the worker's disk"
+    wait_until(
+        lambda: not list((Path(limited_worker.settings.cache_dir) / "stacks").rglob("*.txt")),
+        30,
+        "uploaded files leave the worker's disk",
     )

@@ -90,7 +90,11 @@ def test_an_abort_flag_outlives_the_visibility_timeout(redis_server, tmp_path, a
     """An inner loop's worker dies mid-task (its message stays unacked in Redis); the
     task is aborted; once the visibility timeout passes, the message is redelivered to
     the worker restarted in the same slot, and the task stops before its first step."""
-    settings = settings_for(redis_server.url, tmp_path / "shared", pool_queue="fleet.abort-test")
+    # a Redis database of its own: kombu keeps one unacked-message hash per database,
+    # and the restarted worker's 1 s visibility timeout would put back every other
+    # test's unacked message in it
+    redis_url = redis_server.url.rsplit("/", 1)[0] + "/14"
+    settings = settings_for(redis_url, tmp_path / "shared", pool_queue="fleet.abort-test")
     default_visibility_s = FleetSettings.model_fields["visibility_timeout_s"].default
     assert settings.visibility_timeout_s == default_visibility_s
     victim = _worker(settings, 22, artifacts_dir)
