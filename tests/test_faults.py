@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import signal
 import struct
@@ -509,6 +510,42 @@ def test_a_restarted_worker_is_used_again_from_the_next_round(cluster, fleet):
         victim.stop()
         for worker in restarted:
             worker.stop()
+
+
+def test_every_worker_frozen_mid_round_is_waited_for(cluster, fleet):
+    """Both workers are frozen (SIGSTOP: their heartbeats stop, as when their site's link
+    is cut) mid-round, past the heartbeat TTL. With no worker alive to re-run on, the
+    round keeps both attempts and says it waits; thawed, the workers are back and finish
+    them: the job completes, each round committed once, every attempt merged."""
+    cfg = _digits(config={"step_sleep_s": 0.05}, eval_every=0)
+    run = DiLoCoRun.start(fleet, cfg)
+    thread, outcome = run_in_thread(run)
+    frozen: list[WorkerProcess] = []
+    try:
+        wait_until(lambda: inner_loops_started(run.jobs, run.job_id) >= 4, 90, "round 1")
+        for worker in cluster.workers:
+            os.killpg(worker.proc.pid, signal.SIGSTOP)
+            frozen.append(worker)
+        wait_until(
+            lambda: _logged(run.jobs, run.job_id, "no worker is alive; waiting"),
+            60,
+            "the round waiting for a worker",
+        )
+    finally:
+        for worker in frozen:
+            os.killpg(worker.proc.pid, signal.SIGCONT)
+    thread.join(timeout=180)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["job"].status == "completed", outcome["job"].error
+    assert _logged(run.jobs, run.job_id, "is back")
+    rounds = run.rounds()
+    assert [m.round for m in rounds] == [0, 1, 2]
+    assert [r.status for m in rounds for r in m.replicas] == ["merged"] * 6
+
+
+def _logged(jobs: JobStore, job_id: str, text: str) -> bool:
+    return any(text in line.line for line in jobs.logs(job_id))
 
 
 def test_a_redelivered_inner_loop_returns_its_recorded_result(cluster, fleet):

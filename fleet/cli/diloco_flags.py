@@ -73,6 +73,7 @@ CONFIG_FLAGS = (
     ConfigFlag("--worker", "workers", multiple=True),
     ConfigFlag("--require-exact-steps/--any-step-count", "require_exact_steps"),
     ConfigFlag("--max-attempts", "max_attempts", int),
+    ConfigFlag("--lost-worker-wait-s", "lost_worker_wait_s", float),
     ConfigFlag("--replica-call-timeout-s", "replica_call_timeout_s", float),
     ConfigFlag("--max-wall-s", "max_wall_s", float),
     ConfigFlag("--checkpoint-every", "checkpoint_every", int),

@@ -235,6 +235,11 @@ class DiLoCoConfig(BaseModel):
     ``max_attempts``."""
     max_attempts: int = Field(default=3, ge=1)
     """Tries per replica per round before the round goes on without it."""
+    lost_worker_wait_s: float = Field(default=120.0, ge=0.0)
+    """Seconds a round keeps the attempt of a replica whose worker looks lost while no
+    worker at all is alive to re-run it on (the whole fleet, or this orchestrator's own
+    link, cut off): the attempt goes on if its worker comes back, and is re-run on a
+    worker that joins; past this, the replica is given up."""
     replica_call_timeout_s: float = Field(default=300.0, gt=0.0)
     """Timeout of the short calls (import, load, evaluate)."""
     max_wall_s: float | None = Field(default=None, gt=0.0)

@@ -34,14 +34,16 @@ class Liveness:
         self._names: set[str] = set()
         self._read = float("-inf")
         self._tick = time.monotonic()
+        self._ticking = False
         self._grace_until = float("-inf")
 
     def tick(self) -> None:
-        """Call once per poll; notices a stall."""
+        """Call once per poll; notices a stall (more than :data:`STALL_S` since the last
+        tick)."""
         now = time.monotonic()
         if now - self._tick > STALL_S:
             self._stalled(now)
-        self._tick = now
+        self._tick, self._ticking = now, True
 
     def _stalled(self, now: float) -> None:
         self._grace_until = now + self.grace_s
@@ -57,7 +59,15 @@ class Liveness:
         return self._names
 
     def lost(self, worker: str) -> bool:
-        """True if ``worker`` is not alive and no grace period runs."""
+        """True if ``worker`` is not alive and no grace period runs.
+
+        Once this liveness is ticked (a poll loop's), a stall since the last tick counts
+        here too: what the loop did between the tick and this question may itself have
+        waited out an outage unseen by fleet's clients. Celery's result backend
+        (``future.ready()``) waits in its own retries, and its reply can come through on
+        its old connection as the link returns, before any heartbeat could."""
+        if self._ticking:
+            self.tick()
         if worker in self.alive() or time.monotonic() < self._grace_until:
             return False
         return not self.fleet.registry.in_outage_grace()

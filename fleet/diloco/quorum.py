@@ -44,6 +44,9 @@ class QuorumWait:
     tries: dict[int, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     deadline_s: float | None = None
+    orphaned: dict[int, float] = field(default_factory=dict)
+    """Replicas kept although their worker looks lost, with no worker alive to re-run
+    them on: since when (monotonic s)."""
 
     def run(self) -> Done:
         """Wait until the round closes; the attempts to merge, by replica.
@@ -119,6 +122,9 @@ class QuorumWait:
                 if republished is not None:
                     self.attempts.state = republished
         elif liveness.lost(attempt.worker):
+            if self._waits_for_a_worker(i, attempt, liveness):
+                return
+            self.errors.append(f"replica {i} on {attempt.worker}: its worker was lost")
             self.attempts.outcomes.append(self.attempts.outcome(attempt, "lost"))
             ctx.fleet.registry.request_abort(attempt.task_id)  # if it ever runs again
             self.attempts.abandon(i)
@@ -129,18 +135,45 @@ class QuorumWait:
                 level=logging.WARNING,
             )
         else:
+            if self.orphaned.pop(i, None) is not None:
+                ctx.log("replica %d: worker %s is back", i, attempt.worker)
             return
         del self.pending[i]
         self._rerun(i, attempt, liveness)
 
+    def _waits_for_a_worker(self, i: int, attempt: Attempt, liveness: Liveness) -> bool:
+        """True while replica ``i``'s attempt is kept although its worker looks lost: no
+        worker is alive to re-run it on, and ``lost_worker_wait_s`` has not passed since
+        that was first seen. Every worker lost at once is more likely a cut link (this
+        orchestrator's, or a site's) than as many deaths, and abandoning the attempts
+        would leave the round nothing to run: it would fail."""
+        if liveness.alive():
+            self.orphaned.pop(i, None)
+            return False
+        now = time.monotonic()
+        since = self.orphaned.setdefault(i, now)
+        wait_s = self.ctx.config.lost_worker_wait_s
+        if since == now and wait_s > 0:
+            self.ctx.log(
+                "replica %d: worker %s looks lost and no worker is alive; "
+                "waiting up to %g s for one",
+                i,
+                attempt.worker,
+                wait_s,
+                level=logging.WARNING,
+            )
+        return now - since < wait_s
+
     def _rerun(self, i: int, attempt: Attempt, liveness: Liveness) -> None:
         cfg = self.ctx.config
-        if self.tries[i] >= cfg.max_attempts:
-            return
         load = {r.attempt.worker: 1 for r in self.pending.values()}
         alive = sorted(liveness.alive())
         worker = replacement_worker(alive, load, {attempt.worker}, cfg.workers)
-        if worker is not None:
-            self.pending[i] = self.attempts.start(i, worker, {attempt.worker})
-            self.tries[i] += 1
-            liveness.refresh()
+        if self.tries[i] >= cfg.max_attempts or worker is None:
+            why = "no worker is alive" if worker is None else f"{cfg.max_attempts} tries spent"
+            self.errors.append(f"replica {i} not re-run: {why}")
+            self.ctx.log("replica %d is not re-run: %s", i, why, level=logging.WARNING)
+            return
+        self.pending[i] = self.attempts.start(i, worker, {attempt.worker})
+        self.tries[i] += 1
+        liveness.refresh()
