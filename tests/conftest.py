@@ -103,8 +103,10 @@ def fleet_settings(redis_server, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
+    """Where tests keep what is worth reading after a failure (workers' logs under
+    ``logs/``), made here so that no test depends on another having run first."""
     path = REPO / "test-artifacts"
-    path.mkdir(exist_ok=True)
+    (path / "logs").mkdir(parents=True, exist_ok=True)
     return path
 
 
