@@ -33,6 +33,7 @@ from fleet.errors import (
     CorruptCheckpointError,
     JobOwnedError,
     JobStateError,
+    RoundFailed,
     StorageFullError,
 )
 from fleet.jobs import JobStore
@@ -512,12 +513,67 @@ def test_a_restarted_worker_is_used_again_from_the_next_round(cluster, fleet):
             worker.stop()
 
 
-def test_every_worker_frozen_mid_round_is_waited_for(cluster, fleet):
+def test_every_worker_frozen_mid_round_is_waited_for_and_thawed_one_by_one(cluster):
     """Both workers are frozen (SIGSTOP: their heartbeats stop, as when their site's link
     is cut) mid-round, past the heartbeat TTL. With no worker alive to re-run on, the
-    round keeps both attempts and says it waits; thawed, the workers are back and finish
-    them: the job completes, each round committed once, every attempt merged."""
-    cfg = _digits(config={"step_sleep_s": 0.05}, eval_every=0)
+    round keeps both attempts and says it waits. They are thawed one at a time, as a
+    healed link's workers reconnect each on its own backoff: the first back gets its
+    attempt going again, and the other gets the liveness grace rather than its replica
+    re-run on the first. The job completes, each round committed once, every attempt
+    merged: none was lost or re-run."""
+    # The orchestrator's grace (a heartbeat TTL and the backoff cap) is ~32 s, so the
+    # second thaw falls within it; the workers' own liveness keys expire after 3 s. No
+    # adaptive deadline: the freeze outlasts it, and it would cut the second worker's
+    # attempt once the first's is in (as it should: that is what deadlines are for).
+    fleet = cluster.client(heartbeat_ttl_s=30.0)
+    first, second = cluster.workers
+    frozen: list[WorkerProcess] = []
+    cfg = _digits(
+        config={"step_sleep_s": 0.1},
+        eval_every=0,
+        quorum={"adaptive_deadline": {"enabled": False}},
+    )
+    try:
+        run = DiLoCoRun.start(fleet, cfg)
+        thread, outcome = run_in_thread(run)
+        try:
+            wait_until(lambda: inner_loops_started(run.jobs, run.job_id) >= 4, 90, "round 1")
+            for worker in (first, second):
+                os.killpg(worker.proc.pid, signal.SIGSTOP)
+                frozen.append(worker)
+            wait_until(
+                lambda: _logged(run.jobs, run.job_id, "no worker is alive; waiting"),
+                60,
+                "the round waiting for a worker",
+            )
+            os.killpg(first.proc.pid, signal.SIGCONT)
+            frozen.remove(first)
+            wait_until(
+                lambda: _logged(run.jobs, run.job_id, f"worker {first.name} is back"),
+                60,
+                "the first worker back",
+            )
+        finally:
+            for worker in frozen:
+                os.killpg(worker.proc.pid, signal.SIGCONT)
+        thread.join(timeout=180)
+        assert not thread.is_alive()
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["job"].status == "completed", outcome["job"].error
+        rounds = run.rounds()
+        assert [m.round for m in rounds] == [0, 1, 2]
+        assert [r.status for m in rounds for r in m.replicas] == ["merged"] * 6
+        assert _logged(run.jobs, run.job_id, "they get")
+        assert _logged(run.jobs, run.job_id, f"worker {second.name} is back")
+    finally:
+        fleet.close()
+
+
+def test_a_round_whose_workers_stay_lost_past_the_wait_fails_and_says_why(cluster, fleet):
+    """Every worker frozen for longer than ``lost_worker_wait_s``: the round gives its
+    replicas up and fails, and its error names each replica's reason (CI once saw a round
+    fail with none)."""
+    cfg = _digits(config={"step_sleep_s": 0.1}, eval_every=0, lost_worker_wait_s=1.0)
     run = DiLoCoRun.start(fleet, cfg)
     thread, outcome = run_in_thread(run)
     frozen: list[WorkerProcess] = []
@@ -526,22 +582,20 @@ def test_every_worker_frozen_mid_round_is_waited_for(cluster, fleet):
         for worker in cluster.workers:
             os.killpg(worker.proc.pid, signal.SIGSTOP)
             frozen.append(worker)
-        wait_until(
-            lambda: _logged(run.jobs, run.job_id, "no worker is alive; waiting"),
-            60,
-            "the round waiting for a worker",
-        )
+        thread.join(timeout=120)
     finally:
         for worker in frozen:
             os.killpg(worker.proc.pid, signal.SIGCONT)
-    thread.join(timeout=180)
     assert not thread.is_alive()
-    assert "error" not in outcome, outcome.get("error")
-    assert outcome["job"].status == "completed", outcome["job"].error
-    assert _logged(run.jobs, run.job_id, "is back")
-    rounds = run.rounds()
-    assert [m.round for m in rounds] == [0, 1, 2]
-    assert [r.status for m in rounds for r in m.replicas] == ["merged"] * 6
+    error = outcome.get("error")
+    assert isinstance(error, RoundFailed), error
+    assert error.round == 1
+    names = [w.name for w in cluster.workers]
+    for replica in (0, 1):
+        lost = [f"replica {replica} on {name}: its worker was lost" for name in names]
+        assert any(reason in error.errors for reason in lost), error.errors
+        assert f"replica {replica} not re-run: no worker is alive" in error.errors
+    assert run.jobs.get(run.job_id).status == "failed"
 
 
 def _logged(jobs: JobStore, job_id: str, text: str) -> bool:

@@ -72,6 +72,11 @@ class Liveness:
             return False
         return not self.fleet.registry.in_outage_grace()
 
+    def start_grace(self) -> None:
+        """Start a grace period now: for ``grace_s`` seconds no worker is lost (and the
+        next :meth:`alive` reads Redis again)."""
+        self._stalled(time.monotonic())
+
     def refresh(self) -> None:
         """Read again at the next look (a new attempt's worker may postdate the last read)."""
         self._read = float("-inf")

@@ -47,6 +47,8 @@ class QuorumWait:
     orphaned: dict[int, float] = field(default_factory=dict)
     """Replicas kept although their worker looks lost, with no worker alive to re-run
     them on: since when (monotonic s)."""
+    regained: bool = False
+    """A worker came back while replicas were kept: the others got their grace."""
 
     def run(self) -> Done:
         """Wait until the round closes; the attempts to merge, by replica.
@@ -135,7 +137,8 @@ class QuorumWait:
                 level=logging.WARNING,
             )
         else:
-            if self.orphaned.pop(i, None) is not None:
+            if i in self.orphaned and attempt.worker in liveness.alive():
+                del self.orphaned[i]
                 ctx.log("replica %d: worker %s is back", i, attempt.worker)
             return
         del self.pending[i]
@@ -146,8 +149,22 @@ class QuorumWait:
         worker is alive to re-run it on, and ``lost_worker_wait_s`` has not passed since
         that was first seen. Every worker lost at once is more likely a cut link (this
         orchestrator's, or a site's) than as many deaths, and abandoning the attempts
-        would leave the round nothing to run: it would fail."""
+        would leave the round nothing to run: it would fail.
+
+        When the first worker comes back while attempts are kept, the link is healing
+        and the other workers reconnect on their own backoff: they get the liveness
+        grace (a heartbeat TTL and the longest backoff pause) once, before their
+        replicas are re-run on the workers that are back."""
         if liveness.alive():
+            if self.orphaned and not self.regained:
+                self.regained = True
+                liveness.start_grace()
+                self.ctx.log(
+                    "a worker is back while replicas wait for theirs: "
+                    "they get %g s to come back too",
+                    liveness.grace_s,
+                )
+                return True
             self.orphaned.pop(i, None)
             return False
         now = time.monotonic()
