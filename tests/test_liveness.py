@@ -66,3 +66,21 @@ def test_a_liveness_never_ticked_takes_no_pause_for_a_stall(
     assert liveness.lost(WORKER)
     time.sleep(STALL_S * 1.5)  # a round between two commits, shortened
     assert liveness.lost(WORKER)
+
+
+def test_a_worker_seen_alive_is_lost_to_a_poll_loop_only_once_its_absence_is_confirmed(
+    fleet_without_heartbeat: Fleet,
+) -> None:
+    """Workers cut off together stop their heartbeats at once, but their keys expire up
+    to a heartbeat interval apart. A poll loop that saw a worker alive takes it for lost
+    only once its key has stayed missing for ``confirm_s``, by when the others' keys are
+    gone too."""
+    fleet = fleet_without_heartbeat
+    fleet.registry.heartbeat(WORKER, 1)
+    liveness = Liveness(fleet, GRACE_S)
+    liveness.tick()
+    assert not liveness.lost(WORKER)
+    fleet.registry.redis.delete(keys.worker_alive(WORKER))
+    gone_at = time.monotonic()
+    wait_until(lambda: liveness.lost(WORKER), 30, "the worker lost once confirmed")
+    assert time.monotonic() - gone_at >= liveness.confirm_s
