@@ -385,6 +385,14 @@ class Dispatcher:
         finally:
             self._guard(result.forget)
 
+    def task_state(self, task_id: str) -> str:
+        """Celery's state of task ``task_id`` (``PENDING`` for one unknown or expired).
+
+        Raises:
+            BrokerUnavailableError: Redis cannot be reached.
+        """
+        return str(self._guard(lambda: self.app.AsyncResult(task_id).state))
+
     def remote_error_of(self, method: str, result: AsyncResult) -> RemoteTaskError:
         """The caller-side error of a failed task (see :func:`fleet.errors.remote_error`)."""
         backend = self.app.backend

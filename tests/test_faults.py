@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet import keys
 from fleet.client import Fleet
 from fleet.diloco import DiLoCoConfig, DiLoCoRun
 from fleet.diloco.state import RoundRecord
@@ -596,6 +597,56 @@ def test_a_round_whose_workers_stay_lost_past_the_wait_fails_and_says_why(cluste
         assert any(reason in error.errors for reason in lost), error.errors
         assert f"replica {replica} not re-run: no worker is alive" in error.errors
     assert run.jobs.get(run.job_id).status == "failed"
+
+
+def test_a_re_run_whose_new_worker_freezes_before_building_is_given_up_and_released(cluster, fleet):
+    """One worker is frozen mid-round: its replica is re-run on the other, where the model
+    build queues behind that worker's own attempt. The other worker freezes too before
+    the build runs (CI saw this when both froze together and their liveness keys expired
+    half a second apart). The round stops waiting for the build once that worker is lost,
+    not after ``replica_call_timeout_s`` (300 s), and keeps its attempt for it to come
+    back. Both are thawed: the round commits with the kept attempt, and the handle the
+    late build made is released (the worker holds no more handles after the run than
+    before it)."""
+    first, second = cluster.workers
+    handles_before = fleet.registry.redis.scard(keys.worker_handles(first.name))
+    cfg = _digits(
+        config={"step_sleep_s": 0.5},
+        eval_every=0,
+        quorum={"adaptive_deadline": {"enabled": False}},
+    )
+    run = DiLoCoRun.start(fleet, cfg)
+    thread, outcome = run_in_thread(run)
+    frozen: list[WorkerProcess] = []
+    try:
+        wait_until(lambda: inner_loops_started(run.jobs, run.job_id) >= 4, 90, "round 1")
+        os.killpg(second.proc.pid, signal.SIGSTOP)
+        frozen.append(second)
+        wait_until(
+            lambda: _logged(run.jobs, run.job_id, f"worker {second.name} lost mid-round"),
+            60,
+            "the first frozen worker lost",
+        )
+        os.killpg(first.proc.pid, signal.SIGSTOP)
+        frozen.append(first)
+        wait_until(lambda: _logged(run.jobs, run.job_id, "is not re-run"), 60, "the build given up")
+        wait_until(
+            lambda: _logged(run.jobs, run.job_id, "no worker is alive; waiting"),
+            60,
+            "the round waiting for its other worker",
+        )
+    finally:
+        for worker in frozen:
+            os.killpg(worker.proc.pid, signal.SIGCONT)
+    thread.join(timeout=180)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    rounds = run.rounds()
+    assert [r.status for r in rounds[1].replicas if r.worker == second.name] == ["lost"]
+    assert [r.worker for r in rounds[1].merged] == [first.name]
+    handles_after = fleet.registry.redis.scard(keys.worker_handles(first.name))
+    assert handles_after == handles_before
+    assert _logged(run.jobs, run.job_id, "after it was given up on")
 
 
 def _logged(jobs: JobStore, job_id: str, text: str) -> bool:

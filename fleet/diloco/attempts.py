@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fleet.calls import FleetFuture
+from fleet.calls import POLL_INTERVAL_S, FleetFuture
 from fleet.data.batches import synthetic_batches
 from fleet.diloco.context import FATAL, RunContext
 from fleet.diloco.fragments import fragment_spec
@@ -31,10 +31,12 @@ from fleet.diloco.state import (
     ReplicaOutcome,
     ReplicaStatus,
     RoundPlan,
+    UnclaimedBuild,
 )
-from fleet.errors import CodecError, FleetError
+from fleet.errors import CodecError, FleetError, FleetTimeout, WorkerNotFound
 from fleet.protocol import (
     GlobalModelSpec,
+    ModelIdResult,
     OuterStepSpec,
     ReplicaRoundRequest,
     ReplicaRoundResult,
@@ -69,6 +71,7 @@ class Attempts:
         self.ctx, self.cfg, self.state, self.index = ctx, ctx.config, state, index
         self.handles: list[HandleRef | None] = list(state.handles)
         self.abandoned: list[HandleRef] = list(state.abandoned)
+        self.unclaimed_builds: list[UnclaimedBuild] = list(state.unclaimed_builds)
         self.outcomes: list[ReplicaOutcome] = []
         self.finished: list[str] = []
         """Workers whose attempt finished, in order (the outer step runs on the first)."""
@@ -157,6 +160,8 @@ class Attempts:
             except FleetError as exc:
                 if isinstance(exc, (*FATAL, CodecError)):
                     raise
+                if isinstance(exc, FleetTimeout):
+                    self._unclaimed(placement[i], future)
                 self.ctx.log(
                     "replica %d: no model on %s (%s)",
                     i,
@@ -179,9 +184,41 @@ class Attempts:
             timeout_s=cfg.replica_call_timeout_s,
         )
 
+    def _build_handle(self, worker: str, lost: Callable[[str], bool] | None) -> Any:
+        """A new handle on ``worker``, waited for up to ``replica_call_timeout_s``; given
+        up as soon as ``lost(worker)`` says its worker is lost (a re-run aimed at a worker
+        that froze after it was chosen must not hold the round for that long). A build
+        given up on is released if it answers later.
+
+        Raises:
+            WorkerNotFound: ``lost(worker)`` said the worker is lost.
+            FleetTimeout: no answer within ``replica_call_timeout_s``.
+            RemoteTaskError: the build failed on the worker.
+        """
+        if lost is None:
+            return self._new_handle(worker, wait=True)
+        future = self._new_handle(worker, wait=False)
+        give_up_at = time.monotonic() + self.cfg.replica_call_timeout_s
+        while not future.ready():
+            timed_out = time.monotonic() > give_up_at
+            if timed_out or lost(worker):
+                self._unclaimed(worker, future)
+                if timed_out:
+                    raise FleetTimeout(
+                        "init_model", future.task_id, self.cfg.replica_call_timeout_s
+                    )
+                raise WorkerNotFound(worker)
+            time.sleep(POLL_INTERVAL_S)
+        return future.result(self.cfg.replica_call_timeout_s)
+
+    def _unclaimed(self, worker: str, future: FleetFuture[Any]) -> None:
+        self.unclaimed_builds.append(UnclaimedBuild(task_id=future.task_id, worker=worker))
+
     def release_abandoned(self) -> None:
         """Release the handles of attempts given up on whose worker answers again (a
-        partitioned worker that came back); forget those whose owner is gone for good."""
+        partitioned worker that came back); forget those whose owner is gone for good.
+        Likewise the handles of builds given up on that answered since."""
+        self._release_unclaimed_builds()
         kept = []
         for handle in self.abandoned:
             record = self.ctx.fleet.handle_record(handle.model_id)
@@ -193,6 +230,22 @@ class Attempts:
             elif self.ctx.fleet.registry.worker(handle.worker) is not None:
                 kept.append(handle)  # its worker may still come back
         self.abandoned = kept
+
+    def _release_unclaimed_builds(self) -> None:
+        fleet, kept = self.ctx.fleet, []
+        for build in self.unclaimed_builds:
+            state = fleet.task_state(build.task_id)
+            if state == "SUCCESS":
+                built = fleet.finished_result(
+                    "init_model", build.task_id, ModelIdResult.model_validate
+                )
+                if built is not None:
+                    self.release(HandleRef(model_id=built.model_id, worker=build.worker))
+                    self.ctx.log("released %s, built on %s after it was given up on",
+                                 built.model_id, build.worker)  # fmt: skip
+            elif state not in ("FAILURE", "REVOKED") and fleet.registry.worker(build.worker):
+                kept.append(build)  # still building, or its worker may come back
+        self.unclaimed_builds = kept
 
     def release(self, handle: HandleRef) -> None:
         with contextlib.suppress(FleetError):  # its worker may be gone with it
@@ -207,9 +260,17 @@ class Attempts:
 
     # ------------------------------------------------------------------ launch
 
-    def start(self, replica: int, worker: str, exclude: Iterable[str] = ()) -> Running:
+    def start(
+        self,
+        replica: int,
+        worker: str,
+        exclude: Iterable[str] = (),
+        lost: Callable[[str], bool] | None = None,
+    ) -> Running:
         """Launch an attempt of ``replica`` on ``worker`` (building a model there if it
-        has no handle); when that fails, on each other alive worker in turn.
+        has no handle); when that fails, on each other alive worker in turn. With
+        ``lost`` (a worker's name -> True once it is lost), a build stops waiting for a
+        worker as soon as it is lost.
 
         Raises:
             FleetError: no alive worker could start it (the last error).
@@ -219,7 +280,7 @@ class Attempts:
             try:
                 handle = self.handles[replica]
                 if handle is None or handle.worker != worker:
-                    built = self._new_handle(worker, wait=True)
+                    built = self._build_handle(worker, lost)
                     handle = HandleRef(model_id=built.model_id, worker=built.worker)
                     self.handles[replica] = handle
                 return self._launch(replica, handle)

@@ -154,6 +154,7 @@ def advance(ctx: RunContext, attempts: Attempts, done: Done) -> DriverState:
             "pending_checkpoints": pending,
             "handles": attempts.handles,
             "abandoned": attempts.abandoned,
+            "unclaimed_builds": attempts.unclaimed_builds,
             "data": data,
         }
     )

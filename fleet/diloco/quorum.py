@@ -16,7 +16,7 @@ from fleet.diloco.liveness import Liveness
 from fleet.diloco.placement import replacement_worker
 from fleet.diloco.recovery import republish_after_corrupt_step
 from fleet.diloco.state import Attempt
-from fleet.errors import FleetError, RoundFailed
+from fleet.errors import CodecError, FleetError, RoundFailed
 from fleet.protocol import ReplicaRoundResult
 
 Done = dict[int, tuple[Attempt, ReplicaRoundResult]]
@@ -191,6 +191,13 @@ class QuorumWait:
             self.errors.append(f"replica {i} not re-run: {why}")
             self.ctx.log("replica %d is not re-run: %s", i, why, level=logging.WARNING)
             return
-        self.pending[i] = self.attempts.start(i, worker, {attempt.worker})
+        try:
+            self.pending[i] = self.attempts.start(i, worker, {attempt.worker}, liveness.lost)
+        except FleetError as exc:
+            if isinstance(exc, (*FATAL, CodecError)):
+                raise
+            self.errors.append(f"replica {i} not re-run: {exc}")
+            self.ctx.log("replica %d is not re-run: %s", i, exc, level=logging.WARNING)
+            return
         self.tries[i] += 1
         liveness.refresh()

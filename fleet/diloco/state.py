@@ -48,6 +48,15 @@ class HandleRef(BaseModel):
     worker: str
 
 
+class UnclaimedBuild(BaseModel):
+    """A model build (``init_model`` task ``task_id`` on ``worker``) given up on before it
+    answered: its worker looked lost or it timed out. The handle it may still make is
+    released once it does."""
+
+    task_id: str
+    worker: str
+
+
 class Evaluation(BaseModel):
     """An evaluation of a global model: when (unix s), on which worker, its metrics."""
 
@@ -245,6 +254,8 @@ class DriverState(BaseModel):
     abandoned: list[HandleRef] = Field(default_factory=list)
     """Handles of attempts given up on (their worker seemed lost), released once their
     worker answers again."""
+    unclaimed_builds: list[UnclaimedBuild] = Field(default_factory=list)
+    """Model builds given up on before they answered, released once they do."""
     data: DataCursor | None = None
     dataset_view: str | None = None
     """The dataset's view id when the run started (a resumed run checks it)."""
