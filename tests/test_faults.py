@@ -514,6 +514,30 @@ def test_a_restarted_worker_is_used_again_from_the_next_round(cluster, fleet):
             worker.stop()
 
 
+class Freezer:
+    """Freezes workers with SIGSTOP (their heartbeats stop, as when their site's link is
+    cut) and thaws each one still frozen on leaving the ``with``."""
+
+    def __init__(self) -> None:
+        self.frozen: list[WorkerProcess] = []
+
+    def freeze(self, *workers: WorkerProcess) -> None:
+        for worker in workers:
+            os.killpg(worker.proc.pid, signal.SIGSTOP)
+            self.frozen.append(worker)
+
+    def thaw(self, worker: WorkerProcess) -> None:
+        os.killpg(worker.proc.pid, signal.SIGCONT)
+        self.frozen.remove(worker)
+
+    def __enter__(self) -> Freezer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for worker in list(self.frozen):
+            self.thaw(worker)
+
+
 def test_every_worker_frozen_mid_round_is_waited_for_and_thawed_one_by_one(cluster):
     """Both workers are frozen (SIGSTOP: their heartbeats stop, as when their site's link
     is cut) mid-round, past the heartbeat TTL. With no worker alive to re-run on, the
@@ -528,7 +552,6 @@ def test_every_worker_frozen_mid_round_is_waited_for_and_thawed_one_by_one(clust
     # attempt once the first's is in (as it should: that is what deadlines are for).
     fleet = cluster.client(heartbeat_ttl_s=30.0)
     first, second = cluster.workers
-    frozen: list[WorkerProcess] = []
     cfg = _digits(
         config={"step_sleep_s": 0.1},
         eval_every=0,
@@ -537,26 +560,20 @@ def test_every_worker_frozen_mid_round_is_waited_for_and_thawed_one_by_one(clust
     try:
         run = DiLoCoRun.start(fleet, cfg)
         thread, outcome = run_in_thread(run)
-        try:
+        with Freezer() as freezer:
             wait_until(lambda: inner_loops_started(run.jobs, run.job_id) >= 4, 90, "round 1")
-            for worker in (first, second):
-                os.killpg(worker.proc.pid, signal.SIGSTOP)
-                frozen.append(worker)
+            freezer.freeze(first, second)
             wait_until(
                 lambda: _logged(run.jobs, run.job_id, "no worker is alive; waiting"),
                 60,
                 "the round waiting for a worker",
             )
-            os.killpg(first.proc.pid, signal.SIGCONT)
-            frozen.remove(first)
+            freezer.thaw(first)
             wait_until(
                 lambda: _logged(run.jobs, run.job_id, f"worker {first.name} is back"),
                 60,
                 "the first worker back",
             )
-        finally:
-            for worker in frozen:
-                os.killpg(worker.proc.pid, signal.SIGCONT)
         thread.join(timeout=180)
         assert not thread.is_alive()
         assert "error" not in outcome, outcome.get("error")
@@ -577,16 +594,10 @@ def test_a_round_whose_workers_stay_lost_past_the_wait_fails_and_says_why(cluste
     cfg = _digits(config={"step_sleep_s": 0.1}, eval_every=0, lost_worker_wait_s=1.0)
     run = DiLoCoRun.start(fleet, cfg)
     thread, outcome = run_in_thread(run)
-    frozen: list[WorkerProcess] = []
-    try:
+    with Freezer() as freezer:
         wait_until(lambda: inner_loops_started(run.jobs, run.job_id) >= 4, 90, "round 1")
-        for worker in cluster.workers:
-            os.killpg(worker.proc.pid, signal.SIGSTOP)
-            frozen.append(worker)
+        freezer.freeze(*cluster.workers)
         thread.join(timeout=120)
-    finally:
-        for worker in frozen:
-            os.killpg(worker.proc.pid, signal.SIGCONT)
     assert not thread.is_alive()
     error = outcome.get("error")
     assert isinstance(error, RoundFailed), error
@@ -617,27 +628,21 @@ def test_a_re_run_whose_new_worker_freezes_before_building_is_given_up_and_relea
     )
     run = DiLoCoRun.start(fleet, cfg)
     thread, outcome = run_in_thread(run)
-    frozen: list[WorkerProcess] = []
-    try:
+    with Freezer() as freezer:
         wait_until(lambda: inner_loops_started(run.jobs, run.job_id) >= 4, 90, "round 1")
-        os.killpg(second.proc.pid, signal.SIGSTOP)
-        frozen.append(second)
+        freezer.freeze(second)
         wait_until(
             lambda: _logged(run.jobs, run.job_id, f"worker {second.name} lost mid-round"),
             60,
             "the first frozen worker lost",
         )
-        os.killpg(first.proc.pid, signal.SIGSTOP)
-        frozen.append(first)
+        freezer.freeze(first)
         wait_until(lambda: _logged(run.jobs, run.job_id, "is not re-run"), 60, "the build given up")
         wait_until(
             lambda: _logged(run.jobs, run.job_id, "no worker is alive; waiting"),
             60,
             "the round waiting for its other worker",
         )
-    finally:
-        for worker in frozen:
-            os.killpg(worker.proc.pid, signal.SIGCONT)
     thread.join(timeout=180)
     assert not thread.is_alive()
     assert "error" not in outcome, outcome.get("error")

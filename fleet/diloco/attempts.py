@@ -17,12 +17,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from fleet.calls import POLL_INTERVAL_S, FleetFuture
+from fleet.calls import POLL_INTERVAL_S, FleetFuture, ModelHandle
 from fleet.data.batches import synthetic_batches
 from fleet.diloco.context import FATAL, RunContext
 from fleet.diloco.fragments import fragment_spec
+from fleet.diloco.liveness import Liveness
 from fleet.diloco.placement import replacement_worker
 from fleet.diloco.state import (
     Attempt,
@@ -72,6 +72,8 @@ class Attempts:
         self.handles: list[HandleRef | None] = list(state.handles)
         self.abandoned: list[HandleRef] = list(state.abandoned)
         self.unclaimed_builds: list[UnclaimedBuild] = list(state.unclaimed_builds)
+        self.liveness = Liveness(ctx.fleet, ctx.fleet.registry.liveness_grace_s)
+        """Whether a worker building a model is lost (a round's poll loop hands its own)."""
         self.outcomes: list[ReplicaOutcome] = []
         self.finished: list[str] = []
         """Workers whose attempt finished, in order (the outer step runs on the first)."""
@@ -141,7 +143,7 @@ class Attempts:
         """A live handle on its placed worker for every replica: warm ones are kept, the
         others are built there by the workload, in parallel (their weights come with the
         round's global model); abandoned handles are released."""
-        futures: dict[int, FleetFuture[Any]] = {}
+        futures: dict[int, FleetFuture[ModelHandle]] = {}
         for i, worker in enumerate(placement):
             handle = self.handles[i]
             if i in self.adopted:
@@ -152,16 +154,14 @@ class Attempts:
                     continue
                 self.release(handle)
             self.handles[i] = None
-            futures[i] = self._new_handle(worker, wait=False)
+            futures[i] = self._submit_build(worker)
         for i, future in futures.items():
             try:
-                handle = future.result(self.cfg.replica_call_timeout_s)
-                self.handles[i] = HandleRef(model_id=handle.model_id, worker=handle.worker)
+                built = self._await_build(placement[i], future)
+                self.handles[i] = HandleRef(model_id=built.model_id, worker=built.worker)
             except FleetError as exc:
                 if isinstance(exc, (*FATAL, CodecError)):
                     raise
-                if isinstance(exc, FleetTimeout):
-                    self._unclaimed(placement[i], future)
                 self.ctx.log(
                     "replica %d: no model on %s (%s)",
                     i,
@@ -170,34 +170,30 @@ class Attempts:
                     level=logging.WARNING,
                 )
 
-    def _new_handle(self, worker: str, *, wait: bool) -> Any:
+    def _submit_build(self, worker: str) -> FleetFuture[ModelHandle]:
         cfg = self.cfg
-        if not wait:
-            return self.ctx.fleet.init_model(
-                cfg.device, workload=cfg.workload, config=cfg.config, worker=worker, wait=False
-            )
         return self.ctx.fleet.init_model(
-            cfg.device,
-            workload=cfg.workload,
-            config=cfg.config,
-            worker=worker,
-            timeout_s=cfg.replica_call_timeout_s,
+            cfg.device, workload=cfg.workload, config=cfg.config, worker=worker, wait=False
         )
 
-    def _build_handle(self, worker: str, lost: Callable[[str], bool] | None) -> Any:
-        """A new handle on ``worker``, waited for up to ``replica_call_timeout_s``; given
-        up as soon as ``lost(worker)`` says its worker is lost (a re-run aimed at a worker
-        that froze after it was chosen must not hold the round for that long). A build
-        given up on is released if it answers later.
+    def _await_build(
+        self,
+        worker: str,
+        future: FleetFuture[ModelHandle],
+        lost: Callable[[str], bool] | None = None,
+    ) -> ModelHandle:
+        """The handle ``future`` builds on ``worker``, waited for up to
+        ``replica_call_timeout_s``; given up as soon as its worker is lost (``lost``, by
+        default this round's own liveness): a worker that froze after it was chosen must
+        not hold the round for that long. A build given up on is released if it answers
+        later (:meth:`release_abandoned`).
 
         Raises:
-            WorkerNotFound: ``lost(worker)`` said the worker is lost.
+            WorkerNotFound: the worker was lost before the build answered.
             FleetTimeout: no answer within ``replica_call_timeout_s``.
             RemoteTaskError: the build failed on the worker.
         """
-        if lost is None:
-            return self._new_handle(worker, wait=True)
-        future = self._new_handle(worker, wait=False)
+        lost = lost or self.liveness.lost
         give_up_at = time.monotonic() + self.cfg.replica_call_timeout_s
         while not future.ready():
             timed_out = time.monotonic() > give_up_at
@@ -211,7 +207,7 @@ class Attempts:
             time.sleep(POLL_INTERVAL_S)
         return future.result(self.cfg.replica_call_timeout_s)
 
-    def _unclaimed(self, worker: str, future: FleetFuture[Any]) -> None:
+    def _unclaimed(self, worker: str, future: FleetFuture[ModelHandle]) -> None:
         self.unclaimed_builds.append(UnclaimedBuild(task_id=future.task_id, worker=worker))
 
     def release_abandoned(self) -> None:
@@ -268,9 +264,9 @@ class Attempts:
         lost: Callable[[str], bool] | None = None,
     ) -> Running:
         """Launch an attempt of ``replica`` on ``worker`` (building a model there if it
-        has no handle); when that fails, on each other alive worker in turn. With
-        ``lost`` (a worker's name -> True once it is lost), a build stops waiting for a
-        worker as soon as it is lost.
+        has no handle); when that fails, on each other alive worker in turn. A build
+        stops waiting once its worker is lost (``lost``: a worker's name -> True once
+        lost; by default this round's own liveness).
 
         Raises:
             FleetError: no alive worker could start it (the last error).
@@ -280,7 +276,7 @@ class Attempts:
             try:
                 handle = self.handles[replica]
                 if handle is None or handle.worker != worker:
-                    built = self._build_handle(worker, lost)
+                    built = self._await_build(worker, self._submit_build(worker), lost)
                     handle = HandleRef(model_id=built.model_id, worker=built.worker)
                     self.handles[replica] = handle
                 return self._launch(replica, handle)
