@@ -230,16 +230,14 @@ class Attempts:
     def _release_unclaimed_builds(self) -> None:
         fleet, kept = self.ctx.fleet, []
         for build in self.unclaimed_builds:
-            state = fleet.task_state(build.task_id)
-            if state == "SUCCESS":
-                built = fleet.finished_result(
-                    "init_model", build.task_id, ModelIdResult.model_validate
-                )
-                if built is not None:
-                    self.release(HandleRef(model_id=built.model_id, worker=build.worker))
-                    self.ctx.log("released %s, built on %s after it was given up on",
-                                 built.model_id, build.worker)  # fmt: skip
-            elif state not in ("FAILURE", "REVOKED") and fleet.registry.worker(build.worker):
+            built = fleet.finished_result("init_model", build.task_id, ModelIdResult.model_validate)
+            if built is not None:
+                self.release(HandleRef(model_id=built.model_id, worker=build.worker))
+                self.ctx.log("released %s, built on %s after it was given up on",
+                             built.model_id, build.worker)  # fmt: skip
+            elif fleet.task_state(build.task_id) not in ("FAILURE", "REVOKED") and (
+                fleet.registry.worker(build.worker) is not None
+            ):
                 kept.append(build)  # still building, or its worker may come back
         self.unclaimed_builds = kept
 

@@ -188,16 +188,18 @@ class QuorumWait:
         worker = replacement_worker(alive, load, {attempt.worker}, cfg.workers)
         if self.tries[i] >= cfg.max_attempts or worker is None:
             why = "no worker is alive" if worker is None else f"{cfg.max_attempts} tries spent"
-            self.errors.append(f"replica {i} not re-run: {why}")
-            self.ctx.log("replica %d is not re-run: %s", i, why, level=logging.WARNING)
+            self._not_rerun(i, why)
             return
         try:
             self.pending[i] = self.attempts.start(i, worker, {attempt.worker}, liveness.lost)
         except FleetError as exc:
             if isinstance(exc, (*FATAL, CodecError)):
                 raise
-            self.errors.append(f"replica {i} not re-run: {exc}")
-            self.ctx.log("replica %d is not re-run: %s", i, exc, level=logging.WARNING)
+            self._not_rerun(i, str(exc))
             return
         self.tries[i] += 1
         liveness.refresh()
+
+    def _not_rerun(self, i: int, why: str) -> None:
+        self.errors.append(f"replica {i} not re-run: {why}")
+        self.ctx.log("replica %d is not re-run: %s", i, why, level=logging.WARNING)
